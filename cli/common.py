@@ -1,0 +1,45 @@
+"""What every command shares: consoles, logging verbosity and the user-error guard.
+
+Results go to stdout; progress, logs and errors go to stderr, so `mlite ... --json | jq` works.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from mergekit_lite.errors import MliteError
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+def guarded(fn: F) -> F:
+    """Turn user mistakes (MliteError) into a one-line message and the promised exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MliteError as exc:
+            for problem in exc.problems:
+                err.print(f"[bold red]error:[/] {problem}", markup=True, highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was published")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]

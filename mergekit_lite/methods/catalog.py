@@ -1,0 +1,30 @@
+"""Imports every method module so that each registers itself.
+
+Adding a method = adding its module name here; the registry, CLI and recipes pick it up.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+METHOD_MODULES: tuple[str, ...] = (
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare",
+    "slerp",
+    "model_stock",
+    "breadcrumbs",
+    "della",
+    "pcb",
+    "portllm",
+    "mos",
+    "surgery",
+)
+
+for _module in METHOD_MODULES:
+    try:
+        importlib.import_module(f"{__package__}.{_module}")
+    except ModuleNotFoundError as exc:  # TEMPORARY during parallel development; removed before landing
+        if exc.name != f"{__package__}.{_module}":
+            raise

@@ -1,0 +1,211 @@
+"""The method registry: one typed description per method, read by the CLI, recipes and API.
+
+A method is described once (`MethodSpec`) and every face of the product reads that one
+description: `mlite methods` prints it, the recipe validator checks parameters against it, the
+engine calls its functions. Methods themselves are pure functions of tensors (`TensorJob` in,
+tensor out): they never read files, so the same maths runs in a notebook, a test or a
+streaming merge of a 70B model.
+
+Global-scope methods (statistics over the whole model, e.g. PCB's quantiles or TIES' global
+top-k) add a `Reducer`: the engine streams every float tensor through `observe` for as many
+passes as the reducer asks for, then hands `result()` to every `TensorJob` of the output pass
+as `job.stats`. Reducers keep only bounded summaries (histograms, heaps, counters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+
+ParamKind = Literal["float", "int", "bool", "str", "tensor_file"]
+Scope = Literal["tensor", "global"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method: its type, default, allowed range and help text.
+
+    `per_model` parameters (weight, density, ...) may be given once for all models or once per
+    model; the engine always hands the method a tuple with one value per model. Other
+    parameters reach the method as plain scalars. A `tensor_file` parameter names a safetensors
+    (or opt-in `.pt`) file that the engine loads before the run and passes as
+    `dict[str, Tensor]`, so methods never do I/O.
+    """
+
+    name: str
+    kind: ParamKind
+    default: Any
+    help: str
+    per_model: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    min_exclusive: bool = False
+    max_exclusive: bool = False
+    choices: tuple[str, ...] | None = None
+    aliases: tuple[str, ...] = ()
+    required: bool = False
+    per_tensor: bool = True  # may vary by tensor name (rules, layer gradients); False for global knobs
+
+    def check(self, value: Any) -> str | None:
+        """Return a problem description for `value`, or None when it is acceptable."""
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else f"expected true/false, got {value!r}"
+        if self.kind in ("str", "tensor_file"):
+            if not isinstance(value, str):
+                return f"expected a string, got {value!r}"
+            if self.choices is not None and value not in self.choices:
+                return f"expected one of {', '.join(self.choices)}, got {value!r}"
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"expected a number, got {value!r}"
+        if self.kind == "int" and not float(value).is_integer():
+            return f"expected an integer, got {value!r}"
+        v = float(value)
+        if v != v:
+            return "NaN is not allowed"
+        if self.minimum is not None and (v < self.minimum or (self.min_exclusive and v == self.minimum)):
+            op = ">" if self.min_exclusive else ">="
+            return f"must be {op} {self.minimum:g}, got {value!r}"
+        if self.maximum is not None and (v > self.maximum or (self.max_exclusive and v == self.maximum)):
+            op = "<" if self.max_exclusive else "<="
+            return f"must be {op} {self.maximum:g}, got {value!r}"
+        return None
+
+    def describe_range(self) -> str:
+        if self.choices:
+            return "|".join(self.choices)
+        if self.minimum is None and self.maximum is None:
+            return ""
+        lo = "(" if self.min_exclusive else "["
+        hi = ")" if self.max_exclusive else "]"
+        a = "-inf" if self.minimum is None else f"{self.minimum:g}"
+        b = "inf" if self.maximum is None else f"{self.maximum:g}"
+        return f"{lo}{a}, {b}{hi}"
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """Everything a method sees for one output tensor.
+
+    Tensors are float32 (float64 if the method asked for it) on the run's device, with the
+    same shape. `models` keeps the recipe's order. `params` holds every parameter of the
+    method, resolved for this tensor: defaults filled in, per-model parameters as tuples of
+    len(models). `delta` is the step's delta source (PortLLM patches), None when the step has
+    none or this tensor is not patched.
+    """
+
+    name: str
+    base: torch.Tensor | None
+    models: Sequence[torch.Tensor]
+    params: Mapping[str, Any]
+    seed: int = 0
+    stats: Any = None
+    delta: torch.Tensor | None = None
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded from (recipe seed, tensor name).
+
+        Random draws are made on the CPU and moved to the device afterwards, so the same seed
+        gives the same result on CPU and GPU, whatever the traversal order or worker count.
+        """
+        g = torch.Generator(device="cpu")
+        g.manual_seed(tensor_seed(self.seed, self.name))
+        return g
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A stable 63-bit seed for one tensor, independent of visiting order."""
+    digest = hashlib.blake2b(f"{seed}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class Reducer(Protocol):
+    """Streaming statistics for a global-scope method.
+
+    The engine calls `observe` once per float tensor per pass (stats passes see jobs with
+    `stats=None`), then `end_pass()`; it starts another pass while `end_pass()` returns False.
+    Visiting order is the input-shard order, so reducers must not depend on it.
+    """
+
+    def observe(self, job: TensorJob) -> None: ...
+
+    def end_pass(self) -> bool: ...
+
+    def result(self) -> Any: ...
+
+
+MergeFn = Callable[[TensorJob], torch.Tensor]
+ReducerFactory = Callable[[Mapping[str, Any], int], Reducer]  # (params, n_models) -> reducer
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method.
+
+    `inputs` says which recipe fields a step of this method uses: "base" (θ₀), "models"
+    (θ₁..θₙ), "delta" (a patch: PEFT adapter or fine-tune minus old base). `scope` returns
+    "global" when, for the given (resolved, scalar) parameters, the method needs a statistics
+    pass; `reducer` builds the statistics object for such runs.
+    """
+
+    name: str
+    summary: str
+    params: tuple[Param, ...]
+    merge: MergeFn
+    needs_base: bool = True
+    min_models: int = 1
+    max_models: int | None = None
+    uses_delta: bool = False
+    ordered: bool = False  # result depends on the order of models (slerp, mos)
+    scope: Callable[[Mapping[str, Any]], Scope] = field(default=lambda params: "tensor")
+    reducer: ReducerFactory | None = None
+    paper: str = ""
+    doc: str = ""  # path of the docs page, relative to docs/
+    compute_dtype: torch.dtype = torch.float32
+
+    def param(self, name: str) -> Param | None:
+        for p in self.params:
+            if p.name == name or name in p.aliases:
+                return p
+        return None
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(spec: MethodSpec, *, aliases: Sequence[str] = ()) -> MethodSpec:
+    """Add a method; called at import time by each method module."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"method {spec.name!r} registered twice")
+    _REGISTRY[spec.name] = spec
+    for a in aliases:
+        _ALIASES[a] = spec.name
+    return spec
+
+
+def get_method(name: str) -> MethodSpec | None:
+    _load_all()
+    return _REGISTRY.get(_ALIASES.get(name, name))
+
+
+def all_methods() -> list[MethodSpec]:
+    _load_all()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def method_names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY) + sorted(_ALIASES)
+
+
+def _load_all() -> None:
+    # Importing the package registers every method module listed there.
+    from . import catalog  # noqa: F401
