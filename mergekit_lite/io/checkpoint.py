@@ -1,0 +1,290 @@
+"""Open a checkpoint by reading headers only, then load one tensor at a time.
+
+A `Checkpoint` is an index (name → shard, offsets, shape, dtype) built from the safetensors
+headers of a directory, a single file, or a Hub snapshot. Nothing else is read until a
+tensor is asked for; then exactly that tensor's bytes are read with one positioned read, so
+the memory a merge needs is the tensors in flight, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..dtypes import ITEMSIZE, is_float, to_torch
+from ..errors import CheckpointError, ResolveError
+from .safetensors_format import pread_exact, read_header
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, as read from its shard header."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    shard: Path
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return is_float(self.dtype)
+
+
+class Checkpoint:
+    """A model's tensors, indexed from headers, loaded lazily one at a time.
+
+    Thread-safe for concurrent `load` calls (the prefetcher reads while the engine computes):
+    each read is a positioned read on a shared descriptor, which needs no seek state.
+    """
+
+    def __init__(self, path: Path, label: str, tensors: dict[str, TensorInfo], config: dict | None,
+                 source_dir: Path | None, bin_state: dict[str, torch.Tensor] | None = None) -> None:
+        self.path = path
+        self.label = label
+        self.tensors = tensors
+        self.config = config
+        self.source_dir = source_dir
+        self._bin_state = bin_state
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+        self.reads: list[tuple[str, int]] = []  # (tensor name, bytes) — lets tests prove laziness
+
+    # ---- index -------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Tensor names in shard order (shard by shard, by offset within a shard)."""
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.label}: tensor {name!r} not found") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def shards(self) -> list[Path]:
+        return list(dict.fromkeys(t.shard for t in self.tensors.values()))
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """True when the output projection reuses the input embedding (no lm_head.weight)."""
+        if self.config and "tie_word_embeddings" in self.config:
+            return bool(self.config["tie_word_embeddings"])
+        return "lm_head.weight" not in self.tensors and any(n.endswith("embed_tokens.weight") for n in self.tensors)
+
+    def side_files(self) -> list[Path]:
+        """config, generation config and tokenizer files that travel with the weights."""
+        if self.source_dir is None:
+            return []
+        return [self.source_dir / f for f in SIDE_FILES if (self.source_dir / f).is_file()]
+
+    # ---- data --------------------------------------------------------------------------
+    def load(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read exactly one tensor and place it on `device` as `dtype` (one cast, no round trips)."""
+        info = self.info(name)
+        if self._bin_state is not None:
+            t = self._bin_state[name]
+        else:
+            buf = torch.empty(info.nbytes, dtype=torch.uint8)
+            if info.nbytes:
+                pread_exact(self._fd(info.shard), memoryview(buf.numpy()), info.begin, info.shard)
+            with self._lock:
+                self.bytes_read += info.nbytes
+                self.reads.append((name, info.nbytes))
+            t = buf.view(to_torch(info.dtype)).reshape(info.shape)
+        dev = torch.device(device)
+        if dev.type != "cpu":
+            t = t.to(dev, non_blocking=False)
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        return t
+
+    def _fd(self, shard: Path) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(shard)
+                if fd is None:
+                    try:
+                        fd = os.open(shard, os.O_RDONLY)
+                    except OSError as exc:
+                        raise CheckpointError(f"{shard}: cannot open ({exc.strerror})") from None
+                    self._fds[shard] = fd
+        return fd
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.label!r}, {len(self.tensors)} tensors, {len(self.shards)} shards)"
+
+
+# ---- opening ---------------------------------------------------------------------------
+def open_checkpoint(ref: str | os.PathLike, *, allow_bin: bool = False, revision: str | None = None) -> Checkpoint:
+    """Open a directory, a `.safetensors` file, or a Hub reference `org/name[@revision]`."""
+    label = str(ref)
+    path = Path(ref).expanduser()
+    if path.exists():
+        return _open_local(path, label, allow_bin)
+    from .hub import looks_like_hub_ref, resolve_hub
+
+    if looks_like_hub_ref(label):
+        local = resolve_hub(label, revision=revision)
+        return _open_local(local, label, allow_bin)
+    raise ResolveError(f"{label}: no such file or directory (and not a Hub reference 'org/name[@revision]')")
+
+
+def _open_local(path: Path, label: str, allow_bin: bool) -> Checkpoint:
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return _from_shards(label, path, [path], None, path.parent)
+        if path.suffix in (".bin", ".pt", ".pth"):
+            return _from_bin(label, path, [path], path.parent, allow_bin)
+        raise CheckpointError(f"{label}: not a .safetensors file")
+    if (path / "adapter_config.json").is_file() and not (path / INDEX_FILE).is_file() and not (path / SINGLE_FILE).is_file():
+        raise CheckpointError(f"{label}: is a PEFT adapter, not a full checkpoint (use it as a delta/adapter input)")
+    index = path / INDEX_FILE
+    if index.is_file():
+        return _from_index(label, path, index)
+    if (path / SINGLE_FILE).is_file():
+        return _from_shards(label, path, [path / SINGLE_FILE], None, path)
+    shards = sorted(p for p in path.glob("*.safetensors") if p.name != "adapter_model.safetensors")
+    if shards:
+        return _from_shards(label, path, shards, None, path)
+    bins = sorted(path.glob("*.bin"))
+    if bins:
+        return _from_bin(label, path, bins, path, allow_bin)
+    raise CheckpointError(f"{label}: no .safetensors files found")
+
+
+def _read_config(directory: Path) -> dict | None:
+    cfg = directory / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{cfg}: unreadable config.json ({exc})") from None
+    return data if isinstance(data, dict) else None
+
+
+def _from_index(label: str, directory: Path, index: Path) -> Checkpoint:
+    try:
+        data = json.loads(index.read_text())
+        weight_map: dict[str, str] = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{index}: corrupt index file (expected a 'weight_map' object)") from None
+    shard_names = sorted(set(weight_map.values()))  # HF shard names sort in file order
+    missing = [s for s in shard_names if not (directory / s).is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: shard {missing[0]!r} named by the index does not exist")
+    return _from_shards(label, directory, [directory / s for s in shard_names], weight_map, directory)
+
+
+def _from_shards(label: str, path: Path, shards: list[Path], weight_map: dict[str, str] | None,
+                 source_dir: Path) -> Checkpoint:
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        header = read_header(shard)
+        for e in header.entries:
+            if weight_map is not None and weight_map.get(e.name) != shard.name:
+                continue  # present in the file but the index points elsewhere: the index wins
+            if e.name in tensors:
+                raise CheckpointError(f"{shard}: tensor {e.name!r} also stored in {tensors[e.name].shard.name}")
+            tensors[e.name] = TensorInfo(e.name, e.shape, e.dtype, shard, e.begin, e.end)
+    if weight_map is not None:
+        for name, shard_name in weight_map.items():
+            if name not in tensors:
+                raise CheckpointError(f"{path / shard_name}: tensor {name!r} named by the index is missing")
+    if not tensors:
+        raise CheckpointError(f"{label}: checkpoint holds no tensors")
+    return Checkpoint(path, label, tensors, _read_config(source_dir), source_dir)
+
+
+def _from_bin(label: str, path: Path, files: list[Path], source_dir: Path, allow_bin: bool) -> Checkpoint:
+    """Pickle checkpoints: refused unless the user opts in; then loaded with weights_only=True."""
+    if not allow_bin:
+        raise CheckpointError(
+            f"{label}: holds only pickle (.bin) weights, which can run code when loaded; "
+            "convert to safetensors or opt in with --allow-bin (loads with weights_only=True)"
+        )
+    from ..dtypes import from_torch
+
+    state: dict[str, torch.Tensor] = {}
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        try:
+            part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises many types for bad pickles
+            raise CheckpointError(f"{f}: cannot load with weights_only=True ({exc.__class__.__name__})") from None
+        for name, t in part.items():
+            st = from_torch(t.dtype)
+            nbytes = t.numel() * ITEMSIZE[st]
+            state[name] = t
+            tensors[name] = TensorInfo(name, tuple(t.shape), st, f, 0, nbytes)
+    return Checkpoint(path, label, tensors, _read_config(source_dir), source_dir, bin_state=state)

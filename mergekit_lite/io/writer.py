@@ -1,0 +1,225 @@
+"""Write a sharded checkpoint without buffering shards, and publish it atomically.
+
+The plan knows every output tensor's name, shape and dtype before any data exists, so the
+writer lays out all shards up front (which tensor goes where, each shard's header and
+offsets). Each tensor is then written straight to its place in its file as soon as it is
+computed, in any order; memory holds only the tensor being written. Everything goes to a
+temporary directory beside the target; `finish` adds the index, config, tokenizer files and
+model card, then renames the directory into place, so an output is never seen half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..dtypes import CONFIG_NAMES, to_torch
+from ..errors import CheckpointError, UsageError
+from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
+from .safetensors_format import PlannedTensor, layout_header, pwrite_all
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = 5_000_000_000
+OutputTensor = PlannedTensor
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """One output file: its name, tensors in file order, header bytes and absolute spans."""
+
+    file_name: str
+    tensors: tuple[PlannedTensor, ...]
+    header: bytes
+    spans: Mapping[str, tuple[int, int]]
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(t.nbytes for t in self.tensors)
+
+
+def plan_shards(tensors: Sequence[PlannedTensor], shard_size: int = DEFAULT_SHARD_SIZE) -> list[ShardLayout]:
+    """Cut `tensors` (in order) into shards of at most `shard_size` data bytes.
+
+    A tensor larger than the limit gets a shard of its own. Names follow Hugging Face:
+    `model.safetensors` for one shard, `model-0000i-of-0000n.safetensors` otherwise.
+    """
+    groups: list[list[PlannedTensor]] = []
+    current: list[PlannedTensor] = []
+    used = 0
+    for t in tensors:
+        if current and used + t.nbytes > shard_size:
+            groups.append(current)
+            current, used = [], 0
+        current.append(t)
+        used += t.nbytes
+    if current or not groups:
+        groups.append(current)
+    n = len(groups)
+    layouts = []
+    for i, group in enumerate(groups, start=1):
+        name = SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        header, spans = layout_header(group, {"format": "pt"})
+        layouts.append(ShardLayout(name, tuple(group), header, spans))
+    return layouts
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """Refuse a non-empty existing output unless forced; checked before any work starts."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UsageError(f"{out}: output directory exists and is not empty (use --force to replace it)")
+
+
+class CheckpointWriter:
+    """Streams tensors into pre-laid-out shards inside a temporary directory.
+
+    Use as a context manager: leaving the block with an exception removes the temporary
+    directory, so nothing half-written is ever left where a user would look for a model.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, tensors: Sequence[PlannedTensor], *,
+                 shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False) -> None:
+        self.out_dir = Path(out_dir).expanduser().absolute()
+        check_output_dir(self.out_dir, force)
+        self.force = force
+        self.layouts = plan_shards(list(tensors), shard_size)
+        self._where: dict[str, tuple[ShardLayout, int]] = {}
+        for layout in self.layouts:
+            for t in layout.tensors:
+                if t.name in self._where:
+                    raise UsageError(f"output tensor {t.name!r} planned twice")
+                self._where[t.name] = (layout, layout.spans[t.name][0])
+        self._planned = {t.name: t for layout in self.layouts for t in layout.tensors}
+        self._remaining = {layout.file_name: {t.name for t in layout.tensors} for layout in self.layouts}
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.mlite-tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp_dir.mkdir()
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.bytes_written = 0
+        self._published = False
+
+    # ---- streaming ---------------------------------------------------------------------
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Cast `tensor` to its planned dtype and write it at its planned offset."""
+        try:
+            layout, offset = self._where[name]
+        except KeyError:
+            raise UsageError(f"output tensor {name!r} was not planned") from None
+        plan = self._planned[name]
+        if tuple(tensor.shape) != plan.shape:
+            raise CheckpointError(f"output tensor {name!r} has shape {list(tensor.shape)}, planned {list(plan.shape)}")
+        t = tensor.detach()
+        want = to_torch(plan.dtype)
+        if t.dtype != want:
+            t = t.to(want)
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        data = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        fd = self._open(layout)
+        pwrite_all(fd, data, offset)
+        with self._lock:
+            self.bytes_written += len(data)
+            remaining = self._remaining[layout.file_name]
+            if name not in remaining:
+                raise UsageError(f"output tensor {name!r} written twice")
+            remaining.discard(name)
+            done = not remaining
+        if done:
+            self._close(layout.file_name)
+
+    def _open(self, layout: ShardLayout) -> int:
+        with self._lock:
+            fd = self._fds.get(layout.file_name)
+            if fd is None:
+                fd = os.open(self.tmp_dir / layout.file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.ftruncate(fd, layout.size)
+                pwrite_all(fd, memoryview(layout.header), 0)
+                self.bytes_written += len(layout.header)
+                self._fds[layout.file_name] = fd
+            return fd
+
+    def _close(self, file_name: str) -> None:
+        with self._lock:
+            fd = self._fds.pop(file_name, None)
+        if fd is not None:
+            os.close(fd)
+
+    @property
+    def missing(self) -> list[str]:
+        return [n for names in self._remaining.values() for n in sorted(names)]
+
+    # ---- publishing --------------------------------------------------------------------
+    def finish(self, copy_from: Checkpoint | None = None, config_updates: Mapping | None = None,
+               model_card: str | None = None, extra_files: Mapping[str, bytes] | None = None) -> Path:
+        """Write the index and side files, then move the directory into place atomically."""
+        missing = self.missing
+        if missing:
+            raise CheckpointError(f"{self.out_dir}: {len(missing)} tensors were never written (first: {missing[0]!r})")
+        for name in list(self._fds):
+            self._close(name)
+        if len(self.layouts) > 1:
+            total = sum(t.nbytes for layout in self.layouts for t in layout.tensors)
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {t.name: layout.file_name for layout in self.layouts for t in layout.tensors},
+            }
+            (self.tmp_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if copy_from is not None:
+            for f in copy_from.side_files():
+                if f.name == "config.json":
+                    continue
+                shutil.copyfile(f, self.tmp_dir / f.name)
+            if copy_from.config is not None:
+                config = dict(copy_from.config)
+                config.update(config_updates or {})
+                (self.tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if model_card is not None:
+            (self.tmp_dir / "README.md").write_text(model_card)
+        for fname, data in (extra_files or {}).items():
+            (self.tmp_dir / fname).write_bytes(data)
+        return self.publish()
+
+    def publish(self) -> Path:
+        """Rename the temporary directory onto the target (replacing it only when forced)."""
+        trash = None
+        if self.out_dir.exists():
+            if any(self.out_dir.iterdir()) and not self.force:
+                raise UsageError(f"{self.out_dir}: output directory appeared while merging; not replaced")
+            trash = self.out_dir.parent / f".{self.out_dir.name}.mlite-old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.out_dir, trash)
+        os.rename(self.tmp_dir, self.out_dir)
+        self._published = True
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return self.out_dir
+
+    def abort(self) -> None:
+        for name in list(self._fds):
+            self._close(name)
+        if not self._published:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self._published:
+            self.abort()
+
+
+def config_dtype_update(dtype: str) -> dict[str, str]:
+    """config.json's `torch_dtype` for an output dtype (only floats have a name there)."""
+    return {"torch_dtype": CONFIG_NAMES[dtype]} if dtype in CONFIG_NAMES else {}
