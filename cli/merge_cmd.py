@@ -1,0 +1,81 @@
+"""`mlite merge RECIPE`: run a recipe, or show its plan with --dry-run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from mergekit_lite import api
+from mergekit_lite.units import format_size, parse_size
+
+from .common import err, guarded, out, setup_logging
+
+
+def register(app: typer.Typer) -> None:
+    app.command("merge")(merge)
+
+
+@guarded
+def merge(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (mlite steps, or mergekit's single-step shape)."),
+    out_path: str = typer.Option(None, "--out", "-o", help="Output directory (overrides output.path)."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option(None, "--dtype", help="Output dtype: float32, float16, bfloat16."),
+    shard_size: str = typer.Option(None, "--shard-size", help="Max bytes per output shard (e.g. 5GB, 500M)."),
+    seed: int = typer.Option(None, "--seed", help="Seed for random methods (DARE, DELLA)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; read no tensor, write nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan or the result as JSON."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+    allow_bin: bool = typer.Option(False, "--allow-bin", help="Allow pickle .bin inputs (weights_only)."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v info, -vv debug logging."),
+) -> None:
+    """Run a merge recipe and write the output checkpoint."""
+    setup_logging(verbose)
+    size = parse_size(shard_size) if shard_size else None
+    overrides = dict(out=out_path, device=device, dtype=dtype, shard_size=size, seed=seed, allow_bin=allow_bin)
+    if dry_run:
+        plan = api.dry_run(recipe, **overrides)
+        if as_json:
+            out.print_json(json.dumps(plan))
+        else:
+            _print_plan(plan)
+        return
+    result = api.run_recipe(recipe, force=force, progress=not as_json and err.is_terminal, **overrides)
+    summary = {
+        "output": str(result.output) if result.output else None,
+        "saved": {k: str(v) for k, v in result.saved.items()},
+        "tensors": result.tensors,
+        "bytes_read": result.bytes_read,
+        "bytes_written": result.bytes_written,
+        "seconds": round(result.seconds, 3),
+        "passes": result.passes,
+    }
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    out.print(
+        f"wrote {summary['output']}: {result.tensors} tensors, read {format_size(result.bytes_read)}, "
+        f"wrote {format_size(result.bytes_written)} in {result.seconds:.1f} s"
+    )
+    for sid, path in result.saved.items():
+        out.print(f"saved step {sid!r} to {path}")
+
+
+def _print_plan(plan: dict) -> None:
+    table = Table(title="plan", title_justify="left")
+    for col in ("step", "method", "scope", "models"):
+        table.add_column(col)
+    for s in plan["steps"]:
+        table.add_row(s["id"], s["method"], s["scope"], str(s["models"]))
+    out.print(table)
+    for p in plan["passes"]:
+        out.print(f"  {p['kind']} pass ×{p['passes']} for step {p['step']!r}: reads {format_size(p['bytes_read'])}")
+    out.print(f"  tensors: {plan['tensors']}; total read {format_size(plan['bytes_read'])}; "
+              f"written {format_size(plan['bytes_written'])}")
+    for s in plan["output_shards"]:
+        out.print(f"  {s['file']}: {s['tensors']} tensors, {format_size(s['bytes'])}")
+    out.print(f"  output: {plan['output']}; device: {plan['device']}; "
+              f"peak memory estimate: {format_size(plan['peak_memory_estimate'])}")

@@ -1,0 +1,536 @@
+"""Recipe → plan: open every input (headers only), wire the steps, check everything up front.
+
+A `Plan` is everything the run needs to know before reading a tensor: which checkpoints and
+patches feed which step, the per-tensor parameter resolvers, which steps are global (and so
+need statistics passes), the output tensors (names, shapes, dtypes) in input-shard order and
+the output layout. All problems found on the way are reported together, recipe problems
+first (exit 3), then checkpoint problems (exit 4).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from ..dtypes import is_float, parse_user_dtype
+from ..errors import CheckpointError, MliteError, RecipeError, UsageError, combine
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.safetensors_format import PlannedTensor
+from ..io.writer import DEFAULT_SHARD_SIZE, check_output_dir, plan_shards
+from ..methods.registry import MethodSpec, get_method
+from ..recipe.model import Recipe, StepSpec
+from ..recipe.params import ParamResolver
+
+log = logging.getLogger(__name__)
+
+
+# ---- operands: what a step reads ------------------------------------------------------
+@dataclass(frozen=True)
+class Leaf:
+    """A checkpoint input, read tensor by tensor."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class StepRef:
+    """The result of an earlier step, computed in memory for the same tensor."""
+
+    step_id: str
+
+
+@dataclass(frozen=True)
+class Patched:
+    """An adapter (or fine-tune delta) used as a model: `base + Δ` relative to an operand."""
+
+    delta_key: str
+    base: Operand
+
+
+Operand = Union[Leaf, StepRef, Patched]
+
+
+@dataclass
+class StepPlan:
+    id: str
+    spec: MethodSpec
+    base: Operand | None
+    models: list[Operand]
+    delta_key: str | None
+    resolver: ParamResolver
+    scope: str
+    save: Path | None
+    spec_step: StepSpec
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # output dtype (safetensors string)
+    is_float: bool
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    checkpoints: dict[str, Checkpoint]
+    deltas: dict[str, Any]  # key -> DeltaSource
+    steps: dict[str, StepPlan]  # topological order
+    final: str
+    outputs: list[OutputTensor]  # in input-shard order
+    out: Path | None
+    shard_size: int
+    device: torch.device
+    seed: int
+    force: bool
+    copy_from: Checkpoint | None
+    vocab_rows: dict[str, int] = field(default_factory=dict)  # tensor -> rows shared by all (vocab mismatch)
+    tensor_files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def global_steps(self) -> list[StepPlan]:
+        return [s for s in self.steps.values() if s.scope == "global"]
+
+    def leaves_of(self, step_id: str) -> tuple[set[str], set[str]]:
+        """Checkpoint keys and delta keys that a step's value depends on."""
+        ck: set[str] = set()
+        dk: set[str] = set()
+        step = self.steps[step_id]
+
+        def visit(op: Operand | None) -> None:
+            if op is None:
+                return
+            if isinstance(op, Leaf):
+                ck.add(op.key)
+            elif isinstance(op, StepRef):
+                a, b = self.leaves_of(op.step_id)
+                ck.update(a)
+                dk.update(b)
+            else:
+                dk.add(op.delta_key)
+                visit(op.base)
+
+        visit(step.base)
+        for m in step.models:
+            visit(m)
+        if step.delta_key:
+            dk.add(step.delta_key)
+        return ck, dk
+
+    def copy_leaf(self, step_id: str) -> str:
+        """The checkpoint whose value a non-float tensor takes (the root base)."""
+        step = self.steps[step_id]
+        op = step.base if step.base is not None else step.models[0]
+        while not isinstance(op, Leaf):
+            if isinstance(op, StepRef):
+                s = self.steps[op.step_id]
+                op = s.base if s.base is not None else s.models[0]
+            else:
+                op = op.base
+        return op.key
+
+    def estimate(self) -> dict[str, Any]:
+        """Bytes each pass reads, bytes written, shards, and a peak-memory estimate."""
+        return estimate(self)
+
+
+# ---- building ---------------------------------------------------------------------------
+def build_plan(
+    recipe: Recipe,
+    *,
+    out: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    shard_size: int | None = None,
+    seed: int | None = None,
+    force: bool = False,
+    allow_bin: bool = False,
+    check_output: bool = True,
+) -> Plan:
+    """Open inputs, resolve references and check names/shapes, reading headers only."""
+    recipe_problems: list[MliteError] = []
+    ckpt_problems: list[MliteError] = []
+
+    # Steps: methods, topological order, references.
+    step_specs = {s.id: s for s in recipe.steps}
+    if not step_specs:
+        raise RecipeError(f"{_src(recipe)}: recipe has no steps")
+    order = _topological(recipe, recipe_problems)
+    final = recipe.output.step or recipe.steps[-1].id
+    if final not in step_specs:
+        recipe_problems.append(RecipeError(f"{_src(recipe)}: output.step {final!r} is not a step id"))
+
+    # Inputs: checkpoints and adapters/deltas.
+    used_as_delta = {s.delta for s in recipe.steps if s.delta} | {
+        m for s in recipe.steps for m in s.models if m in recipe.inputs and _is_adapter(recipe.inputs[m])
+    }
+    checkpoints: dict[str, Checkpoint] = {}
+    deltas: dict[str, Any] = {}
+    for key, ref in recipe.inputs.items():
+        if key in used_as_delta:
+            continue
+        try:
+            checkpoints[key] = open_checkpoint(ref, allow_bin=allow_bin)
+        except MliteError as exc:
+            ckpt_problems.append(type(exc)(f"input {key!r}: {exc}"))
+    for step in recipe.steps:
+        for key in ([step.delta] if step.delta else []) + [m for m in step.models if m in used_as_delta]:
+            if key in deltas or key not in recipe.inputs:
+                continue
+            old = None
+            if step.old_base:
+                if step.old_base in checkpoints:
+                    old = checkpoints[step.old_base]
+                else:
+                    recipe_problems.append(RecipeError(f"step {step.id!r}: old_base {step.old_base!r} is not a checkpoint input"))
+            try:
+                deltas[key] = _open_delta(recipe.inputs[key], old)
+            except MliteError as exc:
+                ckpt_problems.append(type(exc)(f"input {key!r}: {exc}"))
+
+    # Step plans.
+    steps: dict[str, StepPlan] = {}
+    for sid in order:
+        s = step_specs[sid]
+        spec = get_method(s.method)
+        if spec is None:
+            recipe_problems.append(RecipeError(f"step {sid!r}: unknown method {s.method!r}"))
+            continue
+
+        def operand(ref: str, base_op: Operand | None, step: StepSpec = s) -> Operand | None:
+            if ref in step_specs:
+                return StepRef(ref)
+            if ref in checkpoints:
+                return Leaf(ref)
+            if ref in deltas:
+                if base_op is None:
+                    recipe_problems.append(RecipeError(f"step {step.id!r}: adapter {ref!r} used as a model needs a base"))
+                    return None
+                return Patched(ref, base_op)
+            if ref not in recipe.inputs:
+                recipe_problems.append(RecipeError(f"step {step.id!r}: unknown input or step {ref!r}"))
+            return None
+
+        base_op = operand(s.base, None) if s.base else None
+        models = [operand(m, base_op) for m in s.models]
+        if any(m is None for m in models) or (s.base and base_op is None):
+            continue
+        num_layers = _num_layers(checkpoints)
+        try:
+            resolver = ParamResolver(spec, s, list(s.models), num_layers)
+            scalars = resolver.scalar_values()
+            scope = spec.scope(scalars)
+        except MliteError as exc:
+            recipe_problems.append(exc)
+            continue
+        steps[sid] = StepPlan(sid, spec, base_op, models, s.delta if s.delta in deltas else None, resolver, scope,
+                              Path(s.save) if s.save else None, s)
+    if recipe_problems:
+        raise combine(recipe_problems)
+    if ckpt_problems:
+        raise combine(ckpt_problems)
+
+    dev = _device(device or recipe.device or "cpu")
+    out_path = out if out is not None else recipe.output.path
+    out_dtype = parse_user_dtype(dtype or recipe.output.dtype) if (dtype or recipe.output.dtype) else None
+    plan = Plan(
+        recipe=recipe,
+        checkpoints=checkpoints,
+        deltas=deltas,
+        steps=steps,
+        final=final,
+        outputs=[],
+        out=Path(out_path).expanduser() if out_path else None,
+        shard_size=shard_size or recipe.output.shard_size or DEFAULT_SHARD_SIZE,
+        device=dev,
+        seed=seed if seed is not None else (recipe.seed if recipe.seed is not None else 0),
+        force=force,
+        copy_from=None,
+    )
+    _check_tensors(plan, out_dtype, ckpt_problems)
+    _load_tensor_files(plan, recipe_problems)
+    if recipe_problems:
+        raise combine(recipe_problems)
+    if ckpt_problems:
+        raise combine(ckpt_problems)
+    copy_key = recipe.output.copy_tokenizer_from or plan.copy_leaf(final)
+    plan.copy_from = checkpoints.get(copy_key)
+    if copy_key and plan.copy_from is None:
+        raise RecipeError(f"{_src(recipe)}: output.copy_tokenizer_from {copy_key!r} is not a checkpoint input")
+    if check_output and plan.out is not None:
+        check_output_dir(plan.out, force)
+        for st in plan.steps.values():
+            if st.save is not None:
+                check_output_dir(st.save, force)
+    return plan
+
+
+def _src(recipe: Recipe) -> str:
+    return str(recipe.source) if recipe.source else "recipe"
+
+
+def _is_adapter(ref: str) -> bool:
+    p = Path(ref).expanduser()
+    return p.is_dir() and (p / "adapter_config.json").is_file()
+
+
+def _open_delta(ref: str, old_base: Checkpoint | None) -> Any:
+    from ..io.deltas import open_delta
+
+    return open_delta(ref, old_base=old_base)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def _topological(recipe: Recipe, problems: list[MliteError]) -> list[str]:
+    ids = [s.id for s in recipe.steps]
+    deps = {s.id: [r for r in [s.base, *s.models] if r and r in ids] for s in recipe.steps}
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(sid: str, chain: list[str]) -> None:
+        if state.get(sid) == 2:
+            return
+        if state.get(sid) == 1:
+            cyc = " -> ".join([*chain[chain.index(sid):], sid])
+            problems.append(RecipeError(f"{_src(recipe)}: steps form a cycle: {cyc}"))
+            return
+        state[sid] = 1
+        for d in deps[sid]:
+            visit(d, [*chain, sid])
+        state[sid] = 2
+        order.append(sid)
+
+    for sid in ids:
+        visit(sid, [])
+    return order
+
+
+_LAYER = re.compile(r"\.(?:layers|h|layer|blocks)\.(\d+)\.")
+
+
+def _num_layers(checkpoints: Mapping[str, Checkpoint]) -> int | None:
+    for ck in checkpoints.values():
+        if ck.config and isinstance(ck.config.get("num_hidden_layers"), int):
+            return ck.config["num_hidden_layers"]
+    best = None
+    for ck in checkpoints.values():
+        idx = [int(m.group(1)) for n in ck.names() if (m := _LAYER.search(n))]
+        if idx:
+            best = max(best or 0, max(idx) + 1)
+    return best
+
+
+def _shape_of(plan: Plan, op: Operand, name: str) -> tuple[tuple[int, ...], str] | None:
+    """(shape, dtype) of an operand's tensor, from headers; None when it lacks the tensor."""
+    if isinstance(op, Leaf):
+        ck = plan.checkpoints[op.key]
+        if name not in ck:
+            return None
+        info = ck.info(name)
+        return info.shape, info.dtype
+    if isinstance(op, StepRef):
+        st = plan.steps[op.step_id]
+        ref = st.base if st.base is not None else st.models[0]
+        return _shape_of(plan, ref, name)
+    return _shape_of(plan, op.base, name)
+
+
+def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]) -> None:
+    """Every tensor of the output present in every operand with a matching shape."""
+    final = plan.steps[plan.final]
+    ref_op = final.base if final.base is not None else final.models[0]
+    ref_ck = plan.checkpoints[plan.copy_leaf(plan.final)]
+    vocab_mode = str(plan.recipe.options.get("vocab", "strict"))
+    outputs: list[OutputTensor] = []
+    for name in ref_ck.names():
+        got = _shape_of(plan, ref_op, name)
+        if got is None:
+            continue
+        shape, dtype = got
+        info = ref_ck.info(name)
+        for st in plan.steps.values():
+            ops = ([st.base] if st.base is not None else []) + list(st.models)
+            for op in ops:
+                other = _shape_of(plan, op, name)
+                label = _label(plan, op)
+                if other is None:
+                    if info.is_float:
+                        problems.append(CheckpointError(f"{label}: tensor {name!r} is missing (step {st.id!r})"))
+                    continue
+                oshape, odtype = other
+                if is_float(odtype) != info.is_float:
+                    problems.append(CheckpointError(f"{label}: tensor {name!r} is {odtype}, base has {info.dtype} (step {st.id!r})"))
+                    continue
+                if oshape != shape:
+                    rows_differ = len(oshape) == len(shape) and oshape[1:] == shape[1:] and len(shape) >= 1
+                    if rows_differ and vocab_mode == "shared":
+                        plan.vocab_rows[name] = min(plan.vocab_rows.get(name, shape[0]), oshape[0])
+                        continue
+                    hint = " (different vocabulary sizes: set options.vocab: shared to merge the shared rows)" if rows_differ else ""
+                    problems.append(CheckpointError(
+                        f"{label}: tensor {name!r} has shape {list(oshape)}, expected {list(shape)} (step {st.id!r}){hint}"))
+        od = (out_dtype if out_dtype and info.is_float else dtype)
+        outputs.append(OutputTensor(name, shape, od, info.is_float))
+    if not outputs:
+        problems.append(CheckpointError(f"{ref_ck.label}: no tensors to write"))
+    plan.outputs = outputs
+    base_shapes = {o.name: o.shape for o in outputs}
+    allow_growth = bool(plan.recipe.options.get("allow_vocab_growth", False))
+    for key, delta in plan.deltas.items():
+        for problem in delta.check(base_shapes, allow_vocab_growth=allow_growth):
+            problems.append(CheckpointError(problem))
+
+
+def _label(plan: Plan, op: Operand) -> str:
+    if isinstance(op, Leaf):
+        return plan.checkpoints[op.key].label
+    if isinstance(op, StepRef):
+        return f"step {op.step_id!r}"
+    return plan.deltas[op.delta_key].label
+
+
+def _load_tensor_files(plan: Plan, problems: list[MliteError]) -> None:
+    """Load parameters of kind tensor_file (e.g. a surgery probe) once, before the run."""
+    for st in plan.steps.values():
+        for p in st.spec.params:
+            if p.kind != "tensor_file":
+                continue
+            value = st.resolver.scalar_values().get(p.name)
+            if value is None or value in plan.tensor_files:
+                continue
+            try:
+                plan.tensor_files[value] = load_tensor_file(Path(value), base_dir=plan.recipe.base_dir)
+            except MliteError as exc:
+                problems.append(exc)
+
+
+def load_tensor_file(path: Path, *, base_dir: Path | None = None, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A small side tensor file (probe, vectors): safetensors, or `.pt` with weights_only."""
+    p = path if path.is_absolute() or base_dir is None else base_dir / path
+    if not p.is_file():
+        raise RecipeError(f"{p}: file not found")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except Exception as exc:
+            raise CheckpointError(f"{p}: unreadable safetensors file ({exc.__class__.__name__})") from None
+    if p.suffix in (".pt", ".pth", ".bin"):
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{p}: cannot load with weights_only=True ({exc.__class__.__name__})") from None
+        if isinstance(obj, torch.Tensor):
+            return {"weight": obj}
+        if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+        raise CheckpointError(f"{p}: expected a tensor or a dict of tensors")
+    raise RecipeError(f"{p}: expected a .safetensors (or .pt) file")
+
+
+# ---- estimate ---------------------------------------------------------------------------
+def estimate(plan: Plan) -> dict[str, Any]:
+    """What a run will read and write, from headers alone (dry-run and tests rely on it)."""
+    float_names = [o.name for o in plan.outputs if o.is_float]
+
+    def leaf_bytes(step_id: str, names: list[str]) -> int:
+        ck_keys, dkeys = plan.leaves_of(step_id)
+        total = 0
+        for n in names:
+            for k in ck_keys:
+                ck = plan.checkpoints[k]
+                if n in ck:
+                    total += ck.info(n).nbytes
+        for k in dkeys:
+            total += plan.deltas[k].bytes_to_read()
+        return total
+
+    passes = []
+    for st in plan.global_steps:
+        n_passes = int(getattr(st.spec, "stats_passes", 0) or 0) or _expected_passes(st)
+        per = leaf_bytes(st.id, float_names)
+        passes.append({"step": st.id, "kind": "statistics", "passes": n_passes, "bytes_read": per * n_passes})
+    out_ids = _output_step_ids(plan)
+    read_out = _output_pass_bytes(plan, out_ids)
+    passes.append({"step": plan.final, "kind": "output", "passes": 1, "bytes_read": read_out})
+    layouts = plan_shards([PlannedTensor(o.name, o.dtype, o.shape) for o in plan.outputs], plan.shard_size)
+    written = sum(lay.size for lay in layouts) if plan.out is not None else 0
+    for st in plan.steps.values():
+        if st.save is not None:
+            written += sum(lay.size for lay in layouts)
+    biggest = max((o for o in plan.outputs), key=lambda o: _numel(o.shape))
+    n_inputs = sum(len(plan.leaves_of(s)[0]) for s in out_ids) + 1
+    from .run import PREFETCH_DEPTH
+
+    peak = _numel(biggest.shape) * 4 * (n_inputs + 2) * (PREFETCH_DEPTH + 1)
+    return {
+        "steps": [{"id": s.id, "method": s.spec.name, "scope": s.scope, "models": len(s.models)} for s in plan.steps.values()],
+        "tensors": len(plan.outputs),
+        "passes": passes,
+        "bytes_read": sum(p["bytes_read"] for p in passes),
+        "bytes_written": written,
+        "output_shards": [{"file": lay.file_name, "tensors": len(lay.tensors), "bytes": lay.size} for lay in layouts]
+        if plan.out is not None else [],
+        "output": str(plan.out) if plan.out else None,
+        "device": str(plan.device),
+        "peak_memory_estimate": peak,
+    }
+
+
+def _expected_passes(st: StepPlan) -> int:
+    try:
+        reducer = st.spec.reducer(st.resolver.scalar_values(), len(st.models)) if st.spec.reducer else None
+    except Exception:
+        return 1
+    return int(getattr(reducer, "expected_passes", 1) or 1)
+
+
+def _output_step_ids(plan: Plan) -> list[str]:
+    ids = [plan.final] + [s.id for s in plan.steps.values() if s.save is not None and s.id != plan.final]
+    return ids
+
+
+def _output_pass_bytes(plan: Plan, step_ids: list[str]) -> int:
+    ck_keys: set[str] = set()
+    dkeys: set[str] = set()
+    for sid in step_ids:
+        a, b = plan.leaves_of(sid)
+        ck_keys |= a
+        dkeys |= b
+    copy_keys = {plan.copy_leaf(s) for s in step_ids}
+    total = 0
+    for o in plan.outputs:
+        keys = ck_keys if o.is_float else copy_keys
+        for k in keys:
+            ck = plan.checkpoints[k]
+            if o.name in ck:
+                total += ck.info(o.name).nbytes
+    for k in dkeys:
+        total += plan.deltas[k].bytes_to_read()
+    return total
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,299 @@
+"""Executing a plan: statistics passes for global steps, then one streaming output pass.
+
+For each tensor name (in input-shard order) the reader thread loads the raw inputs, the main
+thread runs the step chain in memory (a step consumes the previous step's tensor directly),
+and the writer thread streams results into pre-laid-out shards. Global steps first get their
+own passes, each streaming the step's inputs through the method's `Reducer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..dtypes import to_torch
+from ..io.model_card import model_card
+from ..io.safetensors_format import PlannedTensor
+from ..io.writer import CheckpointWriter, config_dtype_update
+from ..methods.registry import TensorJob
+from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef
+from .stream import BackgroundWriter, Bundle, LiveTensors, prefetch
+
+log = logging.getLogger(__name__)
+
+PREFETCH_DEPTH = 2
+
+TensorHook = Callable[[str, TensorJob, torch.Tensor], None]
+PublishHook = Callable[[Path, "RunResult"], None]
+
+
+@dataclass
+class RunResult:
+    output: Path | None
+    state_dict: dict[str, torch.Tensor] | None
+    stats: dict[str, Any]
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    tensors: int = 0
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    max_live_tensors: int = 0
+    saved: dict[str, Path] = field(default_factory=dict)
+
+
+class _Evaluator:
+    """Computes step values for one tensor name from its loaded bundle, memoised per name."""
+
+    def __init__(self, plan: Plan, stats: dict[str, Any], hook: TensorHook | None) -> None:
+        self.plan = plan
+        self.stats = stats
+        self.hook = hook
+        self.float_names = {o.name for o in plan.outputs if o.is_float}
+
+    def run(self, step_id: str, bundle: Bundle, memo: dict[Any, torch.Tensor]) -> torch.Tensor:
+        key = ("step", step_id)
+        if key not in memo:
+            memo[key] = self._step(self.plan.steps[step_id], bundle, memo)
+        return memo[key]
+
+    def job(self, st: StepPlan, bundle: Bundle, memo: dict[Any, torch.Tensor], with_stats: bool) -> TensorJob:
+        name = bundle.name
+        base = self._value(st.base, bundle, memo) if st.base is not None else None
+        models = [self._value(m, bundle, memo) for m in st.models]
+        rows = self.plan.vocab_rows.get(name)
+        if rows is not None:
+            base = base[:rows] if base is not None else None
+            models = [m[:rows] for m in models]
+        params = dict(st.resolver.for_tensor(name))
+        for p in st.spec.params:
+            if p.kind == "tensor_file" and isinstance(params.get(p.name), str):
+                params[p.name] = self.plan.tensor_files[params[p.name]]
+        delta = None
+        if st.delta_key is not None:
+            patch = bundle.patches.get(st.delta_key)
+            if patch is not None and patch.kind == "add":
+                delta = patch.tensor.to(self.plan.device, torch.float32)
+                if rows is not None:
+                    delta = delta[:rows]
+        return TensorJob(name=name, base=base, models=models, params=params, seed=self.plan.seed,
+                         stats=self.stats.get(st.id) if with_stats else None, delta=delta)
+
+    def _step(self, st: StepPlan, bundle: Bundle, memo: dict[Any, torch.Tensor]) -> torch.Tensor:
+        if st.delta_key is not None:
+            patch = bundle.patches.get(st.delta_key)
+            if patch is not None and patch.kind == "replace":
+                return patch.tensor.to(self.plan.device, torch.float32)
+        job = self.job(st, bundle, memo, with_stats=True)
+        out = st.spec.merge(job)
+        rows = self.plan.vocab_rows.get(bundle.name)
+        if rows is not None:
+            full = self._value(st.base if st.base is not None else st.models[0], bundle, memo).clone()
+            full[:rows] = out
+            out = full
+        if self.hook is not None:
+            self.hook(bundle.name, job, out)
+        return out
+
+    def _value(self, op: Operand, bundle: Bundle, memo: dict[Any, torch.Tensor]) -> torch.Tensor:
+        if isinstance(op, StepRef):
+            return self.run(op.step_id, bundle, memo)
+        key = ("op", op)
+        if key in memo:
+            return memo[key]
+        if isinstance(op, Leaf):
+            value = bundle.leaves[op.key].to(self.plan.device, torch.float32)
+        else:
+            assert isinstance(op, Patched)
+            base = self._value(op.base, bundle, memo)
+            patch = bundle.patches.get(op.delta_key)
+            if patch is None:
+                value = base
+            elif patch.kind == "replace":
+                value = patch.tensor.to(self.plan.device, torch.float32)
+            else:
+                value = base + patch.tensor.to(self.plan.device, torch.float32)
+        memo[key] = value
+        return value
+
+
+def _loader(plan: Plan, ck_keys: set[str], delta_keys: set[str], copy_keys: set[str]) -> Callable[[str], Bundle]:
+    float_names = {o.name for o in plan.outputs if o.is_float}
+    shapes = {o.name: o.shape for o in plan.outputs}
+
+    def load(name: str) -> Bundle:
+        bundle = Bundle(name)
+        keys = ck_keys if name in float_names else copy_keys
+        for k in sorted(keys):
+            ck = plan.checkpoints[k]
+            if name in ck:
+                bundle.leaves[k] = ck.load(name)
+        if name in float_names:
+            for k in sorted(delta_keys):
+                bundle.patches[k] = plan.deltas[k].patch(name, shapes[name], "cpu")
+        return bundle
+
+    return load
+
+
+def _progress(enabled: bool, total_passes: int) -> Any:
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True), transient=False,
+    )
+
+
+def execute(
+    plan: Plan,
+    *,
+    progress: bool = True,
+    publish_hook: PublishHook | None = None,
+    tensor_hook: TensorHook | None = None,
+    keep_state_dict: bool | None = None,
+) -> RunResult:
+    """Run every statistics pass, then the output pass; publish atomically when done."""
+    t0 = time.perf_counter()
+    for ck in plan.checkpoints.values():
+        ck.bytes_read = 0
+        ck.reads.clear()
+    stats: dict[str, Any] = {}
+    live = LiveTensors()
+    result = RunResult(output=None, state_dict=None, stats=stats)
+    float_names = [o.name for o in plan.outputs if o.is_float]
+    n_stat_passes = sum(int(getattr(s.spec, "stats_passes", 0) or 1) for s in plan.global_steps)
+    with _progress(progress, n_stat_passes + 1) as bar:
+        # 1. statistics passes of global steps, in topological order
+        for st in plan.global_steps:
+            assert st.spec.reducer is not None, f"method {st.spec.name} is global but has no reducer"
+            reducer = st.spec.reducer(st.resolver.scalar_values(), len(st.models))
+            evaluator = _Evaluator(plan, stats, None)
+            ck_keys, dkeys = plan.leaves_of(st.id)
+            n = 0
+            while True:
+                n += 1
+                task = bar.add_task(f"{st.id}: statistics pass {n}", total=len(float_names), rate="") if bar else None
+                before = _bytes(plan)
+                for bundle in prefetch(float_names, _loader(plan, ck_keys, dkeys, set()), PREFETCH_DEPTH, live):
+                    reducer.observe(evaluator.job(st, bundle, {}, with_stats=False))
+                    if bar:
+                        bar.advance(task)
+                result.passes.append({"step": st.id, "kind": "statistics", "bytes_read": _bytes(plan) - before})
+                if reducer.end_pass():
+                    break
+            stats[st.id] = reducer.result()
+        # 2. the output pass
+        _output_pass(plan, stats, live, result, bar, publish_hook, tensor_hook, keep_state_dict)
+    result.stats = stats
+    result.bytes_read = _bytes(plan)
+    result.seconds = time.perf_counter() - t0
+    result.max_live_tensors = live.peak
+    result.tensors = len(plan.outputs)
+    return result
+
+
+def _bytes(plan: Plan) -> int:
+    total = sum(ck.bytes_read for ck in plan.checkpoints.values())
+    total += sum(int(getattr(d, "bytes_read", 0)) for d in plan.deltas.values())
+    return total
+
+
+def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, result: RunResult, bar: Any,
+                 publish_hook: PublishHook | None, tensor_hook: TensorHook | None, keep: bool | None) -> None:
+    out_ids = [plan.final] + [s.id for s in plan.steps.values() if s.save is not None and s.id != plan.final]
+    ck_keys: set[str] = set()
+    dkeys: set[str] = set()
+    for sid in out_ids:
+        a, b = plan.leaves_of(sid)
+        ck_keys |= a
+        dkeys |= b
+    copy_keys = {plan.copy_leaf(s) for s in out_ids}
+    planned = [PlannedTensor(o.name, o.dtype, o.shape) for o in plan.outputs]
+    out_dtype = {o.name: to_torch(o.dtype) for o in plan.outputs}
+    float_names = {o.name for o in plan.outputs if o.is_float}
+
+    writers: dict[str, CheckpointWriter] = {}
+    targets: dict[str, Path] = {}
+    if plan.out is not None:
+        targets[plan.final] = plan.out
+    for st in plan.steps.values():
+        if st.save is not None:
+            targets[st.id] = st.save
+    keep_sd = keep if keep is not None else plan.out is None
+    state: dict[str, torch.Tensor] | None = {} if keep_sd else None
+    with contextlib.ExitStack() as stack:
+        for sid, path in targets.items():
+            writers[sid] = stack.enter_context(CheckpointWriter(path, planned, shard_size=plan.shard_size, force=plan.force))
+        background = {sid: BackgroundWriter(w.write) for sid, w in writers.items()}
+        evaluator = _Evaluator(plan, stats, tensor_hook)
+        task = bar.add_task("writing" if writers else "merging", total=len(plan.outputs), rate="") if bar else None
+        t_start = time.perf_counter()
+        before = _bytes(plan)
+        try:
+            for bundle in prefetch([o.name for o in plan.outputs], _loader(plan, ck_keys, dkeys, copy_keys),
+                                   PREFETCH_DEPTH, live):
+                memo: dict[Any, torch.Tensor] = {}
+                for sid in out_ids:
+                    if bundle.name in float_names:
+                        value = evaluator.run(sid, bundle, memo).to(out_dtype[bundle.name])
+                    else:
+                        value = bundle.leaves[plan.copy_leaf(sid)]
+                    if sid in background:
+                        background[sid].put(bundle.name, value)
+                    if sid == plan.final and state is not None:
+                        state[bundle.name] = value.cpu()
+                if bar:
+                    rate = (_bytes(plan) - before) / max(time.perf_counter() - t_start, 1e-9)
+                    bar.update(task, advance=1, rate=f"{rate / 1e6:.0f} MB/s")
+        finally:
+            for bw in background.values():
+                bw.close()
+        result.passes.append({"step": plan.final, "kind": "output", "bytes_read": _bytes(plan) - before})
+        result.state_dict = state
+        for sid, writer in writers.items():
+            st = plan.steps[sid]
+            card = _card(plan, st)
+            if publish_hook is not None and sid == plan.final:
+                result.output = writer.out_dir
+                publish_hook(writer.tmp_dir, result)
+            dtype_update = _config_dtype(plan)
+            path = writer.finish(copy_from=plan.copy_from, config_updates=dtype_update, model_card=card)
+            result.bytes_written += writer.bytes_written
+            if sid == plan.final:
+                result.output = path
+            else:
+                result.saved[sid] = path
+
+
+def _config_dtype(plan: Plan) -> dict[str, str]:
+    floats = [o.dtype for o in plan.outputs if o.is_float]
+    return config_dtype_update(max(set(floats), key=floats.count)) if floats else {}
+
+
+def _card(plan: Plan, st: StepPlan) -> str:
+    recipe = plan.recipe
+    bases = []
+    for key in sorted(plan.leaves_of(st.id)[0]):
+        bases.append(plan.checkpoints[key].label)
+    text = None
+    if recipe.source is not None and Path(recipe.source).is_file():
+        text = Path(recipe.source).read_text()
+    chain = " → ".join(f"{s.id} ({s.spec.name})" for s in plan.steps.values())
+    what = f"This checkpoint was produced by mergekit_lite from {len(bases)} input checkpoints with the steps: {chain}."
+    return model_card(base_models=[plan.checkpoints[plan.copy_leaf(st.id)].label], title=f"{st.id}", what=what,
+                      recipe_yaml=text)
+
+
+def iter_outputs(plan: Plan) -> Iterator[str]:
+    return (o.name for o in plan.outputs)

@@ -1,0 +1,341 @@
+"""The adapter bank: many tasks' adapters over one backbone, in one safetensors file.
+
+MOS keeps one small adapter per task; they only make sense together (merging pulls each towards
+the earlier ones, retrieval picks one per sample), so they travel as one file:
+
+* tensors `adapters.<task>.<parameter name>` for every task, under the member's own names (PEFT
+  key names for LoRA members, the source file's names for raw members), plus an optional
+  `prototypes` matrix (one row per class) for retrieval;
+* the safetensors header's `__metadata__` (string → string, structured values JSON-encoded):
+  `mlite_bank` (format version), `tasks` (task order), `members` (per task: `kind` lora|raw and,
+  for LoRA, its `adapter_config`), `momentum`, `scale` (the adapter's output scale, e.g. 0.1 for
+  AdaptFormer), optional `class_to_task` (task name per class row of `prototypes`) and, for
+  merged banks, `merge` (the momentum, mode, space and rank that produced it).
+
+Banks are small, so everything is read into memory; writes go to a temporary file beside the
+target and are renamed into place, so a failed command leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mergekit_lite.errors import CheckpointError, ResolveError, UsageError
+
+BANK_FORMAT = "1"
+ADAPTER_PREFIX = "adapters."
+PROTOTYPES = "prototypes"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+_TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+MemberKind = Literal["lora", "raw"]
+
+
+def check_task_name(task: str) -> None:
+    """Task names become tensor-name components, so dots (and anything odd) are refused."""
+    if not isinstance(task, str) or not _TASK_NAME.fullmatch(task):
+        raise UsageError(f"task name {task!r} is invalid: use letters, digits, '_' or '-'")
+
+
+@dataclass
+class Member:
+    """One task's adapter: its tensors under their own names, and its PEFT config for LoRA."""
+
+    kind: MemberKind
+    tensors: dict[str, torch.Tensor]
+    adapter_config: dict[str, Any] | None = None
+
+    def modules(self) -> list[str]:
+        """LoRA: the adapted module names (key minus `.lora_A.weight` etc.); raw: empty."""
+        if self.kind != "lora":
+            return []
+        found = {m.group(1) for k in self.tensors if (m := re.match(r"(.+)\.lora_[AB]\.", k))}
+        return sorted(found)
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+
+@dataclass
+class Bank:
+    """An in-memory adapter bank; `members` keeps the task order."""
+
+    members: dict[str, Member] = field(default_factory=dict)
+    momentum: float | None = None
+    scale: float | None = None
+    class_to_task: list[str] | None = None
+    prototypes: torch.Tensor | None = None
+    merge: dict[str, Any] | None = None
+    path: Path | None = None
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.members)
+
+    @property
+    def label(self) -> str:
+        return f"bank {self.path}" if self.path is not None else "bank"
+
+    def member(self, task: str) -> Member:
+        self.require_tasks()
+        if task not in self.members:
+            raise UsageError(f"{self.label} has no task {task!r} (tasks: {', '.join(self.tasks)})")
+        return self.members[task]
+
+    def require_tasks(self) -> None:
+        if not self.members:
+            raise UsageError(f"{self.label} holds no tasks; add one with `mlite bank add`")
+
+    def add(self, task: str, member: Member) -> None:
+        """Append a task after checking it fits the members already here (names, shapes, modules)."""
+        check_task_name(task)
+        if task in self.members:
+            raise UsageError(f"{self.label} already has a task named {task!r}")
+        if not member.tensors:
+            raise CheckpointError(f"task {task!r}: the adapter holds no tensors")
+        if self.members:
+            check_compatible(task, member, next(iter(self.members.items())))
+        self.members[task] = member
+
+
+def check_compatible(task: str, member: Member, reference: tuple[str, Member]) -> None:
+    """Refuse a member whose kind, LoRA target modules, tensor names or shapes differ from the bank's.
+
+    MOS merges parameter by parameter, so every task must hold the same parameters; checking when a
+    task is added keeps a broken bank from ever being written.
+    """
+    ref_task, ref = reference
+    if member.kind != ref.kind:
+        raise CheckpointError(f"task {task!r} is a {member.kind} adapter but the bank holds {ref.kind} adapters")
+    if member.kind == "lora":
+        mine, theirs = set(member.modules()), set(ref.modules())
+        if mine != theirs:
+            extra = sorted(mine - theirs)
+            missing = sorted(theirs - mine)
+            what = f"adapts {extra[0]!r}" if extra else f"does not adapt {missing[0]!r}"
+            raise CheckpointError(
+                f"task {task!r} targets different modules than task {ref_task!r}: it {what} "
+                f"({len(extra)} extra, {len(missing)} missing)"
+            )
+    for name in member.tensors:
+        if name not in ref.tensors:
+            raise CheckpointError(f"task {task!r}: tensor {name!r} is not in task {ref_task!r}")
+    for name, t in ref.tensors.items():
+        if name not in member.tensors:
+            raise CheckpointError(f"task {task!r}: tensor {name!r} of task {ref_task!r} is missing")
+        got = tuple(member.tensors[name].shape)
+        if got != tuple(t.shape):
+            raise CheckpointError(
+                f"task {task!r}: tensor {name!r} has shape {list(got)}, task {ref_task!r} has {list(t.shape)}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading sources and banks
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+            metadata = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    return tensors, metadata
+
+
+def read_source(source: str | Path) -> Member:
+    """A bank member from a PEFT LoRA directory or a safetensors file of raw adapter parameters."""
+    path = Path(source)
+    if not path.exists():
+        raise ResolveError(f"adapter source {path} does not exist")
+    if path.is_dir():
+        cfg_path = path / PEFT_CONFIG
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{path}: not a PEFT adapter directory (no {PEFT_CONFIG})")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{cfg_path}: invalid JSON ({exc})") from None
+        if str(config.get("peft_type", "")).upper() != "LORA":
+            raise CheckpointError(f"{cfg_path}: peft_type {config.get('peft_type')!r} is not LORA")
+        weights = path / PEFT_WEIGHTS
+        if not weights.is_file():
+            raise CheckpointError(f"{path}: no {PEFT_WEIGHTS} (only safetensors adapters are supported)")
+        tensors, _ = _read_safetensors(weights)
+        member = Member("lora", tensors, config)
+        if not member.modules():
+            raise CheckpointError(f"{weights}: no lora_A/lora_B tensors")
+        return member
+    tensors, _ = _read_safetensors(path)
+    return Member("raw", tensors, None)
+
+
+def _json_field(path: Path, metadata: Mapping[str, str], key: str, default: Any = None) -> Any:
+    if key not in metadata:
+        return default
+    try:
+        return json.loads(metadata[key])
+    except ValueError:
+        raise CheckpointError(f"bank {path}: metadata field {key!r} is not valid JSON") from None
+
+
+def load_bank(path: str | Path) -> Bank:
+    """Read a whole bank, checking that its header and tensors agree."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResolveError(f"bank {path} does not exist")
+    tensors, metadata = _read_safetensors(path)
+    if "mlite_bank" not in metadata:
+        raise CheckpointError(f"{path} is not an adapter bank (no mlite_bank metadata)")
+    tasks = _json_field(path, metadata, "tasks", [])
+    members_meta = _json_field(path, metadata, "members", {})
+    if not isinstance(tasks, list) or not isinstance(members_meta, dict):
+        raise CheckpointError(f"bank {path}: metadata 'tasks' must be a list and 'members' an object")
+    grouped: dict[str, dict[str, torch.Tensor]] = {t: {} for t in tasks}
+    prototypes = None
+    for key, tensor in tensors.items():
+        if key == PROTOTYPES:
+            prototypes = tensor
+            continue
+        task, _, name = key[len(ADAPTER_PREFIX) :].partition(".")
+        if not key.startswith(ADAPTER_PREFIX) or task not in grouped or not name:
+            raise CheckpointError(f"bank {path}: tensor {key!r} belongs to no task of the bank")
+        grouped[task][name] = tensor
+    bank = Bank(
+        momentum=_json_field(path, metadata, "momentum"),
+        scale=_json_field(path, metadata, "scale"),
+        class_to_task=_json_field(path, metadata, "class_to_task"),
+        prototypes=prototypes,
+        merge=_json_field(path, metadata, "merge"),
+        path=path,
+    )
+    for task in tasks:
+        meta = members_meta.get(task)
+        if not isinstance(meta, dict) or meta.get("kind") not in ("lora", "raw"):
+            raise CheckpointError(f"bank {path}: task {task!r} has no valid member description")
+        bank.members[task] = Member(meta["kind"], dict(sorted(grouped[task].items())), meta.get("adapter_config"))
+    return bank
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _temp_beside(target: Path) -> Path:
+    return target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _check_target(target: Path, force: bool) -> None:
+    if target.exists() and not force:
+        raise UsageError(f"{target} already exists; pass --force (force=True) to replace it")
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move a finished file or directory into place, replacing whatever was there."""
+    if target.is_dir() and not target.is_symlink():
+        trash = _temp_beside(target)
+        os.replace(target, trash)
+        os.replace(tmp, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def _discard(tmp: Path) -> None:
+    if tmp.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif tmp.exists():
+        tmp.unlink()
+
+
+def _owned(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
+    # safetensors refuses tensors that share storage; banks built in memory may alias.
+    t = t.detach().to("cpu").contiguous()
+    ptr = t.untyped_storage().data_ptr()
+    if ptr in seen:
+        t = t.clone()
+    seen.add(t.untyped_storage().data_ptr())
+    return t
+
+
+def bank_metadata(bank: Bank) -> dict[str, str]:
+    """The header metadata of `bank` (string → string)."""
+    members = {
+        task: {"kind": m.kind, **({"adapter_config": m.adapter_config} if m.kind == "lora" else {})}
+        for task, m in bank.members.items()
+    }
+    meta = {
+        "format": "pt",
+        "mlite_bank": BANK_FORMAT,
+        "tasks": json.dumps(bank.tasks),
+        "members": json.dumps(members),
+        "momentum": json.dumps(bank.momentum),
+        "scale": json.dumps(bank.scale),
+    }
+    if bank.class_to_task is not None:
+        meta["class_to_task"] = json.dumps(bank.class_to_task)
+    if bank.merge is not None:
+        meta["merge"] = json.dumps(bank.merge)
+    return meta
+
+
+def save_bank(bank: Bank, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `bank` atomically; refuses an empty bank and, unless `overwrite`, an existing file."""
+    target = Path(path)
+    bank.require_tasks()
+    _check_target(target, overwrite)
+    if target.is_dir():
+        raise UsageError(f"{target} is a directory; a bank is one .safetensors file")
+    seen: set[int] = set()
+    tensors = {
+        f"{ADAPTER_PREFIX}{task}.{name}": _owned(t, seen)
+        for task, m in bank.members.items()
+        for name, t in m.tensors.items()
+    }
+    if bank.prototypes is not None:
+        tensors[PROTOTYPES] = _owned(bank.prototypes, seen)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_beside(target)
+    try:
+        save_file(tensors, str(tmp), metadata=bank_metadata(bank))
+        _publish(tmp, target)
+    except BaseException:
+        _discard(tmp)
+        raise
+    return target
+
+
+def export_member(member: Member, out: str | Path, *, force: bool = False) -> Path:
+    """A LoRA member as a PEFT adapter directory; a raw member as a safetensors file."""
+    target = Path(out)
+    _check_target(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_beside(target)
+    seen: set[int] = set()
+    tensors = {name: _owned(t, seen) for name, t in member.tensors.items()}
+    try:
+        if member.kind == "lora":
+            tmp.mkdir()
+            (tmp / PEFT_CONFIG).write_text(json.dumps(member.adapter_config or {}, indent=2) + "\n")
+            save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        else:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        _publish(tmp, target)
+    except BaseException:
+        _discard(tmp)
+        raise
+    return target

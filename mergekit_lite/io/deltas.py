@@ -1,0 +1,241 @@
+"""Delta sources: what a patch adds to (or replaces in) a base, one tensor at a time.
+
+A delta is either a PEFT LoRA adapter (ΔW = s·B·A per module, plus the full tensors PEFT saved)
+or a full fine-tune with the base it was trained from (Δ = θ_ft − θ_old). Both answer the same
+questions for the engine: which base tensors they touch (from headers only), whether they fit
+a base, and the dense float32 patch for one tensor when it is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+from ..dtypes import is_float
+from ..errors import CheckpointError, UsageError
+from .adapters import LoraAdapter, LoraModule, is_adapter_dir, open_adapter
+from .checkpoint import Checkpoint, open_checkpoint
+
+__all__ = ["Patch", "DeltaSource", "LoraDelta", "FullDelta", "open_delta", "is_adapter_dir", "vocab_growth"]
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One tensor's patch. `add`: θ = base + λ·tensor. `replace`: θ = tensor, as PEFT loads it."""
+
+    kind: Literal["add", "replace"]
+    tensor: torch.Tensor  # float32, full base shape
+
+
+@runtime_checkable
+class DeltaSource(Protocol):
+    label: str
+
+    def targets(self) -> dict[str, tuple[int, ...]]: ...
+
+    def check(self, base_shapes: Mapping[str, tuple[int, ...]], *, allow_vocab_growth: bool = False) -> list[str]: ...
+
+    def patch(self, name: str, base_shape: tuple[int, ...], device: torch.device | str) -> Patch | None: ...
+
+    def bytes_to_read(self) -> int: ...
+
+
+def vocab_growth(delta_shape: tuple[int, ...], base_shape: tuple[int, ...]) -> bool:
+    """True when the base only has more rows (a grown vocabulary) than the delta."""
+    return (
+        len(delta_shape) == len(base_shape) == 2
+        and delta_shape[0] < base_shape[0]
+        and delta_shape[1:] == base_shape[1:]
+    )
+
+
+def _pad_rows(t: torch.Tensor, base_shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(t.shape) == tuple(base_shape):
+        return t
+    out = torch.zeros(base_shape, dtype=t.dtype, device=t.device)
+    out[: t.shape[0]] = t
+    return out
+
+
+def _shape_problem(where: str, name: str, shape: tuple[int, ...], base_shapes: Mapping[str, tuple[int, ...]],
+                   allow_vocab_growth: bool) -> str | None:
+    base_shape = base_shapes.get(name)
+    if base_shape is None:
+        return f"{where} maps to base tensor {name!r}, which the base does not have"
+    base_shape = tuple(base_shape)
+    if base_shape == shape:
+        return None
+    if vocab_growth(shape, base_shape):
+        if allow_vocab_growth:
+            return None
+        return (f"{where}: {name!r} has {shape[0]} rows but the base has {base_shape[0]} "
+                "(vocabulary grew; pass --allow-vocab-growth to patch the old rows only)")
+    return f"{where}: {name!r} has shape {list(shape)} but the base's is {list(base_shape)}"
+
+
+class LoraDelta:
+    """A PEFT LoRA adapter as a delta source.
+
+    Saved full tensors (modules_to_save, trained biases, saved embeddings) replace the base's
+    tensors, exactly as PEFT loads them, unless the old base is known: then they are ported as
+    deltas (saved − old). DoRA is not additive, so it needs the old base: the patch is then the
+    dense W_dora(θ_old) − W_old.
+    """
+
+    def __init__(self, adapter: LoraAdapter, old_base: Checkpoint | None = None) -> None:
+        if adapter.settings.use_dora and old_base is None:
+            raise CheckpointError(
+                f"{adapter.path / 'adapter_config.json'}: DoRA adapters are not additive; "
+                "give the old base (--old-base) to port them as a dense delta"
+            )
+        self.adapter = adapter
+        self.old_base = old_base
+        self.label = adapter.label
+        shapes: dict[str, tuple[int, ...]] = {}
+        self._where: dict[str, str] = {}
+        for name, mod in adapter.modules.items():
+            shapes[name] = mod.delta_shape
+            self._where[name] = f"{adapter.weights_file}: {mod.a_key!r}"
+        for name, mod in adapter.bias_modules.items():
+            assert mod.bias_key is not None
+            shapes[name] = adapter.shape(mod.bias_key)
+            self._where[name] = f"{adapter.weights_file}: {mod.bias_key!r}"
+        for name, key in adapter.saved.items():
+            saved_shape = adapter.shape(key)
+            if name in shapes and shapes[name] != saved_shape:
+                raise CheckpointError(
+                    f"{adapter.weights_file}: {key!r} {list(saved_shape)} does not match the LoRA delta "
+                    f"{list(shapes[name])} for {name!r}"
+                )
+            shapes[name] = saved_shape
+            self._where[name] = f"{adapter.weights_file}: {key!r}"
+        self._targets = shapes
+
+    def targets(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._targets)
+
+    def kind(self, name: str) -> Literal["add", "replace"]:
+        """`replace` for saved full tensors when the old base is unknown, else `add`."""
+        return "replace" if name in self.adapter.saved and self.old_base is None else "add"
+
+    def check(self, base_shapes: Mapping[str, tuple[int, ...]], *, allow_vocab_growth: bool = False) -> list[str]:
+        problems = []
+        for name, shape in self._targets.items():
+            where = self._where[name]
+            problem = _shape_problem(where, name, shape, base_shapes, allow_vocab_growth)
+            if problem is None and self.kind(name) == "replace" and tuple(base_shapes[name]) != shape:
+                problem = (f"{where}: saved full tensor {name!r} has shape {list(shape)} but the base's is "
+                           f"{list(base_shapes[name])}; give --old-base to port it as a delta")
+            if problem is not None:
+                problems.append(problem)
+        if self.old_base is not None:
+            for name in self._old_base_needs():
+                shape = self._targets[name]
+                if name not in self.old_base:
+                    problems.append(f"{self._where[name]} needs {name!r} from the old base {self.old_base.label}, "
+                                    "which does not have it")
+                elif self.old_base.info(name).shape != shape:
+                    problems.append(f"{self._where[name]}: {name!r} has shape {list(shape)} but the old base's is "
+                                    f"{list(self.old_base.info(name).shape)}")
+        return problems
+
+    def _old_base_needs(self) -> list[str]:
+        needs = list(self.adapter.saved)
+        if self.adapter.settings.use_dora:
+            needs += [n for n in self.adapter.modules if n not in self.adapter.saved]
+        return needs
+
+    def patch(self, name: str, base_shape: tuple[int, ...], device: torch.device | str) -> Patch | None:
+        if name not in self._targets:
+            return None
+        mod = self.adapter.modules.get(name)
+        bias_mod = self.adapter.bias_modules.get(name)
+        saved_key = self.adapter.saved.get(name)
+        kind = self.kind(name)
+        if mod is not None and mod.magnitude_key is not None:
+            t = self._dora_delta(mod, name, device)
+        else:
+            t = None
+            if mod is not None:
+                t = self.adapter.delta_weight(mod, device)
+            if bias_mod is not None:
+                t = self.adapter.delta_bias(bias_mod, device)
+            if saved_key is not None:
+                saved = self.adapter.load(saved_key, device)
+                if kind == "add":
+                    assert self.old_base is not None
+                    saved = saved - self.old_base.load(name, device=device, dtype=torch.float32)
+                t = saved if t is None else saved + t
+        assert t is not None
+        if kind == "add":
+            t = _pad_rows(t, tuple(base_shape))
+        return Patch(kind, t)
+
+    def _dora_delta(self, mod: LoraModule, name: str, device: torch.device | str) -> torch.Tensor:
+        assert self.old_base is not None
+        old = self.old_base.load(name, device=device, dtype=torch.float32)
+        saved_key = self.adapter.saved.get(name)
+        trained_base = self.adapter.load(saved_key, device) if saved_key is not None else old
+        return self.adapter.dora_weight(mod, trained_base) - old
+
+    def bytes_to_read(self) -> int:
+        n = self.adapter.bytes_to_read()
+        if self.old_base is not None:
+            n += sum(self.old_base.info(x).nbytes for x in self._old_base_needs() if x in self.old_base)
+        return n
+
+
+class FullDelta:
+    """A full fine-tune minus the base it was trained from: Δ = θ_ft − θ_old, float tensors only."""
+
+    def __init__(self, finetuned: Checkpoint, old_base: Checkpoint) -> None:
+        self.finetuned = finetuned
+        self.old_base = old_base
+        self.label = f"{finetuned.label} − {old_base.label}"
+        self._targets = {n: i.shape for n, i in finetuned.tensors.items() if is_float(i.dtype)}
+
+    def targets(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._targets)
+
+    def check(self, base_shapes: Mapping[str, tuple[int, ...]], *, allow_vocab_growth: bool = False) -> list[str]:
+        problems = []
+        for name, shape in self._targets.items():
+            where = f"{self.finetuned.info(name).shard}: {name!r}"
+            if name not in self.old_base:
+                problems.append(f"{where} is not in the old base {self.old_base.label}")
+                continue
+            old_shape = self.old_base.info(name).shape
+            if old_shape != shape:
+                problems.append(f"{where} has shape {list(shape)} but the old base's is {list(old_shape)}")
+                continue
+            problem = _shape_problem(where, name, shape, base_shapes, allow_vocab_growth)
+            if problem is not None:
+                problems.append(problem)
+        return problems
+
+    def patch(self, name: str, base_shape: tuple[int, ...], device: torch.device | str) -> Patch | None:
+        if name not in self._targets:
+            return None
+        ft = self.finetuned.load(name, device=device, dtype=torch.float32)
+        old = self.old_base.load(name, device=device, dtype=torch.float32)
+        return Patch("add", _pad_rows(ft - old, tuple(base_shape)))
+
+    def bytes_to_read(self) -> int:
+        return sum(self.finetuned.info(n).nbytes + self.old_base.info(n).nbytes
+                   for n in self._targets if n in self.old_base)
+
+
+def open_delta(ref: str | os.PathLike, *, old_base: Checkpoint | None = None) -> DeltaSource:
+    """A PEFT adapter directory → LoraDelta; a full checkpoint → FullDelta (needs the old base)."""
+    path = Path(ref).expanduser()
+    if is_adapter_dir(path):
+        return LoraDelta(open_adapter(path), old_base)
+    finetuned = open_checkpoint(ref)
+    if old_base is None:
+        raise UsageError(f"{ref}: a full fine-tuned checkpoint as delta needs its old base (--old-base)")
+    return FullDelta(finetuned, old_base)

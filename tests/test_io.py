@@ -1,0 +1,208 @@
+"""The checkpoint reader and shard writer: round trips, laziness, and every failure mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mergekit_lite.errors import CheckpointError, ResolveError, UsageError
+from mergekit_lite.io.checkpoint import open_checkpoint
+from mergekit_lite.io.writer import CheckpointWriter, OutputTensor, plan_shards
+from mergekit_lite.synthetic import LlamaShape, make_base, save_checkpoint
+from tests.helpers import leftovers, load_dir
+
+
+def _copy(src_dir: Path, out: Path, shard_size: int, order=None) -> Path:
+    ck = open_checkpoint(src_dir)
+    plan = [OutputTensor(n, ck.info(n).dtype, ck.info(n).shape) for n in ck.names()]
+    with CheckpointWriter(out, plan, shard_size=shard_size) as w:
+        for n in order(ck.names()) if order else ck.names():
+            w.write(n, ck.load(n))
+        return w.finish(copy_from=ck)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sharded_round_trip_is_bit_exact(tmp_path, dtype):
+    shape = LlamaShape()
+    state = make_base(shape, seed=3)
+    state["model.rotary.position_ids"] = torch.arange(16, dtype=torch.int64)
+    state["model.mask"] = torch.tensor([True, False, True])
+    src = save_checkpoint(state, tmp_path / "src", shape=shape, num_shards=3, dtype=dtype)
+    out = _copy(src, tmp_path / "out", shard_size=3000, order=lambda ns: list(reversed(ns)))
+    got = load_dir(out)
+    want = load_dir(src)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
+        assert torch.equal(got[k], want[k]), k
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(want)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in want.values())
+    for shard in set(index["weight_map"].values()):
+        assert (out / shard).is_file() and shard.startswith("model-000")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    assert (out / "generation_config.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert leftovers(tmp_path) == []
+
+
+def test_single_shard_is_named_model_safetensors(tmp_path):
+    src = save_checkpoint(make_base(LlamaShape()), tmp_path / "src", shape=LlamaShape())
+    out = _copy(src, tmp_path / "out", shard_size=10**9)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists()
+
+
+def test_load_touches_only_that_tensor(model_set):
+    ck = open_checkpoint(model_set.base)
+    assert len(ck.shards) == 3
+    name = "model.layers.1.mlp.up_proj.weight"
+    t = ck.load(name)
+    assert ck.reads == [(name, ck.info(name).nbytes)]
+    assert ck.bytes_read == t.numel() * 4
+    assert t.shape == ck.info(name).shape
+
+
+def test_load_casts_to_requested_dtype_and_device(model_set):
+    ck = open_checkpoint(model_set.base)
+    t = ck.load("model.norm.weight", device="cpu", dtype=torch.bfloat16)
+    assert t.dtype == torch.bfloat16 and t.device.type == "cpu"
+
+
+def test_directory_without_index_and_single_file(tmp_path):
+    state = make_base(LlamaShape())
+    d = tmp_path / "noindex"
+    d.mkdir()
+    names = list(state)
+    save_file({k: state[k] for k in names[:5]}, str(d / "a.safetensors"))
+    save_file({k: state[k] for k in names[5:]}, str(d / "b.safetensors"))
+    ck = open_checkpoint(d)
+    assert set(ck.names()) == set(names)
+    single = open_checkpoint(d / "a.safetensors")
+    assert ck.tied_embeddings is False and len(single) == 5
+
+
+def test_tied_embeddings_are_understood(tmp_path):
+    shape = LlamaShape(tie_word_embeddings=True)
+    src = save_checkpoint(make_base(shape), tmp_path / "tied", shape=shape)
+    ck = open_checkpoint(src)
+    assert "lm_head.weight" not in ck and ck.tied_embeddings
+
+
+def test_plan_shards_respects_byte_bound():
+    ts = [OutputTensor(f"t{i}", "F32", (10, 10)) for i in range(10)]  # 400 bytes each
+    layouts = plan_shards(ts, shard_size=1000)
+    assert [len(lay.tensors) for lay in layouts] == [2, 2, 2, 2, 2]
+    assert plan_shards([OutputTensor("big", "F32", (100, 100))], 10)[0].file_name == "model.safetensors"
+
+
+def _truncate(path: Path, keep: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+
+
+def test_truncated_shard(model_set):
+    shard = sorted(model_set.base.glob("model-*.safetensors"))[1]
+    _truncate(shard, shard.stat().st_size - 10)
+    with pytest.raises(CheckpointError, match="truncated") as e:
+        open_checkpoint(model_set.base)
+    assert shard.name in str(e.value) and e.value.exit_code == 4
+
+
+def test_corrupt_header(model_set):
+    shard = sorted(model_set.base.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[8:12] = b"{{{{"
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        open_checkpoint(model_set.base)
+
+
+def test_absurd_header_length(tmp_path):
+    f = tmp_path / "bad.safetensors"
+    f.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        open_checkpoint(f)
+
+
+def test_missing_shard_named_by_index(model_set):
+    shard = sorted(model_set.base.glob("model-*.safetensors"))[2]
+    os.remove(shard)
+    with pytest.raises(CheckpointError, match=f"shard '{shard.name}' named by the index does not exist"):
+        open_checkpoint(model_set.base)
+
+
+def test_bin_refused_without_opt_in(tmp_path):
+    d = tmp_path / "bin"
+    d.mkdir()
+    torch.save({"w": torch.ones(2)}, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickle"):
+        open_checkpoint(d)
+    ck = open_checkpoint(d, allow_bin=True)
+    assert torch.equal(ck.load("w"), torch.ones(2))
+
+
+def test_non_empty_output_refused_and_nothing_left(tmp_path, model_set):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not empty"):
+        _copy(model_set.base, out, 10**9)
+    assert (out / "keep.txt").read_text() == "mine" and leftovers(tmp_path) == []
+
+
+def test_failure_mid_write_leaves_nothing(tmp_path, model_set):
+    ck = open_checkpoint(model_set.base)
+    plan = [OutputTensor(n, ck.info(n).dtype, ck.info(n).shape) for n in ck.names()]
+    with pytest.raises(RuntimeError, match="boom"), CheckpointWriter(tmp_path / "out", plan) as w:
+        w.write(ck.names()[0], ck.load(ck.names()[0]))
+        raise RuntimeError("boom")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_unwritten_tensor_is_an_error(tmp_path, model_set):
+    ck = open_checkpoint(model_set.base)
+    plan = [OutputTensor(n, ck.info(n).dtype, ck.info(n).shape) for n in ck.names()]
+    with pytest.raises(CheckpointError, match="never written"), CheckpointWriter(tmp_path / "out", plan) as w:
+        w.finish()
+    assert not (tmp_path / "out").exists()
+
+
+def _populate_hub_cache(cache: Path, src: Path, repo: str = "acme/tiny", commit: str = "a" * 40) -> None:
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snap = folder / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+
+
+def test_hub_reference_resolves_from_offline_cache(tmp_path, model_set, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    _populate_hub_cache(tmp_path / "hub", model_set.base)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ck = open_checkpoint("acme/tiny")
+    assert set(ck.names()) == set(open_checkpoint(model_set.base).names())
+    ck2 = open_checkpoint("acme/tiny@main")
+    assert len(ck2) == len(ck)
+
+
+def test_hub_reference_missing_offline_is_exit_5(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ResolveError, match="acme/missing: cannot resolve") as e:
+        open_checkpoint("acme/missing")
+    assert e.value.exit_code == 5
