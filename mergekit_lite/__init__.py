@@ -1,3 +1,26 @@
-"""mergekit_lite: merge, patch and edit model checkpoints by streaming their tensors."""
+"""mergekit_lite: merge, patch and edit model checkpoints by streaming their tensors.
+
+The Python API lives in `mergekit_lite.api` and is re-exported here lazily (so importing the
+package for its version, as the CLI does, does not import torch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+_API = (
+    "merge", "run_recipe", "dry_run", "plan_recipe", "inspect",
+    "patch", "extract", "mos_merge", "bank_add", "bank_list", "bank_export", "retrieve",
+    "surgery", "undo_surgery", "train_probe", "collect_features",
+)
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'mergekit_lite' has no attribute {name!r}")

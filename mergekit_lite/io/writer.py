@@ -127,7 +127,8 @@ class CheckpointWriter:
         if t.device.type != "cpu":
             t = t.cpu()
         t = t.contiguous()
-        data = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        # A flat byte view: len() must count bytes, not rows, for short-write handling.
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
         fd = self._open(layout)
         pwrite_all(fd, data, offset)
         with self._lock:

@@ -1,0 +1,278 @@
+"""The recipe engine end to end: chains, mergekit recipes, dry-run accounting, bounded memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import mergekit_lite as mlite
+from mergekit_lite.cli.main import app
+from mergekit_lite.engine.plan import build_plan
+from mergekit_lite.errors import CheckpointError
+from mergekit_lite.engine.run import PREFETCH_DEPTH, execute
+from mergekit_lite.recipe.model import load_recipe
+from mergekit_lite.synthetic import LlamaShape, build_model_set, make_base, make_finetune, save_checkpoint
+from tests.helpers import leftovers, load_dir
+
+runner = CliRunner()
+
+
+def _write(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def _ta(base, models, lam):
+    return base + lam * sum(m - base for m in models)
+
+
+def test_two_step_chain_equals_separate_steps(tmp_path, model_set):
+    ms = model_set
+    other_base = save_checkpoint(make_finetune(make_base(ms.shape), seed=99, kind="dense"),
+                                 tmp_path / "other", shape=ms.shape, num_shards=2)
+    inputs = {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1]), "other": str(other_base)}
+    step1 = {"id": "t", "method": "ties", "base": "base", "models": ["a", "b"], "parameters": {"density": 0.5}}
+    step2 = {"id": "ta", "method": "task_arithmetic", "base": "other", "models": ["t"], "parameters": {"lambda": 0.5}}
+    chain = _write(tmp_path / "chain.yaml", {"inputs": inputs, "steps": [step1, step2],
+                                              "output": {"path": str(tmp_path / "chain_out")}})
+    assert runner.invoke(app, ["merge", str(chain)]).exit_code == 0
+
+    first = _write(tmp_path / "first.yaml", {"inputs": inputs, "steps": [step1],
+                                              "output": {"path": str(tmp_path / "inter")}})
+    assert runner.invoke(app, ["merge", str(first)]).exit_code == 0
+    second_inputs = {"other": str(other_base), "t": str(tmp_path / "inter")}
+    second = _write(tmp_path / "second.yaml", {"inputs": second_inputs, "steps": [step2],
+                                                "output": {"path": str(tmp_path / "sep_out")}})
+    assert runner.invoke(app, ["merge", str(second)]).exit_code == 0
+
+    chained, separate = load_dir(tmp_path / "chain_out"), load_dir(tmp_path / "sep_out")
+    assert chained.keys() == separate.keys()
+    for k in chained:  # fp32 checkpoints: the intermediate round trip is lossless
+        assert torch.equal(chained[k], separate[k]), k
+
+
+def test_chain_values_by_hand(tmp_path, model_set):
+    ms = model_set
+    state = mlite.run_recipe({
+        "inputs": {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])},
+        "steps": [
+            {"id": "avg", "method": "linear", "models": ["a", "b"]},
+            {"id": "ta", "method": "task_arithmetic", "base": "base", "models": ["avg"], "parameters": {"lambda": 2.0}},
+        ],
+    }).state_dict
+    base, a, b = (load_dir(p) for p in (ms.base, ms.finetunes[0], ms.finetunes[1]))
+    for k, v in state.items():
+        want = _ta(base[k], [(a[k] + b[k]) / 2], 2.0)
+        torch.testing.assert_close(v, want, rtol=1e-6, atol=1e-6)
+
+
+def test_mergekit_single_step_recipe_runs_unchanged(tmp_path, model_set):
+    ms = model_set
+    recipe = tmp_path / "mk.yaml"
+    recipe.write_text(f"""
+merge_method: ties
+base_model: {ms.base}
+models:
+  - model: {ms.finetunes[0]}
+    parameters:
+      density: 0.5
+      weight: 0.7
+  - model: {ms.finetunes[1]}
+    parameters:
+      density: 0.3
+      weight: 0.3
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: bfloat16
+""")
+    res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    out = load_dir(tmp_path / "out")
+    assert all(t.dtype == torch.bfloat16 for t in out.values())
+    base = load_dir(ms.base)
+    assert set(out) == set(base)
+    assert any(not torch.equal(out[k], base[k].to(torch.bfloat16)) for k in out)
+
+
+def test_dry_run_json_counts_equal_real_run(tmp_path, model_set):
+    ms = model_set
+    recipe = _write(tmp_path / "r.yaml", {
+        "inputs": {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])},
+        "steps": [{"id": "m", "method": "task_arithmetic", "base": "base", "models": ["a", "b"]}],
+        "output": {"path": str(tmp_path / "out"), "shard_size": "2000"},
+    })
+    dry = runner.invoke(app, ["merge", str(recipe), "--dry-run", "--json"])
+    assert dry.exit_code == 0, dry.output
+    plan = json.loads(dry.stdout)
+    assert not (tmp_path / "out").exists()
+    real = runner.invoke(app, ["merge", str(recipe), "--json"])
+    assert real.exit_code == 0, real.output
+    done = json.loads(real.stdout)
+    assert plan["bytes_read"] == done["bytes_read"]
+    assert plan["bytes_written"] == done["bytes_written"]
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
+    assert on_disk == done["bytes_written"]
+    assert len(plan["output_shards"]) == len(list((tmp_path / "out").glob("*.safetensors")))
+
+
+def test_memory_is_a_bounded_number_of_tensors(tmp_path):
+    shape = LlamaShape(num_hidden_layers=6)
+    base = make_base(shape)
+    paths = [save_checkpoint(base, tmp_path / "base", shape=shape, num_shards=20)]
+    for i in range(3):
+        paths.append(save_checkpoint(make_finetune(base, seed=i), tmp_path / f"ft{i}", shape=shape, num_shards=20))
+    recipe = load_recipe({
+        "inputs": {"base": str(paths[0]), **{f"m{i}": str(p) for i, p in enumerate(paths[1:])}},
+        "steps": [{"id": "x", "method": "ties", "base": "base", "models": ["m0", "m1", "m2"]}],
+        "output": {"path": str(tmp_path / "out")},
+    })
+    result = execute(build_plan(recipe), progress=False)
+    n_inputs = 4
+    assert result.tensors == len(shape.tensor_shapes())
+    # inputs of at most PREFETCH_DEPTH queued names + the one being computed + one being handed over
+    assert 0 < result.max_live_tensors <= n_inputs * (PREFETCH_DEPTH + 2)
+    assert result.max_live_tensors < n_inputs * result.tensors // 4
+
+
+def test_non_float_tensors_are_copied_from_base(tmp_path):
+    shape = LlamaShape()
+    base = make_base(shape)
+    base["model.position_ids"] = torch.arange(10)
+    ft = make_finetune(base, seed=1)
+    ft["model.position_ids"] = torch.arange(10) * 7
+    b = save_checkpoint(base, tmp_path / "b", shape=shape)
+    f = save_checkpoint(ft, tmp_path / "f", shape=shape)
+    state = mlite.merge("task_arithmetic", base=b, models=[f])
+    assert torch.equal(state["model.position_ids"], torch.arange(10))
+    assert state["model.position_ids"].dtype == torch.int64
+
+
+def test_output_keeps_base_dtype_and_config(tmp_path, bf16_model_set):
+    ms = bf16_model_set
+    out = mlite.merge("linear", models=list(ms.finetunes), out=tmp_path / "o")
+    state = load_dir(out)
+    assert all(v.dtype == torch.bfloat16 for v in state.values())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["torch_dtype"] == "bfloat16"
+    card = (out / "README.md").read_text()
+    assert "mergekit-lite" in card and "merge" in card and card.startswith("---")
+
+
+def test_checkpoint_errors_exit_4_and_write_nothing(tmp_path, model_set):
+    ms = model_set
+    other = build_model_set(tmp_path / "wide", shape=LlamaShape(hidden_size=32, intermediate_size=48), n_finetunes=1)
+    recipe = _write(tmp_path / "r.yaml", {
+        "inputs": {"base": str(ms.base), "a": str(ms.finetunes[0]), "w": str(other.finetunes[0])},
+        "steps": [{"id": "m", "method": "task_arithmetic", "base": "base", "models": ["a", "w"]}],
+        "output": {"path": str(tmp_path / "out")},
+    })
+    res = runner.invoke(app, ["merge", str(recipe)])
+    assert res.exit_code == 4
+    assert "has shape" in res.output and "model.embed_tokens.weight" in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_missing_tensor_is_exit_4(tmp_path, model_set):
+    ms = model_set
+    ft = load_dir(ms.finetunes[0])
+    del ft["model.norm.weight"]
+    partial = save_checkpoint(ft, tmp_path / "partial")
+    recipe = _write(tmp_path / "r.yaml", {
+        "inputs": {"base": str(ms.base), "p": str(partial)},
+        "steps": [{"id": "m", "method": "task_arithmetic", "base": "base", "models": ["p"]}],
+        "output": {"path": str(tmp_path / "out")},
+    })
+    res = runner.invoke(app, ["merge", str(recipe)])
+    assert res.exit_code == 4 and "'model.norm.weight' is missing" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_input_via_cli_is_exit_4(tmp_path, model_set):
+    shard = sorted(model_set.finetunes[0].glob("model-*.safetensors"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 4)
+    recipe = _write(tmp_path / "r.yaml", {
+        "inputs": {"base": str(model_set.base), "a": str(shard.parent)},
+        "steps": [{"id": "m", "method": "task_arithmetic", "base": "base", "models": ["a"]}],
+        "output": {"path": str(tmp_path / "out")},
+    })
+    res = runner.invoke(app, ["merge", str(recipe)])
+    assert res.exit_code == 4 and "truncated" in res.output and shard.name in res.output
+    assert len([ln for ln in res.output.strip().splitlines() if ln.strip()]) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_empty_output_refused_via_cli(tmp_path, model_set):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("x")
+    recipe = _write(tmp_path / "r.yaml", {
+        "inputs": {"a": str(model_set.finetunes[0]), "b": str(model_set.finetunes[1])},
+        "steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}],
+        "output": {"path": str(out)},
+    })
+    res = runner.invoke(app, ["merge", str(recipe)])
+    assert res.exit_code == 2 and "not empty" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["x"] and leftovers(tmp_path) == []
+    assert runner.invoke(app, ["merge", str(recipe), "--force"]).exit_code == 0
+    assert (out / "model.safetensors").is_file() and not (out / "x").exists()
+
+
+def test_unknown_reference_is_exit_3(tmp_path, model_set):
+    recipe = _write(tmp_path / "r.yaml", {
+        "inputs": {"a": str(model_set.finetunes[0])},
+        "steps": [{"id": "m", "method": "linear", "models": ["a", "nope"]}],
+        "output": {"path": str(tmp_path / "out")},
+    })
+    res = runner.invoke(app, ["merge", str(recipe)])
+    assert res.exit_code == 3 and "nope" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocab_mismatch_needs_option(tmp_path):
+    small, big = LlamaShape(vocab_size=64), LlamaShape(vocab_size=72)
+    base = make_base(big)
+    b = save_checkpoint(base, tmp_path / "b", shape=big)
+    ft_small = make_finetune(make_base(small), seed=2)
+    s = save_checkpoint(ft_small, tmp_path / "s", shape=small)
+    rec = {"inputs": {"b": str(b), "s": str(s)},
+           "steps": [{"id": "m", "method": "task_arithmetic", "base": "b", "models": ["s"]}]}
+    with pytest.raises(CheckpointError, match="vocab"):
+        mlite.run_recipe(rec)
+    state = mlite.run_recipe({**rec, "options": {"vocab": "shared"}}).state_dict
+    emb = "model.embed_tokens.weight"
+    want = base[emb].clone()
+    want[:64] = base[emb][:64] + (ft_small[emb] - base[emb][:64])
+    torch.testing.assert_close(state[emb], want)
+    assert torch.equal(state[emb][64:], base[emb][64:])
+
+
+def test_inspect_table_and_json(model_set):
+    res = runner.invoke(app, ["inspect", str(model_set.base)])
+    assert res.exit_code == 0 and "embed_tokens" in res.stdout and "parameters" in res.stdout
+    res = runner.invoke(app, ["inspect", str(model_set.base), "--json"])
+    data = json.loads(res.stdout)
+    assert data["tensors"] == len(data["tensor_list"]) and len(data["shards"]) == 3
+
+
+def test_version_and_methods():
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.startswith("mlite ")
+    res = runner.invoke(app, ["methods", "--json"])
+    names = {m["name"] for m in json.loads(res.stdout)}
+    assert {"linear", "task_arithmetic", "ties", "pcb"} <= names
+
+
+def test_demo_runs_every_example(tmp_path):
+    res = runner.invoke(app, ["demo", "--dir", str(tmp_path / "demo")])
+    assert res.exit_code == 0, res.output
+    assert "demo finished" in res.stdout
+    outs = list((tmp_path / "demo" / "out").iterdir())
+    assert len(outs) >= 8
