@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from ..io.safetensors_format import PlannedTensor
 from ..io.writer import CheckpointWriter, config_dtype_update
 from ..methods.registry import TensorJob
 from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef
-from .stream import BackgroundWriter, Bundle, LiveTensors, prefetch
+from .stream import BackgroundWriter, Bundle, LiveTensors, WorkItem, prefetch, work_items
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class _Evaluator:
                 if rows is not None:
                     delta = delta[:rows]
         return TensorJob(name=name, base=base, models=models, params=params, seed=self.plan.seed,
-                         stats=self.stats.get(st.id) if with_stats else None, delta=delta)
+                         stats=self.stats.get(st.id) if with_stats else None, delta=delta, rows=bundle.rows)
 
     def _step(self, st: StepPlan, bundle: Bundle, memo: dict[Any, torch.Tensor]) -> torch.Tensor:
         if st.delta_key is not None:
@@ -123,23 +123,54 @@ class _Evaluator:
         return value
 
 
-def _loader(plan: Plan, ck_keys: set[str], delta_keys: set[str], copy_keys: set[str]) -> Callable[[str], Bundle]:
+def _loader(plan: Plan, ck_keys: set[str], delta_keys: set[str], copy_keys: set[str]) -> Callable[[WorkItem], Bundle]:
     float_names = {o.name for o in plan.outputs if o.is_float}
     shapes = {o.name: o.shape for o in plan.outputs}
 
-    def load(name: str) -> Bundle:
-        bundle = Bundle(name)
+    def load(item: WorkItem) -> Bundle:
+        name = item.name
+        bundle = Bundle(name, item.rows)
         keys = ck_keys if name in float_names else copy_keys
         for k in sorted(keys):
             ck = plan.checkpoints[k]
             if name in ck:
-                bundle.leaves[k] = ck.load(name)
+                bundle.leaves[k] = ck.load(name, rows=item.rows)
         if name in float_names:
-            for k in sorted(delta_keys):
+            for k in sorted(delta_keys):  # chains with patches are never row-blocked
                 bundle.patches[k] = plan.deltas[k].patch(name, shapes[name], "cpu")
         return bundle
 
     return load
+
+
+def _chunkable(plan: Plan, step_ids: list[str]) -> Callable[[str], bool]:
+    """Whether every step feeding these outputs may process a tensor in row blocks."""
+    closure: list[StepPlan] = []
+    seen: set[str] = set()
+
+    def visit(sid: str) -> None:
+        if sid in seen:
+            return
+        seen.add(sid)
+        st = plan.steps[sid]
+        closure.append(st)
+        for op in [st.base, *st.models]:
+            while isinstance(op, Patched):
+                op = op.base
+            if isinstance(op, StepRef):
+                visit(op.step_id)
+
+    for sid in step_ids:
+        visit(sid)
+    uses_delta = any(plan.leaves_of(sid)[1] for sid in step_ids)
+    float_names = {o.name for o in plan.outputs if o.is_float}
+
+    def ok(name: str) -> bool:
+        if uses_delta or name not in float_names or name in plan.vocab_rows:
+            return False
+        return all(st.spec.elementwise(st.resolver.for_tensor(name)) for st in closure)
+
+    return ok
 
 
 def _progress(enabled: bool, total_passes: int) -> Any:
@@ -180,14 +211,17 @@ def execute(
             reducer = st.spec.reducer(st.resolver.scalar_values(), len(st.models))
             evaluator = _Evaluator(plan, stats, None)
             ck_keys, dkeys = plan.leaves_of(st.id)
+            shapes = {o.name: o.shape for o in plan.outputs}
+            chunkable = _chunkable(plan, [st.id])
             n = 0
             while True:
                 n += 1
                 task = bar.add_task(f"{st.id}: statistics pass {n}", total=len(float_names), rate="") if bar else None
                 before = _bytes(plan)
-                for bundle in prefetch(float_names, _loader(plan, ck_keys, dkeys, set()), PREFETCH_DEPTH, live):
+                items = work_items(float_names, shapes, chunkable)
+                for bundle in prefetch(items, _loader(plan, ck_keys, dkeys, set()), PREFETCH_DEPTH, live):
                     reducer.observe(evaluator.job(st, bundle, {}, with_stats=False))
-                    if bar:
+                    if bar and (bundle.rows is None or bundle.rows[1] == shapes[bundle.name][0]):
                         bar.advance(task)
                 result.passes.append({"step": st.id, "kind": "statistics", "bytes_read": _bytes(plan) - before})
                 if reducer.end_pass():
@@ -240,20 +274,27 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, result: R
         task = bar.add_task("writing" if writers else "merging", total=len(plan.outputs), rate="") if bar else None
         t_start = time.perf_counter()
         before = _bytes(plan)
+        shapes = {o.name: o.shape for o in plan.outputs}
+        items = work_items([o.name for o in plan.outputs], shapes, _chunkable(plan, out_ids))
         try:
-            for bundle in prefetch([o.name for o in plan.outputs], _loader(plan, ck_keys, dkeys, copy_keys),
-                                   PREFETCH_DEPTH, live):
+            for bundle in prefetch(items, _loader(plan, ck_keys, dkeys, copy_keys), PREFETCH_DEPTH, live):
                 memo: dict[Any, torch.Tensor] = {}
+                name, rows = bundle.name, bundle.rows
                 for sid in out_ids:
-                    if bundle.name in float_names:
-                        value = evaluator.run(sid, bundle, memo).to(out_dtype[bundle.name])
+                    if name in float_names:
+                        value = evaluator.run(sid, bundle, memo).to(out_dtype[name])
                     else:
                         value = bundle.leaves[plan.copy_leaf(sid)]
                     if sid in background:
-                        background[sid].put(bundle.name, value)
+                        background[sid].put(name, value, rows[0] if rows else None)
                     if sid == plan.final and state is not None:
-                        state[bundle.name] = value.cpu()
-                if bar:
+                        if rows is None:
+                            state[name] = value.cpu()
+                        else:
+                            if name not in state:
+                                state[name] = torch.empty(shapes[name], dtype=value.dtype)
+                            state[name][rows[0] : rows[1]] = value.cpu()
+                if bar and (rows is None or rows[1] == shapes[name][0]):
                     rate = (_bytes(plan) - before) / max(time.perf_counter() - t_start, 1e-9)
                     bar.update(task, advance=1, rate=f"{rate / 1e6:.0f} MB/s")
         finally:
@@ -283,17 +324,12 @@ def _config_dtype(plan: Plan) -> dict[str, str]:
 
 def _card(plan: Plan, st: StepPlan) -> str:
     recipe = plan.recipe
-    bases = []
-    for key in sorted(plan.leaves_of(st.id)[0]):
-        bases.append(plan.checkpoints[key].label)
+    n_inputs = len(plan.leaves_of(st.id)[0])
     text = None
     if recipe.source is not None and Path(recipe.source).is_file():
         text = Path(recipe.source).read_text()
     chain = " → ".join(f"{s.id} ({s.spec.name})" for s in plan.steps.values())
-    what = f"This checkpoint was produced by mergekit_lite from {len(bases)} input checkpoints with the steps: {chain}."
+    what = f"This checkpoint was produced by mergekit_lite from {n_inputs} input checkpoints with the steps: {chain}."
     return model_card(base_models=[plan.checkpoints[plan.copy_leaf(st.id)].label], title=f"{st.id}", what=what,
                       recipe_yaml=text)
 
-
-def iter_outputs(plan: Plan) -> Iterator[str]:
-    return (o.name for o in plan.outputs)

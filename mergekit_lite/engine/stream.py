@@ -17,6 +17,33 @@ from typing import Any
 import torch
 
 _DONE = object()
+CHUNK_ELEMENTS = 1 << 22  # row blocks of about 4M elements (16 MB per float32 input)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One unit of streaming work: a whole tensor, or rows [a, b) of a big one."""
+
+    name: str
+    rows: tuple[int, int] | None = None
+
+
+def work_items(names: Iterable[str], shapes: dict[str, tuple[int, ...]], chunkable: Callable[[str], bool],
+               chunk_elements: int | None = None) -> Iterator[WorkItem]:
+    """Split tensors bigger than `chunk_elements` into row blocks where `chunkable` allows."""
+    chunk_elements = chunk_elements or CHUNK_ELEMENTS
+    for name in names:
+        shape = shapes[name]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not shape or numel <= chunk_elements or not chunkable(name):
+            yield WorkItem(name)
+            continue
+        row = numel // shape[0] if shape[0] else 1
+        step = max(1, chunk_elements // max(row, 1))
+        for a in range(0, shape[0], step):
+            yield WorkItem(name, (a, min(shape[0], a + step)))
 
 
 class LiveTensors:
@@ -42,6 +69,7 @@ class Bundle:
     """The raw inputs of one tensor name: checkpoint tensors (CPU, stored dtype) and patches."""
 
     name: str
+    rows: tuple[int, int] | None = None  # a row block of a big tensor, or the whole tensor
     leaves: dict[str, torch.Tensor] = field(default_factory=dict)
     patches: dict[str, Any] = field(default_factory=dict)
 
@@ -50,17 +78,18 @@ class Bundle:
         return len(self.leaves) + sum(p is not None for p in self.patches.values())
 
 
-def prefetch(names: Iterable[str], load: Callable[[str], Bundle], depth: int, live: LiveTensors) -> Iterator[Bundle]:
-    """Yield `load(name)` for each name, loading up to `depth` names ahead in a thread."""
+def prefetch(items: Iterable[WorkItem], load: Callable[[WorkItem], Bundle], depth: int,
+             live: LiveTensors) -> Iterator[Bundle]:
+    """Yield `load(item)` for each item, loading up to `depth` items ahead in a thread."""
     q: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
 
     def worker() -> None:
         try:
-            for name in names:
+            for item in items:
                 if stop.is_set():
                     return
-                bundle = load(name)
+                bundle = load(item)
                 live.add(bundle.count)
                 while not stop.is_set():
                     try:
@@ -96,9 +125,9 @@ def prefetch(names: Iterable[str], load: Callable[[str], Bundle], depth: int, li
 
 
 class BackgroundWriter:
-    """Runs `write(name, tensor)` in one thread, with at most `depth` results waiting."""
+    """Runs `write(name, tensor, row_start)` in one thread, with at most `depth` results waiting."""
 
-    def __init__(self, write: Callable[[str, torch.Tensor], None], depth: int = 2) -> None:
+    def __init__(self, write: Callable[[str, torch.Tensor, int | None], None], depth: int = 2) -> None:
         self._write = write
         self._q: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
         self._error: BaseException | None = None
@@ -117,10 +146,10 @@ class BackgroundWriter:
             except BaseException as exc:
                 self._error = exc
 
-    def put(self, name: str, tensor: torch.Tensor) -> None:
+    def put(self, name: str, tensor: torch.Tensor, row_start: int | None = None) -> None:
         if self._error is not None:
             raise self._error
-        self._q.put((name, tensor))
+        self._q.put((name, tensor, row_start))
 
     def close(self) -> None:
         self._q.put(_DONE)

@@ -40,6 +40,7 @@ PROTOTYPES = "prototypes"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 _TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_LORA_KEY = re.compile(r"(.+)\.lora_(?:embedding_)?[AB](?:\.|$)")
 
 MemberKind = Literal["lora", "raw"]
 
@@ -62,7 +63,7 @@ class Member:
         """LoRA: the adapted module names (key minus `.lora_A.weight` etc.); raw: empty."""
         if self.kind != "lora":
             return []
-        found = {m.group(1) for k in self.tensors if (m := re.match(r"(.+)\.lora_[AB]\.", k))}
+        found = {m.group(1) for k in self.tensors if (m := _LORA_KEY.match(k))}
         return sorted(found)
 
     def num_parameters(self) -> int:

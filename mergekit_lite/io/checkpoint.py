@@ -133,19 +133,33 @@ class Checkpoint:
         return [self.source_dir / f for f in SIDE_FILES if (self.source_dir / f).is_file()]
 
     # ---- data --------------------------------------------------------------------------
-    def load(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read exactly one tensor and place it on `device` as `dtype` (one cast, no round trips)."""
+    def load(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+             rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor (or its rows [a, b)) and place it on `device` as `dtype`, casting once.
+
+        Rows are contiguous in a safetensors file, so a row block is one positioned read of just
+        those bytes: big tensors can be streamed without ever being whole in memory.
+        """
         info = self.info(name)
+        shape = info.shape
+        begin, nbytes = info.begin, info.nbytes
+        if rows is not None:
+            a, b = rows
+            row_bytes = info.nbytes // shape[0] if shape and shape[0] else 0
+            begin, nbytes = info.begin + a * row_bytes, (b - a) * row_bytes
+            shape = (b - a, *shape[1:])
         if self._bin_state is not None:
             t = self._bin_state[name]
+            if rows is not None:
+                t = t[rows[0] : rows[1]]
         else:
-            buf = torch.empty(info.nbytes, dtype=torch.uint8)
-            if info.nbytes:
-                pread_exact(self._fd(info.shard), memoryview(buf.numpy()), info.begin, info.shard)
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            if nbytes:
+                pread_exact(self._fd(info.shard), memoryview(buf.numpy()), begin, info.shard)
             with self._lock:
-                self.bytes_read += info.nbytes
-                self.reads.append((name, info.nbytes))
-            t = buf.view(to_torch(info.dtype)).reshape(info.shape)
+                self.bytes_read += nbytes
+                self.reads.append((name, nbytes))
+            t = buf.view(to_torch(info.dtype)).reshape(shape)
         dev = torch.device(device)
         if dev.type != "cpu":
             t = t.to(dev, non_blocking=False)

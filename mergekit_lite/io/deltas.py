@@ -183,6 +183,11 @@ class LoraDelta:
         trained_base = self.adapter.load(saved_key, device) if saved_key is not None else old
         return self.adapter.dora_weight(mod, trained_base) - old
 
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from the adapter file (old-base reads count on the old base's Checkpoint)."""
+        return self.adapter.weights.bytes_read
+
     def bytes_to_read(self) -> int:
         n = self.adapter.bytes_to_read()
         if self.old_base is not None:
@@ -224,6 +229,11 @@ class FullDelta:
         ft = self.finetuned.load(name, device=device, dtype=torch.float32)
         old = self.old_base.load(name, device=device, dtype=torch.float32)
         return Patch("add", _pad_rows(ft - old, tuple(base_shape)))
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from the fine-tune (old-base reads count on the old base's Checkpoint)."""
+        return self.finetuned.bytes_read
 
     def bytes_to_read(self) -> int:
         return sum(self.finetuned.info(n).nbytes + self.old_base.info(n).nbytes

@@ -102,6 +102,7 @@ class CheckpointWriter:
                 self._where[t.name] = (layout, layout.spans[t.name][0])
         self._planned = {t.name: t for layout in self.layouts for t in layout.tensors}
         self._remaining = {layout.file_name: {t.name for t in layout.tensors} for layout in self.layouts}
+        self._bytes_left: dict[str, int] = {}
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.mlite-tmp-{uuid.uuid4().hex[:8]}"
         self.tmp_dir.mkdir()
@@ -111,15 +112,26 @@ class CheckpointWriter:
         self._published = False
 
     # ---- streaming ---------------------------------------------------------------------
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Cast `tensor` to its planned dtype and write it at its planned offset."""
+    def write(self, name: str, tensor: torch.Tensor, row_start: int | None = None) -> None:
+        """Cast `tensor` to its planned dtype and write it at its planned offset.
+
+        With `row_start`, `tensor` is the block of rows [row_start, row_start + len) of the
+        planned tensor; blocks may arrive in any order, and the tensor counts as written when
+        all its bytes are.
+        """
         try:
             layout, offset = self._where[name]
         except KeyError:
             raise UsageError(f"output tensor {name!r} was not planned") from None
         plan = self._planned[name]
-        if tuple(tensor.shape) != plan.shape:
-            raise CheckpointError(f"output tensor {name!r} has shape {list(tensor.shape)}, planned {list(plan.shape)}")
+        shape = tuple(tensor.shape)
+        if row_start is None:
+            if shape != plan.shape:
+                raise CheckpointError(f"output tensor {name!r} has shape {list(shape)}, planned {list(plan.shape)}")
+        else:
+            if shape[1:] != plan.shape[1:] or row_start < 0 or row_start + shape[0] > plan.shape[0]:
+                raise CheckpointError(f"row block {row_start}+{list(shape)} does not fit tensor {name!r} {list(plan.shape)}")
+            offset += row_start * (plan.nbytes // plan.shape[0])
         t = tensor.detach()
         want = to_torch(plan.dtype)
         if t.dtype != want:
@@ -136,7 +148,10 @@ class CheckpointWriter:
             remaining = self._remaining[layout.file_name]
             if name not in remaining:
                 raise UsageError(f"output tensor {name!r} written twice")
-            remaining.discard(name)
+            left = self._bytes_left.get(name, plan.nbytes) - len(data)
+            self._bytes_left[name] = left
+            if left <= 0:
+                remaining.discard(name)
             done = not remaining
         if done:
             self._close(layout.file_name)

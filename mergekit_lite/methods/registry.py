@@ -105,6 +105,8 @@ class TensorJob:
     seed: int = 0
     stats: Any = None
     delta: torch.Tensor | None = None
+    rows: tuple[int, int] | None = None  # set when the engine streams a big tensor in row blocks
+
 
     def generator(self) -> torch.Generator:
         """A CPU generator seeded from (recipe seed, tensor name).
@@ -163,6 +165,10 @@ class MethodSpec:
     ordered: bool = False  # result depends on the order of models (slerp, mos)
     scope: Callable[[Mapping[str, Any]], Scope] = field(default=lambda params: "tensor")
     reducer: ReducerFactory | None = None
+    # True when, for these parameters, output[k] depends only on the inputs at position k (and
+    # `job.stats`), and the reducer (if any) accepts any row block: the engine may then stream
+    # big tensors in row blocks, so memory does not grow with the largest tensor.
+    elementwise: Callable[[Mapping[str, Any]], bool] = field(default=lambda params: False)
     paper: str = ""
     doc: str = ""  # path of the docs page, relative to docs/
     compute_dtype: torch.dtype = torch.float32
