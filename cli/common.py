@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mergekit_lite.errors import MliteError
 
@@ -36,7 +37,7 @@ def guarded(fn: F) -> F:
             return fn(*args, **kwargs)
         except MliteError as exc:
             for problem in exc.problems:
-                err.print(f"[bold red]error:[/] {problem}", markup=True, highlight=False)
+                err.print(f"[bold red]error:[/] {escape(problem)}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted; nothing was published")

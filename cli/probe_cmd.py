@@ -16,7 +16,7 @@ probe_app = typer.Typer(help="Linear probes on hidden states (for mlite surgery)
 @probe_app.command("train")
 @guarded
 def train_cmd(
-    features: Path = typer.Option(..., "--features", help="safetensors with 'features' [N, d] and 'labels' [N] (1 = behaviour)."),
+    features: Path = typer.Option(..., "--features", help="safetensors with 'features' (N, d) and 'labels' (N,), label 1 = behaviour."),
     out_path: Path = typer.Option(..., "--out", help="Probe file to write (safetensors: weight [2, d], bias [2])."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split (and of Adam's shuffling)."),
     holdout: float = typer.Option(0.1, "--holdout", help="Share of each class held out to measure accuracy, in [0, 1)."),

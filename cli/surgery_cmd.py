@@ -15,8 +15,8 @@ from .common import guarded, out
 
 @guarded
 def surgery_cmd(
-    model: str | None = typer.Option(None, "--model", help="Model to edit (directory, .safetensors file or org/name[@rev])."),
-    probe: Path | None = typer.Option(None, "--probe", help="Probe file: safetensors with 'weight' [2, d] (row 1 = behaviour) or [d]."),
+    model: str | None = typer.Option(None, "--model", help="Model to edit (directory, .safetensors file or org/name@rev)."),
+    probe: Path | None = typer.Option(None, "--probe", help="Probe file: safetensors with 'weight' of shape (2, d) (row 1 = behaviour) or (d,)."),
     alpha: float = typer.Option(1.0, "--alpha", help="Edit strength α: g ← g + α·w on the selected rows."),
     top_k: int | None = typer.Option(None, "--top-k", help="Rows to edit over the whole model."),
     fraction: float | None = typer.Option(None, "--fraction", help=f"Share of all target rows to edit (default {DEFAULT_FRACTION:.6g})."),

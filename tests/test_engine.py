@@ -17,7 +17,7 @@ from mergekit_lite.errors import CheckpointError
 from mergekit_lite.engine.run import PREFETCH_DEPTH, execute
 from mergekit_lite.recipe.model import load_recipe
 from mergekit_lite.synthetic import LlamaShape, build_model_set, make_base, make_finetune, save_checkpoint
-from tests.helpers import leftovers, load_dir
+from helpers import leftovers, load_dir
 
 runner = CliRunner()
 

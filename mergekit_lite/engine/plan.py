@@ -417,7 +417,8 @@ def _load_tensor_files(plan: Plan, problems: list[MliteError]) -> None:
             if value is None or value in plan.tensor_files:
                 continue
             try:
-                plan.tensor_files[value] = load_tensor_file(Path(value), base_dir=plan.recipe.base_dir)
+                plan.tensor_files[value] = load_tensor_file(Path(value), base_dir=plan.recipe.base_dir,
+                                                            allow_pickle=bool(plan.recipe.options.get("allow_bin")))
             except MliteError as exc:
                 problems.append(exc)
 
@@ -435,6 +436,9 @@ def load_tensor_file(path: Path, *, base_dir: Path | None = None, allow_pickle: 
         except Exception as exc:
             raise CheckpointError(f"{p}: unreadable safetensors file ({exc.__class__.__name__})") from None
     if p.suffix in (".pt", ".pth", ".bin"):
+        if not allow_pickle:
+            raise RecipeError(f"{p}: pickle files can run code when loaded; use safetensors, or opt in with "
+                              "options.allow_bin (loaded with weights_only=True)")
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:

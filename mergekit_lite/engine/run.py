@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,10 +71,7 @@ class _Evaluator:
         if rows is not None:
             base = base[:rows] if base is not None else None
             models = [m[:rows] for m in models]
-        params = dict(st.resolver.for_tensor(name))
-        for p in st.spec.params:
-            if p.kind == "tensor_file" and isinstance(params.get(p.name), str):
-                params[p.name] = self.plan.tensor_files[params[p.name]]
+        params = _with_tensor_files(self.plan, st, st.resolver.for_tensor(name))
         delta = None
         if st.delta_key is not None:
             patch = bundle.patches.get(st.delta_key)
@@ -121,6 +118,15 @@ class _Evaluator:
                 value = base + patch.tensor.to(self.plan.device, torch.float32)
         memo[key] = value
         return value
+
+
+def _with_tensor_files(plan: Plan, st: StepPlan, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters with every tensor_file path replaced by the tensors loaded at planning time."""
+    out = dict(params)
+    for p in st.spec.params:
+        if p.kind == "tensor_file" and isinstance(out.get(p.name), str):
+            out[p.name] = plan.tensor_files[out[p.name]]
+    return out
 
 
 def _loader(plan: Plan, ck_keys: set[str], delta_keys: set[str], copy_keys: set[str]) -> Callable[[WorkItem], Bundle]:
@@ -208,7 +214,7 @@ def execute(
         # 1. statistics passes of global steps, in topological order
         for st in plan.global_steps:
             assert st.spec.reducer is not None, f"method {st.spec.name} is global but has no reducer"
-            reducer = st.spec.reducer(st.resolver.scalar_values(), len(st.models))
+            reducer = st.spec.reducer(_with_tensor_files(plan, st, st.resolver.scalar_values()), len(st.models))
             evaluator = _Evaluator(plan, stats, None)
             ck_keys, dkeys = plan.leaves_of(st.id)
             shapes = {o.name: o.shape for o in plan.outputs}

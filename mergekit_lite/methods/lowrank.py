@@ -1,0 +1,124 @@
+"""Low-rank approximation of a delta by truncated SVD, at a fixed rank or an energy fraction.
+
+Used to store a dense delta (a full fine-tune minus its base, or a DoRA patch) as LoRA factors.
+By Eckart–Young the truncated SVD is the best rank-k approximation in Frobenius norm, so the
+reported relative error ‖Δ − B·A‖_F / ‖Δ‖_F is the smallest any rank-k adapter can reach.
+Small matrices get an exact SVD; large ones a randomized SVD (Halko, Martinsson & Tropp 2011)
+whose random draws come from a seeded CPU generator, so the same seed gives the same factors
+on every run and device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Matrices whose smaller side is at most this use the exact SVD.
+EXACT_MAX_DIM = 1024
+OVERSAMPLE = 10
+POWER_ITERS = 4
+_ENERGY_TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """ΔW ≈ b @ a with a = √S·Vᵀ [k, in] and b = U·√S [out, k] (the singular values split evenly)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    rank: int
+    rel_error: float
+    energy: float  # fraction of ‖Δ‖_F² the kept singular values hold
+    exact: bool  # True when the exact SVD was used
+
+
+def rank_for_energy(sigma: torch.Tensor, total: float, energy: float) -> int:
+    """The smallest k whose top-k singular values hold `energy` of the total squared norm."""
+    if total <= 0:
+        return 0
+    cum = torch.cumsum(sigma.double() ** 2, 0) / total
+    reached = torch.nonzero(cum >= energy - _ENERGY_TOL)
+    return int(reached[0]) + 1 if len(reached) else len(sigma)
+
+
+def randomized_svd(
+    m: torch.Tensor, k: int, *, seed: int = 0, oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Approximate top-k (U, S, Vh) of `m` from a seeded Gaussian sketch with power iterations."""
+    rows, cols = m.shape
+    width = min(k + oversample, min(rows, cols))
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(cols, width, generator=g, dtype=torch.float32).to(device=m.device, dtype=m.dtype)
+    q, _ = torch.linalg.qr(m @ omega)
+    for _ in range(power_iters):
+        z, _ = torch.linalg.qr(m.T @ q)
+        q, _ = torch.linalg.qr(m @ z)
+    ub, s, vh = torch.linalg.svd(q.T @ m, full_matrices=False)
+    return (q @ ub)[:, :k], s[:k], vh[:k]
+
+
+def truncated_svd(
+    delta: torch.Tensor,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    seed: int = 0,
+    exact_max_dim: int = EXACT_MAX_DIM,
+) -> LowRank:
+    """Factor a 2-D delta at `rank` (clamped to its smaller side) or at the smallest rank holding
+    `energy` ∈ (0, 1] of ‖Δ‖_F². A zero delta gives rank 0 (empty factors)."""
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank or energy")
+    if delta.dim() != 2:
+        raise ValueError(f"truncated_svd needs a matrix, got shape {list(delta.shape)}")
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    m = delta.float()
+    rows, cols = m.shape
+    small = min(rows, cols)
+    total = float(m.double().pow(2).sum())
+    if total == 0.0:
+        return LowRank(m.new_zeros(0, cols), m.new_zeros(rows, 0), 0, 0.0, 1.0, True)
+    exact = small <= exact_max_dim
+    if exact:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        k = min(rank, small) if rank is not None else rank_for_energy(s, total, float(energy))  # type: ignore[arg-type]
+    elif rank is not None:
+        k = min(rank, small)
+        u, s, vh = randomized_svd(m, k, seed=seed)
+    else:
+        u, s, vh, k, exact = _energy_randomized(m, total, float(energy), seed)  # type: ignore[arg-type]
+    u, s, vh = u[:, :k], s[:k], vh[:k]
+    root = s.clamp_min(0).sqrt()
+    b = u * root
+    a = root[:, None] * vh
+    err = relative_error(m, b, a)
+    kept = float((s.double() ** 2).sum()) / total
+    return LowRank(a.contiguous(), b.contiguous(), k, err, min(kept, 1.0), exact)
+
+
+def _energy_randomized(
+    m: torch.Tensor, total: float, energy: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, bool]:
+    """Grow the sketch until its singular values reach `energy`; fall back to the exact SVD."""
+    small = min(m.shape)
+    width = 32
+    while width < small // 2:
+        u, s, vh = randomized_svd(m, width, seed=seed)
+        k = rank_for_energy(s, total, energy)
+        if k < len(s) or float((s.double() ** 2).sum()) / total >= energy - _ENERGY_TOL:
+            return u, s, vh, k, False
+        width *= 2
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return u, s, vh, rank_for_energy(s, total, energy), True
+
+
+def relative_error(delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
+    """‖Δ − B·A‖_F / ‖Δ‖_F (0 for a zero delta reproduced exactly)."""
+    d = delta.double()
+    norm = float(torch.linalg.norm(d))
+    diff = float(torch.linalg.norm(d - b.double() @ a.double()))
+    return diff / norm if norm > 0 else diff

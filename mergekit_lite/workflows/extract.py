@@ -1,0 +1,182 @@
+"""`extract`: store a dense delta as a PEFT LoRA adapter by truncated SVD, with its error.
+
+The delta of each 2-D weight (θ_ft − θ_base, or any delta source) is factored at a fixed rank or
+at the smallest rank holding an energy fraction of ‖Δ‖_F²; ranks that differ between modules
+go to the adapter's `rank_pattern`. Tensors LoRA cannot express (1-D norms and biases,
+tensors a patch replaces outright) travel as `modules_to_save` full tensors holding the
+patched value. One tensor is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UsageError
+from ..io.adapters import Factors, write_adapter
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.deltas import DeltaSource, FullDelta
+from ..methods.lowrank import EXACT_MAX_DIM, truncated_svd
+from ..methods.registry import tensor_seed
+
+PathLike = str | os.PathLike
+
+# Input-embedding modules, whose LoRA is stored as lora_embedding_A/B ([r, vocab], [dim, r]).
+EMBEDDING_MODULES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+REPORT_FILE = "mlite_extract_report.json"
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    """What happened to one tensor: `lora` (factored), `full` (stored whole), `skipped`."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+    delta_norm: float
+    rank: int = 0
+    rel_error: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class ExtractResult:
+    output: Path | None
+    tensors: list[TensorReport] = field(default_factory=list)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((t.rel_error for t in self.tensors if t.kind == "lora"), default=0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"output": str(self.output) if self.output else None, "max_rel_error": self.max_rel_error,
+                "tensors": [asdict(t) for t in self.tensors]}
+
+
+def is_embedding(name: str) -> bool:
+    module = name.rsplit(".", 1)[0]
+    return module.rsplit(".", 1)[-1] in EMBEDDING_MODULES
+
+
+def check_rank_args(rank: int | None, energy: float | None) -> None:
+    if (rank is None) == (energy is None):
+        raise UsageError("give exactly one of --rank or --energy")
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank must be >= 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise UsageError(f"--energy must be in (0, 1], got {energy}")
+
+
+def dense_to_adapter(
+    base: Checkpoint,
+    delta: DeltaSource,
+    *,
+    lam: float = 1.0,
+    rank: int | None = None,
+    energy: float | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    full_tensors: bool = True,
+    exact_max_dim: int = EXACT_MAX_DIM,
+    on_tensor: Callable[[TensorReport], None] | None = None,
+) -> tuple[list[Factors], dict[str, torch.Tensor], list[TensorReport]]:
+    """Factor every 2-D `.weight` delta of `delta` relative to `base`; keep the rest whole.
+
+    Full tensors hold base + λ·Δ (or the replaced value), so loading the adapter onto `base`
+    gives the patched model; a module that has both a LoRA and a full tensor cannot be
+    expressed by PEFT, so its full tensor is skipped and reported.
+    """
+    factors: list[Factors] = []
+    full: dict[str, torch.Tensor] = {}
+    reports: list[TensorReport] = []
+    targets = delta.targets()
+    lora_modules = {n.rsplit(".", 1)[0] for n, s in targets.items() if len(s) == 2 and n.endswith(".weight")}
+    for name in base.names():
+        if name not in targets:
+            continue
+        info = base.info(name)
+        p = delta.patch(name, info.shape, device)
+        if p is None:
+            continue
+        d = p.tensor * lam if p.kind == "add" else p.tensor - base.load(name, device, torch.float32)
+        norm = float(torch.linalg.norm(d.double()))
+        module = name.rsplit(".", 1)[0]
+        if norm == 0.0:
+            rep = TensorReport(name, info.shape, "skipped", 0.0, note="zero delta")
+        elif len(info.shape) == 2 and name.endswith(".weight"):
+            emb = is_embedding(name)
+            # PEFT stores an embedding's ΔE [vocab, dim] as (B·A)ᵀ, so factor ΔEᵀ = B·A.
+            m = d.T if emb else d
+            lr = truncated_svd(m, rank=rank, energy=energy, seed=tensor_seed(seed, name), exact_max_dim=exact_max_dim)
+            factors.append(Factors(module, lr.a.cpu(), lr.b.cpu(), embedding=emb))
+            rep = TensorReport(name, info.shape, "lora", norm, lr.rank, lr.rel_error,
+                               "" if lr.exact else "randomized SVD")
+        elif not full_tensors:
+            rep = TensorReport(name, info.shape, "skipped", norm, note="not a matrix (full tensors disabled)")
+        elif module in lora_modules:
+            rep = TensorReport(name, info.shape, "skipped", norm,
+                               note=f"module {module} is LoRA-adapted; PEFT cannot also save it whole")
+        else:
+            full[name] = (base.load(name, device, torch.float32) + d).cpu()
+            rep = TensorReport(name, info.shape, "full", norm)
+        reports.append(rep)
+        if on_tensor is not None:
+            on_tensor(rep)
+    return factors, full, reports
+
+
+def extract(
+    model: PathLike,
+    base: PathLike,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    out: PathLike | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str | None = None,
+    full_tensors: bool = True,
+    force: bool = False,
+    on_tensor: Callable[[TensorReport], None] | None = None,
+) -> ExtractResult:
+    """Factor θ_model − θ_base into a PEFT LoRA adapter (written to `out` when given).
+
+    `rank` fixes every module's rank; `energy` picks per module the smallest rank holding that
+    fraction of ‖Δ‖_F². Returns per-tensor ranks and relative errors ‖Δ − B·A‖_F / ‖Δ‖_F.
+    """
+    check_rank_args(rank, energy)
+    base_ck = open_checkpoint(base)
+    ft = open_checkpoint(model)
+    delta = FullDelta(ft, base_ck)
+    shapes = {n: base_ck.info(n).shape for n in base_ck.names()}
+    problems = delta.check(shapes)
+    if problems:
+        from ..errors import CheckpointError
+
+        raise CheckpointError(problems[0], problems=problems)
+    if out is not None:
+        from ..io.writer import check_output_dir
+
+        check_output_dir(Path(out).expanduser().absolute(), force)
+    factors, full, reports = dense_to_adapter(base_ck, delta, rank=rank, energy=energy, seed=seed, device=device,
+                                              full_tensors=full_tensors, on_tensor=on_tensor)
+    result = ExtractResult(None, reports)
+    if out is not None:
+        result.output = write_adapter(
+            out, factors, full, base_model_name_or_path=str(base), dtype=_out_dtype(dtype), force=force,
+            extra_files={REPORT_FILE: (json.dumps(result.to_json() | {"output": str(out)}, indent=2) + "\n").encode()},
+        )
+    return result
+
+
+def _out_dtype(dtype: str | None) -> torch.dtype:
+    """Adapter dtype: float32 unless asked (factors are small; rounding them would add error)."""
+    from ..dtypes import parse_user_dtype, to_torch
+
+    return to_torch(parse_user_dtype(dtype)) if dtype is not None else torch.float32

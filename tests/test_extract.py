@@ -1,0 +1,121 @@
+"""Truncated SVD (exact and randomized) and `mlite extract` adapters checked with peft."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mergekit_lite.cli.main import app
+from typer.testing import CliRunner
+
+from mergekit_lite.io.checkpoint import open_checkpoint
+from mergekit_lite.methods.lowrank import rank_for_energy, relative_error, truncated_svd
+
+runner = CliRunner()
+
+
+def test_golden_diagonal() -> None:
+    """σ = (4, 2, 1): rank 1 keeps 16/21 of the energy, error √5/√21."""
+    d = torch.diag(torch.tensor([4.0, 2.0, 1.0]))
+    lr = truncated_svd(d, rank=1)
+    assert lr.rank == 1 and lr.exact
+    torch.testing.assert_close(lr.b @ lr.a, torch.diag(torch.tensor([4.0, 0.0, 0.0])))
+    assert lr.rel_error == pytest.approx(math.sqrt(5 / 21), rel=1e-6)
+    assert lr.energy == pytest.approx(16 / 21, rel=1e-6)
+    assert truncated_svd(d, energy=0.9).rank == 2  # 16/21 = 0.76 < 0.9 <= 20/21
+    assert truncated_svd(d, energy=1.0).rank == 3 and truncated_svd(d, energy=1.0).rel_error < 1e-6
+    assert truncated_svd(d, rank=10).rank == 3
+    assert rank_for_energy(torch.tensor([4.0, 2.0, 1.0]), 21.0, 16 / 21) == 1
+    zero = truncated_svd(torch.zeros(3, 2), rank=2)
+    assert zero.rank == 0 and zero.a.shape == (0, 2) and zero.b.shape == (3, 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(2, 12), cols=st.integers(2, 12), k=st.integers(1, 12), seed=st.integers(0, 1000))
+def test_error_is_eckart_young_tail(rows: int, cols: int, k: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(rows, cols, generator=g, dtype=torch.float64).float()
+    lr = truncated_svd(d, rank=k)
+    s = torch.linalg.svdvals(d.double())
+    tail = math.sqrt(float((s[lr.rank:] ** 2).sum()) / float((s**2).sum()))
+    assert lr.rel_error == pytest.approx(tail, abs=1e-5)
+    assert lr.rel_error == pytest.approx(relative_error(d, lr.b, lr.a), abs=1e-9)
+
+
+def test_randomized_is_seeded_and_accurate() -> None:
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(300, 6, generator=g) @ torch.randn(6, 200, generator=g)
+    d = low + 1e-3 * torch.randn(300, 200, generator=g)
+    a = truncated_svd(d, rank=6, exact_max_dim=50, seed=7)
+    b = truncated_svd(d, rank=6, exact_max_dim=50, seed=7)
+    exact = truncated_svd(d, rank=6)
+    assert not a.exact and exact.exact
+    assert torch.equal(a.a, b.a) and torch.equal(a.b, b.b)
+    assert a.rel_error == pytest.approx(exact.rel_error, rel=1e-3)
+    e = truncated_svd(d, energy=0.999, exact_max_dim=50, seed=7)
+    assert e.rank == truncated_svd(d, energy=0.999).rank == 6
+
+
+pytest.importorskip("peft")
+from test_adapters import peft_merged, save_llama  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("extract")
+    return save_llama(root / "base", 1), save_llama(root / "ft", 2)
+
+
+def _check_reproduces(base: Path, ft: Path, adapter: Path, report: dict) -> None:
+    merged = peft_merged(base, adapter)
+    b, f = open_checkpoint(base), open_checkpoint(ft)
+    for t in report["tensors"]:
+        want = f.load(t["name"]) - b.load(t["name"])
+        got = merged[t["name"]] - b.load(t["name"])
+        err = (torch.linalg.norm(got - want) / torch.linalg.norm(want)).item()
+        bound = t["rel_error"] if t["kind"] == "lora" else 0.0
+        assert err <= bound * (1 + 1e-4) + 1e-5, (t["name"], err, bound)
+
+
+def test_cli_extract_rank(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, ft = pair
+    out = tmp_path / "ad"
+    res = runner.invoke(app, ["extract", "--model", str(ft), "--base", str(base), "--rank", "4", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    kinds = {t["kind"] for t in report["tensors"]}
+    assert kinds == {"lora", "full"}
+    assert all(t["rank"] == 4 for t in report["tensors"] if t["kind"] == "lora")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["rank_pattern"] == {}
+    assert "model.embed_tokens" in cfg["target_modules"] and "model.norm" in cfg["modules_to_save"]
+    _check_reproduces(base, ft, out, report)
+
+
+def test_cli_extract_energy_rank_pattern(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, ft = pair
+    out = tmp_path / "ad"
+    res = runner.invoke(app, ["extract", "--model", str(ft), "--base", str(base), "--energy", "0.6", "--out", str(out),
+                              "--json", "--no-full-tensors"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    ranks = {t["rank"] for t in report["tensors"] if t["kind"] == "lora"}
+    assert len(ranks) > 1
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] and cfg["rank_pattern"] == cfg["alpha_pattern"] and cfg["modules_to_save"] is None
+    report["tensors"] = [t for t in report["tensors"] if t["kind"] == "lora"]
+    _check_reproduces(base, ft, out, report)
+
+
+def test_cli_extract_usage_errors(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, ft = pair
+    res = runner.invoke(app, ["extract", "--model", str(ft), "--base", str(base), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "--rank" in res.output and not (tmp_path / "x").exists()
+    other = save_llama(tmp_path / "wide", 3, hidden_size=32)
+    res = runner.invoke(app, ["extract", "--model", str(other), "--base", str(base), "--rank", "2", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 4 and not (tmp_path / "x").exists()

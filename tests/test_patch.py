@@ -1,0 +1,165 @@
+"""`mlite patch` end to end: the engine's portllm step against peft's merge_and_unload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mergekit_lite.cli.main import app
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from mergekit_lite import api
+from mergekit_lite.io.checkpoint import open_checkpoint
+from mergekit_lite.methods.portllm import port
+
+pytest.importorskip("peft")
+from test_adapters import assert_state_close, peft_merged, save_llama, save_lora  # noqa: E402
+
+runner = CliRunner()
+
+
+def read_model(path: Path) -> dict[str, torch.Tensor]:
+    ck = open_checkpoint(path)
+    return {n: ck.load(n) for n in ck.names()}
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("pbases")
+    return save_llama(root / "old", 1), save_llama(root / "new", 2)
+
+
+def test_port_golden() -> None:
+    base = torch.tensor([1.0, 2.0])
+    assert torch.equal(port(base, torch.tensor([0.5, -1.0]), 2.0), torch.tensor([2.0, 0.0]))
+    assert port(base, None, 3.0) is base
+
+
+@pytest.mark.parametrize("variant", ["plain", "rslora_patterns_mts", "embedding"])
+def test_cli_patch_matches_peft(variant: str, bases: tuple[Path, Path], tmp_path: Path) -> None:
+    old, new = bases
+    kw = {
+        "plain": dict(target_modules=["q_proj", "v_proj"]),
+        "rslora_patterns_mts": dict(target_modules=["q_proj", "up_proj"], use_rslora=True, r=8, lora_alpha=4,
+                                    rank_pattern={"up_proj": 2}, modules_to_save=["lm_head"]),
+        "embedding": dict(target_modules=["embed_tokens", "o_proj"]),
+    }[variant]
+    adapter = save_lora(old, tmp_path / "lora", seed=11, **kw)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(adapter), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["patched"] == len(report["tensors"]) > 0
+    assert_state_close(read_model(out), peft_merged(new, adapter))
+    assert (out / "config.json").is_file() and (out / "mlite_patch_report.json").is_file()
+
+
+def test_bf16_patch_within_one_ulp(tmp_path: Path) -> None:
+    old = save_llama(tmp_path / "old", 1, dtype=torch.bfloat16)
+    new = save_llama(tmp_path / "new", 2, dtype=torch.bfloat16)
+    adapter = save_lora(old, tmp_path / "lora", seed=12, dtype=torch.bfloat16, target_modules=["q_proj", "down_proj"])
+    res = api.patch(new, adapter, out=tmp_path / "out")
+    assert_state_close(read_model(res.output), peft_merged(new, adapter, torch.bfloat16))
+
+
+def test_lambda_old_base_report_and_in_memory(bases: tuple[Path, Path], tmp_path: Path) -> None:
+    old, new = bases
+    adapter = save_lora(old, tmp_path / "lora", seed=13, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    res = api.patch(new, adapter, old_base=old, lam=0.5)
+    assert res.state_dict is not None and res.output is None
+    o, n = open_checkpoint(old), open_checkpoint(new)
+    saved = load_file(str(adapter / "adapter_model.safetensors"))["base_model.model.lm_head.weight"]
+    want = n.load("lm_head.weight") + 0.5 * (saved - o.load("lm_head.weight"))
+    torch.testing.assert_close(res.state_dict["lm_head.weight"], want, rtol=1e-6, atol=1e-6)
+    rows = {r.name: r for r in res.tensors}
+    assert set(rows) == {"lm_head.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"}
+    q = rows["model.layers.0.self_attn.q_proj.weight"]
+    shift = torch.linalg.norm(n.load(q.name) - o.load(q.name)).item()
+    assert q.kind == "add" and q.base_shift == pytest.approx(shift, rel=1e-5) and q.delta_norm > 0
+
+
+def test_full_finetune_delta(bases: tuple[Path, Path], tmp_path: Path) -> None:
+    old, new = bases
+    ft = save_llama(tmp_path / "ft", 3)
+    res = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(ft), "--old-base", str(old),
+                              "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    got = read_model(tmp_path / "out")
+    o, n, f = open_checkpoint(old), open_checkpoint(new), open_checkpoint(ft)
+    for name in n.names():
+        torch.testing.assert_close(got[name], n.load(name) + (f.load(name) - o.load(name)), rtol=1e-6, atol=1e-6)
+    res = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(ft), "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 2 and "--old-base" in res.output and not (tmp_path / "o2").exists()
+
+
+def test_vocab_growth_flag(bases: tuple[Path, Path], tmp_path: Path) -> None:
+    old, _ = bases
+    new = save_llama(tmp_path / "new96", 2, vocab_size=96)
+    adapter = save_lora(old, tmp_path / "lora", seed=14, target_modules=["embed_tokens", "q_proj"])
+    args = ["patch", "--base", str(new), "--delta", str(adapter), "--old-base", str(old), "--out", str(tmp_path / "o")]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 4 and "allow-vocab-growth" in res.output and not (tmp_path / "o").exists()
+    res = runner.invoke(app, [*args, "--allow-vocab-growth"])
+    assert res.exit_code == 0, res.output
+    got = read_model(tmp_path / "o")["model.embed_tokens.weight"]
+    base = open_checkpoint(new).load("model.embed_tokens.weight")
+    assert torch.equal(got[64:], base[64:]) and not torch.equal(got[:64], base[:64])
+
+
+def _fail(args: list[str], tmp_path: Path, needle: str) -> None:
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "never")])
+    assert res.exit_code == 4, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    # one line per problem (all problems are reported at once), each naming its file and tensor
+    assert lines and all(ln.startswith("error: ") for ln in lines) and needle in lines[0], res.output
+    assert not (tmp_path / "never").exists()
+    assert not [p for p in tmp_path.iterdir() if "mlite-tmp" in p.name]
+
+
+def test_errors_exit_4_nothing_written(bases: tuple[Path, Path], tmp_path: Path) -> None:
+    old, new = bases
+    adapter = save_lora(old, tmp_path / "lora", seed=15, target_modules=["q_proj"])
+    wide = save_llama(tmp_path / "wide", 4, hidden_size=32)
+    _fail(["patch", "--base", str(wide), "--delta", str(adapter)], tmp_path, "has shape")
+    dora = save_lora(old, tmp_path / "dora", seed=16, target_modules=["q_proj"], use_dora=True)
+    _fail(["patch", "--base", str(new), "--delta", str(dora)], tmp_path, "DoRA")
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    sd = load_file(str(adapter / "adapter_model.safetensors"))
+    sd["base_model.model.model.layers.0.mlp.nonexistent.lora_A.weight"] = torch.ones(4, 16)
+    sd["base_model.model.model.layers.0.mlp.nonexistent.lora_B.weight"] = torch.ones(16, 4)
+    from safetensors.torch import save_file
+
+    save_file(sd, str(stray / "adapter_model.safetensors"))
+    (stray / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    _fail(["patch", "--base", str(new), "--delta", str(stray)], tmp_path, "does not have")
+    (stray / "adapter_config.json").unlink()
+    _fail(["patch", "--base", str(new), "--delta", str(stray)], tmp_path, "adapter_config.json")
+
+
+def test_as_adapter_lora_loads_in_peft(bases: tuple[Path, Path], tmp_path: Path) -> None:
+    old, new = bases
+    adapter = save_lora(old, tmp_path / "lora", seed=17, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    res = api.patch(new, adapter, old_base=old, lam=0.7, as_adapter=True, out=tmp_path / "ad")
+    dense = api.patch(new, adapter, old_base=old, lam=0.7)
+    assert_state_close(peft_merged(new, res.output), dense.state_dict)
+
+
+def test_as_adapter_full_delta_within_reported_error(bases: tuple[Path, Path], tmp_path: Path) -> None:
+    old, new = bases
+    ft = save_llama(tmp_path / "ft", 5)
+    res = api.patch(new, ft, old_base=old, as_adapter=True, rank=4, out=tmp_path / "ad")
+    merged = peft_merged(new, res.output)
+    dense = api.patch(new, ft, old_base=old).state_dict
+    n = open_checkpoint(new)
+    for r in res.tensors:
+        want = dense[r.name] - n.load(r.name)
+        got = merged[r.name] - n.load(r.name)
+        err = (torch.linalg.norm(got - want) / torch.linalg.norm(want)).item()
+        if r.kind == "lora":
+            assert r.rank == 4 and err <= r.rel_error * (1 + 1e-4) + 1e-6, r.name
+        else:
+            assert r.kind == "full" and err < 1e-5, r.name
