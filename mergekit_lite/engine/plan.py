@@ -470,7 +470,7 @@ def estimate(plan: Plan) -> dict[str, Any]:
 
     passes = []
     for st in plan.global_steps:
-        n_passes = int(getattr(st.spec, "stats_passes", 0) or 0) or _expected_passes(st)
+        n_passes = _expected_passes(st)
         per = leaf_bytes(st.id, float_names)
         passes.append({"step": st.id, "kind": "statistics", "passes": n_passes, "bytes_read": per * n_passes})
     out_ids = _output_step_ids(plan)
@@ -501,9 +501,16 @@ def estimate(plan: Plan) -> dict[str, Any]:
 
 
 def _expected_passes(st: StepPlan) -> int:
+    """Passes the step's reducer announces (`expected_passes`), 1 when it does not say."""
+    if st.spec.reducer is None:
+        return 1
+    params = dict(st.resolver.scalar_values())
+    for p in st.spec.params:  # tensor files are loaded only at run time; reducers may not need them to count
+        if p.kind == "tensor_file":
+            params[p.name] = {}
     try:
-        reducer = st.spec.reducer(st.resolver.scalar_values(), len(st.models)) if st.spec.reducer else None
-    except Exception:
+        reducer = st.spec.reducer(params, len(st.models))
+    except Exception:  # a reducer that needs real inputs to be built cannot announce its passes
         return 1
     return int(getattr(reducer, "expected_passes", 1) or 1)
 

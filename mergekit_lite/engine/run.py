@@ -179,7 +179,7 @@ def _chunkable(plan: Plan, step_ids: list[str]) -> Callable[[str], bool]:
     return ok
 
 
-def _progress(enabled: bool, total_passes: int) -> Any:
+def _progress(enabled: bool) -> Any:
     if not enabled:
         return contextlib.nullcontext(None)
     from rich.console import Console
@@ -209,8 +209,7 @@ def execute(
     live = LiveTensors()
     result = RunResult(output=None, state_dict=None, stats=stats)
     float_names = [o.name for o in plan.outputs if o.is_float]
-    n_stat_passes = sum(int(getattr(s.spec, "stats_passes", 0) or 1) for s in plan.global_steps)
-    with _progress(progress, n_stat_passes + 1) as bar:
+    with _progress(progress) as bar:
         # 1. statistics passes of global steps, in topological order
         for st in plan.global_steps:
             assert st.spec.reducer is not None, f"method {st.spec.name} is global but has no reducer"

@@ -1,0 +1,97 @@
+"""DARE (Yu et al., ICML 2024, arXiv 2311.03099): drop random entries of each task vector, rescale.
+
+mᵢ ~ Bernoulli(density) per entry, τ̂ᵢ = mᵢ ⊙ τᵢ / density (`rescale: paper`), or rescaled so
+that ‖τ̂ᵢ‖₁ = ‖τᵢ‖₁ (`rescale: l1`, mergekit's choice), or not at all (`rescale: none`). Then
+`dare_linear` combines like task arithmetic and `dare_ties` like TIES (sign election).
+
+Reproducibility: each tensor's draws come from a generator seeded by (seed, tensor name); model
+i's mask is the i-th block of float32 uniforms drawn on the CPU (u < density), drawn for every
+model even at density 1 so that one model's density never shifts another's mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import MethodSpec, TensorJob, register
+from .sparsify import random_mask, rescale_l1
+from .task_arithmetic import (
+    DENSITY,
+    INT8_MASK,
+    LAMBDA,
+    RESCALE,
+    WEIGHT,
+    combine,
+    normalize_param,
+    per_model,
+    task_vectors,
+)
+
+
+def drop_and_rescale(job: TensorJob, taus: list[torch.Tensor], densities: tuple[float, ...]) -> list[torch.Tensor]:
+    generator = job.generator()
+    mode = str(job.params.get("rescale", "paper"))
+    out = []
+    for tau, density in zip(taus, densities, strict=True):
+        mask = random_mask(tau.shape, density, generator, tau.device)
+        if density >= 1:
+            out.append(tau)
+            continue
+        kept = tau * mask
+        if mode == "paper":
+            kept = kept / density
+        elif mode == "l1":
+            kept = rescale_l1(tau, kept)
+        out.append(kept)
+    return out
+
+
+def _merge(job: TensorJob, *, elect: bool, method: str) -> torch.Tensor:
+    taus = task_vectors(job, method)
+    n = len(taus)
+    thinned = drop_and_rescale(job, taus, per_model(job.params, "density", n))
+    mixed = combine(
+        thinned,
+        per_model(job.params, "weight", n),
+        elect=elect,
+        normalize=bool(job.params["normalize"]),
+        lam=float(job.params["lambda"]),
+    )
+    return job.base + mixed  # type: ignore[operator]
+
+
+def merge_dare_linear(job: TensorJob) -> torch.Tensor:
+    return _merge(job, elect=False, method="dare_linear")
+
+
+def merge_dare_ties(job: TensorJob) -> torch.Tensor:
+    return _merge(job, elect=True, method="dare_ties")
+
+
+PARAMS = (WEIGHT, DENSITY, LAMBDA, normalize_param(False), RESCALE, INT8_MASK)
+
+LINEAR_SPEC = register(
+    MethodSpec(
+        name="dare_linear",
+        summary="DARE: random drop (keep prob. density) and rescale, then task arithmetic.",
+        params=PARAMS,
+        merge=merge_dare_linear,
+        needs_base=True,
+        min_models=1,
+        paper="https://arxiv.org/abs/2311.03099",
+        doc="methods/dare.md",
+    )
+)
+
+TIES_SPEC = register(
+    MethodSpec(
+        name="dare_ties",
+        summary="DARE: random drop (keep prob. density) and rescale, then TIES sign election.",
+        params=PARAMS,
+        merge=merge_dare_ties,
+        needs_base=True,
+        min_models=1,
+        paper="https://arxiv.org/abs/2311.03099",
+        doc="methods/dare.md",
+    )
+)

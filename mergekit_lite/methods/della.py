@@ -1,0 +1,114 @@
+"""DELLA-Merging (Deep et al., arXiv 2406.11617): magnitude-ranked random drop, then TIES.
+
+MagPrune: within each row, entry keep probabilities rise linearly with the magnitude rank from
+density − ε (smallest) to density + ε (largest) (`sparsify.della_probabilities`); kept entries
+are rescaled by 1/pᵢ, their own keep probability (`rescale: paper`, default), or to the task
+vector's L1 norm (`rescale: l1`, what mergekit does), or not at all. Then `della` elects signs
+and takes the disjoint mean like TIES; `della_linear` adds like task arithmetic.
+Draws use the tensor's seeded CPU generator, model by model, like DARE.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import RecipeError
+from .registry import MethodSpec, Param, TensorJob, register
+from .sparsify import della_probabilities, rescale_l1, uniform_draws
+from .task_arithmetic import (
+    DENSITY,
+    INT8_MASK,
+    LAMBDA,
+    RESCALE,
+    WEIGHT,
+    combine,
+    normalize_param,
+    per_model,
+    task_vectors,
+)
+
+EPSILON = Param(
+    "epsilon",
+    "float",
+    0.15,
+    "Half-width of the keep-probability range density ± epsilon (needs 0 < density − ε, density + ε ≤ 1).",
+    per_model=True,
+    minimum=0.0,
+    maximum=0.5,
+)
+
+
+def magprune(job: TensorJob, taus: list[torch.Tensor], method: str) -> list[torch.Tensor]:
+    n = len(taus)
+    densities = per_model(job.params, "density", n)
+    epsilons = per_model(job.params, "epsilon", n)
+    mode = str(job.params.get("rescale", "paper"))
+    generator = job.generator()
+    out = []
+    for i, (tau, density, eps) in enumerate(zip(taus, densities, epsilons, strict=True)):
+        draws = uniform_draws(tau.shape, generator, tau.device)
+        if density >= 1:
+            out.append(tau)
+            continue
+        if density - eps <= 0 or density + eps > 1:
+            raise RecipeError(
+                f"{method}: model {i + 1}, tensor {job.name}: density ± epsilon must lie in (0, 1] "
+                f"(density {density:g}, epsilon {eps:g})"
+            )
+        probs = della_probabilities(tau, density, eps)
+        mask = draws < probs
+        kept = tau * mask
+        if mode == "paper":
+            kept = kept / probs.to(tau.dtype)
+        elif mode == "l1":
+            kept = rescale_l1(tau, kept)
+        out.append(kept)
+    return out
+
+
+def _merge(job: TensorJob, *, elect: bool, method: str) -> torch.Tensor:
+    taus = task_vectors(job, method)
+    thinned = magprune(job, taus, method)
+    mixed = combine(
+        thinned,
+        per_model(job.params, "weight", len(taus)),
+        elect=elect,
+        normalize=bool(job.params["normalize"]),
+        lam=float(job.params["lambda"]),
+    )
+    return job.base + mixed  # type: ignore[operator]
+
+
+def merge_della(job: TensorJob) -> torch.Tensor:
+    return _merge(job, elect=True, method="della")
+
+
+def merge_della_linear(job: TensorJob) -> torch.Tensor:
+    return _merge(job, elect=False, method="della_linear")
+
+
+SPEC = register(
+    MethodSpec(
+        name="della",
+        summary="DELLA: magnitude-rank keep probabilities density ± epsilon, rescale, TIES election.",
+        params=(WEIGHT, DENSITY, EPSILON, LAMBDA, normalize_param(True), RESCALE, INT8_MASK),
+        merge=merge_della,
+        needs_base=True,
+        min_models=1,
+        paper="https://arxiv.org/abs/2406.11617",
+        doc="methods/della.md",
+    )
+)
+
+LINEAR_SPEC = register(
+    MethodSpec(
+        name="della_linear",
+        summary="DELLA without sign election: magnitude-rank random drop, rescale, task arithmetic.",
+        params=(WEIGHT, DENSITY, EPSILON, LAMBDA, normalize_param(False), RESCALE, INT8_MASK),
+        merge=merge_della_linear,
+        needs_base=True,
+        min_models=1,
+        paper="https://arxiv.org/abs/2406.11617",
+        doc="methods/della.md",
+    )
+)

@@ -1,0 +1,84 @@
+"""exp and tanh whose float32 result for an element does not depend on its neighbours.
+
+Why this module exists: an exact streaming method (PCB global scope) computes the same
+elementwise score once over a whole model row in memory and once tensor by tensor in
+streaming passes, and promises the two give the same float32 bits. torch's CPU kernels for
+transcendental functions run a vectorised implementation over the body of a buffer and a
+scalar one over the tail (and per thread chunk), and the two may differ in the last bit; CUDA
+has its own implementation again. Where a value lands in a buffer then decides its rounding,
+which breaks bit-exactness between chunkings and devices.
+
+These functions use only IEEE-754 basic operations (+, −, ×, ÷, comparisons, bit moves), each a
+separate torch op, so every element is correctly rounded at every step on any device and any
+chunking: the result is a pure function of the element. The maths runs in float64 with a
+degree-13 Taylor polynomial after Cody–Waite range reduction (relative error ~1e-16, far below
+float32's 6e-8), then rounds once to float32. The float32 results therefore equal the correctly
+rounded exp/tanh except for arguments within ~1e-16 relative of a float32 rounding midpoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_LN2_HI = 6.93147180369123816490e-01  # ln 2 with its low 21 bits zero: k·_LN2_HI is exact
+_LN2_LO = 1.90821492927058770002e-10  # ln 2 − _LN2_HI
+_INV_LN2 = 1.44269504088896338700e00
+# 1/k! for k = 13 down to 2: expm1(r) = r·(1 + r·(1/2! + r·(1/3! + …)))
+_INV_FACT = tuple(1.0 / math.factorial(k) for k in range(13, 1, -1))
+_EXP_ARG_LIMIT = 200.0  # exp(±200) is already inf / 0 in float32; keeps 2**k a normal float64
+_TANH_ARG_LIMIT = 40.0  # tanh(20) rounds to 1.0 in float32 (and 2|y| is clamped to this)
+_CHUNK = 1 << 16  # elements per float64 block (cache-sized temporaries); never changes results
+
+
+def _expm1_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split exp(x) = 2**k · (1 + p) for float64 x in [−200, 200]; returns (k as int64, p).
+
+    For |x| ≤ ln2/2, k = 0 and r = x exactly, so p is expm1(x) with full relative accuracy even
+    for tiny x — what tanh needs to avoid cancellation in 1 − e^{−2|y|}.
+    """
+    k = torch.round(x * _INV_LN2)
+    r = (x - k * _LN2_HI) - k * _LN2_LO  # x − k·_LN2_HI is exact (Sterbenz)
+    h = r * _INV_FACT[0]
+    for c in _INV_FACT[1:]:
+        h.add_(c).mul_(r)  # in place: still one correctly rounded op at a time
+    h.add_(1.0).mul_(r)
+    return k.to(torch.int64), h
+
+
+def _pow2(k: torch.Tensor) -> torch.Tensor:
+    """2**k as float64 for integer k in the normal range, built from the exponent bits."""
+    return ((k + 1023) << 52).view(torch.float64)
+
+
+def _exp64(x: torch.Tensor) -> torch.Tensor:
+    k, p = _expm1_parts(x.clamp(-_EXP_ARG_LIMIT, _EXP_ARG_LIMIT))
+    return _pow2(k) * (1.0 + p)
+
+
+def _tanh64(y: torch.Tensor) -> torch.Tensor:
+    a = (y.abs() * 2.0).clamp(max=_TANH_ARG_LIMIT)
+    k, p = _expm1_parts(-a)
+    q = torch.where(k == 0, p, _pow2(k) * (1.0 + p) - 1.0)  # q = e^{−2|y|} − 1 ∈ (−1, 0]
+    return torch.copysign(-q / (2.0 + q), y)
+
+
+def _blockwise(fn, x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        block = flat[start : start + _CHUNK].to(torch.float64)
+        res = fn(block)
+        out[start : start + _CHUNK] = torch.where(torch.isnan(block), block, res).to(torch.float32)
+    return out.view(x.shape)
+
+
+def exp_f32(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) rounded to float32, the same bits for an element whatever the chunking or device."""
+    return _blockwise(_exp64, x)
+
+
+def tanh_f32(x: torch.Tensor) -> torch.Tensor:
+    """tanh(x) rounded to float32, the same bits for an element whatever the chunking or device."""
+    return _blockwise(_tanh64, x)

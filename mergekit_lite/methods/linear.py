@@ -1,0 +1,49 @@
+"""Linear merge (weighted average of the models, "model soups").
+
+θ = Σ wᵢθᵢ / Σ wᵢ, or Σ wᵢθᵢ with `normalize: false`. The base, if the step names one, is not
+used: a linear merge averages parameters, not task vectors (list the base among the models to
+include it, as in mergekit).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import RecipeError
+from .registry import MethodSpec, Param, TensorJob, register
+from .task_arithmetic import WEIGHT, check_shapes, normalize_param, per_model
+
+
+def merge_linear(job: TensorJob) -> torch.Tensor:
+    models = job.models
+    check_shapes(job, models, models[0])
+    weights = per_model(job.params, "weight", len(models))
+    out = torch.zeros_like(models[0])
+    for m, w in zip(models, weights, strict=True):
+        out += m * w
+    if job.params["normalize"]:
+        total = float(sum(weights))
+        if total == 0:
+            raise RecipeError(
+                f"linear: the weights sum to 0 for tensor {job.name}; "
+                "a weighted average is undefined (set normalize: false or change the weights)"
+            )
+        out /= total
+    return out
+
+
+PARAMS: tuple[Param, ...] = (WEIGHT, normalize_param(True))
+
+SPEC = register(
+    MethodSpec(
+        name="linear",
+        summary="Weighted average Σ wᵢθᵢ / Σ wᵢ of the models (no base needed).",
+        params=PARAMS,
+        merge=merge_linear,
+        needs_base=False,
+        min_models=1,
+        paper="https://arxiv.org/abs/2203.05482",
+        doc="methods/linear.md",
+        elementwise=lambda params: True,
+    )
+)

@@ -1,0 +1,77 @@
+"""Model Stock (Jang et al., ECCV 2024, arXiv 2403.19522): interpolate the average toward the base.
+
+Per tensor, with τᵢ = θᵢ − θ₀ flattened: cos = mean over pairs i<j of cos(τᵢ, τⱼ) (norm product
+clamped at 1e-6, cos clamped to [−1, 1], as mergekit), t = N·cos / (1 + (N−1)·cos),
+θ = t·mean(θᵢ) + (1 − t)·θ₀. `filter_wise: true` computes cos and t per row instead (mergekit's
+option; 1-D tensors are one row). Needs at least two fine-tuned models.
+
+Degenerate case: 1 + (N−1)·cos ≥ 0 always (pairwise cosines of N vectors average ≥ −1/(N−1)),
+with equality only when the directions cancel out; below 1e-6 we take t = 0 (the base) instead
+of dividing by zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import RecipeError
+from .registry import MethodSpec, Param, TensorJob, register
+from .task_arithmetic import task_vectors
+
+NORM_PRODUCT_MIN = 1e-6
+DENOMINATOR_MIN = 1e-6
+
+FILTER_WISE = Param(
+    "filter_wise", "bool", False, "Compute the interpolation ratio per row (output filter) instead of per tensor."
+)
+
+
+def _rows(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:
+    if not filter_wise:
+        return x.reshape(1, -1)
+    return x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)
+
+
+def mean_pairwise_cos(taus: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over pairs of row-wise cosines; rows are the last dim of each [rows, cols] input."""
+    cosines = []
+    for i in range(len(taus)):
+        for j in range(i + 1, len(taus)):
+            norms = (taus[i].norm(dim=-1) * taus[j].norm(dim=-1)).clamp(min=NORM_PRODUCT_MIN)
+            cosines.append(((taus[i] * taus[j]).sum(dim=-1) / norms).clamp(-1, 1))
+    return torch.stack(cosines).mean(dim=0)
+
+
+def stock_ratio(cos: torch.Tensor, n: int) -> torch.Tensor:
+    denominator = 1 + (n - 1) * cos
+    safe = denominator.abs() >= DENOMINATOR_MIN
+    return torch.where(safe, n * cos / torch.where(safe, denominator, 1.0), 0.0)
+
+
+def merge_model_stock(job: TensorJob) -> torch.Tensor:
+    taus = task_vectors(job, "model_stock")
+    if len(taus) < 2:
+        raise RecipeError(f"model_stock: needs at least two fine-tuned models, got {len(taus)}")
+    filter_wise = bool(job.params.get("filter_wise", False))
+    rows = [_rows(t, filter_wise) for t in taus]
+    t = stock_ratio(mean_pairwise_cos(rows), len(taus)).unsqueeze(-1)  # [rows, 1]
+    base = _rows(job.base, filter_wise)  # type: ignore[arg-type]
+    mean = torch.zeros_like(base)
+    for m in job.models:
+        mean += _rows(m, filter_wise)
+    mean /= len(job.models)
+    return (t * mean + (1 - t) * base).reshape(job.base.shape)  # type: ignore[union-attr]
+
+
+SPEC = register(
+    MethodSpec(
+        name="model_stock",
+        summary="Model Stock: average the models, then pull toward the base by their task-vector angle.",
+        params=(FILTER_WISE,),
+        merge=merge_model_stock,
+        needs_base=True,
+        min_models=2,
+        paper="https://arxiv.org/abs/2403.19522",
+        doc="methods/model_stock.md",
+    )
+)

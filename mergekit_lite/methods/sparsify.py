@@ -1,0 +1,151 @@
+"""Shared pieces of the task-vector methods: sparsification masks, rescaling, sign election.
+
+TIES, DARE, breadcrumbs, DELLA (and PCB) differ only in how they thin each task vector and how
+they combine the survivors; the pieces live here once so that every method resolves ties in
+magnitudes, rounds keep-counts and rescales in exactly the same, documented way.
+
+Conventions shared by every mask below:
+- Keep-counts round down like mergekit and the TIES code: k = int(density · numel), with the
+  product taken in float64 (Python floats). density ≥ 1 keeps everything; k = 0 keeps nothing.
+- Ties in magnitude never depend on memory order: a cut is a magnitude threshold, and entries
+  equal to the threshold are kept. With no tie at the cut exactly k entries survive; with a tie
+  every tied entry survives (so slightly more than k).
+- Selection uses `kthvalue` (linear time), never a full sort.
+- Random draws come from the CPU generator the job provides and are moved to the tensor's
+  device afterwards, so a seed gives the same mask on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+L1_EPS = 1e-7  # mergekit's tolerance below which an L1 rescale is skipped
+
+
+def keep_count(density: float, numel: int) -> int:
+    """How many entries a `density` keeps out of `numel` (floor, as mergekit's int(density*n))."""
+    if density >= 1:
+        return numel
+    return max(0, int(float(density) * numel))
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry (1-based) of a flattened tensor, by linear-time selection."""
+    flat = values.reshape(-1)
+    return torch.kthvalue(flat, flat.numel() - k + 1).values
+
+
+def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest entry (1-based) of a flattened tensor."""
+    return torch.kthvalue(values.reshape(-1), k).values
+
+
+def magnitude_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES trim: keep the top int(density·n) entries by |τ|; ties at the cut are all kept.
+
+    Kept ⇔ |τ| ≥ v_k, v_k the k-th largest |τ|.
+    """
+    n = tau.numel()
+    k = keep_count(density, n)
+    if k >= n:
+        return torch.ones_like(tau, dtype=torch.bool)
+    if k == 0:
+        return torch.zeros_like(tau, dtype=torch.bool)
+    magnitude = tau.abs()
+    return magnitude >= kth_largest(magnitude, k)
+
+
+def threshold_mask(tau: torch.Tensor, threshold: float | torch.Tensor, k: int, total: int) -> torch.Tensor:
+    """The TIES trim with a threshold computed elsewhere (global scope: over the whole model)."""
+    if k >= total:
+        return torch.ones_like(tau, dtype=torch.bool)
+    if k == 0:
+        return torch.zeros_like(tau, dtype=torch.bool)
+    return tau.abs() >= threshold
+
+
+def outlier_counts(density: float, gamma: float, numel: int) -> tuple[int, int]:
+    """Breadcrumbs' (n_bottom, n_top) drop counts, exactly as mergekit's magnitude_outliers.
+
+    target = int(density·n), n_top = int(gamma·n), n_bottom = n − target − n_top; when that is
+    negative the top cut shrinks so that `target` entries remain.
+    """
+    target = keep_count(density, numel)
+    n_top = 0 if density >= 1 else int(float(gamma) * numel)
+    n_bottom = numel - target - n_top
+    if n_bottom < 0:
+        n_top += n_bottom
+        n_bottom = 0
+    return n_bottom, n_top
+
+
+def outlier_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs: drop the n_top largest |τ| (outliers) and the n_bottom smallest.
+
+    In sorted-ascending order a₀ ≤ … ≤ a_{n−1} of |τ|, kept ⇔ a_{n_bottom} ≤ |τ| ≤ a_{n−n_top−1}:
+    a closed magnitude interval, so ties at either cut are kept.
+    """
+    n = tau.numel()
+    n_bottom, n_top = outlier_counts(density, gamma, n)
+    if n_bottom + n_top >= n:
+        return torch.zeros_like(tau, dtype=torch.bool)
+    if n_bottom == 0 and n_top == 0:
+        return torch.ones_like(tau, dtype=torch.bool)
+    magnitude = tau.abs()
+    keep = torch.ones_like(tau, dtype=torch.bool)
+    if n_bottom > 0:
+        keep &= magnitude >= kth_smallest(magnitude, n_bottom + 1)
+    if n_top > 0:
+        keep &= magnitude <= kth_smallest(magnitude, n - n_top)
+    return keep
+
+
+def uniform_draws(shape: torch.Size | tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """float32 U[0,1) draws made on the CPU generator, then moved (device-independent results)."""
+    return torch.rand(tuple(shape), generator=generator, dtype=torch.float32).to(device)
+
+
+def random_mask(
+    shape: torch.Size | tuple[int, ...], density: float, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """DARE: keep each entry independently with probability `density` (u < density)."""
+    return uniform_draws(shape, generator, device) < density
+
+
+def della_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA keep probabilities: linear in the |τ| rank within each row, density−ε … density+ε.
+
+    Rows: a 1-D tensor is one row; an N-D tensor is reshaped to [shape[0], −1]. The smallest
+    magnitude of a row gets density−ε, the largest density+ε, rank r of n gets
+    density − ε + 2ε·r/(n−1). Equal magnitudes are ranked by position (stable sort). A row of
+    one entry gets density. Returned in float32 so masks do not depend on the compute dtype.
+    """
+    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
+    n = rows.shape[1]
+    if n <= 1:
+        return torch.full(tau.shape, float(density), dtype=torch.float32, device=tau.device)
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    positions = torch.arange(n, device=tau.device).expand_as(order)
+    ranks.scatter_(1, order, positions)
+    fraction = ranks.to(torch.float32) / float(n - 1)
+    probs = (float(density) - float(epsilon)) + fraction * (2.0 * float(epsilon))
+    return probs.reshape(tau.shape)
+
+
+def rescale_l1(original: torch.Tensor, masked: torch.Tensor, eps: float = L1_EPS) -> torch.Tensor:
+    """mergekit's rescale: scale `masked` so its L1 norm equals that of `original`.
+
+    Skipped (masked returned as is) when either norm is below `eps`, as mergekit does; this is
+    also what keeps all-zero task vectors free of 0/0.
+    """
+    before = original.abs().sum()
+    after = masked.abs().sum()
+    if float(before) < eps or float(after) < eps:
+        return masked
+    return masked * (before / after)
+
+
+def elect_signs(weighted_sum: torch.Tensor) -> torch.Tensor:
+    """TIES sign election from Σ wᵢτ̂ᵢ: +1 where the sum is ≥ 0, −1 elsewhere (a zero sum elects +)."""
+    return torch.where(weighted_sum >= 0, 1.0, -1.0).to(weighted_sum.dtype)

@@ -1,0 +1,155 @@
+"""Task arithmetic (Ilharco et al., arXiv 2212.04089) and the combination step it shares.
+
+θ = θ₀ + λ Σ wᵢ τᵢ. Every sparsifying method (TIES, DARE, breadcrumbs, DELLA) is "thin each τᵢ,
+then combine like task arithmetic, optionally with TIES' sign election", so the combination and
+the common parameters live here once. The combination follows mergekit's generalized task
+arithmetic exactly: weight, optionally elect signs on the weighted deltas, optionally divide by
+the weights that contributed, then multiply by λ (after normalising).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, RecipeError
+from .registry import MethodSpec, Param, TensorJob, register
+
+# Below this |Σ w| a plain (non-elected) normalisation divides by 1 instead, as mergekit does.
+WEIGHT_SUM_EPS = 1e-8
+
+WEIGHT = Param(
+    "weight", "float", 1.0, "Weight of this model's task vector (negative = subtract it).", per_model=True
+)
+DENSITY = Param(
+    "density",
+    "float",
+    1.0,
+    "Fraction of each task vector's entries kept (1 = keep all).",
+    per_model=True,
+    minimum=0.0,
+    min_exclusive=True,
+    maximum=1.0,
+)
+LAMBDA = Param("lambda", "float", 1.0, "Scale of the merged task vector, applied after normalising.")
+INT8_MASK = Param(
+    "int8_mask",
+    "bool",
+    False,
+    "Accepted for mergekit recipes and ignored: in mergekit it only saves memory, the output is identical.",
+)
+RESCALE = Param(
+    "rescale",
+    "str",
+    "paper",
+    "How kept entries are rescaled: paper = divide by the keep probability, "
+    "l1 = match the task vector's L1 norm (mergekit), none = no rescaling.",
+    choices=("paper", "l1", "none"),
+)
+
+
+def normalize_param(default: bool) -> Param:
+    return Param(
+        "normalize",
+        "bool",
+        default,
+        "Divide the merged task vector by the sum of the weights of the models that contributed.",
+    )
+
+
+def per_model(params: Mapping[str, Any], name: str, n: int) -> tuple[float, ...]:
+    """A per-model parameter as n floats (the engine passes tuples; a scalar is broadcast)."""
+    value = params[name]
+    if isinstance(value, (int, float)):
+        return (float(value),) * n
+    values = tuple(float(v) for v in value)
+    if len(values) != n:
+        raise RecipeError(f"parameter {name!r}: {len(values)} values for {n} models")
+    return values
+
+
+def require_base(job: TensorJob, method: str) -> torch.Tensor:
+    if job.base is None:
+        raise RecipeError(f"{method}: a base model is required (tensor {job.name})")
+    return job.base
+
+
+def check_shapes(job: TensorJob, tensors: Sequence[torch.Tensor], reference: torch.Tensor) -> None:
+    for i, t in enumerate(tensors):
+        if t.shape != reference.shape:
+            raise CheckpointError(
+                f"tensor {job.name}: model {i + 1} has shape {tuple(t.shape)}, "
+                f"expected {tuple(reference.shape)}"
+            )
+
+
+def task_vectors(job: TensorJob, method: str) -> list[torch.Tensor]:
+    """τᵢ = θᵢ − θ₀ for every model (shapes checked)."""
+    base = require_base(job, method)
+    check_shapes(job, job.models, base)
+    return [m - base for m in job.models]
+
+
+def combine(
+    deltas: Sequence[torch.Tensor], weights: Sequence[float], *, elect: bool, normalize: bool, lam: float
+) -> torch.Tensor:
+    """λ · combine(wᵢ τ̂ᵢ): the shared final step of every task-vector method.
+
+    Without election: Σ wᵢτ̂ᵢ, divided by Σ wᵢ when normalising (by 1 if |Σ wᵢ| < 1e-8).
+    With election (TIES): γ = sign(Σ wᵢτ̂ᵢ) (0 elects +); only entries whose weighted value
+    wᵢτ̂ᵢ has sign γ count (zeros never do); normalising divides each entry by the sum of the
+    weights that counted there (by 1 where none did, so dropped entries stay at the base).
+    Works in the deltas' dtype, accumulating model by model (no n-fold stack).
+    """
+    ref = deltas[0]
+    mixed = torch.zeros_like(ref)
+    if elect:
+        for d, w in zip(deltas, weights, strict=True):
+            mixed.add_(d, alpha=w)
+        positive = mixed >= 0
+        mixed.zero_()
+        divisor = torch.zeros_like(ref) if normalize else None
+        for d, w in zip(deltas, weights, strict=True):
+            weighted = d * w
+            agree = torch.where(positive, weighted > 0, weighted < 0)
+            mixed.add_(weighted.masked_fill_(~agree, 0))
+            if divisor is not None:
+                divisor.add_(agree.to(ref.dtype), alpha=w)
+        if divisor is not None:
+            divisor.masked_fill_(divisor == 0, 1)
+            mixed /= divisor
+    else:
+        for d, w in zip(deltas, weights, strict=True):
+            mixed.add_(d, alpha=w)
+        if normalize:
+            s = float(sum(weights))
+            mixed /= 1.0 if abs(s) < WEIGHT_SUM_EPS else s
+    if lam != 1:
+        mixed *= lam
+    return mixed
+
+
+def merge_task_arithmetic(job: TensorJob) -> torch.Tensor:
+    taus = task_vectors(job, "task_arithmetic")
+    weights = per_model(job.params, "weight", len(taus))
+    mixed = combine(
+        taus, weights, elect=False, normalize=bool(job.params["normalize"]), lam=float(job.params["lambda"])
+    )
+    return job.base + mixed  # type: ignore[operator]
+
+
+SPEC = register(
+    MethodSpec(
+        name="task_arithmetic",
+        summary="θ₀ + λ Σ wᵢ(θᵢ − θ₀): add (or, with negative weights, subtract) task vectors.",
+        params=(WEIGHT, LAMBDA, normalize_param(False), INT8_MASK),
+        merge=merge_task_arithmetic,
+        needs_base=True,
+        min_models=1,
+        paper="https://arxiv.org/abs/2212.04089",
+        doc="methods/task_arithmetic.md",
+        elementwise=lambda params: True,
+    )
+)

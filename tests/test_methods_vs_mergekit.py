@@ -1,0 +1,263 @@
+"""The exact relation of our baselines to mergekit's definitions.
+
+Each `mk_*` function below is an independent re-statement of mergekit's formula (arcee-ai/mergekit:
+merge_methods/linear.py, generalized_task_arithmetic.py, sparsify.py, model_stock.py, slerp.py,
+as read for this project), written from the maths, not copied. Each test asserts equality, or
+pins down the documented difference:
+
+- magnitude top-k (ties): mergekit keeps exactly k = int(density·n) entries, breaking ties in
+  magnitude by an unspecified sort order; we keep every entry tied with the k-th largest.
+  Identical whenever the k-th and (k+1)-th largest magnitudes differ.
+- DARE/DELLA: mergekit draws masks from torch's global RNG; we draw from a per-tensor seeded
+  generator. Given the same mask, `rescale: l1` is mergekit's rescale exactly. Our default
+  `rescale: paper` divides by the keep probability instead.
+- breadcrumbs: identical when int(gamma·n) ≥ 1 and no ties at the cuts; when int(gamma·n) = 0
+  mergekit's slice `[n_bottom:-0]` is empty and it drops the whole task vector, we keep the top
+  `density` (the evident intent).
+- DELLA: probabilities identical (mergekit ranks along dim 1; for 1-D/2-D tensors that is our row).
+- slerp, model_stock, linear, task_arithmetic, TIES combination (election on weighted deltas,
+  divisor = weights of agreeing models, λ after normalising): identical formulas.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from mergekit_lite.methods.registry import TensorJob, get_method
+from mergekit_lite.methods.sparsify import della_probabilities, outlier_mask
+
+
+def make_job(method: str, base: torch.Tensor | None, models: list[torch.Tensor], seed: int = 0, **params: Any) -> TensorJob:
+    spec = get_method(method)
+    resolved = spec.defaults()  # type: ignore[union-attr]
+    resolved.update(params)
+    for p in spec.params:  # type: ignore[union-attr]
+        if p.per_model and not isinstance(resolved[p.name], tuple):
+            resolved[p.name] = (resolved[p.name],) * len(models)
+    return TensorJob(name="model.layers.0.mlp.up_proj.weight", base=base, models=models, params=resolved, seed=seed)
+
+
+def ours(method: str, base: torch.Tensor | None, models: list[torch.Tensor], **params: Any) -> torch.Tensor:
+    return get_method(method).merge(make_job(method, base, models, **params))  # type: ignore[union-attr]
+
+
+def draws(n_models: int, shape: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
+    g = make_job("dare_linear", None, [], seed=seed).generator()
+    return [torch.rand(shape, generator=g) for _ in range(n_models)]
+
+
+# ------------------------------------------------------------ mergekit's formulas, re-stated
+
+
+def mk_linear(tensors: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+    w = torch.tensor(weights).view(-1, *([1] * tensors[0].dim()))
+    res = (torch.stack(tensors) * w).sum(0)
+    return res / w.sum(0) if normalize else res
+
+
+def mk_rescaled(tensor: torch.Tensor, mask: torch.Tensor, l1: bool) -> torch.Tensor:
+    masked = tensor * mask
+    if not l1:
+        return masked
+    before, after = tensor.abs().sum(), masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
+
+
+def mk_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    if density >= 1:
+        return tensor
+    k = int(density * tensor.numel())
+    mask = torch.zeros(tensor.numel())
+    mask[torch.argsort(tensor.abs().reshape(-1), descending=True)[:k]] = 1
+    return tensor * mask.view(tensor.shape)
+
+
+def mk_magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    if density >= 1:
+        return tensor
+    n = tensor.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_top, n_bot = n_top + n_bot, 0
+    order = torch.sort(tensor.abs().reshape(-1)).indices
+    mask = torch.zeros(n)
+    mask[order[n_bot:-n_top]] = 1  # note: empty when n_top == 0
+    return tensor * mask.view(tensor.shape)
+
+
+def mk_della_probs(tensor: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    t = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
+    ranks = torch.argsort(torch.argsort(t.abs(), dim=1), dim=1).float() + 1
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
+    return ((density - epsilon) + norm * 2 * epsilon).reshape(tensor.shape)
+
+
+def mk_gta(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], *, consensus: bool,
+           normalize: bool, lam: float) -> torch.Tensor:
+    d = torch.stack(deltas)
+    w = torch.tensor(weights).view(-1, *([1] * base.dim()))
+    wd = d * w
+    if consensus:
+        majority = (wd.sum(0) >= 0).float() * 2 - 1
+        mask = (wd.sign() == majority).float()
+        mixed = (wd * mask).sum(0)
+        divisor = (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = wd.sum(0)
+        divisor = w.sum(0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed = mixed / divisor
+    if lam != 1:
+        mixed = mixed * lam
+    return base + mixed
+
+
+def mk_model_stock(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
+    w0 = base.reshape(-1)
+    offsets = [m.reshape(-1) - w0 for m in models]
+    cos = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            norms = offsets[i].norm() * offsets[j].norm()
+            cos.append(((offsets[i] * offsets[j]).sum() / norms.clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean()
+    n = len(models)
+    t = n * c / (1 + (n - 1) * c)
+    return (t * sum(m.reshape(-1) for m in models) / n + (1 - t) * w0).reshape(base.shape)
+
+
+def mk_slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    def unit(v: torch.Tensor) -> torch.Tensor:
+        n = v.norm()
+        return v / n if n > 1e-8 else v
+
+    dot = float((unit(v0) * unit(v1)).sum())
+    if abs(dot) > 0.9995:
+        return (1 - t) * v0 + t * v1
+    theta = math.acos(dot)
+    return math.sin(theta * (1 - t)) / math.sin(theta) * v0 + math.sin(theta * t) / math.sin(theta) * v1
+
+
+# ------------------------------------------------------------ fixtures
+
+
+def distinct_magnitudes(rng: torch.Generator, n: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Base and models whose task vectors have pairwise-distinct magnitudes (no ties anywhere)."""
+    numel = math.prod(shape)
+    base = torch.randn(shape, generator=rng)
+    models = []
+    for _ in range(n):
+        mags = (torch.randperm(numel, generator=rng).float() + 1) / numel
+        signs = torch.where(torch.rand(numel, generator=rng) < 0.5, -1.0, 1.0)
+        models.append(base + (mags * signs).view(shape))
+    return base, models
+
+
+# ------------------------------------------------------------ tests
+
+
+def test_linear_is_mergekit_linear(rng: torch.Generator) -> None:
+    models = [torch.randn(4, 6, generator=rng) for _ in range(3)]
+    for normalize in (True, False):
+        torch.testing.assert_close(ours("linear", None, models, weight=(0.2, 0.5, 1.3), normalize=normalize),
+                                   mk_linear(models, [0.2, 0.5, 1.3], normalize))
+
+
+def test_task_arithmetic_is_mergekit_task_arithmetic(rng: torch.Generator) -> None:
+    base, models = distinct_magnitudes(rng, 3, (5, 7))
+    deltas = [m - base for m in models]
+    for normalize in (False, True):
+        got = ours("task_arithmetic", base, models, weight=(1.0, -0.5, 0.25), normalize=normalize, **{"lambda": 0.8})
+        torch.testing.assert_close(got, mk_gta(base, deltas, [1.0, -0.5, 0.25], consensus=False,
+                                               normalize=normalize, lam=0.8))
+
+
+def test_ties_tensor_scope_is_mergekit_ties_without_ties_in_magnitude(rng: torch.Generator) -> None:
+    base, models = distinct_magnitudes(rng, 3, (6, 8))
+    densities, weights = [0.3, 0.5, 0.75], [1.0, 0.6, 1.4]
+    for normalize in (True, False):
+        got = ours("ties", base, models, density=tuple(densities), weight=tuple(weights),
+                   normalize=normalize, **{"lambda": 1.5})
+        trimmed = [mk_magnitude(m - base, d) for m, d in zip(models, densities, strict=True)]
+        torch.testing.assert_close(got, mk_gta(base, trimmed, weights, consensus=True, normalize=normalize, lam=1.5))
+
+
+def test_ties_magnitude_ties_differ_from_mergekit_only_by_extra_tied_entries() -> None:
+    tau = torch.tensor([2.0, -2.0, 2.0, 1.0, 0.5, 3.0])  # density 0.5 → k = 3; the 3rd largest is tied 3 ways
+    mk = mk_magnitude(tau, 0.5)
+    got = ours("ties", torch.zeros(6), [tau], density=(0.5,))
+    assert int((mk != 0).sum()) == 3  # mergekit: exactly k, which of the tied ones is arbitrary
+    assert got.tolist() == [2.0, -2.0, 2.0, 0.0, 0.0, 3.0]  # we: all tied entries
+    assert torch.all((mk == 0) | (mk == got))  # every entry mergekit keeps we keep too
+
+
+def test_dare_l1_is_mergekit_dare_given_the_same_mask(rng: torch.Generator) -> None:
+    base, models = distinct_magnitudes(rng, 2, (4, 9))
+    masks = [u < d for u, d in zip(draws(2, (4, 9), seed=9), (0.3, 0.6), strict=True)]
+    deltas = [mk_rescaled(m - base, k, l1=True) for m, k in zip(models, masks, strict=True)]
+    for method, consensus in (("dare_linear", False), ("dare_ties", True)):
+        got = ours(method, base, models, density=(0.3, 0.6), weight=(0.7, 1.1), rescale="l1", seed=9)
+        torch.testing.assert_close(got, mk_gta(base, deltas, [0.7, 1.1], consensus=consensus, normalize=False, lam=1.0))
+    # our default (the paper) divides the kept entries by density instead
+    paper = [(m - base) * k / d for m, k, d in zip(models, masks, (0.3, 0.6), strict=True)]
+    got = ours("dare_linear", base, models, density=(0.3, 0.6), weight=(0.7, 1.1), seed=9)
+    torch.testing.assert_close(got, mk_gta(base, paper, [0.7, 1.1], consensus=False, normalize=False, lam=1.0))
+
+
+def test_breadcrumbs_is_mergekit_breadcrumbs_when_gamma_cuts_something(rng: torch.Generator) -> None:
+    base, models = distinct_magnitudes(rng, 2, (10, 10))
+    for density, gamma in ((0.5, 0.01), (0.9, 0.05), (0.3, 0.2), (0.5, 0.6)):
+        got = ours("breadcrumbs", base, models, density=(density,) * 2, gamma=(gamma,) * 2, weight=(1.0, 0.5))
+        crumbs = [mk_magnitude_outliers(m - base, density, gamma) for m in models]
+        torch.testing.assert_close(got, mk_gta(base, crumbs, [1.0, 0.5], consensus=False, normalize=False, lam=1.0))
+
+
+def test_breadcrumbs_gamma_below_one_entry_differs_from_mergekit() -> None:
+    tau = torch.tensor([0.1, -5.0, 2.0, -3.0, 0.5, 1.0, 4.0, -0.2, 0.3, 6.0])
+    assert torch.count_nonzero(mk_magnitude_outliers(tau, 0.5, 0.05)) == 0  # mergekit drops everything
+    assert torch.equal(outlier_mask(tau, 0.5, 0.05), tau.abs() >= 2.0)  # we keep the top half
+
+
+def test_della_probabilities_are_mergekit_della(rng: torch.Generator) -> None:
+    for shape in ((12,), (5, 8)):
+        _, (model,) = distinct_magnitudes(rng, 1, shape)
+        torch.testing.assert_close(della_probabilities(model, 0.4, 0.15), mk_della_probs(model, 0.4, 0.15))
+
+
+def test_della_l1_is_mergekit_della_given_the_same_mask(rng: torch.Generator) -> None:
+    base, models = distinct_magnitudes(rng, 2, (6, 5))
+    u = draws(2, (6, 5), seed=4)
+    deltas = []
+    for m, ui in zip(models, u, strict=True):
+        mask = ui < mk_della_probs(m - base, 0.5, 0.2)
+        deltas.append(mk_rescaled(m - base, mask, l1=True))
+    for method, consensus, normalize in (("della", True, True), ("della_linear", False, False)):
+        got = ours(method, base, models, density=(0.5, 0.5), epsilon=(0.2, 0.2), weight=(1.0, 0.3),
+                   rescale="l1", seed=4, **{"lambda": 1.2})
+        expected = mk_gta(base, deltas, [1.0, 0.3], consensus=consensus, normalize=normalize, lam=1.2)
+        torch.testing.assert_close(got, expected)
+
+
+def test_model_stock_is_mergekit_model_stock(rng: torch.Generator) -> None:
+    base = torch.randn(8, 16, generator=rng)
+    for n in (2, 3, 5):
+        models = [base + 0.1 * torch.randn(8, 16, generator=rng) + 0.05 for _ in range(n)]
+        torch.testing.assert_close(ours("model_stock", base, models), mk_model_stock(base, models))
+
+
+def test_slerp_is_mergekit_slerp(rng: torch.Generator) -> None:
+    a, b = torch.randn(32, generator=rng), torch.randn(32, generator=rng)
+    for t in (0.0, 0.3, 0.5, 1.0):
+        torch.testing.assert_close(ours("slerp", a, [b], t=t), mk_slerp(t, a, b))  # base → model
+        torch.testing.assert_close(ours("slerp", None, [a, b], t=t), mk_slerp(t, a, b))
+    near = a + 1e-3 * b  # colinear branch: lerp
+    torch.testing.assert_close(ours("slerp", a, [near], t=0.4), mk_slerp(0.4, a, near))
