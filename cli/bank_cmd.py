@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from mergekit_lite.workflows.mos import bank_add, bank_export, bank_list
+from mergekit_lite import api
 
 from .common import guarded, out
 
@@ -26,7 +26,7 @@ def add_cmd(
     scale: float | None = typer.Option(None, "--scale", help="Record the adapters' output scale (e.g. 0.1)."),
 ) -> None:
     """Append an adapter to a bank as a new task (tasks keep the order they were added in)."""
-    b = bank_add(bank, task, source, scale=scale)
+    b = api.bank_add(bank, task, source, scale=scale)
     m = b.members[task]
     out.print(f"added task {task!r} ({m.kind}, {len(m.tensors)} tensors) to {bank}: {len(b.tasks)} tasks")
 
@@ -38,7 +38,7 @@ def list_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Show the tasks of a bank, in order, and how it was merged."""
-    info = bank_list(bank)
+    info = api.bank_list(bank)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -68,7 +68,7 @@ def export_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ) -> None:
     """Write one task's adapter back out: a PEFT adapter dir, or a safetensors file."""
-    path = bank_export(bank, task, out_path, force=force)
+    path = api.bank_export(bank, task, out_path, force=force)
     out.print(f"exported task {task!r} to {path}", highlight=False)
 
 

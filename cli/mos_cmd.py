@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from mergekit_lite.workflows.mos import mos_merge
+from mergekit_lite import api
 
 from .common import guarded, out
 
@@ -25,7 +25,7 @@ def merge_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ) -> None:
     """Merge every task's adapter with the earlier tasks' (A'ₜ = (1 − m)·Aₜ + m·mean(earlier))."""
-    path = mos_merge(bank, momentum=momentum, mode=mode, space=space, rank=rank, out=out_path, force=force)
+    path = api.mos_merge(bank, momentum=momentum, mode=mode, space=space, rank=rank, out=out_path, force=force)
     out.print(f"wrote {path}: momentum={momentum} mode={mode} space={space}", highlight=False)
 
 

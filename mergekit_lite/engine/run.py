@@ -149,9 +149,8 @@ def _loader(plan: Plan, ck_keys: set[str], delta_keys: set[str], copy_keys: set[
     return load
 
 
-def _chunkable(plan: Plan, step_ids: list[str]) -> Callable[[str], bool]:
-    """Whether every step feeding these outputs may process a tensor in row blocks."""
-    closure: list[StepPlan] = []
+def _closure(plan: Plan, step_ids: list[str]) -> list[StepPlan]:
+    """Every step the given steps depend on (themselves included), in topological order."""
     seen: set[str] = set()
 
     def visit(sid: str) -> None:
@@ -159,7 +158,6 @@ def _chunkable(plan: Plan, step_ids: list[str]) -> Callable[[str], bool]:
             return
         seen.add(sid)
         st = plan.steps[sid]
-        closure.append(st)
         for op in [st.base, *st.models]:
             while isinstance(op, Patched):
                 op = op.base
@@ -168,15 +166,35 @@ def _chunkable(plan: Plan, step_ids: list[str]) -> Callable[[str], bool]:
 
     for sid in step_ids:
         visit(sid)
+    return [st for st in plan.steps.values() if st.id in seen]
+
+
+def _block_mode(plan: Plan, step_ids: list[str], *, local_stats: bool) -> Callable[[str], str]:
+    """How a tensor may be streamed: "whole", in row "blocks", or in blocks after "local" stats.
+
+    Row blocks need every step of the chain to be elementwise for that tensor's parameters.
+    With `local_stats`, a step that is not elementwise but offers a `tensor_reducer` (TIES'
+    per-tensor top-k) is also fine: its statistics are first gathered over the tensor's blocks.
+    """
+    closure = _closure(plan, step_ids)
     uses_delta = any(plan.leaves_of(sid)[1] for sid in step_ids)
     float_names = {o.name for o in plan.outputs if o.is_float}
 
-    def ok(name: str) -> bool:
+    def mode(name: str) -> str:
         if uses_delta or name not in float_names or name in plan.vocab_rows:
-            return False
-        return all(st.spec.elementwise(st.resolver.for_tensor(name)) for st in closure)
+            return "whole"
+        needs_stats = False
+        for st in closure:
+            params = st.resolver.for_tensor(name)
+            if st.spec.elementwise(params):
+                continue
+            if local_stats and st.spec.tensor_reducer is not None and st.spec.tensor_reducer(params, len(st.models)):
+                needs_stats = True
+                continue
+            return "whole"
+        return "local" if needs_stats else "blocks"
 
-    return ok
+    return mode
 
 
 def _progress(enabled: bool) -> Any:
@@ -217,13 +235,13 @@ def execute(
             evaluator = _Evaluator(plan, stats, None)
             ck_keys, dkeys = plan.leaves_of(st.id)
             shapes = {o.name: o.shape for o in plan.outputs}
-            chunkable = _chunkable(plan, [st.id])
+            mode = _block_mode(plan, [st.id], local_stats=False)
             n = 0
             while True:
                 n += 1
                 task = bar.add_task(f"{st.id}: statistics pass {n}", total=len(float_names), rate="") if bar else None
                 before = _bytes(plan)
-                items = work_items(float_names, shapes, chunkable)
+                items = work_items(float_names, shapes, mode)
                 for bundle in prefetch(items, _loader(plan, ck_keys, dkeys, set()), PREFETCH_DEPTH, live):
                     reducer.observe(evaluator.job(st, bundle, {}, with_stats=False))
                     if bar and (bundle.rows is None or bundle.rows[1] == shapes[bundle.name][0]):
@@ -280,28 +298,69 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, result: R
         t_start = time.perf_counter()
         before = _bytes(plan)
         shapes = {o.name: o.shape for o in plan.outputs}
-        items = work_items([o.name for o in plan.outputs], shapes, _chunkable(plan, out_ids))
-        try:
-            for bundle in prefetch(items, _loader(plan, ck_keys, dkeys, copy_keys), PREFETCH_DEPTH, live):
-                memo: dict[Any, torch.Tensor] = {}
-                name, rows = bundle.name, bundle.rows
-                for sid in out_ids:
-                    if name in float_names:
-                        value = evaluator.run(sid, bundle, memo).to(out_dtype[name])
+        load_all = _loader(plan, ck_keys, dkeys, copy_keys)
+
+        def emit(bundle: Bundle, ev: _Evaluator) -> None:
+            memo: dict[Any, torch.Tensor] = {}
+            name, rows = bundle.name, bundle.rows
+            for sid in out_ids:
+                if name in float_names:
+                    value = ev.run(sid, bundle, memo).to(out_dtype[name])
+                else:
+                    value = bundle.leaves[plan.copy_leaf(sid)]
+                if sid in background:
+                    background[sid].put(name, value, rows[0] if rows else None)
+                if sid == plan.final and state is not None:
+                    if rows is None:
+                        state[name] = value.cpu()
                     else:
-                        value = bundle.leaves[plan.copy_leaf(sid)]
-                    if sid in background:
-                        background[sid].put(name, value, rows[0] if rows else None)
-                    if sid == plan.final and state is not None:
-                        if rows is None:
-                            state[name] = value.cpu()
-                        else:
-                            if name not in state:
-                                state[name] = torch.empty(shapes[name], dtype=value.dtype)
-                            state[name][rows[0] : rows[1]] = value.cpu()
-                if bar and (rows is None or rows[1] == shapes[name][0]):
-                    rate = (_bytes(plan) - before) / max(time.perf_counter() - t_start, 1e-9)
-                    bar.update(task, advance=1, rate=f"{rate / 1e6:.0f} MB/s")
+                        if name not in state:
+                            state[name] = torch.empty(shapes[name], dtype=value.dtype)
+                        state[name][rows[0] : rows[1]] = value.cpu()
+            if bar and (rows is None or rows[1] == shapes[name][0]):
+                rate = (_bytes(plan) - before) / max(time.perf_counter() - t_start, 1e-9)
+                bar.update(task, advance=1, rate=f"{rate / 1e6:.0f} MB/s")
+
+        def emit_with_local_stats(name: str) -> None:
+            """A big tensor of a per-tensor-statistics method: stats over its blocks, then blocks."""
+            local = dict(stats)
+            for st in _closure(plan, out_ids):
+                params = st.resolver.for_tensor(name)
+                if st.spec.elementwise(params):
+                    continue
+                reducer = st.spec.tensor_reducer(_with_tensor_files(plan, st, params), len(st.models))
+                ev = _Evaluator(plan, local, None)
+                st_keys = plan.leaves_of(st.id)[0]
+                while True:
+                    blocks = work_items([name], shapes, lambda _n: True)
+                    for b in prefetch(blocks, _loader(plan, st_keys, set(), set()), PREFETCH_DEPTH, live):
+                        reducer.observe(ev.job(st, b, {}, with_stats=False))
+                    if reducer.end_pass():
+                        break
+                local[st.id] = reducer.result()
+            ev = _Evaluator(plan, local, tensor_hook)
+            for b in prefetch(work_items([name], shapes, lambda _n: True), load_all, PREFETCH_DEPTH, live):
+                emit(b, ev)
+
+        mode = _block_mode(plan, out_ids, local_stats=True)
+        deferred: set[str] = set()
+
+        def blockable(name: str) -> bool:
+            m = mode(name)
+            if m == "local":
+                deferred.add(name)
+            return m == "blocks"
+
+        def load_or_defer(item: WorkItem) -> Bundle:
+            return Bundle(item.name) if item.name in deferred else load_all(item)
+
+        items = work_items([o.name for o in plan.outputs], shapes, blockable)
+        try:
+            for bundle in prefetch(items, load_or_defer, PREFETCH_DEPTH, live):
+                if bundle.name in deferred:
+                    emit_with_local_stats(bundle.name)
+                else:
+                    emit(bundle, evaluator)
         finally:
             for bw in background.values():
                 bw.close()

@@ -169,6 +169,11 @@ class MethodSpec:
     # `job.stats`), and the reducer (if any) accepts any row block: the engine may then stream
     # big tensors in row blocks, so memory does not grow with the largest tensor.
     elementwise: Callable[[Mapping[str, Any]], bool] = field(default=lambda params: False)
+    # For per-tensor methods with per-tensor statistics (TIES' top-k threshold): a reducer that,
+    # run over the row blocks of ONE tensor (parameters resolved for it), gives `merge` what it
+    # needs as `job.stats` to work on row blocks of that tensor. Returns None when it does not
+    # apply to these parameters. Lets tensors bigger than the memory budget stream in blocks.
+    tensor_reducer: Callable[[Mapping[str, Any], int], Reducer | None] | None = None
     paper: str = ""
     doc: str = ""  # path of the docs page, relative to docs/
     compute_dtype: torch.dtype = torch.float32

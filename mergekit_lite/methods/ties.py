@@ -99,12 +99,17 @@ def ties_scope(params: Mapping[str, Any]) -> Scope:
 
 
 def trim(job: TensorJob, taus: list[torch.Tensor], densities: tuple[float, ...]) -> list[torch.Tensor]:
-    """τ̂ᵢ = τᵢ · mask, per tensor or with the model-wide thresholds of the statistics pass."""
-    if job.params.get("scope", "tensor") != "global":
-        return [t * magnitude_mask(t, d) for t, d in zip(taus, densities, strict=True)]
+    """τ̂ᵢ = τᵢ · mask, per tensor or with thresholds from a statistics pass.
+
+    Thresholds come from the model-wide pass (scope: global) or, for a tensor the engine
+    streams in row blocks, from the same reducer run over that tensor alone (`tensor_reducer`):
+    both keep exactly the entries `magnitude_mask` keeps on the whole tensor.
+    """
     stats = job.stats
+    if stats is None and job.params.get("scope", "tensor") != "global":
+        return [t * magnitude_mask(t, d) for t, d in zip(taus, densities, strict=True)]
     if not isinstance(stats, GlobalThresholds):
-        raise RuntimeError(f"ties: scope global but no statistics for tensor {job.name}")
+        raise RuntimeError(f"ties: no statistics for tensor {job.name}")
     if tuple(densities) != tuple(stats.densities):
         raise RecipeError(
             f"ties: with scope: global, density must be the same for every tensor (tensor {job.name})"
@@ -139,6 +144,8 @@ SPEC = register(
         min_models=1,
         scope=ties_scope,
         reducer=GlobalTopK,
+        elementwise=lambda params: params.get("scope", "tensor") == "global",
+        tensor_reducer=lambda params, n: GlobalTopK(params, n) if params.get("scope", "tensor") != "global" else None,
         paper="https://arxiv.org/abs/2306.01708",
         doc="methods/ties.md",
     )

@@ -1,0 +1,391 @@
+"""MOS in the Python API: adapter banks, the whole-bank merge, and training-free retrieval.
+
+The maths lives in `mergekit_lite.methods.mos` and the file format in `mergekit_lite.io.bank`;
+this module strings them together the way a user asks for it ("add this adapter", "merge the
+bank", "pick an adapter per sample"). Every function checks its arguments before it reads or
+writes anything, and every write is atomic.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mergekit_lite.errors import UsageError
+from mergekit_lite.io.bank import (
+    Bank,
+    Member,
+    export_member,
+    load_bank,
+    read_source,
+    save_bank,
+)
+from mergekit_lite.methods.mos import MODES, lora_scaling, mos_tensors, refactor_lowrank
+
+SPACES: tuple[str, ...] = ("factors", "delta")
+
+__all__ = [
+    "Retrieval",
+    "bank_add",
+    "bank_export",
+    "bank_list",
+    "bank_set_prototypes",
+    "mos_merge",
+    "retrieve",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bank management
+
+
+def bank_add(bank: str | Path, task: str, source: str | Path, *, scale: float | None = None) -> Bank:
+    """Append `source` (PEFT LoRA dir or raw safetensors file) as task `task`; creates the bank.
+
+    `scale` records the adapters' output scale (AdaptFormer uses 0.1) for whoever applies them;
+    it can be set when the bank is created or must match the recorded one.
+    """
+    path = Path(bank)
+    b = load_bank(path) if path.exists() else Bank(path=path)
+    member = read_source(source)
+    b.add(task, member)
+    if scale is not None:
+        if b.scale is not None and float(b.scale) != float(scale):
+            raise UsageError(f"{b.label} records adapter scale {b.scale}, not {scale}")
+        b.scale = float(scale)
+    save_bank(b, path, overwrite=True)
+    return b
+
+
+def _member_summary(task: str, m: Member) -> dict[str, Any]:
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in m.tensors.values()})
+    row: dict[str, Any] = {
+        "task": task,
+        "kind": m.kind,
+        "tensors": len(m.tensors),
+        "parameters": m.num_parameters(),
+        "dtype": ",".join(dtypes),
+    }
+    if m.kind == "lora":
+        cfg = m.adapter_config or {}
+        row.update(r=cfg.get("r"), lora_alpha=cfg.get("lora_alpha"), modules=len(m.modules()))
+    return row
+
+
+def bank_list(bank: str | Path) -> dict[str, Any]:
+    """What a bank holds, as plain JSON-ready data (tasks in order, merge provenance, classes)."""
+    b = load_bank(bank)
+    return {
+        "path": str(b.path),
+        "tasks": [_member_summary(t, m) for t, m in b.members.items()],
+        "momentum": b.momentum,
+        "scale": b.scale,
+        "merge": b.merge,
+        "classes": None if b.class_to_task is None else len(b.class_to_task),
+        "prototypes": None if b.prototypes is None else list(b.prototypes.shape),
+    }
+
+
+def bank_export(bank: str | Path, task: str, out: str | Path, *, force: bool = False) -> Path:
+    """Task `task` as a PEFT adapter dir (LoRA members) or a safetensors file (raw members)."""
+    member = load_bank(bank).member(task)
+    return export_member(member, out, force=force)
+
+
+def bank_set_prototypes(
+    bank: str | Path, prototypes: torch.Tensor, class_to_task: Sequence[str | int]
+) -> Bank:
+    """Store class prototypes (one row per class) and the task each class belongs to."""
+    b = load_bank(bank)
+    b.require_tasks()
+    if prototypes.dim() != 2:
+        raise UsageError(f"prototypes must be a [classes, features] matrix, got shape {list(prototypes.shape)}")
+    if len(class_to_task) != prototypes.shape[0]:
+        raise UsageError(f"class_to_task has {len(class_to_task)} entries for {prototypes.shape[0]} prototypes")
+    names: list[str] = []
+    for c, t in enumerate(class_to_task):
+        if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(b.tasks):
+            names.append(b.tasks[t])
+        elif isinstance(t, str) and t in b.members:
+            names.append(t)
+        else:
+            raise UsageError(f"class {c}: {t!r} is not a task of {b.label}")
+    b.prototypes = prototypes.detach().float().cpu()
+    b.class_to_task = names
+    save_bank(b, b.path or bank, overwrite=True)
+    return b
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging
+
+
+def _check_merge_args(momentum: float, mode: str, space: str, rank: int | None) -> None:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise UsageError(f"momentum must be a number in [0, 1], got {momentum!r}")
+    if mode not in MODES:
+        raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if space not in SPACES:
+        raise UsageError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
+    if rank is not None:
+        if space != "delta":
+            raise UsageError("rank only applies to space 'delta' (factors keep their shapes)")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise UsageError(f"rank must be a positive integer, got {rank!r}")
+
+
+def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name or its dotted tail."""
+    for key, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def _module_scaling(config: Mapping[str, Any], module: str) -> float:
+    # Saved keys carry PEFT's wrapper prefix; patterns are written against the model's own names.
+    name = module.removeprefix("base_model.model.")
+    r = int(_pattern_value(config.get("rank_pattern"), name, config.get("r", 8)))
+    alpha = float(_pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8)))
+    return lora_scaling(alpha, r, bool(config.get("use_rslora", False)))
+
+
+def _scaling_signature(config: Mapping[str, Any] | None) -> tuple[Any, ...]:
+    c = config or {}
+    return (
+        c.get("r"),
+        c.get("lora_alpha"),
+        bool(c.get("use_rslora", False)),
+        sorted((c.get("rank_pattern") or {}).items()),
+        sorted((c.get("alpha_pattern") or {}).items()),
+    )
+
+
+def _merge_factors(b: Bank, momentum: float, mode: str) -> list[dict[str, torch.Tensor]]:
+    members = list(b.members.values())
+    if members[0].kind == "lora":
+        first = _scaling_signature(members[0].adapter_config)
+        for task, m in b.members.items():
+            if _scaling_signature(m.adapter_config) != first:
+                raise UsageError(
+                    f"task {task!r}: its LoRA scaling (r, lora_alpha, use_rslora, patterns) differs from "
+                    f"task {b.tasks[0]!r}, so merging factors would mix scales; use space 'delta'"
+                )
+    out: list[dict[str, torch.Tensor]] = [{} for _ in members]
+    for name in members[0].tensors:
+        inputs = [m.tensors[name] for m in members]
+        if not inputs[0].is_floating_point():
+            for t, x in enumerate(inputs):
+                out[t][name] = x.clone()
+            continue
+        merged = mos_tensors([x.float() for x in inputs], momentum, mode)  # type: ignore[arg-type]
+        for t, (x, y) in enumerate(zip(inputs, merged, strict=True)):
+            out[t][name] = y.to(x.dtype)
+    return out
+
+
+def _merge_delta(
+    b: Bank, momentum: float, mode: str, rank: int | None
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, Any]]]:
+    members = list(b.members.values())
+    if members[0].kind != "lora":
+        raise UsageError(f"space 'delta' needs LoRA members; {b.label} holds raw adapters (use space 'factors')")
+    modules = members[0].modules()
+    expected = {f"{mod}.lora_{x}.weight" for mod in modules for x in "AB"}
+    configs: list[dict[str, Any]] = []
+    for task, m in b.members.items():
+        cfg = copy.deepcopy(m.adapter_config or {})
+        if cfg.get("use_dora"):
+            raise UsageError(f"task {task!r} is a DoRA adapter; space 'delta' supports plain LoRA only")
+        extra = sorted(set(m.tensors) - expected)
+        if extra:
+            raise UsageError(f"task {task!r}: tensor {extra[0]!r} is not a lora_A/lora_B weight; use space 'factors'")
+        missing = sorted(expected - set(m.tensors))
+        if missing:
+            raise UsageError(f"task {task!r}: no tensor {missing[0]!r} (embedding LoRA?); use space 'factors'")
+        flat = sorted(k for k in expected if m.tensors[k].dim() != 2)
+        if flat:
+            raise UsageError(f"task {task!r}: tensor {flat[0]!r} is not a matrix; space 'delta' supports linear LoRA only")
+        if rank is not None:
+            cfg["r"] = rank
+            cfg["rank_pattern"] = {}
+        configs.append(cfg)
+    out: list[dict[str, torch.Tensor]] = [{} for _ in members]
+    for mod in modules:
+        a_name, b_name = f"{mod}.lora_A.weight", f"{mod}.lora_B.weight"
+        deltas = [
+            _module_scaling(m.adapter_config or {}, mod) * (m.tensors[b_name].float() @ m.tensors[a_name].float())
+            for m in members
+        ]
+        merged = mos_tensors(deltas, momentum, mode)  # type: ignore[arg-type]
+        for t, (m, cfg, dw) in enumerate(zip(members, configs, merged, strict=True)):
+            r = rank if rank is not None else m.tensors[a_name].shape[0]
+            new_b, new_a = refactor_lowrank(dw, r, _module_scaling(cfg, mod))
+            out[t][a_name] = new_a.to(m.tensors[a_name].dtype)
+            out[t][b_name] = new_b.to(m.tensors[b_name].dtype)
+    return out, configs
+
+
+def mos_merge(
+    bank: str | Path | Bank,
+    momentum: float = 0.1,
+    mode: str = "stored",
+    space: str = "factors",
+    rank: int | None = None,
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+) -> Path | Bank:
+    """The MOS merge of every task of a bank, in task order (ALGORITHMS.md §3).
+
+    `space="factors"` applies the rule elementwise to every stored parameter; `space="delta"`
+    (LoRA banks) merges each module's dense ΔW = s·B·A and re-factors it by SVD to rank `rank`
+    (default: the member's own rank). Writes a new bank to `out` and returns its path, or returns
+    the merged bank in memory when `out` is None.
+    """
+    _check_merge_args(momentum, mode, space, rank)
+    if out is not None and Path(out).exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force (force=True) to replace it")
+    b = bank if isinstance(bank, Bank) else load_bank(bank)
+    b.require_tasks()
+    configs = [m.adapter_config for m in b.members.values()]
+    if space == "factors":
+        tensors = _merge_factors(b, float(momentum), mode)
+    else:
+        tensors, configs = _merge_delta(b, float(momentum), mode, rank)
+    result = Bank(
+        momentum=float(momentum),
+        scale=b.scale,
+        class_to_task=list(b.class_to_task) if b.class_to_task is not None else None,
+        prototypes=b.prototypes,
+        merge={"momentum": float(momentum), "mode": mode, "space": space, "rank": rank},
+    )
+    for (task, m), params, cfg in zip(b.members.items(), tensors, configs, strict=True):
+        result.members[task] = Member(m.kind, params, copy.deepcopy(cfg))
+    if out is None:
+        return result
+    return save_bank(result, out, overwrite=force)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval at inference
+
+FeatureFn = Callable[[torch.Tensor, "Mapping[str, torch.Tensor] | None"], torch.Tensor]
+Classifier = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """The outcome of `retrieve` for a batch of N samples over C classes."""
+
+    scores: torch.Tensor  # [N, C] ensembled probabilities (or the chosen adapter's logits)
+    predictions: torch.Tensor  # [N] argmax of scores
+    tasks: torch.Tensor  # [N] index of the adapter whose features gave the final logits
+    first_predictions: torch.Tensor  # [N] prediction from the adapter-free features
+    rounds: torch.Tensor  # [N] adapter evaluations used (1 … max_rounds)
+
+
+def _cosine_classifier(prototypes: torch.Tensor) -> Classifier:
+    protos = F.normalize(prototypes.float(), dim=-1)
+
+    def classify(features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(features.float(), dim=-1) @ protos.to(features.device).T
+
+    return classify
+
+
+def _retrieval_inputs(
+    bank: str | Path | Bank | None,
+    prototypes: torch.Tensor | None,
+    class_to_task: Sequence[int] | torch.Tensor | None,
+    adapters: Sequence[Mapping[str, torch.Tensor]] | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list[Mapping[str, torch.Tensor]] | None]:
+    b = load_bank(bank) if isinstance(bank, (str, Path)) else bank
+    if b is not None:
+        if adapters is None:
+            adapters = [m.tensors for m in b.members.values()]
+        if prototypes is None:
+            prototypes = b.prototypes
+        if class_to_task is None and b.class_to_task is not None:
+            class_to_task = [b.tasks.index(t) for t in b.class_to_task]
+    c2t = None if class_to_task is None else torch.as_tensor(list(class_to_task), dtype=torch.long).flatten()
+    return prototypes, c2t, None if adapters is None else list(adapters)
+
+
+@torch.no_grad()
+def retrieve(
+    inputs: torch.Tensor,
+    feature_fn: FeatureFn,
+    prototypes: torch.Tensor | None = None,
+    class_to_task: Sequence[int] | torch.Tensor | None = None,
+    adapters: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    *,
+    bank: str | Path | Bank | None = None,
+    max_rounds: int = 4,
+    ensemble: bool = True,
+    classifier: Classifier | None = None,
+) -> Retrieval:
+    """MOS's training-free, self-refined adapter retrieval for one batch.
+
+    `feature_fn(inputs, adapter)` returns [N, D] features with `adapter` applied (None: the bare
+    backbone). The first prediction comes from the bare backbone's features; its class picks a
+    task (`class_to_task`), that task's adapter gives new logits, whose class picks a task again,
+    until the task is stable or `max_rounds` adapter evaluations were made. With `ensemble`, the
+    scores are softmax(final logits) + softmax(T · first logits) for T tasks, as the reference
+    code computes them. Logits default to cosine similarity with `prototypes`; pass `classifier`
+    to use a trained head instead. Missing arguments are taken from `bank` when given.
+    """
+    prototypes, c2t, adapter_list = _retrieval_inputs(bank, prototypes, class_to_task, adapters)
+    if not adapter_list:
+        raise UsageError("retrieve needs at least one task adapter (adapters= or bank=)")
+    if c2t is None:
+        raise UsageError("retrieve needs class_to_task (or a bank that records it)")
+    if classifier is None:
+        if prototypes is None:
+            raise UsageError("retrieve needs prototypes or a classifier")
+        if prototypes.dim() != 2 or prototypes.shape[0] != c2t.numel():
+            raise UsageError(f"prototypes {list(prototypes.shape)} do not match {c2t.numel()} classes of class_to_task")
+        classifier = _cosine_classifier(prototypes)
+    if c2t.numel() and (int(c2t.min()) < 0 or int(c2t.max()) >= len(adapter_list)):
+        raise UsageError(f"class_to_task names a task outside 0..{len(adapter_list) - 1}")
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+        raise UsageError(f"max_rounds must be a positive integer, got {max_rounds!r}")
+
+    first_logits = classifier(feature_fn(inputs, None))
+    c2t = c2t.to(first_logits.device)
+    first_pred = first_logits.argmax(dim=-1)
+    task = c2t[first_pred]
+    final = torch.empty_like(first_logits)
+    used = task.clone()
+    rounds = torch.zeros_like(task)
+    active = torch.ones_like(task, dtype=torch.bool)
+    cache: dict[int, torch.Tensor] = {}  # features of the whole batch per adapter, computed once
+
+    for r in range(1, max_rounds + 1):
+        idx = active.nonzero().flatten()
+        for t in task[idx].unique().tolist():
+            if t not in cache:
+                cache[t] = feature_fn(inputs, adapter_list[t])
+            rows = idx[task[idx] == t]
+            final[rows] = classifier(cache[t][rows]).to(final.dtype)
+        used[idx] = task[idx]
+        rounds[idx] = r
+        new_task = c2t[final[idx].argmax(dim=-1)]
+        moving = new_task != task[idx]
+        if r == max_rounds or not bool(moving.any()):
+            break
+        active[idx[~moving]] = False
+        task[idx[moving]] = new_task[moving]
+
+    if ensemble:
+        scores = final.softmax(dim=-1) + (first_logits * len(adapter_list)).softmax(dim=-1)
+    else:
+        scores = final
+    return Retrieval(scores, scores.argmax(dim=-1), used, first_pred, rounds)

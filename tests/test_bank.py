@@ -1,0 +1,264 @@
+"""The adapter bank: add/list/export round trips (raw and PEFT LoRA) and refusals of bad input."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from mergekit_lite.errors import CheckpointError, ResolveError, UsageError
+from mergekit_lite.io.bank import load_bank
+from mergekit_lite.synthetic import LlamaShape, make_base, make_lora_adapter
+from mergekit_lite.workflows.mos import bank_add, bank_export, bank_list, bank_set_prototypes, mos_merge
+
+
+def _cli_app():
+    # Imported lazily so that the pure-maths tests still run when another command module breaks.
+    return importlib.import_module("mergekit_lite.cli.main").app
+
+
+runner = CliRunner()
+
+
+def mlite(*args: str):
+    return runner.invoke(_cli_app(), [str(a) for a in args])
+
+
+def raw_adapter(path: Path, seed: int, shapes: dict[str, tuple[int, ...]] | None = None) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    shapes = shapes or {"blocks.0.down.weight": (2, 4), "blocks.0.down.bias": (2,), "blocks.0.up.weight": (4, 2)}
+    save_file({k: torch.randn(s, generator=g) for k, s in shapes.items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base() -> dict[str, torch.Tensor]:
+    return make_base(LlamaShape())
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------
+# round trips
+
+
+def test_raw_members_round_trip(tmp_path: Path) -> None:
+    bank = tmp_path / "bank.safetensors"
+    sources = [raw_adapter(tmp_path / f"a{i}.safetensors", i) for i in range(3)]
+    for i, src in enumerate(sources):
+        r = mlite("bank", "add", bank, "--task", f"task{i}", src)
+        assert r.exit_code == 0, r.output
+    info = bank_list(bank)
+    assert [t["task"] for t in info["tasks"]] == ["task0", "task1", "task2"]
+    assert {t["kind"] for t in info["tasks"]} == {"raw"}
+    with safe_open(str(bank), "pt") as f:
+        keys = set(f.keys())
+        meta = f.metadata()
+    assert "adapters.task1.blocks.0.down.bias" in keys
+    assert json.loads(meta["tasks"]) == ["task0", "task1", "task2"]
+    assert json.loads(meta["members"])["task2"] == {"kind": "raw"}
+    for i, src in enumerate(sources):
+        out = tmp_path / f"out{i}.safetensors"
+        r = mlite("bank", "export", bank, "--task", f"task{i}", "--out", out)
+        assert r.exit_code == 0, r.output
+        want, got = load_file(str(src)), load_file(str(out))
+        assert want.keys() == got.keys()
+        for k in want:
+            assert torch.equal(want[k], got[k])
+
+
+def test_list_json_and_table(tmp_path: Path) -> None:
+    bank = tmp_path / "bank.safetensors"
+    bank_add(bank, "a", raw_adapter(tmp_path / "a.safetensors", 0), scale=0.1)
+    bank_add(bank, "b", raw_adapter(tmp_path / "b.safetensors", 1))
+    r = mlite("bank", "list", bank, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert [t["task"] for t in info["tasks"]] == ["a", "b"]
+    assert info["scale"] == 0.1 and info["tasks"][0]["parameters"] == 8 + 2 + 8
+    r = mlite("bank", "list", bank)
+    assert r.exit_code == 0 and "a" in r.output and "adapter scale: 0.1" in r.output
+    with pytest.raises(UsageError, match="scale"):
+        bank_add(bank, "c", raw_adapter(tmp_path / "c.safetensors", 2), scale=0.5)
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def test_peft_adapters_round_trip_through_bank(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    bank = tmp_path / "bank.safetensors"
+    saved: list[dict[str, torch.Tensor]] = []
+    for i in range(3):
+        torch.manual_seed(100 + i)
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        model = peft.get_peft_model(_tiny_llama(), cfg)
+        with torch.no_grad():  # B non-zero so that the adapter is not a no-op
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn_like(p) * 0.1)
+        model.save_pretrained(tmp_path / f"lora{i}")
+        saved.append({k: v.clone() for k, v in peft.get_peft_model_state_dict(model).items()})
+        assert mlite("bank", "add", bank, "--task", f"t{i}", tmp_path / f"lora{i}").exit_code == 0
+    assert [t["r"] for t in bank_list(bank)["tasks"]] == [4, 4, 4]
+    for i in range(3):
+        out = tmp_path / f"export{i}"
+        r = mlite("bank", "export", bank, "--task", f"t{i}", "--out", out)
+        assert r.exit_code == 0, r.output
+        loaded = peft.PeftModel.from_pretrained(_tiny_llama(), out)
+        got = peft.get_peft_model_state_dict(loaded)
+        assert got.keys() == saved[i].keys() and len(got) == 8
+        for k in got:
+            assert torch.equal(got[k], saved[i][k]), k
+
+
+def test_merged_lora_bank_exports_load_in_peft(tmp_path: Path, base) -> None:
+    peft = pytest.importorskip("peft")
+    bank = tmp_path / "bank.safetensors"
+    for i in range(3):
+        bank_add(bank, f"t{i}", make_lora_adapter(base, tmp_path / f"l{i}", seed=i))
+    merged = mos_merge(bank, momentum=0.5, space="delta", rank=6, out=tmp_path / "m.safetensors")
+    out = bank_export(merged, "t2", tmp_path / "e2")
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 6
+    model = peft.PeftModel.from_pretrained(_tiny_llama(), out)
+    sd = peft.get_peft_model_state_dict(model)
+    assert {tuple(v.shape) for k, v in sd.items() if "lora_A" in k} == {(6, 16)}
+
+
+def test_prototypes_are_stored(tmp_path: Path) -> None:
+    bank = tmp_path / "bank.safetensors"
+    bank_add(bank, "a", raw_adapter(tmp_path / "a.safetensors", 0))
+    bank_add(bank, "b", raw_adapter(tmp_path / "b.safetensors", 1))
+    protos = torch.arange(12.0).reshape(4, 3)
+    bank_set_prototypes(bank, protos, [0, 0, "b", 1])
+    b = load_bank(bank)
+    assert b.class_to_task == ["a", "a", "b", "b"] and torch.equal(b.prototypes, protos)
+    assert bank_list(bank)["classes"] == 4
+    merged = mos_merge(bank, out=tmp_path / "m.safetensors")
+    assert load_bank(merged).class_to_task == ["a", "a", "b", "b"]
+    with pytest.raises(UsageError, match="class 1"):
+        bank_set_prototypes(bank, protos, [0, 7, 1, 1])
+    with pytest.raises(UsageError, match="entries"):
+        bank_set_prototypes(bank, protos, [0, 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: clear errors, nothing written
+
+
+def test_different_shapes_are_refused(tmp_path: Path) -> None:
+    bank = tmp_path / "bank.safetensors"
+    bank_add(bank, "a", raw_adapter(tmp_path / "a.safetensors", 0))
+    before = bank.read_bytes()
+    odd = raw_adapter(
+        tmp_path / "odd.safetensors", 1, {"blocks.0.down.weight": (3, 4), "blocks.0.down.bias": (3,), "blocks.0.up.weight": (4, 3)}
+    )
+    r = mlite("bank", "add", bank, "--task", "b", odd)
+    assert r.exit_code == 4
+    assert "task 'b'" in r.output and "blocks.0.down" in r.output and "shape" in r.output
+    assert bank.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "bank.safetensors", "odd.safetensors"]
+
+
+def test_different_tensor_names_are_refused(tmp_path: Path) -> None:
+    bank = tmp_path / "bank.safetensors"
+    bank_add(bank, "a", raw_adapter(tmp_path / "a.safetensors", 0))
+    other = raw_adapter(tmp_path / "o.safetensors", 1, {"blocks.0.down.weight": (2, 4)})
+    with pytest.raises(CheckpointError, match="'blocks.0.down.bias' of task 'a' is missing"):
+        bank_add(bank, "b", other)
+
+
+def test_different_target_modules_are_refused(tmp_path: Path, base) -> None:
+    bank = tmp_path / "bank.safetensors"
+    bank_add(bank, "a", make_lora_adapter(base, tmp_path / "qv", seed=0))
+    before = bank.read_bytes()
+    qk = make_lora_adapter(base, tmp_path / "qk", seed=1, target_modules=("q_proj", "k_proj"))
+    r = mlite("bank", "add", bank, "--task", "b", qk)
+    assert r.exit_code == 4
+    assert "task 'b' targets different modules" in r.output and "k_proj" in r.output
+    assert bank.read_bytes() == before
+    r = mlite("bank", "add", bank, "--task", "c", raw_adapter(tmp_path / "raw.safetensors", 0))
+    assert r.exit_code == 4 and "raw adapter" in r.output
+
+
+def test_existing_task_name_is_refused(tmp_path: Path) -> None:
+    bank = tmp_path / "bank.safetensors"
+    bank_add(bank, "a", raw_adapter(tmp_path / "a.safetensors", 0))
+    before = bank.read_bytes()
+    r = mlite("bank", "add", bank, "--task", "a", raw_adapter(tmp_path / "b.safetensors", 1))
+    assert r.exit_code == 2 and "already has a task named 'a'" in r.output
+    assert bank.read_bytes() == before
+    for bad in ("a.b", "", "x y"):
+        with pytest.raises(UsageError, match="invalid"):
+            bank_add(bank, bad, tmp_path / "b.safetensors")
+    assert bank.read_bytes() == before
+
+
+def _empty_bank(path: Path) -> Path:
+    meta = {"format": "pt", "mlite_bank": "1", "tasks": "[]", "members": "{}", "momentum": "null", "scale": "null"}
+    save_file({}, str(path), metadata=meta)
+    return path
+
+
+def test_empty_bank_is_refused(tmp_path: Path) -> None:
+    bank = _empty_bank(tmp_path / "empty.safetensors")
+    assert bank_list(bank)["tasks"] == []
+    r = mlite("mos", "merge", bank, "--out", tmp_path / "m.safetensors")
+    assert r.exit_code == 2 and "holds no tasks" in r.output
+    r = mlite("bank", "export", bank, "--task", "a", "--out", tmp_path / "e")
+    assert r.exit_code == 2 and "holds no tasks" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.safetensors"]
+
+
+def test_missing_and_foreign_files(tmp_path: Path) -> None:
+    r = mlite("bank", "list", tmp_path / "nope.safetensors")
+    assert r.exit_code == 5 and "does not exist" in r.output
+    r = mlite("bank", "add", tmp_path / "bank.safetensors", "--task", "a", tmp_path / "nope")
+    assert r.exit_code == 5 and not (tmp_path / "bank.safetensors").exists()
+    plain = raw_adapter(tmp_path / "plain.safetensors", 0)
+    r = mlite("bank", "list", plain)
+    assert r.exit_code == 4 and "not an adapter bank" in r.output
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="junk.safetensors"):
+        bank_add(tmp_path / "b2.safetensors", "a", tmp_path / "junk.safetensors")
+    (tmp_path / "notpeft").mkdir()
+    with pytest.raises(CheckpointError, match="adapter_config.json"):
+        bank_add(tmp_path / "b2.safetensors", "a", tmp_path / "notpeft")
+    with pytest.raises(ResolveError):
+        bank_export(tmp_path / "nope.safetensors", "a", tmp_path / "x")
+    assert not (tmp_path / "b2.safetensors").exists()
+
+
+def test_export_refusals_and_force(tmp_path: Path) -> None:
+    bank = tmp_path / "bank.safetensors"
+    src = raw_adapter(tmp_path / "a.safetensors", 0)
+    bank_add(bank, "a", src)
+    r = mlite("bank", "export", bank, "--task", "zzz", "--out", tmp_path / "x.safetensors")
+    assert r.exit_code == 2 and "no task 'zzz'" in r.output and "tasks: a" in r.output
+    out = tmp_path / "x.safetensors"
+    out.write_bytes(b"old")
+    r = mlite("bank", "export", bank, "--task", "a", "--out", out)
+    assert r.exit_code == 2 and "already exists" in r.output and out.read_bytes() == b"old"
+    r = mlite("bank", "export", bank, "--task", "a", "--out", out, "--force")
+    assert r.exit_code == 0 and load_file(str(out)).keys() == load_file(str(src)).keys()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
