@@ -82,6 +82,15 @@ def merge(
     needed: pass `model_parameters`, one mapping per model, for per-model values such as
     `weight` or `density`).
     """
+    from .errors import UsageError
+    from .methods.registry import get_method
+
+    spec = get_method(method)
+    models = list(models)
+    if spec is not None and base is not None and not spec.needs_base:
+        if not spec.ordered:
+            raise UsageError(f"method {method!r} takes no base model; list every model in `models`")
+        models, base = [base, *models], None  # mergekit's slerp shape: the base is the start point
     inputs: dict[str, str] = {}
     if base is not None:
         inputs["base"] = str(base)
@@ -95,11 +104,9 @@ def merge(
         step["base"] = "base"
     if model_parameters is not None:
         if len(model_parameters) != len(names):
-            from .errors import UsageError
-
             raise UsageError(f"model_parameters has {len(model_parameters)} entries for {len(names)} models")
         per: dict[str, dict[str, Any]] = {}
-        for key, params in zip(names, model_parameters):
+        for key, params in zip(names, model_parameters, strict=True):
             for pname, value in params.items():
                 per.setdefault(pname, {})[key] = value
         step["parameters"].update(per)

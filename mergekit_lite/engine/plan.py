@@ -10,11 +10,10 @@ first (exit 3), then checkpoint problems (exit 4).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -26,6 +25,7 @@ from ..io.writer import DEFAULT_SHARD_SIZE, check_output_dir, plan_shards
 from ..methods.registry import MethodSpec, get_method
 from ..recipe.model import Recipe, StepSpec
 from ..recipe.params import ParamResolver
+from ..recipe.settings import count_layers
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Patched:
     base: Operand
 
 
-Operand = Union[Leaf, StepRef, Patched]
+Operand = Leaf | StepRef | Patched
 
 
 @dataclass
@@ -158,14 +158,11 @@ def build_plan(
     recipe_problems: list[MliteError] = []
     ckpt_problems: list[MliteError] = []
 
-    # Steps: methods, topological order, references.
+    # Steps arrive validated and in topological order (the recipe layer checked references,
+    # cycles and output.step); what is left needs checkpoint headers.
     step_specs = {s.id: s for s in recipe.steps}
-    if not step_specs:
-        raise RecipeError(f"{_src(recipe)}: recipe has no steps")
-    order = _topological(recipe, recipe_problems)
-    final = recipe.output.step or recipe.steps[-1].id
-    if final not in step_specs:
-        recipe_problems.append(RecipeError(f"{_src(recipe)}: output.step {final!r} is not a step id"))
+    order = list(step_specs)
+    final = recipe.output_step.id
 
     # Inputs: checkpoints and adapters/deltas.
     used_as_delta = {s.delta for s in recipe.steps if s.delta} | {
@@ -299,43 +296,13 @@ def _device(name: str) -> torch.device:
     return dev
 
 
-def _topological(recipe: Recipe, problems: list[MliteError]) -> list[str]:
-    ids = [s.id for s in recipe.steps]
-    deps = {s.id: [r for r in [s.base, *s.models] if r and r in ids] for s in recipe.steps}
-    order: list[str] = []
-    state: dict[str, int] = {}
-
-    def visit(sid: str, chain: list[str]) -> None:
-        if state.get(sid) == 2:
-            return
-        if state.get(sid) == 1:
-            cyc = " -> ".join([*chain[chain.index(sid):], sid])
-            problems.append(RecipeError(f"{_src(recipe)}: steps form a cycle: {cyc}"))
-            return
-        state[sid] = 1
-        for d in deps[sid]:
-            visit(d, [*chain, sid])
-        state[sid] = 2
-        order.append(sid)
-
-    for sid in ids:
-        visit(sid, [])
-    return order
-
-
-_LAYER = re.compile(r"\.(?:layers|h|layer|blocks)\.(\d+)\.")
-
-
 def _num_layers(checkpoints: Mapping[str, Checkpoint]) -> int | None:
+    """Layer count for gradients: config.json's num_hidden_layers, else from tensor names."""
     for ck in checkpoints.values():
         if ck.config and isinstance(ck.config.get("num_hidden_layers"), int):
             return ck.config["num_hidden_layers"]
-    best = None
-    for ck in checkpoints.values():
-        idx = [int(m.group(1)) for n in ck.names() if (m := _LAYER.search(n))]
-        if idx:
-            best = max(best or 0, max(idx) + 1)
-    return best
+    counts = [n for ck in checkpoints.values() if (n := count_layers(ck.names())) is not None]
+    return max(counts) if counts else None
 
 
 def _shape_of(plan: Plan, op: Operand, name: str) -> tuple[tuple[int, ...], str] | None:
@@ -394,7 +361,7 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
     plan.outputs = outputs
     base_shapes = {o.name: o.shape for o in outputs}
     allow_growth = bool(plan.recipe.options.get("allow_vocab_growth", False))
-    for key, delta in plan.deltas.items():
+    for delta in plan.deltas.values():
         for problem in delta.check(base_shapes, allow_vocab_growth=allow_growth):
             problems.append(CheckpointError(problem))
 

@@ -1,0 +1,262 @@
+"""From a file or dict to a validated `Recipe`: parse, check the shape, convert, check meaning.
+
+Problems are collected, not raised one by one: a user fixing a recipe sees every mistake of a
+stage in one run. Shape errors stop before meaning is checked (meaning needs a sound shape).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from .model import Loc, Recipe
+from .problems import Problems
+from .raw import Item, RawModel, RawRecipe, RawStep
+from .schema import MERGEKIT_UNSUPPORTED, MergekitRecipe, ModelEntry, NativeRecipe, validate_shape
+from .validate import validate
+from .yaml_lines import YamlSyntaxError, line_of, parse_yaml, plain, start_line
+
+
+def load(source: str | Path | Mapping[str, Any]) -> Recipe:
+    problems = Problems()
+    if isinstance(source, Mapping):
+        raw: Any = dict(source)
+        file = None
+        path = None
+        base_dir = Path.cwd()
+    else:
+        path = Path(source)
+        file = str(source)
+        if not path.is_file():
+            raise UsageError(f"recipe file not found: {source}")
+        base_dir = path.resolve().parent
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read recipe {source}: {exc}") from None
+        try:
+            raw, duplicates = parse_yaml(text)
+        except YamlSyntaxError as exc:
+            problems.add(Loc(file, exc.line), str(exc))
+            problems.raise_if_any()
+        for dup in duplicates:
+            problems.add(Loc(file, dup.line), str(dup), str(dup.key))
+
+    if raw is None:
+        problems.add(Loc(file, 1 if file else None), "the recipe is empty")
+        problems.raise_if_any()
+    if not isinstance(raw, dict):
+        problems.add(Loc(file, start_line(raw) or (1 if file else None)),
+                     "a recipe must be a mapping with 'steps' (mlite) or 'merge_method' (mergekit)")
+        problems.raise_if_any()
+
+    if "merge_method" in raw and "steps" in raw:
+        problems.add(Loc(file, line_of(raw, "merge_method")),
+                     "a recipe has either 'steps' (mlite) or 'merge_method' (mergekit), not both", "merge_method")
+        problems.raise_if_any()
+    if "merge_method" in raw:
+        recipe = _from_mergekit(raw, file, problems)
+    elif "steps" in raw:
+        recipe = _from_native(raw, file, problems)
+    else:
+        problems.add(Loc(file, start_line(raw) or (1 if file else None)),
+                     "a recipe needs 'steps' (mlite) or 'merge_method' (mergekit)")
+        recipe = None
+    problems.raise_if_any()
+    assert recipe is not None
+    result = validate(recipe, base_dir, problems)
+    problems.raise_if_any()
+    assert result is not None
+    result.source = path.resolve() if path is not None else None
+    return result
+
+
+def _item(container: Any, key: Any, value: Any, key_path: str, file: str | None) -> Item:
+    raw = container.get(key) if isinstance(container, dict) else None
+    return Item(value, Loc(file, line_of(container, key)), key_path, raw)
+
+
+def _params(raw_params: Any, prefix: str, file: str | None) -> dict[str, Item]:
+    if not isinstance(raw_params, dict):
+        return {}
+    return {str(k): _item(raw_params, k, plain(v), f"{prefix}.{k}", file) for k, v in raw_params.items()}
+
+
+def _models(raw_models: Any, entries: list[ModelEntry], prefix: str, file: str | None) -> list[RawModel]:
+    out = []
+    for j, entry in enumerate(entries):
+        raw_entry = raw_models[j] if isinstance(raw_models, list) else None
+        if isinstance(raw_entry, dict):
+            ref = _item(raw_entry, "model", entry.model, f"{prefix}[{j}].model", file)
+            params = _params(raw_entry.get("parameters"), f"{prefix}[{j}].parameters", file)
+        else:
+            ref = Item(entry.model, Loc(file, line_of(raw_models, j)), f"{prefix}[{j}]")
+            params = {}
+        out.append(RawModel(ref, params))
+    return out
+
+
+def _first_key(container: Any, *keys: str) -> str:
+    return next((k for k in keys if isinstance(container, dict) and k in container), keys[0])
+
+
+def _output(raw: Any, file: str | None, prefix: str = "output") -> dict[str, Item]:
+    raw_out = raw.get("output") if isinstance(raw, dict) else None
+    if not isinstance(raw_out, dict):
+        return {}
+    return {k: _item(raw_out, k, plain(v), f"{prefix}.{k}", file) for k, v in raw_out.items() if v is not None}
+
+
+def _common(raw: Any, model: NativeRecipe | MergekitRecipe, file: str | None) -> dict[str, Any]:
+    return {
+        "device": _item(raw, "device", model.device, "device", file) if model.device is not None else None,
+        "seed": model.seed,
+        "options": {**model.options.model_dump(), "description": model.description},
+        "file": file,
+    }
+
+
+def _from_native(raw: Any, file: str | None, problems: Problems) -> RawRecipe | None:
+    model = validate_shape(NativeRecipe, raw, file, problems)
+    if model is None:
+        return None
+    raw_inputs = raw["inputs"]
+    inputs = {name: _item(raw_inputs, name, value, f"inputs.{name}", file) for name, value in model.inputs.items()}
+    raw_steps = raw["steps"]
+    steps = []
+    for i, step in enumerate(model.steps):
+        rs = raw_steps[i]
+        prefix = f"steps[{i}]"
+        loc = Loc(file, line_of(raw_steps, i))
+        step_id = step.id if step.id is not None else f"step{i + 1}"
+        id_item = _item(rs, "id", step_id, f"{prefix}.id", file) if step.id is not None else Item(step_id, loc, prefix)
+        mkey = _first_key(rs, "method", "merge_method")
+        bkey = _first_key(rs, "base", "base_model")
+
+        def opt(key: str, value: Any, rs: Any = rs, prefix: str = prefix) -> Item | None:
+            return None if value is None else _item(rs, key, value, f"{prefix}.{key}", file)
+
+        steps.append(RawStep(
+            id=id_item,
+            method=_item(rs, mkey, step.method, f"{prefix}.{mkey}", file),
+            base=opt(bkey, step.base),
+            models=_models(rs.get("models"), step.models, f"{prefix}.models", file),
+            delta=opt("delta", step.delta),
+            old_base=opt("old_base", step.old_base),
+            parameters=_params(rs.get("parameters"), f"{prefix}.parameters", file),
+            save=opt("save", step.save),
+            loc=loc,
+            key=prefix,
+        ))
+    return RawRecipe("mlite", inputs, steps, _output(raw, file), **_common(raw, model, file))
+
+
+def _input_name(ref: str, taken: dict[str, str]) -> str:
+    """A readable input name for a mergekit model reference: the last path part, made unique."""
+    stem = ref.split("@", 1)[0].rstrip("/\\") or ref
+    name = Path(stem).name or stem
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    candidate, n = name, 2
+    while candidate in taken and taken[candidate] != ref:
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
+
+
+def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe | None:
+    unsupported = False
+    for key, message in MERGEKIT_UNSUPPORTED.items():
+        if key in raw:
+            problems.add(Loc(file, line_of(raw, key)), message, key)
+            unsupported = True
+    if unsupported:
+        return None
+    model = validate_shape(MergekitRecipe, raw, file, problems)
+    if model is None:
+        return None
+
+    from ..methods.registry import get_method
+
+    names: dict[str, str] = {}  # input name → reference as written
+    by_ref: dict[str, str] = {}  # reference → input name
+    inputs: dict[str, Item] = {}
+    notes: list[str] = []
+
+    def add_input(ref: str, item: Item) -> str:
+        if ref in by_ref:
+            return by_ref[ref]
+        name = _input_name(ref, names)
+        names[name] = ref
+        by_ref[ref] = name
+        inputs[name] = Item(ref, item.loc, item.key)
+        return name
+
+    base_item = _item(raw, "base_model", model.base_model, "base_model", file) if model.base_model else None
+    base_name = add_input(model.base_model, base_item) if base_item and model.base_model else None
+    models = _models(raw["models"], model.models, "models", file)
+    for m in models:
+        m.ref = Item(add_input(m.ref.value, m.ref), m.ref.loc, m.ref.key, m.ref.raw)
+
+    method_item = _item(raw, "merge_method", model.merge_method, "merge_method", file)
+    spec = get_method(model.merge_method)
+    step_base = None
+    if base_name is not None and base_item is not None:
+        base_ref = Item(base_name, base_item.loc, base_item.key)
+        listed = [m for m in models if m.ref.value == base_name]
+        if spec is None or spec.needs_base:
+            # mergekit lists the base among the models; it is θ₀, not a task vector.
+            if any(m.parameters for m in listed):
+                notes.append(f"the parameters given to base model '{model.base_model}' are ignored, as in mergekit")
+            models = [m for m in models if m.ref.value != base_name]
+            step_base = base_ref
+        elif listed:
+            if spec.ordered:
+                models = listed + [m for m in models if m.ref.value != base_name]
+        else:
+            problems.add(base_item.loc, f"method '{spec.name}' takes no base model and base_model "
+                         f"'{model.base_model}' is not among 'models': list it there or remove it", "base_model")
+
+    step = RawStep(
+        id=Item("merge", method_item.loc, "merge_method"),
+        method=method_item,
+        base=step_base,
+        models=models,
+        delta=None,
+        old_base=None,
+        parameters=_params(raw.get("parameters"), "parameters", file),
+        save=None,
+        loc=method_item.loc,
+        key="",
+    )
+
+    output = _output(raw, file)
+    if model.dtype is not None or model.out_dtype is not None:
+        key = "out_dtype" if model.out_dtype is not None else "dtype"
+        if "dtype" in output:
+            problems.add(output["dtype"].loc, f"the output dtype is given twice ('{key}' and 'output.dtype')",
+                         "output.dtype")
+        output["dtype"] = _item(raw, key, model.out_dtype or model.dtype, key, file)
+        if model.dtype is not None:
+            notes.append("mergekit's 'dtype' is the compute dtype there; mlite computes in float32 and "
+                         "writes the output in out_dtype, else dtype")
+    if model.tokenizer_source is not None:
+        src = model.tokenizer_source
+        tok_item = _item(raw, "tokenizer_source", src, "tokenizer_source", file)
+        if "copy_tokenizer_from" in output:
+            problems.add(output["copy_tokenizer_from"].loc, "the tokenizer source is given twice "
+                         "('tokenizer_source' and 'output.copy_tokenizer_from')", "output.copy_tokenizer_from")
+        if src == "union":
+            problems.add(tok_item.loc, "'tokenizer_source: union' (vocabulary merging) is not supported; "
+                         "use 'base' or a model", "tokenizer_source")
+        elif src == "base":
+            if base_name is None:
+                problems.add(tok_item.loc, "'tokenizer_source: base' needs a base_model", "tokenizer_source")
+            else:
+                output["copy_tokenizer_from"] = Item(base_name, tok_item.loc, tok_item.key)
+        else:
+            output["copy_tokenizer_from"] = Item(add_input(src, tok_item), tok_item.loc, tok_item.key)
+
+    return RawRecipe("mergekit", inputs, [step], output, notes=notes, **_common(raw, model, file))
+

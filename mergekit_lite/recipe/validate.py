@@ -1,0 +1,381 @@
+"""The meaning of a recipe: methods, parameters, references, arity and cycles.
+
+Works on the shape-independent `RawRecipe`, adds every problem it finds (so the user sees all of
+them at once), and builds the engine's `Recipe` when there are none. Nothing here reads a
+checkpoint: header checks (names, shapes, dtypes) belong to the engine's planner.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from ..dtypes import parse_user_dtype
+from ..errors import UsageError
+from ..methods.registry import MethodSpec, Param, get_method, method_names
+from ..units import parse_size
+from .model import Loc, OutputSpec, Recipe, StepSpec, resolve_input_path
+from .problems import Problems, choices_hint, did_you_mean
+from .raw import Item, RawRecipe, RawStep
+from .settings import SettingError, has_gradient, is_rule_mapping, leaves, parse_setting, varies
+from .yaml_lines import line_of
+
+# mergekit knobs that never change the output: accepted (with a note) when a method lacks them.
+NO_EFFECT_PARAMS: dict[str, str] = {
+    "int8_mask": "mergekit's 'int8_mask' only saves memory there (the output is identical); ignored",
+}
+
+# mergekit booleans for parameters mlite spells as choices: {param: {bool: choice}}.
+BOOL_SPELLINGS: dict[str, dict[bool, str]] = {
+    "rescale": {True: "l1", False: "none"},  # mergekit rescales DARE/DELLA to the L1 norm
+}
+
+_DEVICE = re.compile(r"cpu|auto|mps|cuda(:\d+)?")
+
+
+def validate(raw: RawRecipe, base_dir: Path, problems: Problems) -> Recipe | None:
+    notes = list(raw.notes)
+    inputs: dict[str, str] = {}
+    for name, item in raw.inputs.items():
+        if not str(name).strip():
+            problems.add(item.loc, "an input name cannot be empty", item.key)
+        if not item.value.strip():
+            problems.add(item.loc, f"input '{name}' has an empty path", item.key)
+            continue
+        inputs[name] = resolve_input_path(item.value, base_dir)
+
+    # For mergekit-shaped recipes users know models by reference, not by our derived names.
+    ref_alias = {item.value: name for name, item in raw.inputs.items()} if raw.shape == "mergekit" else {}
+
+    ids: dict[str, RawStep] = {}
+    for step in raw.steps:
+        sid = step.id.value
+        if not sid.strip():
+            problems.add(step.id.loc, "a step id cannot be empty", step.id.key)
+        elif sid in ids:
+            problems.add(step.id.loc, f"duplicate step id '{sid}' (first used at {ids[sid].id.loc})", step.id.key)
+        elif sid in raw.inputs:
+            problems.add(step.id.loc, f"step id '{sid}' is also the name of an input", step.id.key)
+        else:
+            ids[sid] = step
+    known_refs = [*raw.inputs, *ids]
+
+    specs: list[StepSpec] = []
+    for step in raw.steps:
+        spec = _method(step, problems)
+        _references(step, known_refs, problems)
+        if spec is not None:
+            _arity(step, spec, raw.shape, problems)
+        refs = [m.ref.value for m in step.models]
+        params: dict[str, Any] = {}
+        model_params: dict[str, dict[str, Any]] = {}
+        if spec is not None:
+            checker = _ParamChecker(spec, refs, ref_alias, base_dir, problems, notes)
+            params = checker.step_params(step)
+            model_params = checker.model_params(step)
+            checker.required(step, params, model_params)
+        specs.append(StepSpec(
+            id=step.id.value,
+            method=spec.name if spec is not None else step.method.value,
+            base=step.base.value if step.base else None,
+            models=refs,
+            delta=step.delta.value if step.delta else None,
+            old_base=step.old_base.value if step.old_base else None,
+            parameters=params,
+            model_parameters=model_params,
+            save=_local_path(step.save.value, base_dir) if step.save else None,
+            loc=step.loc,
+        ))
+
+    ordered = _order(specs, raw.steps, set(ids), problems)
+    output = _output(raw, inputs, ids, base_dir, problems)
+    device = None
+    if raw.device is not None:
+        device = raw.device.value
+        if not _DEVICE.fullmatch(device):
+            problems.add(raw.device.loc, f"unknown device {device!r} (use cpu, cuda, cuda:N, mps or auto)", "device")
+    if problems or ordered is None or output is None:
+        return None
+    options = {**raw.options, "notes": notes}
+    return Recipe(inputs=inputs, steps=ordered, output=output, device=device, seed=raw.seed,
+                  options=options, base_dir=base_dir)
+
+
+def _local_path(value: str, base_dir: Path) -> str:
+    p = Path(os.path.expanduser(value))
+    return str(p if p.is_absolute() else (base_dir / p).resolve())
+
+
+def _method(step: RawStep, problems: Problems) -> MethodSpec | None:
+    name = step.method.value
+    spec = get_method(name)
+    if spec is None:
+        names = method_names()
+        hint = did_you_mean(name, names) or choices_hint(names)
+        problems.add(step.method.loc, f"unknown method '{name}'{hint}", step.method.key)
+    return spec
+
+
+def _references(step: RawStep, known: list[str], problems: Problems) -> None:
+    items: list[tuple[str, Item]] = []
+    if step.base:
+        items.append(("base", step.base))
+    items += [("model", m.ref) for m in step.models]
+    items += [(what, it) for what, it in (("delta", step.delta), ("old_base", step.old_base)) if it]
+    for what, item in items:
+        ref = item.value
+        if ref == step.id.value:
+            problems.add(item.loc, f"step '{ref}' uses its own result as {what}", item.key)
+        elif ref not in known:
+            hint = did_you_mean(ref, known) or choices_hint(known)
+            problems.add(item.loc, f"{what} '{ref}' is neither an input nor a step id{hint}", item.key)
+    seen: set[str] = set()
+    for m in step.models:
+        if m.ref.value in seen:
+            problems.add(m.ref.loc, f"model '{m.ref.value}' is listed twice in this step", m.ref.key)
+        seen.add(m.ref.value)
+
+
+def _sub(step: RawStep, key: str) -> str:
+    return f"{step.key}.{key}" if step.key else key
+
+
+def _arity(step: RawStep, spec: MethodSpec, shape: str, problems: Problems) -> None:
+    n = len(step.models)
+    what = f"method '{spec.name}'"
+    if n < spec.min_models:
+        problems.add(step.loc, f"{what} needs at least {spec.min_models} model(s), got {n}", _sub(step, "models"))
+    if spec.max_models is not None and n > spec.max_models:
+        problems.add(step.loc, f"{what} takes at most {spec.max_models} model(s), got {n}", _sub(step, "models"))
+    base_key = "base_model" if shape == "mergekit" else "base"
+    if spec.needs_base and step.base is None:
+        problems.add(step.loc, f"{what} needs a base model ('{base_key}:')", _sub(step, base_key))
+    if not spec.needs_base and step.base is not None:
+        problems.add(step.base.loc, f"{what} takes no base model", step.base.key)
+    if spec.uses_delta and step.delta is None:
+        problems.add(step.loc, f"{what} needs a delta ('delta:': a PEFT adapter or a fine-tuned model)",
+                     _sub(step, "delta"))
+    if not spec.uses_delta and step.delta is not None:
+        problems.add(step.delta.loc, f"{what} takes no delta", step.delta.key)
+    if step.old_base is not None and step.delta is None:
+        problems.add(step.old_base.loc, "'old_base' is only used together with 'delta'", step.old_base.key)
+
+
+class _ParamChecker:
+    """Checks one step's parameters against its method and returns them under canonical names."""
+
+    def __init__(self, spec: MethodSpec, refs: list[str], ref_alias: dict[str, str], base_dir: Path,
+                 problems: Problems, notes: list[str]) -> None:
+        self.spec = spec
+        self.refs = refs
+        self.ref_alias = ref_alias
+        self.base_dir = base_dir
+        self.problems = problems
+        self.notes = notes
+        self.names = [n for p in spec.params for n in (p.name, *p.aliases)]
+
+    def _param(self, name: str, item: Item) -> Param | None:
+        p = self.spec.param(name)
+        if p is None:
+            if name in NO_EFFECT_PARAMS:
+                note = NO_EFFECT_PARAMS[name]
+                if note not in self.notes:
+                    self.notes.append(note)
+                return None
+            hint = did_you_mean(name, self.names) or choices_hint(self.names)
+            self.problems.add(item.loc, f"unknown parameter '{name}' for method '{self.spec.name}'{hint}", item.key)
+        return p
+
+    def _setting(self, p: Param, value: Any, raw: Any, key: str, loc: Loc) -> Any:
+        """Check one setting; return it (file paths resolved) or None when it has problems."""
+        spelled = BOOL_SPELLINGS.get(p.name, {})
+        if isinstance(value, bool) and p.kind == "str" and p.choices and spelled.get(value) in p.choices:
+            note = f"mergekit's '{p.name}: {str(value).lower()}' is read as '{p.name}: {spelled[value]}'"
+            if note not in self.notes:
+                self.notes.append(note)
+            value = spelled[value]
+        try:
+            setting = parse_setting(value)
+        except SettingError as exc:
+            line = line_of(raw, exc.index) if exc.index is not None else None
+            self.problems.add(Loc(loc.file, line or loc.line), f"parameter '{p.name}': {exc}", key + exc.path)
+            return None
+        ok = True
+        if varies(setting) and not p.per_tensor:
+            self.problems.add(loc, f"parameter '{p.name}' of method '{self.spec.name}' is the same for every "
+                              "tensor: per-tensor rules and layer gradients are not allowed", key)
+            ok = False
+        if has_gradient(setting) and p.kind in ("int", "tensor_file"):
+            self.problems.add(loc, f"parameter '{p.name}' is {'an integer' if p.kind == 'int' else 'a file'}: "
+                              "a layer gradient is not allowed", key)
+            ok = False
+        for leaf in leaves(setting):
+            msg = p.check(leaf)
+            if msg is not None:
+                self.problems.add(loc, f"parameter '{p.name}' of method '{self.spec.name}': {msg}", key)
+                ok = False
+                break
+        if not ok:
+            return None
+        if p.kind == "tensor_file" and isinstance(value, str):
+            return _local_path(value, self.base_dir)
+        return value
+
+    def step_params(self, step: RawStep) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        written_as: dict[str, str] = {}
+        for name, item in step.parameters.items():
+            p = self._param(name, item)
+            if p is None:
+                continue
+            if p.name in written_as:
+                self.problems.add(item.loc, f"parameter '{p.name}' is given twice (as '{written_as[p.name]}' "
+                                  f"and '{name}')", item.key)
+                continue
+            written_as[p.name] = name
+            value = item.value
+            if isinstance(value, dict) and value and not is_rule_mapping(value):
+                value = self._per_model(p, item)
+            else:
+                value = self._setting(p, value, item.raw, item.key, item.loc)
+            if value is not None:
+                out[p.name] = value
+        return out
+
+    def _per_model(self, p: Param, item: Item) -> dict[str, Any] | None:
+        if not p.per_model:
+            self.problems.add(item.loc, f"parameter '{p.name}' of method '{self.spec.name}' takes one value for "
+                              "all models, not one per model", item.key)
+            return None
+        out: dict[str, Any] = {}
+        for ref, value in item.value.items():
+            ref_s = self.ref_alias.get(str(ref), str(ref))
+            loc = Loc(item.loc.file, line_of(item.raw, ref) or item.loc.line)
+            key = f"{item.key}.{ref}"
+            if ref_s not in self.refs:
+                hint = did_you_mean(str(ref), self.refs) or choices_hint(self.refs)
+                self.problems.add(loc, f"parameter '{p.name}' names '{ref}', which is not a model of this step{hint}",
+                                  key)
+                continue
+            raw = item.raw.get(ref) if isinstance(item.raw, dict) else None
+            checked = self._setting(p, value, raw, key, loc)
+            if checked is not None:
+                out[ref_s] = checked
+        return out if len(out) == len(item.value) else None
+
+    def model_params(self, step: RawStep) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        shared: dict[str, tuple[Any, Item]] = {}  # non-per-model params written per model
+        for m in step.models:
+            values: dict[str, Any] = {}
+            for name, item in m.parameters.items():
+                p = self._param(name, item)
+                if p is None:
+                    continue
+                if p.name in values:
+                    self.problems.add(item.loc, f"parameter '{p.name}' is given twice for model '{m.ref.value}'",
+                                      item.key)
+                    continue
+                checked = self._setting(p, item.value, item.raw, item.key, item.loc)
+                if checked is None:
+                    continue
+                if not p.per_model:
+                    first = shared.setdefault(p.name, (checked, item))
+                    if first[0] != checked:
+                        self.problems.add(item.loc, f"parameter '{p.name}' of method '{self.spec.name}' takes one "
+                                          f"value for all models, but models give different values "
+                                          f"(see {first[1].loc})", item.key)
+                        continue
+                values[p.name] = checked
+            if values:
+                out[m.ref.value] = values
+        return out
+
+    def required(self, step: RawStep, params: dict[str, Any], model_params: dict[str, dict[str, Any]]) -> None:
+        for p in self.spec.params:
+            if not p.required:
+                continue
+            step_value = params.get(p.name)
+            if p.per_model:
+                for ref in self.refs:
+                    has_step = step_value is not None and (not isinstance(step_value, dict) or is_rule_mapping(
+                        step_value) or ref in step_value)
+                    if not has_step and p.name not in model_params.get(ref, {}):
+                        self.problems.add(step.loc, f"method '{self.spec.name}' needs parameter '{p.name}' "
+                                          f"for model '{ref}'", _sub(step, "parameters"))
+            elif step_value is None and not any(p.name in v for v in model_params.values()):
+                self.problems.add(step.loc, f"method '{self.spec.name}' needs parameter '{p.name}'",
+                                  _sub(step, "parameters"))
+
+
+def _order(specs: list[StepSpec], raws: list[RawStep], ids: set[str], problems: Problems) -> list[StepSpec] | None:
+    """Steps in an order where each comes after the steps it reads (stable); None on a cycle."""
+    by_id = {s.id: s for s in specs}
+    deps = {s.id: [r for r in dict.fromkeys(s.references()) if r in ids and r != s.id] for s in specs}
+    state: dict[str, int] = {}  # 1 = in progress, 2 = done
+    order: list[StepSpec] = []
+    reported: set[frozenset[str]] = set()
+    ok = True
+
+    def visit(sid: str, trail: list[str]) -> None:
+        nonlocal ok
+        if state.get(sid) == 2:
+            return
+        if state.get(sid) == 1:
+            cycle = trail[trail.index(sid):] + [sid]
+            if frozenset(cycle) not in reported:
+                reported.add(frozenset(cycle))
+                raw = raws[[s.id for s in specs].index(cycle[0])]
+                problems.add(raw.id.loc, "steps form a cycle: " + " -> ".join(cycle), raw.id.key)
+            ok = False
+            return
+        state[sid] = 1
+        for d in deps[sid]:
+            visit(d, trail + [sid])
+        state[sid] = 2
+        order.append(by_id[sid])
+
+    for s in specs:
+        if s.id in by_id and by_id[s.id] is s:
+            visit(s.id, [])
+    return order if ok else None
+
+
+def _output(raw: RawRecipe, inputs: dict[str, str], ids: dict[str, RawStep], base_dir: Path,
+            problems: Problems) -> OutputSpec | None:
+    out = OutputSpec()
+    o = raw.output
+    before = len(problems)
+    if "step" in o:
+        step = o["step"].value
+        if step not in ids:
+            hint = did_you_mean(str(step), list(ids)) or choices_hint(list(ids))
+            problems.add(o["step"].loc, f"output step '{step}' is not a step id{hint}", o["step"].key)
+        out.step = step
+    elif raw.steps:
+        out.step = raw.steps[-1].id.value
+    if "path" in o:
+        out.path = _local_path(o["path"].value, base_dir)
+    if "dtype" in o:
+        try:
+            out.dtype = parse_user_dtype(o["dtype"].value)
+        except UsageError as exc:
+            problems.add(o["dtype"].loc, str(exc), o["dtype"].key)
+    if "shard_size" in o:
+        value = o["shard_size"].value
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise UsageError(f"cannot read size {value!r} (examples: 5GB, 500M, 2000000)")
+            out.shard_size = parse_size(value)
+        except UsageError as exc:
+            problems.add(o["shard_size"].loc, str(exc), o["shard_size"].key)
+    if "copy_tokenizer_from" in o:
+        src = o["copy_tokenizer_from"].value
+        if src not in inputs and src not in raw.inputs:
+            hint = did_you_mean(str(src), list(raw.inputs)) or choices_hint(list(raw.inputs))
+            problems.add(o["copy_tokenizer_from"].loc, f"copy_tokenizer_from '{src}' is not an input{hint}",
+                         o["copy_tokenizer_from"].key)
+        out.copy_tokenizer_from = src
+    return out if len(problems) == before else None
