@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import leftovers, load_dir
+from mergekit_lite.cli.main import app
 from typer.testing import CliRunner
 
 import mergekit_lite as mlite
-from mergekit_lite.cli.main import app
 from mergekit_lite.engine.plan import build_plan
-from mergekit_lite.errors import CheckpointError
 from mergekit_lite.engine.run import PREFETCH_DEPTH, execute
+from mergekit_lite.errors import CheckpointError
 from mergekit_lite.recipe.model import load_recipe
 from mergekit_lite.synthetic import LlamaShape, build_model_set, make_base, make_finetune, save_checkpoint
-from helpers import leftovers, load_dir
 
 runner = CliRunner()
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import leftovers, load_dir
 from safetensors.torch import save_file
 
 from mergekit_lite.errors import CheckpointError, ResolveError, UsageError
 from mergekit_lite.io.checkpoint import open_checkpoint
 from mergekit_lite.io.writer import CheckpointWriter, OutputTensor, plan_shards
 from mergekit_lite.synthetic import LlamaShape, make_base, save_checkpoint
-from helpers import leftovers, load_dir
 
 
 def _copy(src_dir: Path, out: Path, shard_size: int, order=None) -> Path:
