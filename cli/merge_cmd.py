@@ -30,10 +30,15 @@ def merge(
     as_json: bool = typer.Option(False, "--json", help="Print the plan or the result as JSON."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     allow_bin: bool = typer.Option(False, "--allow-bin", help="Allow pickle .bin inputs (weights_only)."),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores)."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v info, -vv debug logging."),
 ) -> None:
     """Run a merge recipe and write the output checkpoint."""
     setup_logging(verbose)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     size = parse_size(shard_size) if shard_size else None
     overrides = dict(out=out_path, device=device, dtype=dtype, shard_size=size, seed=seed, allow_bin=allow_bin)
     if dry_run:

@@ -201,6 +201,7 @@ def surgery(
         steps=[StepSpec(id=STEP_ID, method="surgery", base="model", models=[], parameters=params)],
         output=OutputSpec(path=str(out_path) if out_path is not None else None),
         device=device,
+        options={"allow_bin": allow_pt},  # lets the planner load a .pt probe the user opted into
     )
     plan = build_plan(recipe, out=out_path, device=device, force=force, allow_bin=False)
     # The plan's copy of the model reads the original rows for the sidecar.
