@@ -48,11 +48,7 @@ def _root(
 
 
 for _name in COMMAND_MODULES:
-    try:
-        importlib.import_module(f"{__package__}.{_name}").register(app)
-    except ModuleNotFoundError as exc:  # TEMPORARY during parallel development; removed before landing
-        if exc.name != f"{__package__}.{_name}":
-            raise
+    importlib.import_module(f"{__package__}.{_name}").register(app)
 
 
 def main() -> None:

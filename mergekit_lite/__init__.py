@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 _API = (
     "merge", "run_recipe", "dry_run", "plan_recipe", "inspect",
-    "patch", "extract", "mos_merge", "bank_add", "bank_list", "bank_export", "retrieve",
+    "patch", "extract", "mos_merge", "bank_add", "bank_list", "bank_export", "bank_set_prototypes", "retrieve",
     "surgery", "undo_surgery", "train_probe", "collect_features",
 )
 __all__ = ["__version__", *_API]

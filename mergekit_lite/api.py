@@ -18,6 +18,16 @@ from .engine.plan import Plan, build_plan
 from .engine.run import PublishHook, RunResult, TensorHook, execute
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .recipe.model import Recipe, load_recipe
+from .workflows.extract import extract
+from .workflows.mos import bank_add, bank_export, bank_list, bank_set_prototypes, mos_merge, retrieve
+from .workflows.patch import patch
+from .workflows.surgery import collect_features, surgery, train_probe, undo_surgery
+
+__all__ = [
+    "bank_add", "bank_export", "bank_list", "bank_set_prototypes", "collect_features", "dry_run", "extract",
+    "inspect", "merge", "mos_merge", "patch", "plan_recipe", "retrieve", "run_recipe", "surgery", "train_probe",
+    "undo_surgery",
+]
 
 PathLike = str | os.PathLike
 
@@ -124,29 +134,3 @@ def merge(
 def inspect(path: PathLike, *, allow_bin: bool = False) -> Checkpoint:
     """Open a checkpoint (headers only) to look at its tensors."""
     return open_checkpoint(path, allow_bin=allow_bin)
-
-
-def _workflows() -> dict[str, Any]:
-    """Functions of the other workflows, re-exported here so `mergekit_lite.api` is one place."""
-    exported: dict[str, Any] = {}
-    import importlib
-
-    for module, names in (
-        ("patch", ("patch",)),
-        ("extract", ("extract",)),
-        ("mos", ("mos_merge", "bank_add", "bank_list", "bank_export", "retrieve")),
-        ("surgery", ("surgery", "undo_surgery", "train_probe", "collect_features")),
-    ):
-        try:
-            mod = importlib.import_module(f"{__package__}.workflows.{module}")
-        except ModuleNotFoundError as exc:  # TEMPORARY during parallel development
-            if exc.name != f"{__package__}.workflows.{module}":
-                raise
-            continue
-        for n in names:
-            if hasattr(mod, n):
-                exported[n] = getattr(mod, n)
-    return exported
-
-
-globals().update(_workflows())

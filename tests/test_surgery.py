@@ -262,7 +262,7 @@ def test_matches_brute_force(n_layers: int, rows: int, k: int, seed: int, direct
 # ---------------------------------------------------------------------------------------------
 # End to end: a synthetic Llama checkpoint through the engine, the sidecar, undo and the CLI
 # ---------------------------------------------------------------------------------------------
-engine = pytest.importorskip("mergekit_lite.engine.run", reason="engine not available")
+import mergekit_lite.engine.run as engine  # noqa: E402
 
 from pathlib import Path  # noqa: E402
 
@@ -426,17 +426,9 @@ def test_undo_without_sidecar_fails_clearly(tmp_path: Path) -> None:
 
 
 def _cli_app():
-    """The `mlite` app; `cli/` is installed as `mergekit_lite.cli`, also from a plain checkout."""
-    import importlib
+    from mergekit_lite.cli.main import app
 
-    try:
-        return importlib.import_module("mergekit_lite.cli.main").app
-    except ModuleNotFoundError:
-        import mergekit_lite
-
-        # An editable install may not map the `cli/` folder; point the package at the repo root.
-        mergekit_lite.__path__.append(str(Path(mergekit_lite.__file__).parents[1]))
-        return importlib.import_module("mergekit_lite.cli.main").app
+    return app
 
 
 def test_cli_surgery_and_undo(tmp_path: Path) -> None:

@@ -23,8 +23,4 @@ METHOD_MODULES: tuple[str, ...] = (
 )
 
 for _module in METHOD_MODULES:
-    try:
-        importlib.import_module(f"{__package__}.{_module}")
-    except ModuleNotFoundError as exc:  # TEMPORARY during parallel development; removed before landing
-        if exc.name != f"{__package__}.{_module}":
-            raise
+    importlib.import_module(f"{__package__}.{_module}")
