@@ -262,7 +262,6 @@ def test_matches_brute_force(n_layers: int, rows: int, k: int, seed: int, direct
 # ---------------------------------------------------------------------------------------------
 # End to end: a synthetic Llama checkpoint through the engine, the sidecar, undo and the CLI
 # ---------------------------------------------------------------------------------------------
-import mergekit_lite.engine.run as engine  # noqa: E402
 
 from pathlib import Path  # noqa: E402
 
