@@ -29,7 +29,7 @@ from .registry import MethodSpec, Param, Scope, TensorJob, register
 from .stats import RadixSelect
 
 MAX_MODELS = 88  # exp(n) overflows float32 from n = 89 on: every kept score would be inf
-DEFAULT_MEMORY_BUDGET = 1 << 30
+DEFAULT_MEMORY_BUDGET = 1 << 28  # 256 MiB: small models skip passes 2-4, big ones stream
 _EPS = 1e-12  # the reference code's floor on the sum of weights
 
 
@@ -155,17 +155,22 @@ def clamp_bounds(T: torch.Tensor, clamp_ratio: float) -> tuple[torch.Tensor, tor
     return _kth(A, lo_i), _kth(A, hi_i)
 
 
-def _dense(
-    T: torch.Tensor, ratio: float, clamp_ratio: float, lambdas: Sequence[float] | float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """In-memory PCB over the columns of T, scoring every entry once."""
-    if T.shape[1] == 0:
-        return T[0].clone(), torch.zeros(0, dtype=torch.bool, device=T.device)
+def _scored(T: torch.Tensor, ratio: float, clamp_ratio: float) -> tuple[torch.Tensor, ...]:
+    """Steps 1–5 on an in-memory T (n×D, D ≥ 1): lo, hi, T̃, β, t, m, scoring every entry once."""
     lo, hi = clamp_bounds(T, clamp_ratio)
     T_clamped, beta = column_scores(T, lo, hi)
     t, m = _kth(beta, drop_index(T.shape[1], ratio)), beta.max(dim=1).values
-    W = score_weights(beta, t, m)
-    return combine(T_clamped, W, lambda_coeffs(lambdas, T.shape[0], T.device))
+    return lo, hi, T_clamped, beta, t, m
+
+
+def _dense(
+    T: torch.Tensor, ratio: float, clamp_ratio: float, lambdas: Sequence[float] | float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-memory PCB over the columns of T; returns τₘ and the kept mask."""
+    if T.shape[1] == 0:
+        return T[0].clone(), torch.zeros(0, dtype=torch.bool, device=T.device)
+    _, _, T_clamped, beta, t, m = _scored(T, ratio, clamp_ratio)
+    return combine(T_clamped, score_weights(beta, t, m), lambda_coeffs(lambdas, T.shape[0], T.device))
 
 
 def row_stats(T: torch.Tensor, ratio: float, clamp_ratio: float) -> PcbStats:
@@ -174,9 +179,7 @@ def row_stats(T: torch.Tensor, ratio: float, clamp_ratio: float) -> PcbStats:
     if count == 0:
         empty = (0.0,) * n
         return PcbStats(0, empty, empty, empty, empty)
-    lo, hi = clamp_bounds(T, clamp_ratio)
-    _, beta = column_scores(T, lo, hi)
-    t, m = _kth(beta, drop_index(count, ratio)), beta.max(dim=1).values
+    lo, hi, _, _, t, m = _scored(T, ratio, clamp_ratio)
     return PcbStats(count, *(tuple(v.tolist()) for v in (lo, hi, t, m)))
 
 
@@ -358,19 +361,29 @@ def merge_tensor(job: TensorJob) -> torch.Tensor:
         raise ValueError(f"pcb supports at most {MAX_MODELS} models, got {n}")
     T = _task_matrix(job)
     lambdas = job_lambdas(job.params, n)
-    if job.params.get("scope", "global") == "global":
-        if not isinstance(job.stats, PcbStats):
-            raise RuntimeError(f"pcb: global scope but no statistics for tensor {job.name}")
+    if isinstance(job.stats, PcbStats):  # global scope, or a tensor streamed in row blocks
         merged, kept = pcb_from_stats(T, job.stats, lambdas)
-    else:
+    elif job.params.get("scope", "global") == "tensor":  # a whole tensor: its own statistics
         ratio, clamp_ratio = float(job.params.get("ratio", 0.1)), float(job.params.get("clamp_ratio", 0.01))
         merged, kept = _dense(T, ratio, clamp_ratio, lambdas)
+    else:
+        raise RuntimeError(f"pcb: global scope but no statistics for tensor {job.name}")
     base = job.base.to(torch.float32).reshape(-1)
     return torch.where(kept, base + merged, base).view(job.base.shape)
 
 
 def _scope(params: Mapping[str, Any]) -> Scope:
     return "tensor" if params.get("scope", "global") == "tensor" else "global"
+
+
+def _elementwise(params: Mapping[str, Any]) -> bool:
+    """Given global statistics every entry is computed from its own column alone."""
+    return _scope(params) == "global"
+
+
+def _tensor_reducer(params: Mapping[str, Any], n_models: int) -> PcbReducer | None:
+    """Tensor scope on a tensor too big for one piece: the same exact statistics over its row blocks."""
+    return PcbReducer(params, n_models) if _scope(params) == "tensor" else None
 
 
 PARAMS = (
@@ -400,6 +413,8 @@ SPEC = register(
         max_models=MAX_MODELS,
         scope=_scope,
         reducer=PcbReducer,
+        elementwise=_elementwise,
+        tensor_reducer=_tensor_reducer,
         paper="https://arxiv.org/abs/2410.02396",
         doc="methods/pcb.md",
     ),
