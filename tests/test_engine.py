@@ -323,3 +323,41 @@ def test_ties_row_blocks_equal_whole_tensors(tmp_path, model_set, monkeypatch, s
     assert sum(1 for n, r in seen if n == "model.embed_tokens.weight" and r is not None) > 4
     for k in whole:
         assert torch.equal(whole[k], blocked[k]), k
+
+
+def test_recipe_errors_via_cli_all_at_once(tmp_path, model_set):
+    """Every recipe problem is reported at once, with file:line and key, exit 3, nothing written."""
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"""inputs:
+  base: {model_set.base}
+  a: {model_set.finetunes[0]}
+steps:
+  - id: m
+    method: tise
+    base: base
+    models: [a]
+  - id: n
+    method: ties
+    base: base
+    models: [a, ghost]
+    parameters:
+      densty: 0.5
+output:
+  path: {tmp_path / "out"}
+""")
+    res = runner.invoke(app, ["merge", str(recipe)])
+    assert res.exit_code == 3
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) >= 3
+    text = res.output
+    assert "bad.yaml:6" in text and "tise" in text and "did you mean 'ties'" in text
+    assert "ghost" in text and "densty" in text
+    assert "Traceback" not in text
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("inputs:\n  a: x\nsteps: [\n  - id: m\n")
+    res = runner.invoke(app, ["merge", str(recipe)])
+    assert res.exit_code == 3 and "broken.yaml:" in res.output
