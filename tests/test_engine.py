@@ -305,16 +305,25 @@ def test_row_blocks_give_identical_results(tmp_path, model_set, monkeypatch):
         assert torch.equal(whole[k], chunked_state[k]), k
 
 
-@pytest.mark.parametrize("scope", ["tensor", "global"])
-def test_ties_row_blocks_equal_whole_tensors(tmp_path, model_set, monkeypatch, scope):
-    """TIES streams big tensors in blocks (per-tensor thresholds gathered first): same bits."""
+@pytest.mark.parametrize(("method", "params"), [
+    ("ties", {"density": 0.3, "scope": "tensor"}),
+    ("ties", {"density": 0.3, "scope": "global"}),
+    ("dare_ties", {"density": 0.4}),
+    ("dare_linear", {"density": 0.6, "rescale": "none"}),
+    ("della", {"density": 0.5, "epsilon": 0.2}),
+    ("breadcrumbs", {"density": 0.7, "gamma": 0.05}),
+])
+def test_row_blocks_equal_whole_tensors(tmp_path, model_set, monkeypatch, method, params):
+    """Per-tensor methods stream big tensors in row blocks (per-tensor statistics gathered
+    first where needed, position-keyed random draws): the same bits as whole tensors."""
     from mergekit_lite.engine import stream
 
     ms = model_set
     recipe = {
         "inputs": {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])},
-        "steps": [{"id": "t", "method": "ties", "base": "base", "models": ["a", "b"],
-                   "parameters": {"density": 0.3, "scope": scope, "weight": {"a": 1.0, "b": 0.5}}}],
+        "steps": [{"id": "t", "method": method, "base": "base", "models": ["a", "b"],
+                   "parameters": {**params, "weight": {"a": 1.0, "b": 0.5}}}],
+        "seed": 3,
     }
     whole = mlite.run_recipe(recipe).state_dict
     monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 100)

@@ -17,6 +17,7 @@ from mergekit_lite.methods.sparsify import (
     magnitude_mask,
     outlier_counts,
     outlier_mask,
+    position_uniforms,
 )
 from mergekit_lite.methods.stats import RadixSelect, exact_select, float_to_key, key_to_float
 
@@ -254,8 +255,8 @@ def test_ties_global_rejects_per_tensor_density() -> None:
 
 
 def _uniforms(name: str, seed: int, shape: tuple[int, ...], n_models: int) -> list[torch.Tensor]:
-    g = TensorJob(name=name, base=None, models=[], params={}, seed=seed).generator()
-    return [torch.rand(shape, generator=g) for _ in range(n_models)]
+    job = TensorJob(name=name, base=None, models=[], params={}, seed=seed)
+    return [position_uniforms(job, i, shape, "cpu") for i in range(n_models)]
 
 
 def test_dare_paper_rescale_golden() -> None:
@@ -351,11 +352,12 @@ def test_della_probabilities_golden() -> None:
 def test_della_golden_paper_and_l1() -> None:
     tau = T([1.0, 3.0, 2.0, -4.0, 0.5, -1.5])
     p = della_probabilities(tau, 0.5, 0.2)
-    u = _uniforms("w", 11, (6,), 1)[0]
+    u = _uniforms("w", 0, (6,), 1)[0]
     kept = tau * (u < p)
-    out = run("della", [0.0] * 6, [tau.tolist()], density=(0.5,), epsilon=(0.2,), seed=11)
+    assert 0 < int((kept != 0).sum()) < 6  # this seed drops some entries and keeps some
+    out = run("della", [0.0] * 6, [tau.tolist()], density=(0.5,), epsilon=(0.2,), seed=0)
     close(out, kept / p)
-    out = run("della_linear", [0.0] * 6, [tau.tolist()], density=(0.5,), epsilon=(0.2,), seed=11, rescale="l1")
+    out = run("della_linear", [0.0] * 6, [tau.tolist()], density=(0.5,), epsilon=(0.2,), seed=0, rescale="l1")
     close(out, kept * tau.abs().sum() / kept.abs().sum())
 
 

@@ -146,7 +146,11 @@ def test_bf16_inputs_match_float64_reference_within_one_ulp(
     out = spec.merge(job(method, base, models, dtype=torch.float32, **params)).to(torch.bfloat16)  # type: ignore[union-attr]
     ref_bf16 = ref.to(torch.bfloat16)
     ulp = torch.finfo(torch.bfloat16).eps * ref.abs().clamp(min=torch.finfo(torch.bfloat16).tiny)
-    assert torch.all((out.double() - ref_bf16.double()).abs() <= ulp * 2 + 1e-30)
+    # Results that cancel to ~0 carry the float32 rounding of the inputs' scale, not of the result's.
+    scale = max(float(t.abs().max()) for t in [base, *models]) if base is not None else max(
+        float(t.abs().max()) for t in models)
+    floor = scale * 2.0**-20
+    assert torch.all((out.double() - ref_bf16.double()).abs() <= ulp * 2 + floor + 1e-30)
 
 
 @settings(max_examples=40, deadline=None)

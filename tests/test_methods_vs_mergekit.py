@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mergekit_lite.methods.registry import TensorJob, get_method
-from mergekit_lite.methods.sparsify import della_probabilities, outlier_mask
+from mergekit_lite.methods.sparsify import della_probabilities, outlier_mask, position_uniforms
 
 
 def make_job(method: str, base: torch.Tensor | None, models: list[torch.Tensor], seed: int = 0, **params: Any) -> TensorJob:
@@ -45,8 +45,8 @@ def ours(method: str, base: torch.Tensor | None, models: list[torch.Tensor], **p
 
 
 def draws(n_models: int, shape: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
-    g = make_job("dare_linear", None, [], seed=seed).generator()
-    return [torch.rand(shape, generator=g) for _ in range(n_models)]
+    job = make_job("dare_linear", None, [], seed=seed)
+    return [position_uniforms(job, i, shape, "cpu") for i in range(n_models)]
 
 
 # ------------------------------------------------------------ mergekit's formulas, re-stated

@@ -155,7 +155,7 @@ def test_row_blocks_give_the_same_selection_and_edit() -> None:
         parts = [surgery_merge(TensorJob(name=name, base=t[s : s + 3], models=(), params=params, stats=blocked,
                                          rows=(s, min(s + 3, t.shape[0])))) for s in range(0, t.shape[0], 3)]
         assert torch.equal(torch.cat(parts), full)
-    assert get_method("surgery").elementwise({}) is True
+    assert get_method("surgery").row_local({}) is True
 
 
 # ---------------------------------------------------------------------------------------------

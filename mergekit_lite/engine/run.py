@@ -172,8 +172,8 @@ def _closure(plan: Plan, step_ids: list[str]) -> list[StepPlan]:
 def _block_mode(plan: Plan, step_ids: list[str], *, local_stats: bool) -> Callable[[str], str]:
     """How a tensor may be streamed: "whole", in row "blocks", or in blocks after "local" stats.
 
-    Row blocks need every step of the chain to be elementwise for that tensor's parameters.
-    With `local_stats`, a step that is not elementwise but offers a `tensor_reducer` (TIES'
+    Row blocks need every step of the chain to be row-local for that tensor's parameters.
+    With `local_stats`, a step that is not row-local but offers a `tensor_reducer` (TIES'
     per-tensor top-k) is also fine: its statistics are first gathered over the tensor's blocks.
     """
     closure = _closure(plan, step_ids)
@@ -186,7 +186,7 @@ def _block_mode(plan: Plan, step_ids: list[str], *, local_stats: bool) -> Callab
         needs_stats = False
         for st in closure:
             params = st.resolver.for_tensor(name)
-            if st.spec.elementwise(params):
+            if st.spec.row_local(params):
                 continue
             if local_stats and st.spec.tensor_reducer is not None and st.spec.tensor_reducer(params, len(st.models)):
                 needs_stats = True
@@ -333,7 +333,7 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, result: R
             local = dict(stats)
             for st in _closure(plan, out_ids):
                 params = st.resolver.for_tensor(name)
-                if st.spec.elementwise(params):
+                if st.spec.row_local(params):
                     continue
                 reducer = st.spec.tensor_reducer(_with_tensor_files(plan, st, params), len(st.models))
                 ev = _Evaluator(plan, local, None)

@@ -37,7 +37,7 @@ def work_items(names: Iterable[str], shapes: dict[str, tuple[int, ...]], chunkab
         numel = 1
         for d in shape:
             numel *= d
-        if not shape or numel <= chunk_elements or not chunkable(name):
+        if len(shape) < 2 or numel <= chunk_elements or not chunkable(name):
             yield WorkItem(name)
             continue
         row = numel // shape[0] if shape[0] else 1

@@ -8,10 +8,15 @@ mergekit exactly (see `sparsify.outlier_counts`); ties at either cut are kept.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from .registry import MethodSpec, Param, TensorJob, register
-from .sparsify import outlier_mask
+from .sparsify import outlier_counts, outlier_mask
+from .stats import RadixSelect
 from .task_arithmetic import (
     DENSITY,
     INT8_MASK,
@@ -35,12 +40,77 @@ GAMMA = Param(
 )
 
 
+@dataclass(frozen=True)
+class OutlierBounds:
+    """Per model, the kept magnitude interval [lo, hi] of a whole tensor, or keep-all/none."""
+
+    lo: tuple[float | None, ...]  # None: no lower cut
+    hi: tuple[float | None, ...]  # None: no upper cut
+    keep_none: tuple[bool, ...]
+
+
+class OutlierBoundsReducer:
+    """The two order statistics of |τᵢ| that `outlier_mask` uses, over a tensor's row blocks.
+
+    Lets the engine stream a big tensor in blocks: the bounds are gathered first by exact radix
+    selection, then every block is masked with them, keeping exactly what `outlier_mask` keeps
+    on the whole tensor.
+    """
+
+    expected_passes = 2
+
+    def __init__(self, params: Mapping[str, Any], n_models: int) -> None:
+        self.densities = per_model(params, "density", n_models)
+        self.gammas = per_model(params, "gamma", n_models)
+
+        def ranks(row: int, count: int) -> list[int]:
+            n_bottom, n_top = outlier_counts(self.densities[row], self.gammas[row], count)
+            return [min(n_bottom, max(count - 1, 0)), max(count - n_top - 1, 0)]
+
+        self._select = RadixSelect(n_models, ranks)
+        self.n_models = n_models
+
+    def observe(self, job: TensorJob) -> None:
+        for i, tau in enumerate(task_vectors(job, "breadcrumbs")):
+            self._select.observe(i, tau.abs())
+
+    def end_pass(self) -> bool:
+        return self._select.end_pass()
+
+    def result(self) -> OutlierBounds:
+        counts = self._select.counts()
+        values = self._select.values()
+        lo, hi, none = [], [], []
+        for i in range(self.n_models):
+            count = int(counts[i])
+            n_bottom, n_top = outlier_counts(self.densities[i], self.gammas[i], count)
+            none.append(n_bottom + n_top >= count)
+            lo.append(float(values[i, 0]) if n_bottom > 0 else None)
+            hi.append(float(values[i, 1]) if n_top > 0 else None)
+        return OutlierBounds(tuple(lo), tuple(hi), tuple(none))
+
+
+def _bounded_mask(tau: torch.Tensor, bounds: OutlierBounds, i: int) -> torch.Tensor:
+    if bounds.keep_none[i]:
+        return torch.zeros_like(tau, dtype=torch.bool)
+    magnitude = tau.abs()
+    keep = torch.ones_like(tau, dtype=torch.bool)
+    if bounds.lo[i] is not None:
+        keep &= magnitude >= bounds.lo[i]
+    if bounds.hi[i] is not None:
+        keep &= magnitude <= bounds.hi[i]
+    return keep
+
+
 def merge_breadcrumbs(job: TensorJob) -> torch.Tensor:
     taus = task_vectors(job, "breadcrumbs")
     n = len(taus)
     densities = per_model(job.params, "density", n)
     gammas = per_model(job.params, "gamma", n)
-    thinned = [t * outlier_mask(t, d, g) for t, d, g in zip(taus, densities, gammas, strict=True)]
+    if isinstance(job.stats, OutlierBounds):  # a row block of a big tensor: bounds gathered first
+        thinned = [t * _bounded_mask(t, job.stats, i) for i, t in enumerate(taus)]
+    else:
+        thinned = [t * outlier_mask(t, d, g) for t, d, g in zip(taus, densities, gammas, strict=True)]
     mixed = combine(
         thinned,
         per_model(job.params, "weight", n),
@@ -61,5 +131,6 @@ SPEC = register(
         min_models=1,
         paper="https://arxiv.org/abs/2312.06795",
         doc="methods/breadcrumbs.md",
+        tensor_reducer=OutlierBoundsReducer,
     )
 )

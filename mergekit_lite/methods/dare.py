@@ -4,9 +4,11 @@ mᵢ ~ Bernoulli(density) per entry, τ̂ᵢ = mᵢ ⊙ τᵢ / density (`rescal
 that ‖τ̂ᵢ‖₁ = ‖τᵢ‖₁ (`rescale: l1`, mergekit's choice), or not at all (`rescale: none`). Then
 `dare_linear` combines like task arithmetic and `dare_ties` like TIES (sign election).
 
-Reproducibility: each tensor's draws come from a generator seeded by (seed, tensor name); model
-i's mask is the i-th block of float32 uniforms drawn on the CPU (u < density), drawn for every
-model even at density 1 so that one model's density never shifts another's mask.
+Reproducibility: model i keeps entry k when u < density, where u is a counter-based draw keyed
+by (seed, tensor name, i, k) (`sparsify.position_uniforms`): the same seed gives the same mask
+whatever the traversal order, worker count, device, or whether the engine streams the tensor
+in row blocks. With `rescale: paper` or `none` the method is row-local, so big tensors stream
+in blocks; `rescale: l1` needs the whole tensor's norms.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .registry import MethodSpec, TensorJob, register
-from .sparsify import random_mask, rescale_l1
+from .sparsify import position_uniforms, rescale_l1
 from .task_arithmetic import (
     DENSITY,
     INT8_MASK,
@@ -29,15 +31,13 @@ from .task_arithmetic import (
 
 
 def drop_and_rescale(job: TensorJob, taus: list[torch.Tensor], densities: tuple[float, ...]) -> list[torch.Tensor]:
-    generator = job.generator()
     mode = str(job.params.get("rescale", "paper"))
     out = []
-    for tau, density in zip(taus, densities, strict=True):
-        mask = random_mask(tau.shape, density, generator, tau.device)
+    for i, (tau, density) in enumerate(zip(taus, densities, strict=True)):
         if density >= 1:
             out.append(tau)
             continue
-        kept = tau * mask
+        kept = tau * (position_uniforms(job, i, tau.shape, tau.device) < density)
         if mode == "paper":
             kept = kept / density
         elif mode == "l1":
@@ -80,6 +80,7 @@ LINEAR_SPEC = register(
         min_models=1,
         paper="https://arxiv.org/abs/2311.03099",
         doc="methods/dare.md",
+        row_local=lambda params: params.get("rescale", "paper") != "l1",
     )
 )
 
@@ -93,5 +94,6 @@ TIES_SPEC = register(
         min_models=1,
         paper="https://arxiv.org/abs/2311.03099",
         doc="methods/dare.md",
+        row_local=lambda params: params.get("rescale", "paper") != "l1",
     )
 )

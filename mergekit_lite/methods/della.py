@@ -5,7 +5,8 @@ density − ε (smallest) to density + ε (largest) (`sparsify.della_probabiliti
 are rescaled by 1/pᵢ, their own keep probability (`rescale: paper`, default), or to the task
 vector's L1 norm (`rescale: l1`, what mergekit does), or not at all. Then `della` elects signs
 and takes the disjoint mean like TIES; `della_linear` adds like task arithmetic.
-Draws use the tensor's seeded CPU generator, model by model, like DARE.
+Draws are counter-based, keyed by (seed, tensor name, model, entry), like DARE; probabilities
+depend only on the entry's row, so with `rescale: paper`/`none` big tensors stream in row blocks.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from ..errors import RecipeError
 from .registry import MethodSpec, Param, TensorJob, register
-from .sparsify import della_probabilities, rescale_l1, uniform_draws
+from .sparsify import della_probabilities, position_uniforms, rescale_l1
 from .task_arithmetic import (
     DENSITY,
     INT8_MASK,
@@ -43,10 +44,8 @@ def magprune(job: TensorJob, taus: list[torch.Tensor], method: str) -> list[torc
     densities = per_model(job.params, "density", n)
     epsilons = per_model(job.params, "epsilon", n)
     mode = str(job.params.get("rescale", "paper"))
-    generator = job.generator()
     out = []
     for i, (tau, density, eps) in enumerate(zip(taus, densities, epsilons, strict=True)):
-        draws = uniform_draws(tau.shape, generator, tau.device)
         if density >= 1:
             out.append(tau)
             continue
@@ -56,7 +55,7 @@ def magprune(job: TensorJob, taus: list[torch.Tensor], method: str) -> list[torc
                 f"(density {density:g}, epsilon {eps:g})"
             )
         probs = della_probabilities(tau, density, eps)
-        mask = draws < probs
+        mask = position_uniforms(job, i, tau.shape, tau.device) < probs
         kept = tau * mask
         if mode == "paper":
             kept = kept / probs.to(tau.dtype)
@@ -97,6 +96,7 @@ SPEC = register(
         min_models=1,
         paper="https://arxiv.org/abs/2406.11617",
         doc="methods/della.md",
+        row_local=lambda params: params.get("rescale", "paper") != "l1",
     )
 )
 
@@ -110,5 +110,6 @@ LINEAR_SPEC = register(
         min_models=1,
         paper="https://arxiv.org/abs/2406.11617",
         doc="methods/della.md",
+        row_local=lambda params: params.get("rescale", "paper") != "l1",
     )
 )

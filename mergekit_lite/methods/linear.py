@@ -44,6 +44,6 @@ SPEC = register(
         min_models=1,
         paper="https://arxiv.org/abs/2203.05482",
         doc="methods/linear.md",
-        elementwise=lambda params: True,
+        row_local=lambda params: True,
     )
 )

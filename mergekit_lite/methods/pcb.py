@@ -376,7 +376,7 @@ def _scope(params: Mapping[str, Any]) -> Scope:
     return "tensor" if params.get("scope", "global") == "tensor" else "global"
 
 
-def _elementwise(params: Mapping[str, Any]) -> bool:
+def _row_local(params: Mapping[str, Any]) -> bool:
     """Given global statistics every entry is computed from its own column alone."""
     return _scope(params) == "global"
 
@@ -413,7 +413,7 @@ SPEC = register(
         max_models=MAX_MODELS,
         scope=_scope,
         reducer=PcbReducer,
-        elementwise=_elementwise,
+        row_local=_row_local,
         tensor_reducer=_tensor_reducer,
         paper="https://arxiv.org/abs/2410.02396",
         doc="methods/pcb.md",

@@ -165,10 +165,11 @@ class MethodSpec:
     ordered: bool = False  # result depends on the order of models (slerp, mos)
     scope: Callable[[Mapping[str, Any]], Scope] = field(default=lambda params: "tensor")
     reducer: ReducerFactory | None = None
-    # True when, for these parameters, output[k] depends only on the inputs at position k (and
-    # `job.stats`), and the reducer (if any) accepts any row block: the engine may then stream
-    # big tensors in row blocks, so memory does not grow with the largest tensor.
-    elementwise: Callable[[Mapping[str, Any]], bool] = field(default=lambda params: False)
+    # True when, for these parameters, each output row depends only on the same rows of the
+    # inputs (and `job.stats`), and the reducer (if any) accepts any block of whole rows: the
+    # engine may then stream big tensors in row blocks (`job.rows` says which), so memory does
+    # not grow with the largest tensor. 1-D tensors are never split.
+    row_local: Callable[[Mapping[str, Any]], bool] = field(default=lambda params: False)
     # For per-tensor methods with per-tensor statistics (TIES' top-k threshold): a reducer that,
     # run over the row blocks of ONE tensor (parameters resolved for it), gives `merge` what it
     # needs as `job.stats` to work on row blocks of that tensor. Returns None when it does not

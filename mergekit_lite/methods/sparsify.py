@@ -17,7 +17,11 @@ Conventions shared by every mask below:
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from .registry import TensorJob, tensor_seed
 
 L1_EPS = 1e-7  # mergekit's tolerance below which an L1 rescale is skipped
 
@@ -100,16 +104,57 @@ def outlier_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tenso
     return keep
 
 
-def uniform_draws(shape: torch.Size | tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """float32 U[0,1) draws made on the CPU generator, then moved (device-independent results)."""
-    return torch.rand(tuple(shape), generator=generator, dtype=torch.float32).to(device)
+_M32 = 0xFFFFFFFF
+_DRAW_SLICE = 1 << 20  # entries hashed at a time: bounds the int64 temporaries
 
 
-def random_mask(
-    shape: torch.Size | tuple[int, ...], density: float, generator: torch.Generator, device: torch.device
-) -> torch.Tensor:
-    """DARE: keep each entry independently with probability `density` (u < density)."""
-    return uniform_draws(shape, generator, device) < density
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2³²).
+
+    Products may wrap past 2⁶³; two's-complement wrapping keeps the low 32 bits exact, on CPU
+    and GPU alike, which is all the mask keeps.
+    """
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def _fmix32_int(h: int) -> int:
+    h &= _M32
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def position_uniforms(job: TensorJob, model: int, shape: torch.Size | tuple[int, ...],
+                      device: torch.device | str) -> torch.Tensor:
+    """float32 U[0,1) draws, one per entry, keyed by (seed, tensor name, model, entry position).
+
+    A counter-based generator: an entry's draw is a hash of where the entry is, not of how many
+    draws came before it. The same seed therefore gives the same masks whether the engine
+    processes a tensor whole or in row blocks (`job.rows`), on CPU or GPU, in any order, with
+    any number of workers. Draws have 24 random bits (every float32 in [0, 1) with that
+    spacing), plenty for Bernoulli masks.
+    """
+    key = tensor_seed(job.seed, job.name)
+    k_low, k_high = key & _M32, (key >> 32) & _M32
+    k_model = _fmix32_int(k_high ^ _fmix32_int(model + 0x9E3779B9))
+    shape = tuple(shape)
+    numel = math.prod(shape)
+    row_numel = numel // shape[0] if shape and shape[0] else 1
+    start = (job.rows[0] if job.rows else 0) * row_numel
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    for a in range(0, numel, _DRAW_SLICE):
+        b = min(numel, a + _DRAW_SLICE)
+        idx = torch.arange(start + a, start + b, dtype=torch.int64, device=device)
+        h = _fmix32((idx & _M32) ^ k_low)
+        h = _fmix32(h ^ ((idx >> 32) & _M32) ^ k_model)
+        out[a:b] = (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    return out.reshape(shape)
 
 
 def della_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:

@@ -349,7 +349,7 @@ SPEC = register(
         max_models=0,
         scope=lambda params: "global",
         reducer=_make_reducer,
-        elementwise=lambda params: True,  # row-wise: rows of a block are scored and edited alone
+        row_local=lambda params: True,  # row-wise: rows of a block are scored and edited alone
         paper="https://arxiv.org/abs/2407.08770",
         doc="methods/surgery.md",
     )

@@ -150,6 +150,6 @@ SPEC = register(
         min_models=1,
         paper="https://arxiv.org/abs/2212.04089",
         doc="methods/task_arithmetic.md",
-        elementwise=lambda params: True,
+        row_local=lambda params: True,
     )
 )

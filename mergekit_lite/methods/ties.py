@@ -144,7 +144,7 @@ SPEC = register(
         min_models=1,
         scope=ties_scope,
         reducer=GlobalTopK,
-        elementwise=lambda params: params.get("scope", "tensor") == "global",
+        row_local=lambda params: params.get("scope", "tensor") == "global",
         tensor_reducer=lambda params, n: GlobalTopK(params, n) if params.get("scope", "tensor") != "global" else None,
         paper="https://arxiv.org/abs/2306.01708",
         doc="methods/ties.md",
