@@ -184,9 +184,11 @@ def test_ties_magnitude_ties_are_all_kept() -> None:
     assert magnitude_mask(T([5, 1, -4, 2]), 0.5).tolist() == [True, False, True, False]
 
 
-def test_ties_density_rounds_down_and_can_keep_nothing() -> None:
+def test_ties_density_rounds_down_but_keeps_at_least_one() -> None:
     assert keep_count(0.1, 6) == 0 and keep_count(0.34, 6) == 2 and keep_count(1.0, 6) == 6
-    close(run("ties", [1.0] * 6, [[2.0] * 6], density=(0.1,)), [1.0] * 6)
+    # mergekit's per-tensor trim keeps max(1, int(density·n)) entries for a positive density
+    assert keep_count(0.1, 6, at_least_one=True) == 1 and keep_count(0.0, 6, at_least_one=True) == 0
+    close(run("ties", [1.0] * 6, [[1.0, 2.0, 1.0, 1.5, 1.0, 1.0]], density=(0.1,)), [1.0, 2.0, 1.0, 1.0, 1.0, 1.0])
 
 
 def test_ties_negative_weight() -> None:

@@ -62,14 +62,15 @@ class GlobalTopK:
 
     expected_passes = 2  # read by the planner for progress and estimates
 
-    def __init__(self, params: Mapping[str, Any], n_models: int) -> None:
+    def __init__(self, params: Mapping[str, Any], n_models: int, *, at_least_one: bool = False) -> None:
         if "density" not in params:
             raise RecipeError("ties: with scope: global, density must be the same for every tensor")
         self.densities = per_model(params, "density", n_models)
         self.n_models = n_models
+        self.at_least_one = at_least_one  # tensor scope (one tensor's blocks): mergekit's rule
 
         def ranks(row: int, count: int) -> list[int]:
-            k = keep_count(self.densities[row], count)
+            k = keep_count(self.densities[row], count, at_least_one=at_least_one)
             # ascending 0-based position of the k-th largest; clamp for the keep-all/none cases
             return [min(max(count - k, 0), max(count - 1, 0))]
 
@@ -89,7 +90,7 @@ class GlobalTopK:
         return GlobalThresholds(
             densities=self.densities,
             total=total,
-            keep=tuple(keep_count(d, total) for d in self.densities),
+            keep=tuple(keep_count(d, total, at_least_one=self.at_least_one) for d in self.densities),
             thresholds=tuple(float(values[i, 0]) for i in range(self.n_models)),
         )
 
@@ -145,7 +146,9 @@ SPEC = register(
         scope=ties_scope,
         reducer=GlobalTopK,
         row_local=lambda params: params.get("scope", "tensor") == "global",
-        tensor_reducer=lambda params, n: GlobalTopK(params, n) if params.get("scope", "tensor") != "global" else None,
+        tensor_reducer=lambda params, n: (
+            GlobalTopK(params, n, at_least_one=True) if params.get("scope", "tensor") != "global" else None
+        ),
         paper="https://arxiv.org/abs/2306.01708",
         doc="methods/ties.md",
     )
