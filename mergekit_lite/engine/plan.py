@@ -124,6 +124,21 @@ class Plan:
             dk.add(step.delta_key)
         return ck, dk
 
+    @property
+    def output_step_ids(self) -> list[str]:
+        """The steps whose results the output pass writes: the final one, then those with `save`."""
+        return [self.final] + [s.id for s in self.steps.values() if s.save is not None and s.id != self.final]
+
+    def inputs_of(self, step_ids: list[str]) -> tuple[set[str], set[str], set[str]]:
+        """(checkpoint keys, delta keys, copy keys) the given steps read; copy keys feed non-float tensors."""
+        ck: set[str] = set()
+        dk: set[str] = set()
+        for sid in step_ids:
+            a, b = self.leaves_of(sid)
+            ck |= a
+            dk |= b
+        return ck, dk, {self.copy_leaf(s) for s in step_ids}
+
     def copy_leaf(self, step_id: str) -> str:
         """The checkpoint whose value a non-float tensor takes (the root base)."""
         step = self.steps[step_id]
@@ -440,7 +455,7 @@ def estimate(plan: Plan) -> dict[str, Any]:
         n_passes = _expected_passes(st)
         per = leaf_bytes(st.id, float_names)
         passes.append({"step": st.id, "kind": "statistics", "passes": n_passes, "bytes_read": per * n_passes})
-    out_ids = _output_step_ids(plan)
+    out_ids = plan.output_step_ids
     read_out = _output_pass_bytes(plan, out_ids)
     passes.append({"step": plan.final, "kind": "output", "passes": 1, "bytes_read": read_out})
     layouts = plan_shards([PlannedTensor(o.name, o.dtype, o.shape) for o in plan.outputs], plan.shard_size)
@@ -482,19 +497,8 @@ def _expected_passes(st: StepPlan) -> int:
     return int(getattr(reducer, "expected_passes", 1) or 1)
 
 
-def _output_step_ids(plan: Plan) -> list[str]:
-    ids = [plan.final] + [s.id for s in plan.steps.values() if s.save is not None and s.id != plan.final]
-    return ids
-
-
 def _output_pass_bytes(plan: Plan, step_ids: list[str]) -> int:
-    ck_keys: set[str] = set()
-    dkeys: set[str] = set()
-    for sid in step_ids:
-        a, b = plan.leaves_of(sid)
-        ck_keys |= a
-        dkeys |= b
-    copy_keys = {plan.copy_leaf(s) for s in step_ids}
+    ck_keys, dkeys, copy_keys = plan.inputs_of(step_ids)
     total = 0
     for o in plan.outputs:
         keys = ck_keys if o.is_float else copy_keys

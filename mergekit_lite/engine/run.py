@@ -275,14 +275,8 @@ def _bytes(plan: Plan) -> int:
 
 def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, result: RunResult, bar: Any,
                  publish_hook: PublishHook | None, tensor_hook: TensorHook | None, keep: bool | None) -> None:
-    out_ids = [plan.final] + [s.id for s in plan.steps.values() if s.save is not None and s.id != plan.final]
-    ck_keys: set[str] = set()
-    dkeys: set[str] = set()
-    for sid in out_ids:
-        a, b = plan.leaves_of(sid)
-        ck_keys |= a
-        dkeys |= b
-    copy_keys = {plan.copy_leaf(s) for s in out_ids}
+    out_ids = plan.output_step_ids
+    ck_keys, dkeys, copy_keys = plan.inputs_of(out_ids)
     planned = [PlannedTensor(o.name, o.dtype, o.shape) for o in plan.outputs]
     out_dtype = {o.name: to_torch(o.dtype) for o in plan.outputs}
     float_names = {o.name for o in plan.outputs if o.is_float}

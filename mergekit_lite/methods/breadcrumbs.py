@@ -22,7 +22,7 @@ from .task_arithmetic import (
     INT8_MASK,
     LAMBDA,
     WEIGHT,
-    combine,
+    add_to_base,
     normalize_param,
     per_model,
     task_vectors,
@@ -111,14 +111,7 @@ def merge_breadcrumbs(job: TensorJob) -> torch.Tensor:
         thinned = [t * _bounded_mask(t, job.stats, i) for i, t in enumerate(taus)]
     else:
         thinned = [t * outlier_mask(t, d, g) for t, d, g in zip(taus, densities, gammas, strict=True)]
-    mixed = combine(
-        thinned,
-        per_model(job.params, "weight", n),
-        elect=False,
-        normalize=bool(job.params["normalize"]),
-        lam=float(job.params["lambda"]),
-    )
-    return job.base + mixed  # type: ignore[operator]
+    return add_to_base(job, thinned, elect=False)
 
 
 SPEC = register(

@@ -23,7 +23,7 @@ from .task_arithmetic import (
     LAMBDA,
     RESCALE,
     WEIGHT,
-    combine,
+    add_to_base,
     normalize_param,
     per_model,
     task_vectors,
@@ -50,14 +50,7 @@ def _merge(job: TensorJob, *, elect: bool, method: str) -> torch.Tensor:
     taus = task_vectors(job, method)
     n = len(taus)
     thinned = drop_and_rescale(job, taus, per_model(job.params, "density", n))
-    mixed = combine(
-        thinned,
-        per_model(job.params, "weight", n),
-        elect=elect,
-        normalize=bool(job.params["normalize"]),
-        lam=float(job.params["lambda"]),
-    )
-    return job.base + mixed  # type: ignore[operator]
+    return add_to_base(job, thinned, elect=elect)
 
 
 def merge_dare_linear(job: TensorJob) -> torch.Tensor:

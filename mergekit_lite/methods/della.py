@@ -22,7 +22,7 @@ from .task_arithmetic import (
     LAMBDA,
     RESCALE,
     WEIGHT,
-    combine,
+    add_to_base,
     normalize_param,
     per_model,
     task_vectors,
@@ -68,14 +68,7 @@ def magprune(job: TensorJob, taus: list[torch.Tensor], method: str) -> list[torc
 def _merge(job: TensorJob, *, elect: bool, method: str) -> torch.Tensor:
     taus = task_vectors(job, method)
     thinned = magprune(job, taus, method)
-    mixed = combine(
-        thinned,
-        per_model(job.params, "weight", len(taus)),
-        elect=elect,
-        normalize=bool(job.params["normalize"]),
-        lam=float(job.params["lambda"]),
-    )
-    return job.base + mixed  # type: ignore[operator]
+    return add_to_base(job, thinned, elect=elect)
 
 
 def merge_della(job: TensorJob) -> torch.Tensor:

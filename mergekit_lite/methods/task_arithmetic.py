@@ -131,13 +131,20 @@ def combine(
     return mixed
 
 
-def merge_task_arithmetic(job: TensorJob) -> torch.Tensor:
-    taus = task_vectors(job, "task_arithmetic")
-    weights = per_model(job.params, "weight", len(taus))
+def add_to_base(job: TensorJob, deltas: Sequence[torch.Tensor], *, elect: bool) -> torch.Tensor:
+    """θ₀ + combine(τ̂ᵢ) with the step's weight, normalize and lambda: every task-vector method's end."""
     mixed = combine(
-        taus, weights, elect=False, normalize=bool(job.params["normalize"]), lam=float(job.params["lambda"])
+        deltas,
+        per_model(job.params, "weight", len(deltas)),
+        elect=elect,
+        normalize=bool(job.params["normalize"]),
+        lam=float(job.params["lambda"]),
     )
     return job.base + mixed  # type: ignore[operator]
+
+
+def merge_task_arithmetic(job: TensorJob) -> torch.Tensor:
+    return add_to_base(job, task_vectors(job, "task_arithmetic"), elect=False)
 
 
 SPEC = register(

@@ -26,7 +26,7 @@ from .task_arithmetic import (
     INT8_MASK,
     LAMBDA,
     WEIGHT,
-    combine,
+    add_to_base,
     normalize_param,
     per_model,
     task_vectors,
@@ -125,14 +125,7 @@ def merge_ties(job: TensorJob) -> torch.Tensor:
     taus = task_vectors(job, "ties")
     n = len(taus)
     trimmed = trim(job, taus, per_model(job.params, "density", n))
-    mixed = combine(
-        trimmed,
-        per_model(job.params, "weight", n),
-        elect=True,
-        normalize=bool(job.params["normalize"]),
-        lam=float(job.params["lambda"]),
-    )
-    return job.base + mixed  # type: ignore[operator]
+    return add_to_base(job, trimmed, elect=True)
 
 
 SPEC = register(
