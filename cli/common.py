@@ -40,7 +40,8 @@ def guarded(fn: F) -> F:
                 err.print(f"[bold red]error:[/] {escape(problem)}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err.print("interrupted; nothing was published")
+            err.print("interrupted: nothing was published; `mlite merge --resume` continues a merge "
+                      "from where it stopped")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

@@ -29,6 +29,7 @@ def merge(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; read no tensor, write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan or the result as JSON."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same recipe."),
     allow_bin: bool = typer.Option(False, "--allow-bin", help="Allow pickle .bin inputs (weights_only)."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores)."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v info, -vv debug logging."),
@@ -48,7 +49,8 @@ def merge(
         else:
             _print_plan(plan)
         return
-    result = api.run_recipe(recipe, force=force, progress=not as_json and err.is_terminal, **overrides)
+    result = api.run_recipe(recipe, force=force, resume=resume, progress=not as_json and err.is_terminal,
+                            **overrides)
     summary = {
         "output": str(result.output) if result.output else None,
         "saved": {k: str(v) for k, v in result.saved.items()},
@@ -56,11 +58,14 @@ def merge(
         "bytes_read": result.bytes_read,
         "bytes_written": result.bytes_written,
         "seconds": round(result.seconds, 3),
+        "resumed_tensors": result.resumed,
         "passes": result.passes,
     }
     if as_json:
         out.print_json(json.dumps(summary))
         return
+    if result.resumed:
+        out.print(f"resumed: {result.resumed} tensors were already written by the interrupted run")
     out.print(
         f"wrote {summary['output']}: {result.tensors} tensors, read {format_size(result.bytes_read)}, "
         f"wrote {format_size(result.bytes_written)} in {result.seconds:.1f} s"

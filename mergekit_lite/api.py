@@ -52,6 +52,7 @@ def run_recipe(
     shard_size: int | str | None = None,
     seed: int | None = None,
     force: bool = False,
+    resume: bool = False,
     progress: bool = False,
     allow_bin: bool = False,
     publish_hook: PublishHook | None = None,
@@ -60,7 +61,9 @@ def run_recipe(
     """Run a recipe (a YAML path or a dict in the same shape).
 
     With neither `out` nor `output.path` in the recipe, the result is returned as
-    `RunResult.state_dict` instead of written.
+    `RunResult.state_dict` instead of written. `resume=True` continues a run that was
+    interrupted (its partial output is kept hidden beside the target) when the recipe and
+    inputs are unchanged; otherwise the run starts afresh.
     """
     from .units import parse_size
 
@@ -68,7 +71,7 @@ def run_recipe(
         recipe, out=out, device=device, dtype=dtype, seed=seed, force=force, allow_bin=allow_bin,
         shard_size=parse_size(shard_size) if shard_size is not None else None,
     )
-    return execute(plan, progress=progress, publish_hook=publish_hook, tensor_hook=tensor_hook)
+    return execute(plan, progress=progress, publish_hook=publish_hook, tensor_hook=tensor_hook, resume=resume)
 
 
 def merge(

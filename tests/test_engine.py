@@ -370,3 +370,62 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     recipe.write_text("inputs:\n  a: x\nsteps: [\n  - id: m\n")
     res = runner.invoke(app, ["merge", str(recipe)])
     assert res.exit_code == 3 and "broken.yaml:" in res.output
+
+
+def test_interrupted_run_resumes_where_it_stopped(tmp_path, model_set):
+    """Ctrl-C keeps the partial output; --resume computes only what is missing, same bytes."""
+    from mergekit_lite.io.writer import CheckpointWriter
+
+    ms = model_set
+    recipe = {
+        "inputs": {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])},
+        "steps": [{"id": "m", "method": "ties", "base": "base", "models": ["a", "b"], "parameters": {"density": 0.5}}],
+        "output": {"path": str(tmp_path / "out"), "shard_size": 3000},
+    }
+    reference = mlite.run_recipe({**recipe, "output": {"path": str(tmp_path / "ref"), "shard_size": 3000}})
+    calls = []
+
+    def interrupt_after_eight(name, job, out):
+        calls.append(name)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mlite.run_recipe(recipe, tensor_hook=interrupt_after_eight)
+    partial = CheckpointWriter.partial_dir(tmp_path / "out")
+    assert partial.is_dir() and not (tmp_path / "out").exists()
+
+    resumed_calls = []
+    result = mlite.run_recipe(recipe, resume=True, tensor_hook=lambda n, j, o: resumed_calls.append(n))
+    assert result.resumed >= 6  # at least the tensors written before the interrupt
+    assert len(resumed_calls) == reference.tensors - result.resumed
+    assert not partial.exists()
+    got, want = load_dir(tmp_path / "out"), load_dir(tmp_path / "ref")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert all(not p.name.startswith("mlite-resume") for p in (tmp_path / "out").iterdir())
+
+
+def test_resume_with_changed_recipe_starts_afresh(tmp_path, model_set):
+    ms = model_set
+    recipe = {
+        "inputs": {"base": str(ms.base), "a": str(ms.finetunes[0])},
+        "steps": [{"id": "m", "method": "task_arithmetic", "base": "base", "models": ["a"]}],
+        "output": {"path": str(tmp_path / "out")},
+    }
+    calls = []
+
+    def stop(name, job, out):
+        calls.append(name)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mlite.run_recipe(recipe, tensor_hook=stop)
+    changed = {**recipe, "steps": [{**recipe["steps"][0], "parameters": {"lambda": 0.5}}]}
+    result = mlite.run_recipe(changed, resume=True)
+    assert result.resumed == 0
+    base, a = load_dir(ms.base), load_dir(ms.finetunes[0])
+    out = load_dir(tmp_path / "out")
+    for k in out:
+        torch.testing.assert_close(out[k], base[k] + 0.5 * (a[k] - base[k]))

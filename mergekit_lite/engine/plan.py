@@ -9,6 +9,8 @@ first (exit 3), then checkpoint problems (exit 4).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -516,3 +518,40 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+# ---- resumability -------------------------------------------------------------------------
+def fingerprint(plan: Plan) -> str:
+    """A digest of everything that decides the output's bytes, so a resume never mixes runs.
+
+    Inputs are identified by their files' names, sizes and modification times (not contents:
+    hashing terabytes to resume would defeat the purpose); steps by method and parameters as
+    written; the output by its tensors, dtypes, shard size and seed.
+    """
+    from .. import __version__
+
+    def files_of(path: Path) -> list[tuple[str, int, int]]:
+        if path.is_file():
+            paths = [path]
+        elif path.is_dir():
+            paths = sorted(p for p in path.iterdir() if p.is_file())
+        else:
+            return []
+        return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+
+    data: dict[str, Any] = {
+        "version": __version__,
+        "inputs": {k: [ck.label, [(s.name, s.stat().st_size, s.stat().st_mtime_ns) for s in ck.shards]]
+                   for k, ck in sorted(plan.checkpoints.items())},
+        "deltas": {k: [d.label, files_of(Path(str(d.label)))] for k, d in sorted(plan.deltas.items())},
+        "steps": [[s.id, s.spec.name, s.spec_step.base, s.spec_step.models, s.spec_step.delta,
+                   s.spec_step.old_base, s.spec_step.parameters, s.spec_step.model_parameters]
+                  for s in plan.steps.values()],
+        "tensor_files": {k: files_of(Path(k)) for k in sorted(plan.tensor_files)},
+        "outputs": [[o.name, list(o.shape), o.dtype] for o in plan.outputs],
+        "shard_size": plan.shard_size,
+        "seed": plan.seed,
+        "vocab_rows": sorted(plan.vocab_rows.items()),
+    }
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

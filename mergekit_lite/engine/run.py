@@ -23,7 +23,7 @@ from ..io.model_card import model_card
 from ..io.safetensors_format import PlannedTensor
 from ..io.writer import CheckpointWriter, config_dtype_update
 from ..methods.registry import TensorJob
-from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef
+from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, fingerprint
 from .stream import BackgroundWriter, Bundle, LiveTensors, WorkItem, prefetch, work_items
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class RunResult:
     passes: list[dict[str, Any]] = field(default_factory=list)
     max_live_tensors: int = 0
     saved: dict[str, Path] = field(default_factory=dict)
+    resumed: int = 0  # output tensors found already written by an interrupted run
 
 
 class _Evaluator:
@@ -224,8 +225,14 @@ def execute(
     publish_hook: PublishHook | None = None,
     tensor_hook: TensorHook | None = None,
     keep_state_dict: bool | None = None,
+    resume: bool = False,
 ) -> RunResult:
-    """Run every statistics pass, then the output pass; publish atomically when done."""
+    """Run every statistics pass, then the output pass; publish atomically when done.
+
+    Writes are resumable: an interrupted run keeps its partial output (hidden beside the
+    target), and `resume=True` continues it when nothing that decides the output changed.
+    Statistics passes are cheap next to the output and are always redone.
+    """
     t0 = time.perf_counter()
     for ck in plan.checkpoints.values():
         ck.bytes_read = 0
@@ -258,7 +265,7 @@ def execute(
                     break
             stats[st.id] = reducer.result()
         # 2. the output pass
-        _output_pass(plan, stats, live, result, bar, publish_hook, tensor_hook, keep_state_dict)
+        _output_pass(plan, stats, live, result, bar, publish_hook, tensor_hook, keep_state_dict, resume)
     result.stats = stats
     result.bytes_read = _bytes(plan)
     result.seconds = time.perf_counter() - t0
@@ -274,7 +281,8 @@ def _bytes(plan: Plan) -> int:
 
 
 def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, result: RunResult, bar: Any,
-                 publish_hook: PublishHook | None, tensor_hook: TensorHook | None, keep: bool | None) -> None:
+                 publish_hook: PublishHook | None, tensor_hook: TensorHook | None, keep: bool | None,
+                 resume: bool) -> None:
     out_ids = plan.output_step_ids
     ck_keys, dkeys, copy_keys = plan.inputs_of(out_ids)
     planned = [PlannedTensor(o.name, o.dtype, o.shape) for o in plan.outputs]
@@ -290,9 +298,15 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, result: R
             targets[st.id] = st.save
     keep_sd = keep if keep is not None else plan.out is None
     state: dict[str, torch.Tensor] | None = {} if keep_sd else None
+    key = fingerprint(plan) if targets else None
     with contextlib.ExitStack() as stack:
         for sid, path in targets.items():
-            writers[sid] = stack.enter_context(CheckpointWriter(path, planned, shard_size=plan.shard_size, force=plan.force))
+            writers[sid] = stack.enter_context(CheckpointWriter(
+                path, planned, shard_size=plan.shard_size, force=plan.force, partial_key=f"{key}:{sid}",
+                resume=resume))
+        # Tensors every writer already holds (a resumed run) are not computed again.
+        skip = set.intersection(*(w.done for w in writers.values())) if writers and state is None else set()
+        result.resumed = len(skip)
         background = {sid: BackgroundWriter(w.write) for sid, w in writers.items()}
         evaluator = _Evaluator(plan, stats, tensor_hook)
         task = bar.add_task("writing" if writers else "merging", total=len(plan.outputs), rate="") if bar else None
@@ -305,11 +319,14 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, result: R
             memo: dict[Any, torch.Tensor] = {}
             name, rows = bundle.name, bundle.rows
             for sid in out_ids:
+                write_it = sid in background and name not in writers[sid].done
+                if not write_it and not (sid == plan.final and state is not None):
+                    continue  # already written by the interrupted run being resumed
                 if name in float_names:
                     value = ev.run(sid, bundle, memo).to(out_dtype[name])
                 else:
                     value = bundle.leaves[plan.copy_leaf(sid)]
-                if sid in background:
+                if write_it:
                     background[sid].put(name, value, rows[0] if rows else None)
                 if sid == plan.final and state is not None:
                     if rows is None:
@@ -355,7 +372,7 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, result: R
         def load_or_defer(item: WorkItem) -> Bundle:
             return Bundle(item.name) if item.name in deferred else load_all(item)
 
-        items = work_items([o.name for o in plan.outputs], shapes, blockable)
+        items = work_items([o.name for o in plan.outputs if o.name not in skip], shapes, blockable)
         try:
             for bundle in prefetch(items, load_or_defer, PREFETCH_DEPTH, live):
                 if bundle.name in deferred:

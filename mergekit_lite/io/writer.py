@@ -81,15 +81,28 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise UsageError(f"{out}: output directory exists and is not empty (use --force to replace it)")
 
 
+RESUME_KEY = "mlite-resume.key"
+RESUME_LOG = "mlite-resume.log"
+
+
 class CheckpointWriter:
     """Streams tensors into pre-laid-out shards inside a temporary directory.
 
     Use as a context manager: leaving the block with an exception removes the temporary
     directory, so nothing half-written is ever left where a user would look for a model.
+
+    With a `partial_key` (a fingerprint of everything that decides the output's bytes) the
+    temporary directory has a fixed name and logs each completed tensor; an interrupted run
+    (Ctrl-C, a killed process) leaves it behind, hidden, and a later writer with the same key
+    and `resume=True` continues where it stopped (`done` lists what it skips). A different key,
+    or `resume=False`, starts afresh. The log is appended after a tensor's bytes are written, so
+    a tensor interrupted mid-write is simply written again; it protects against interrupted
+    processes, not against power loss (nothing is fsynced).
     """
 
     def __init__(self, out_dir: str | os.PathLike, tensors: Sequence[PlannedTensor], *,
-                 shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False) -> None:
+                 shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False,
+                 partial_key: str | None = None, resume: bool = False) -> None:
         self.out_dir = Path(out_dir).expanduser().absolute()
         check_output_dir(self.out_dir, force)
         self.force = force
@@ -104,12 +117,41 @@ class CheckpointWriter:
         self._remaining = {layout.file_name: {t.name for t in layout.tensors} for layout in self.layouts}
         self._bytes_left: dict[str, int] = {}
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.mlite-tmp-{uuid.uuid4().hex[:8]}"
-        self.tmp_dir.mkdir()
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
         self.bytes_written = 0
         self._published = False
+        self.partial_key = partial_key
+        self.done: set[str] = set()
+        self._log_fd: int | None = None
+        if partial_key is None:
+            self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.mlite-tmp-{uuid.uuid4().hex[:8]}"
+            self.tmp_dir.mkdir()
+        else:
+            self.tmp_dir = self.partial_dir(self.out_dir)
+            self._start_partial(partial_key, resume)
+
+    @staticmethod
+    def partial_dir(out_dir: Path) -> Path:
+        """Where an interrupted run of `out_dir` keeps its resumable work."""
+        return out_dir.parent / f".{out_dir.name}.mlite-partial"
+
+    def _start_partial(self, key: str, resume: bool) -> None:
+        key_file = self.tmp_dir / RESUME_KEY
+        same = key_file.is_file() and key_file.read_text() == key
+        if resume and same:
+            log_file = self.tmp_dir / RESUME_LOG
+            names = log_file.read_text().splitlines() if log_file.is_file() else []
+            self.done = {n for n in names if n in self._planned}
+            for remaining in self._remaining.values():
+                remaining -= self.done
+        else:
+            if self.tmp_dir.exists():
+                log.info("discarding the partial output at %s", self.tmp_dir)
+                shutil.rmtree(self.tmp_dir)
+            self.tmp_dir.mkdir()
+            key_file.write_text(key)
+        self._log_fd = os.open(self.tmp_dir / RESUME_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     # ---- streaming ---------------------------------------------------------------------
     def write(self, name: str, tensor: torch.Tensor, row_start: int | None = None) -> None:
@@ -152,6 +194,8 @@ class CheckpointWriter:
             self._bytes_left[name] = left
             if left <= 0:
                 remaining.discard(name)
+                if self._log_fd is not None:
+                    os.write(self._log_fd, (name + "\n").encode())
             done = not remaining
         if done:
             self._close(layout.file_name)
@@ -160,10 +204,13 @@ class CheckpointWriter:
         with self._lock:
             fd = self._fds.get(layout.file_name)
             if fd is None:
-                fd = os.open(self.tmp_dir / layout.file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.ftruncate(fd, layout.size)
-                pwrite_all(fd, memoryview(layout.header), 0)
-                self.bytes_written += len(layout.header)
+                path = self.tmp_dir / layout.file_name
+                resuming = path.is_file() and path.stat().st_size == layout.size
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if resuming else os.O_TRUNC), 0o644)
+                if not resuming:
+                    os.ftruncate(fd, layout.size)
+                    pwrite_all(fd, memoryview(layout.header), 0)
+                    self.bytes_written += len(layout.header)
                 self._fds[layout.file_name] = fd
             return fd
 
@@ -186,6 +233,9 @@ class CheckpointWriter:
             raise CheckpointError(f"{self.out_dir}: {len(missing)} tensors were never written (first: {missing[0]!r})")
         for name in list(self._fds):
             self._close(name)
+        self._close_log()
+        for fname in (RESUME_KEY, RESUME_LOG):
+            (self.tmp_dir / fname).unlink(missing_ok=True)
         if len(self.layouts) > 1:
             total = sum(t.nbytes for layout in self.layouts for t in layout.tensors)
             index = {
@@ -222,10 +272,17 @@ class CheckpointWriter:
             shutil.rmtree(trash, ignore_errors=True)
         return self.out_dir
 
-    def abort(self) -> None:
+    def _close_log(self) -> None:
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+
+    def abort(self, *, keep_partial: bool = False) -> None:
+        """Close everything; remove the temporary directory unless it is kept for a resume."""
         for name in list(self._fds):
             self._close(name)
-        if not self._published:
+        self._close_log()
+        if not self._published and not (keep_partial and self.partial_key is not None):
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def __enter__(self) -> CheckpointWriter:
@@ -233,7 +290,8 @@ class CheckpointWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or not self._published:
-            self.abort()
+            # An interrupt keeps resumable work; an error (a bug, bad data) throws it away.
+            self.abort(keep_partial=exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
 
 
 def config_dtype_update(dtype: str) -> dict[str, str]:
