@@ -54,7 +54,7 @@ def vocab_growth(delta_shape: tuple[int, ...], base_shape: tuple[int, ...]) -> b
     )
 
 
-def _pad_rows(t: torch.Tensor, base_shape: tuple[int, ...]) -> torch.Tensor:
+def pad_rows(t: torch.Tensor, base_shape: tuple[int, ...]) -> torch.Tensor:
     if tuple(t.shape) == tuple(base_shape):
         return t
     out = torch.zeros(base_shape, dtype=t.dtype, device=t.device)
@@ -173,7 +173,7 @@ class LoraDelta:
                 t = saved if t is None else saved + t
         assert t is not None
         if kind == "add":
-            t = _pad_rows(t, tuple(base_shape))
+            t = pad_rows(t, tuple(base_shape))
         return Patch(kind, t)
 
     def _dora_delta(self, mod: LoraModule, name: str, device: torch.device | str) -> torch.Tensor:
@@ -228,7 +228,7 @@ class FullDelta:
             return None
         ft = self.finetuned.load(name, device=device, dtype=torch.float32)
         old = self.old_base.load(name, device=device, dtype=torch.float32)
-        return Patch("add", _pad_rows(ft - old, tuple(base_shape)))
+        return Patch("add", pad_rows(ft - old, tuple(base_shape)))
 
     @property
     def bytes_read(self) -> int:

@@ -23,7 +23,8 @@ from ..dtypes import to_torch
 from ..errors import CheckpointError, UsageError
 from ..io.adapters import LoraAdapter, copy_adapter, write_adapter
 from ..io.checkpoint import Checkpoint, open_checkpoint
-from ..io.deltas import DeltaSource, LoraDelta, Patch, _pad_rows, open_delta
+from ..io.deltas import DeltaSource, LoraDelta, Patch, open_delta, pad_rows
+from ..io.hub import looks_like_hub_ref
 from ..io.writer import check_output_dir
 from ..methods.registry import TensorJob
 from .extract import check_rank_args, dense_to_adapter
@@ -138,8 +139,8 @@ def patch(
     if old_base is not None:
         inputs["old_base"] = _abs(old_base)
         step["old_base"] = "old_base"
-    recipe = load_recipe({"inputs": inputs, "steps": [step], "output": {}})
-    recipe.options["allow_vocab_growth"] = allow_vocab_growth
+    recipe = load_recipe({"inputs": inputs, "steps": [step], "output": {},
+                          "options": {"allow_vocab_growth": allow_vocab_growth}})
     from ..units import parse_size
 
     plan = plan_recipe(recipe, out=_abs(out) if out is not None else None, device=device, dtype=dtype, force=force,
@@ -173,11 +174,7 @@ def _rows(recorder: _Recording, shifts: Mapping[str, float]) -> list[PatchRow]:
 
 def _abs(p: PathLike) -> str:
     path = Path(p).expanduser()
-    return str(path.absolute()) if path.exists() or not _looks_like_hub(str(p)) else str(p)
-
-
-def _looks_like_hub(ref: str) -> bool:
-    return ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+    return str(path.absolute()) if path.exists() or not looks_like_hub_ref(str(p)) else str(p)
 
 
 # ---- --as-adapter ------------------------------------------------------------------------------
@@ -231,7 +228,7 @@ def _copy_lora(new: Checkpoint, src: LoraDelta, lam: float, out: Path, force: bo
             if mod.embedding or mod.fan_in_fan_out:
                 a = torch.cat([a, a.new_zeros(a.shape[0], want[0] - a.shape[1])], dim=1)
             else:
-                b = _pad_rows(b, (want[0], b.shape[1]))
+                b = pad_rows(b, (want[0], b.shape[1]))
         tensors[mod.a_key] = a.to(_dtype(adapter, mod.a_key))
         tensors[mod.b_key] = b.to(_dtype(adapter, mod.b_key))
         if mod.bias_key is not None:
@@ -239,7 +236,7 @@ def _copy_lora(new: Checkpoint, src: LoraDelta, lam: float, out: Path, force: bo
     for name, key in adapter.saved.items():
         saved = adapter.load(key)
         if src.old_base is not None:
-            d = _pad_rows(saved - src.old_base.load(name, dtype=torch.float32), new.info(name).shape)
+            d = pad_rows(saved - src.old_base.load(name, dtype=torch.float32), new.info(name).shape)
             value = new.load(name, dtype=torch.float32) + lam * d
         else:
             value = saved
