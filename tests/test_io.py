@@ -206,3 +206,54 @@ def test_hub_reference_missing_offline_is_exit_5(tmp_path, monkeypatch):
     with pytest.raises(ResolveError, match="acme/missing: cannot resolve") as e:
         open_checkpoint("acme/missing")
     assert e.value.exit_code == 5
+
+
+def _corrupt_header(ms) -> None:
+    shard = sorted(ms.base.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[8:12] = b"{{{{"
+    shard.write_bytes(bytes(data))
+
+
+def _drop_shard(ms) -> None:
+    os.remove(sorted(ms.base.glob("model-*.safetensors"))[2])
+
+
+def _truncate_shard(ms) -> None:
+    shard = sorted(ms.base.glob("model-*.safetensors"))[1]
+    _truncate(shard, shard.stat().st_size - 10)
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (_corrupt_header, "corrupt safetensors header"),
+    (_drop_shard, "named by the index does not exist"),
+    (_truncate_shard, "truncated"),
+])
+def test_cli_bad_checkpoints_exit_4_with_one_line(tmp_path, model_set, damage, message):
+    from mergekit_lite.cli.main import app
+    from typer.testing import CliRunner
+
+    damage(model_set)
+    runner = CliRunner()
+    res = runner.invoke(app, ["inspect", str(model_set.base)])
+    assert res.exit_code == 4 and message in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"inputs: {{base: {model_set.base}, a: {model_set.finetunes[0]}}}\n"
+                      f"steps: [{{id: m, method: task_arithmetic, base: base, models: [a]}}]\n"
+                      f"output: {{path: {tmp_path / 'out'}}}\n")
+    res = runner.invoke(app, ["merge", str(recipe)])
+    assert res.exit_code == 4 and message in res.output
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_cli_hub_reference_offline_is_exit_5(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+    from mergekit_lite.cli.main import app
+    from typer.testing import CliRunner
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = CliRunner().invoke(app, ["inspect", "acme/not-cached"])
+    assert res.exit_code == 5 and "acme/not-cached" in res.output and "Traceback" not in res.output
