@@ -26,6 +26,7 @@ import torch
 
 from .detmath import exp_f32, tanh_f32
 from .registry import MethodSpec, Param, Scope, TensorJob, register
+from .sparsify import kth_smallest
 from .stats import RadixSelect
 
 MAX_MODELS = 88  # exp(n) overflows float32 from n = 89 on: every kept score would be inf
@@ -145,7 +146,7 @@ class PcbStats:
 
 def _kth(rows: torch.Tensor, index: int) -> torch.Tensor:
     """sorted(row)[index] for every row: an exact selection (quickselect, no full sort)."""
-    return torch.kthvalue(rows, index + 1, dim=1).values
+    return torch.stack([kth_smallest(row, index + 1) for row in rows]).to(rows.device)
 
 
 def clamp_bounds(T: torch.Tensor, clamp_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
