@@ -1,0 +1,82 @@
+"""The benchmark's merges, written once as method + parameters and rendered for both tools.
+
+The same parameters go to mlite (its native `inputs`/`steps` shape) and to mergekit (its
+single-step `merge_method` shape), so both compute the same merge: the parameters are given
+once for all models (top-level `parameters` in mergekit), and both produce bfloat16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class BenchMethod:
+    """One benchmarked merge: the method names in each tool and the shared parameters."""
+
+    key: str  # the name on the command line and in the table
+    mlite_method: str
+    mergekit_method: str | None  # None: mergekit has no equivalent
+    parameters: dict[str, Any] = field(default_factory=dict)
+    uses_base: bool = True
+    random: bool = False  # seeded: the two tools' outputs differ by design
+
+
+METHODS: dict[str, BenchMethod] = {
+    m.key: m
+    for m in (
+        BenchMethod("linear", "linear", "linear", {"weight": 1.0}, uses_base=False),
+        BenchMethod("task_arithmetic", "task_arithmetic", "task_arithmetic", {"weight": 0.3}),
+        BenchMethod("ties", "ties", "ties", {"density": 0.5, "weight": 0.3}),
+        BenchMethod("dare_ties", "dare_ties", "dare_ties", {"density": 0.5, "weight": 0.3}, random=True),
+        BenchMethod("breadcrumbs", "breadcrumbs", "breadcrumbs", {"density": 0.9, "gamma": 0.01, "weight": 0.3}),
+        BenchMethod("della", "della", "della", {"density": 0.5, "epsilon": 0.1, "weight": 0.3}, random=True),
+        BenchMethod("pcb_tensor", "pcb", None, {"ratio": 0.1, "clamp_ratio": 0.01, "scope": "tensor"}),
+        BenchMethod("pcb_global", "pcb", None, {"ratio": 0.1, "clamp_ratio": 0.01, "scope": "global"}),
+    )
+}
+
+SEED = 0
+
+
+def mlite_recipe(method: BenchMethod, base: Path, finetunes: list[Path], out: Path) -> dict[str, Any]:
+    """mlite's native shape: named inputs, one step, bf16 output."""
+    inputs = {"base": str(base)} if method.uses_base else {}
+    names = []
+    for i, ft in enumerate(finetunes, 1):
+        inputs[f"ft{i}"] = str(ft)
+        names.append(f"ft{i}")
+    step: dict[str, Any] = {"id": method.key, "method": method.mlite_method}
+    if method.uses_base:
+        step["base"] = "base"
+    step["models"] = names
+    step["parameters"] = dict(method.parameters)
+    return {
+        "inputs": inputs,
+        "steps": [step],
+        "seed": SEED,
+        "output": {"path": str(out), "dtype": "bfloat16"},
+    }
+
+
+def mergekit_recipe(method: BenchMethod, base: Path, finetunes: list[Path]) -> dict[str, Any]:
+    """mergekit's configuration for the same merge (output path is mergekit-yaml's argument)."""
+    if method.mergekit_method is None:
+        raise ValueError(f"mergekit has no {method.key}")
+    cfg: dict[str, Any] = {"merge_method": method.mergekit_method}
+    if method.uses_base:
+        cfg["base_model"] = str(base)
+    cfg["models"] = [{"model": str(ft)} for ft in finetunes]
+    cfg["parameters"] = dict(method.parameters)
+    cfg["dtype"] = "bfloat16"
+    return cfg
+
+
+def write_yaml(data: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
