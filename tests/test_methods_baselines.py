@@ -509,3 +509,25 @@ def test_radix_select_detects_changed_second_pass() -> None:
     select.observe(0, T([1.0]))
     with pytest.raises(RuntimeError, match="different values"):
         select.end_pass()
+
+
+def test_position_uniforms_do_not_depend_on_row_blocks() -> None:
+    """Draws are a function of (seed, tensor, model, position): whole tensor == any row blocks."""
+    from mergekit_lite.methods import sparsify
+
+    shape = (37, 50_000)  # stretches of 2²⁰ entries cut rows in the middle
+    whole = position_uniforms(TensorJob("w", None, [], {}, seed=4), 1, shape, "cpu")
+    for step in (1, 5, 21):
+        parts = [position_uniforms(TensorJob("w", None, [], {}, seed=4, rows=(a, min(a + step, 37))), 1,
+                                   (min(a + step, 37) - a, 50_000), "cpu") for a in range(0, 37, step)]
+        assert torch.equal(torch.cat(parts), whole)
+    other_model = position_uniforms(TensorJob("w", None, [], {}, seed=4), 2, shape, "cpu")
+    assert not torch.equal(other_model, whole)
+    assert 0.49 < float(whole.mean()) < 0.51 and sparsify.DRAW_BLOCK < whole.numel()
+
+
+def test_torch_cpu_uniform_draws_are_prefixes() -> None:
+    """position_uniforms relies on it: a shorter draw from a seeded CPU generator is a prefix."""
+    full = torch.rand(100_000, generator=torch.Generator().manual_seed(9))
+    for n in (1, 15, 16, 17, 4097, 99_999):
+        assert torch.equal(torch.rand(n, generator=torch.Generator().manual_seed(9)), full[:n])

@@ -4,8 +4,8 @@ mᵢ ~ Bernoulli(density) per entry, τ̂ᵢ = mᵢ ⊙ τᵢ / density (`rescal
 that ‖τ̂ᵢ‖₁ = ‖τᵢ‖₁ (`rescale: l1`, mergekit's choice), or not at all (`rescale: none`). Then
 `dare_linear` combines like task arithmetic and `dare_ties` like TIES (sign election).
 
-Reproducibility: model i keeps entry k when u < density, where u is a counter-based draw keyed
-by (seed, tensor name, i, k) (`sparsify.position_uniforms`): the same seed gives the same mask
+Reproducibility: model i keeps entry k when u < density, where u is a position-keyed draw
+(seed, tensor name, i and the entry's place) (`sparsify.position_uniforms`): the same seed gives the same mask
 whatever the traversal order, worker count, device, or whether the engine streams the tensor
 in row blocks. With `rescale: paper` or `none` the method is row-local, so big tensors stream
 in blocks; `rescale: l1` needs the whole tensor's norms.

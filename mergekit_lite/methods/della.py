@@ -5,7 +5,7 @@ density − ε (smallest) to density + ε (largest) (`sparsify.della_probabiliti
 are rescaled by 1/pᵢ, their own keep probability (`rescale: paper`, default), or to the task
 vector's L1 norm (`rescale: l1`, what mergekit does), or not at all. Then `della` elects signs
 and takes the disjoint mean like TIES; `della_linear` adds like task arithmetic.
-Draws are counter-based, keyed by (seed, tensor name, model, entry), like DARE; probabilities
+Draws are position-keyed (seed, tensor name, model, entry), like DARE; probabilities
 depend only on the entry's row, so with `rescale: paper`/`none` big tensors stream in row blocks.
 """
 

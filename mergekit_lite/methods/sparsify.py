@@ -119,57 +119,35 @@ def outlier_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tenso
     return keep
 
 
-_M32 = 0xFFFFFFFF
-_DRAW_SLICE = 1 << 20  # entries hashed at a time: bounds the int64 temporaries
-
-
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2³²).
-
-    Products may wrap past 2⁶³; two's-complement wrapping keeps the low 32 bits exact, on CPU
-    and GPU alike, which is all the mask keeps.
-    """
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _M32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _M32
-    return h ^ (h >> 16)
-
-
-def _fmix32_int(h: int) -> int:
-    h &= _M32
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _M32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _M32
-    return h ^ (h >> 16)
+DRAW_BLOCK = 1 << 20  # entries per independently seeded stretch of draws
 
 
 def position_uniforms(job: TensorJob, model: int, shape: torch.Size | tuple[int, ...],
                       device: torch.device | str) -> torch.Tensor:
-    """float32 U[0,1) draws, one per entry, keyed by (seed, tensor name, model, entry position).
+    """float32 U[0,1) draws for a tensor (or the row block `job.rows` of it), one per entry.
 
-    A counter-based generator: an entry's draw is a hash of where the entry is, not of how many
-    draws came before it. The same seed therefore gives the same masks whether the engine
-    processes a tensor whole or in row blocks (`job.rows`), on CPU or GPU, in any order, with
-    any number of workers. Draws have 24 random bits (every float32 in [0, 1) with that
-    spacing), plenty for Bernoulli masks.
+    The flattened tensor is cut into fixed stretches of DRAW_BLOCK entries; stretch j of model
+    i draws from a CPU generator seeded by (seed, tensor name, i, j). An entry's draw therefore
+    depends only on where it is, never on how the engine cuts the tensor into row blocks, the
+    visiting order, the number of workers or the device (draws are made on the CPU, then moved).
+    Only the stretches a block overlaps are generated, and only up to the block's end (torch's
+    CPU generator yields a stretch's draws in order, so a shorter draw is a prefix of a longer
+    one; `tests/test_methods_baselines.py` checks that this holds).
     """
-    key = tensor_seed(job.seed, job.name)
-    k_low, k_high = key & _M32, (key >> 32) & _M32
-    k_model = _fmix32_int(k_high ^ _fmix32_int(model + 0x9E3779B9))
     shape = tuple(shape)
     numel = math.prod(shape)
     row_numel = numel // shape[0] if shape and shape[0] else 1
     start = (job.rows[0] if job.rows else 0) * row_numel
-    out = torch.empty(numel, dtype=torch.float32, device=device)
-    for a in range(0, numel, _DRAW_SLICE):
-        b = min(numel, a + _DRAW_SLICE)
-        idx = torch.arange(start + a, start + b, dtype=torch.int64, device=device)
-        h = _fmix32((idx & _M32) ^ k_low)
-        h = _fmix32(h ^ ((idx >> 32) & _M32) ^ k_model)
-        out[a:b] = (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
-    return out.reshape(shape)
+    out = torch.empty(numel, dtype=torch.float32)
+    key = tensor_seed(job.seed, job.name)
+    generator = torch.Generator(device="cpu")
+    end = start + numel
+    for j in range(start // DRAW_BLOCK, (end - 1) // DRAW_BLOCK + 1 if numel else 0):
+        a, b = max(start, j * DRAW_BLOCK), min(end, (j + 1) * DRAW_BLOCK)
+        generator.manual_seed(tensor_seed(key, f"{model}:{j}"))
+        drawn = torch.rand(b - j * DRAW_BLOCK, generator=generator, dtype=torch.float32)
+        out[a - start : b - start] = drawn[a - j * DRAW_BLOCK :]
+    return out.reshape(shape).to(device)
 
 
 def della_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
