@@ -108,15 +108,15 @@ def combine(
     if elect:
         for d, w in zip(deltas, weights, strict=True):
             mixed.add_(d, alpha=w)
-        positive = mixed >= 0
+        gamma = torch.where(mixed >= 0, 1.0, -1.0).to(ref.dtype)  # the elected sign, 0 → +
         mixed.zero_()
         divisor = torch.zeros_like(ref) if normalize else None
         for d, w in zip(deltas, weights, strict=True):
             weighted = d * w
-            agree = torch.where(positive, weighted > 0, weighted < 0)
-            mixed.add_(weighted.masked_fill_(~agree, 0))
+            agree = (weighted * gamma > 0).to(ref.dtype)  # 1 where wᵢτ̂ᵢ has the elected sign
+            mixed.addcmul_(weighted, agree)  # + wᵢτ̂ᵢ·1 or + 0: the same bits as a masked add
             if divisor is not None:
-                divisor.add_(agree.to(ref.dtype), alpha=w)
+                divisor.add_(agree, alpha=w)
         if divisor is not None:
             divisor.masked_fill_(divisor == 0, 1)
             mixed /= divisor
