@@ -23,6 +23,7 @@ from ..io.model_card import model_card
 from ..io.safetensors_format import PlannedTensor
 from ..io.writer import CheckpointWriter, config_dtype_update
 from ..methods.registry import TensorJob
+from .memory import limit_heap_growth
 from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, fingerprint
 from .stream import BackgroundWriter, Bundle, LiveTensors, WorkItem, prefetch, work_items
 
@@ -234,6 +235,7 @@ def execute(
     Statistics passes are cheap next to the output and are always redone.
     """
     t0 = time.perf_counter()
+    limit_heap_growth()
     for ck in plan.checkpoints.values():
         ck.bytes_read = 0
         ck.reads.clear()
