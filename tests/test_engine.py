@@ -429,3 +429,13 @@ def test_resume_with_changed_recipe_starts_afresh(tmp_path, model_set):
     out = load_dir(tmp_path / "out")
     for k in out:
         torch.testing.assert_close(out[k], base[k] + 0.5 * (a[k] - base[k]))
+
+
+def test_heap_limits_apply_on_linux():
+    import sys
+
+    from mergekit_lite.engine.memory import limit_heap_growth
+
+    applied = limit_heap_growth()
+    assert applied is (sys.platform.startswith("linux")) or applied is False  # musl: no mallopt
+    assert limit_heap_growth() is applied  # idempotent
