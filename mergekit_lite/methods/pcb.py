@@ -26,7 +26,7 @@ import torch
 
 from .detmath import exp_f32, tanh_f32
 from .registry import MethodSpec, Param, Scope, TensorJob, register
-from .sparsify import kth_smallest
+from .sparsify import kth_smallest, kth_smallest_many
 from .stats import RadixSelect
 
 MAX_MODELS = 88  # exp(n) overflows float32 from n = 89 on: every kept score would be inf
@@ -152,8 +152,8 @@ def _kth(rows: torch.Tensor, index: int) -> torch.Tensor:
 def clamp_bounds(T: torch.Tensor, clamp_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """lo, hi per row of an in-memory T (n×D float32, D ≥ 1)."""
     lo_i, hi_i = clamp_indices(T.shape[1], clamp_ratio)
-    A = T.abs()
-    return _kth(A, lo_i), _kth(A, hi_i)
+    pairs = [kth_smallest_many(row, [lo_i + 1, hi_i + 1]) for row in T.abs()]
+    return torch.stack([p[0] for p in pairs]).to(T.device), torch.stack([p[1] for p in pairs]).to(T.device)
 
 
 def _scored(T: torch.Tensor, ratio: float, clamp_ratio: float) -> tuple[torch.Tensor, ...]:

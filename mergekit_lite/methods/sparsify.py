@@ -54,6 +54,15 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(flat, k).values
 
 
+def kth_smallest_many(values: torch.Tensor, ks: list[int]) -> list[torch.Tensor]:
+    """Several order statistics (1-based k) of one flattened tensor with a single selection."""
+    flat = values.reshape(-1)
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        picked = np.partition(flat.contiguous().numpy(), [k - 1 for k in ks])
+        return [torch.tensor(picked[k - 1], dtype=flat.dtype) for k in ks]
+    return [torch.kthvalue(flat, k).values for k in ks]
+
+
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest entry (1-based) of a flattened tensor."""
     return kth_smallest(values, values.numel() - k + 1)
@@ -111,11 +120,13 @@ def outlier_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tenso
     if n_bottom == 0 and n_top == 0:
         return torch.ones_like(tau, dtype=torch.bool)
     magnitude = tau.abs()
+    ks = [k for k, cut in ((n_bottom + 1, n_bottom > 0), (n - n_top, n_top > 0)) if cut]
+    bounds = iter(kth_smallest_many(magnitude, ks))
     keep = torch.ones_like(tau, dtype=torch.bool)
     if n_bottom > 0:
-        keep &= magnitude >= kth_smallest(magnitude, n_bottom + 1)
+        keep &= magnitude >= next(bounds)
     if n_top > 0:
-        keep &= magnitude <= kth_smallest(magnitude, n - n_top)
+        keep &= magnitude <= next(bounds)
     return keep
 
 
