@@ -1,11 +1,12 @@
 """Keep freed tensor memory from piling up in the C heap.
 
 A merge allocates and frees tensors of a few to a few hundred MB, many times, from two threads
-(the prefetcher allocates input buffers, the main thread frees them). glibc's malloc raises its
-mmap threshold every time such a block is freed, after which same-sized blocks come from the
-heap arenas, where freed memory is kept instead of returned: peak RSS grows well beyond the
-tensors actually alive (1.0 GB instead of 0.68 GB for a 100M-parameter TIES merge). Fixing the
-thresholds keeps big blocks on mmap, returned to the system as soon as they are freed.
+(the prefetcher allocates input buffers, the main thread computes and frees them). glibc gives
+each thread its own malloc arena, and memory freed into one arena is not reused by the other,
+so peak RSS grows well beyond the tensors actually alive. One arena for the process keeps
+freed blocks reusable by either thread: on a 100M-parameter TIES merge peak RSS falls from 1.1
+to 0.93 GB at no cost in speed. (Forcing big blocks onto mmap instead lowers RSS further but
+makes every allocation fault its pages in again, which costs 4-5x the wall time.)
 """
 
 from __future__ import annotations
@@ -17,14 +18,12 @@ import sys
 
 log = logging.getLogger(__name__)
 
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_THRESHOLD = 1 << 20  # blocks of 1 MiB and more are mmapped and returned when freed
+_M_ARENA_MAX = -8
 _done = False
 
 
 def limit_heap_growth() -> bool:
-    """Fix glibc's mmap/trim thresholds once per process; a no-op (False) elsewhere."""
+    """Use a single malloc arena (glibc); a no-op (False) elsewhere. Call before threads start."""
     global _done
     if _done:
         return True
@@ -35,7 +34,7 @@ def limit_heap_growth() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return False
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, _THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _THRESHOLD))
-    log.debug("malloc thresholds fixed at %d bytes: %s", _THRESHOLD, ok)
+    ok = bool(mallopt(_M_ARENA_MAX, 1))
+    log.debug("malloc arenas limited to one: %s", ok)
     _done = ok
     return ok
