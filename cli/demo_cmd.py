@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from mergekit_lite.workflows.demo import run_demo
+from mergekit_lite import api
 
 from .common import guarded, out
 
@@ -20,5 +20,5 @@ def demo(
     folder: Path = typer.Option(Path("mlite-demo"), "--dir", help="Folder for the models, recipes and outputs."),
 ) -> None:
     """Generate a small base, two fine-tunes and a LoRA adapter, then run the example recipes."""
-    runs = run_demo(folder, report=lambda line: out.print(line, highlight=False))
+    runs = api.run_demo(folder, report=lambda line: out.print(line, highlight=False))
     out.print(f"demo finished: {len(runs)} recipes ran; outputs are under {folder.absolute() / 'out'}")

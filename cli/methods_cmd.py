@@ -7,7 +7,7 @@ import json
 import typer
 from rich.table import Table
 
-from mergekit_lite.methods.registry import all_methods, get_method
+from mergekit_lite import api
 
 from .common import guarded, out
 
@@ -24,9 +24,9 @@ def methods(
     """List methods and their parameters (types, defaults, ranges, help)."""
     from mergekit_lite.errors import UsageError
 
-    specs = all_methods()
+    specs = api.all_methods()
     if name is not None:
-        spec = get_method(name)
+        spec = api.get_method(name)
         if spec is None:
             raise UsageError(f"unknown method {name!r} (known: {', '.join(s.name for s in specs)})")
         specs = [spec]

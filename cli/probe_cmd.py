@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from mergekit_lite.workflows.surgery import collect_features, train_probe
+from mergekit_lite import api
 
 from .common import guarded, out
 
@@ -24,7 +24,7 @@ def train_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing probe file."),
 ) -> None:
     """Train a deterministic 2-class linear probe (cross-entropy) and report held-out accuracy."""
-    res = train_probe(features, out_path, seed=seed, holdout=holdout, optimizer=optimizer, force=force)
+    res = api.train_probe(features, out_path, seed=seed, holdout=holdout, optimizer=optimizer, force=force)
     fit = res.fit
     held = "n/a (no held-out samples)" if fit.heldout_accuracy is None else f"{fit.heldout_accuracy:.4f}"
     out.print(
@@ -47,7 +47,7 @@ def collect_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing features file."),
 ) -> None:
     """Mean-pooled final hidden states of a local model over two text files (needs transformers)."""
-    path = collect_features(model, positive, negative, out_path, batch_size=batch_size, max_length=max_length,
+    path = api.collect_features(model, positive, negative, out_path, batch_size=batch_size, max_length=max_length,
                             device=device, force=force)
     out.print(f"wrote {path}", highlight=False)
 

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import typer
 
+from mergekit_lite import api
 from mergekit_lite.errors import UsageError
-from mergekit_lite.methods.surgery import DEFAULT_FRACTION, DEFAULT_TARGET
-from mergekit_lite.workflows.surgery import surgery, undo_surgery
 
 from .common import guarded, out
 
@@ -19,8 +18,8 @@ def surgery_cmd(
     probe: Path | None = typer.Option(None, "--probe", help="Probe file: safetensors with 'weight' of shape (2, d) (row 1 = behaviour) or (d,)."),
     alpha: float = typer.Option(1.0, "--alpha", help="Edit strength α: g ← g + α·w on the selected rows."),
     top_k: int | None = typer.Option(None, "--top-k", help="Rows to edit over the whole model."),
-    fraction: float | None = typer.Option(None, "--fraction", help=f"Share of all target rows to edit (default {DEFAULT_FRACTION:.6g})."),
-    target: str = typer.Option(DEFAULT_TARGET, "--target", help="Module whose weight rows are candidates (up_proj, fc1, ...)."),
+    fraction: float | None = typer.Option(None, "--fraction", help=f"Share of all target rows to edit (default {api.SURGERY_DEFAULT_FRACTION:.6g})."),
+    target: str = typer.Option(api.SURGERY_DEFAULT_TARGET, "--target", help="Module whose weight rows are candidates (up_proj, fc1, ...)."),
     direction: str = typer.Option("suppress", "--direction", help="suppress (score −cos, add α·w) | promote (score +cos, add −α·w)."),
     out_path: Path | None = typer.Option(None, "--out", help="Output directory (default ./<model name>-surgery; required with --undo)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps ..."),
@@ -34,7 +33,7 @@ def surgery_cmd(
             raise UsageError("--undo takes the edited model itself; do not combine it with --model or --probe")
         if out_path is None:
             raise UsageError("--undo needs --out PATH for the restored model")
-        path = undo_surgery(undo, out_path, force=force)
+        path = api.undo_surgery(undo, out_path, force=force)
         out.print(f"restored the original rows of {undo} into {path}", highlight=False)
         return
     if model is None or probe is None:
@@ -42,7 +41,7 @@ def surgery_cmd(
     if top_k is not None and fraction is not None:
         raise UsageError("give --top-k or --fraction, not both")
     dest = out_path if out_path is not None else Path.cwd() / f"{Path(model.split('@')[0]).name}-surgery"
-    res = surgery(model, probe, alpha=alpha, top_k=top_k, fraction=fraction, target=target, direction=direction,
+    res = api.surgery(model, probe, alpha=alpha, top_k=top_k, fraction=fraction, target=target, direction=direction,
                   out=dest, device=device, force=force, allow_pt=allow_pt)
     sel = res.selection
     per_layer = ", ".join(f"{layer}:{n}" for layer, n in res.rows_per_layer().items())
