@@ -57,7 +57,6 @@ class _Evaluator:
         self.plan = plan
         self.stats = stats
         self.hook = hook
-        self.float_names = {o.name for o in plan.outputs if o.is_float}
 
     def run(self, step_id: str, bundle: Bundle, memo: dict[Any, torch.Tensor]) -> torch.Tensor:
         key = ("step", step_id)
