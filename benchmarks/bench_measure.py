@@ -1,9 +1,11 @@
 """Measuring a whole merge process (wall time, peak memory) and the I/O floor it is judged by.
 
 Peak memory is taken two ways, and the larger is reported:
-- `ru_maxrss` from `os.wait4` on the child: the kernel's exact high-water mark of the largest
-  single process in the tree (it misses nothing between samples, but does not add up
-  processes that run side by side);
+- the kernel's exact high-water mark (`ru_maxrss`) of the merge process, read through GNU
+  `/usr/bin/time -f %M`, which forks the command itself. (`os.wait4` on our own child would
+  be wrong: Linux carries the forking parent's high-water mark across `exec`, so the child
+  would report at least this benchmark process's own peak, which grows as it compares
+  outputs.) Without GNU time the wait4 figure is used and flagged in the raw record;
 - sampling `/proc/<pid>/status` of the whole process tree every `poll_s` seconds and summing
   VmRSS (catches worker processes and threads' combined use). RssAnon is sampled too, since RSS
   also counts page-cache pages a process has mmapped (safetensors' `safe_open` maps shards).
@@ -99,11 +101,14 @@ def run_measured(
 ) -> ProcessMeasure:
     """Run `cmd` to completion (stdout+stderr to `log_path`) and measure the whole process."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    rss_file = log_path.with_suffix(".maxrss")
+    launcher = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file)] if os.path.exists("/usr/bin/time") else []
     with open(log_path, "wb") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
         t0 = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=dict(env) if env else None, cwd=cwd)
+        proc = subprocess.Popen([*launcher, *cmd], stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(env) if env else None, cwd=cwd)
         sampler = _TreeSampler(proc.pid, poll_s)
         sampler.start()
         killer = None
@@ -117,7 +122,12 @@ def run_measured(
         sampler.stop()
         sampler.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
-    maxrss = usage.ru_maxrss * 1024  # KiB on Linux
+    maxrss = usage.ru_maxrss * 1024  # KiB on Linux (inflated by the parent's peak, see above)
+    if launcher:
+        try:
+            maxrss = int(rss_file.read_text().split()[-1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
     sampled = sampler.peak_rss_kb * 1024
     return ProcessMeasure(
         wall_s=wall,
