@@ -26,6 +26,7 @@ from .task_arithmetic import (
     add_to_base,
     normalize_param,
     per_model,
+    row_local_unless_l1,
     task_vectors,
 )
 
@@ -73,7 +74,7 @@ LINEAR_SPEC = register(
         min_models=1,
         paper="https://arxiv.org/abs/2311.03099",
         doc="methods/dare.md",
-        row_local=lambda params: params.get("rescale", "paper") != "l1",
+        row_local=row_local_unless_l1,
     )
 )
 
@@ -87,6 +88,6 @@ TIES_SPEC = register(
         min_models=1,
         paper="https://arxiv.org/abs/2311.03099",
         doc="methods/dare.md",
-        row_local=lambda params: params.get("rescale", "paper") != "l1",
+        row_local=row_local_unless_l1,
     )
 )

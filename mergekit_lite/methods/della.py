@@ -25,6 +25,7 @@ from .task_arithmetic import (
     add_to_base,
     normalize_param,
     per_model,
+    row_local_unless_l1,
     task_vectors,
 )
 
@@ -89,7 +90,7 @@ SPEC = register(
         min_models=1,
         paper="https://arxiv.org/abs/2406.11617",
         doc="methods/della.md",
-        row_local=lambda params: params.get("rescale", "paper") != "l1",
+        row_local=row_local_unless_l1,
     )
 )
 
@@ -103,6 +104,6 @@ LINEAR_SPEC = register(
         min_models=1,
         paper="https://arxiv.org/abs/2406.11617",
         doc="methods/della.md",
-        row_local=lambda params: params.get("rescale", "paper") != "l1",
+        row_local=row_local_unless_l1,
     )
 )

@@ -131,6 +131,11 @@ def combine(
     return mixed
 
 
+def row_local_unless_l1(params: Mapping[str, Any]) -> bool:
+    """Random-drop methods are row-local except with `rescale: l1`, which needs whole-tensor norms."""
+    return params.get("rescale", "paper") != "l1"
+
+
 def add_to_base(job: TensorJob, deltas: Sequence[torch.Tensor], *, elect: bool) -> torch.Tensor:
     """θ₀ + combine(τ̂ᵢ) with the step's weight, normalize and lambda: every task-vector method's end."""
     mixed = combine(
