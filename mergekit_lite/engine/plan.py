@@ -174,6 +174,8 @@ def build_plan(
     """Open inputs, resolve references and check names/shapes, reading headers only."""
     recipe_problems: list[MliteError] = []
     ckpt_problems: list[MliteError] = []
+    for note in recipe.options.get("notes") or []:
+        log.info("%s", note)  # e.g. mergekit knobs accepted but without effect; shown with -v
 
     # Steps arrive validated and in topological order (the recipe layer checked references,
     # cycles and output.step); what is left needs checkpoint headers.
