@@ -96,12 +96,13 @@ def merge(
 ) -> dict[str, torch.Tensor] | Path:
     """One merge step. Returns the output path, or the merged state dict when `out` is None.
 
-    `parameters` apply to the step (scalars, {model_index_or_path: value} mappings are not
-    needed: pass `model_parameters`, one mapping per model, for per-model values such as
-    `weight` or `density`).
+    `parameters` apply to the whole step (e.g. `{"density": 0.5, "lambda": 1.0}`, or per-tensor
+    rules as in a recipe); `model_parameters` gives one mapping per model for per-model values
+    such as `weight` or `density`. For methods without a base (linear, slerp) a given `base`
+    becomes the first model of an ordered method (mergekit's slerp shape) and is refused
+    otherwise.
     """
     from .errors import UsageError
-    from .methods.registry import get_method
 
     spec = get_method(method)
     models = list(models)
