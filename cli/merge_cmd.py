@@ -50,7 +50,7 @@ def merge(
             _print_plan(plan)
         return
     result = api.run_recipe(recipe, force=force, resume=resume, progress=not as_json and err.is_terminal,
-                            **overrides)
+                            require_output=True, **overrides)
     summary = {
         "output": str(result.output) if result.output else None,
         "saved": {k: str(v) for k, v in result.saved.items()},

@@ -62,6 +62,7 @@ def run_recipe(
     allow_bin: bool = False,
     publish_hook: PublishHook | None = None,
     tensor_hook: TensorHook | None = None,
+    require_output: bool = False,
 ) -> RunResult:
     """Run a recipe (a YAML path or a dict in the same shape).
 
@@ -76,6 +77,10 @@ def run_recipe(
         recipe, out=out, device=device, dtype=dtype, seed=seed, force=force, allow_bin=allow_bin,
         shard_size=parse_size(shard_size) if shard_size is not None else None,
     )
+    if require_output and plan.out is None:
+        from .errors import UsageError
+
+        raise UsageError("the recipe names no output.path; pass --out PATH")
     return execute(plan, progress=progress, publish_hook=publish_hook, tensor_hook=tensor_hook, resume=resume)
 
 

@@ -440,3 +440,13 @@ def test_heap_limits_apply_with_glibc():
     if platform.libc_ver()[0] == "glibc":
         assert applied is True
     assert limit_heap_growth() is applied  # idempotent
+
+
+def test_cli_merge_needs_an_output(tmp_path, model_set):
+    recipe = _write(tmp_path / "r.yaml", {
+        "inputs": {"a": str(model_set.finetunes[0]), "b": str(model_set.finetunes[1])},
+        "steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}],
+    })
+    res = runner.invoke(app, ["merge", str(recipe)])
+    assert res.exit_code == 2 and "--out" in res.output
+    assert runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "o")]).exit_code == 0
