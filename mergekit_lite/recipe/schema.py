@@ -47,7 +47,21 @@ class ModelEntry(_Strict):
         return {} if v is None else v
 
 
-class StepModel(_Strict):
+class _ModelsAndParameters(_Strict):
+    """Shared by steps and mergekit recipes: `models` may be bare strings, `parameters` null."""
+
+    @field_validator("models", mode="before", check_fields=False)
+    @classmethod
+    def _strings_are_models(cls, v: Any) -> Any:
+        return [_model_entry(x) for x in v] if isinstance(v, list) else v
+
+    @field_validator("parameters", mode="before", check_fields=False)
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
+class StepModel(_ModelsAndParameters):
     id: str | None = None
     method: str = Field(validation_alias=AliasChoices("method", "merge_method"))
     base: str | None = Field(default=None, validation_alias=AliasChoices("base", "base_model"))
@@ -65,16 +79,6 @@ class StepModel(_Strict):
                 if a in data and b in data:
                     raise ValueError(f"give '{a}' or '{b}', not both")
         return data
-
-    @field_validator("models", mode="before")
-    @classmethod
-    def _strings_are_models(cls, v: Any) -> Any:
-        return [_model_entry(x) for x in v] if isinstance(v, list) else v
-
-    @field_validator("parameters", mode="before")
-    @classmethod
-    def _none_is_empty(cls, v: Any) -> Any:
-        return {} if v is None else v
 
 
 class OutputModel(_Strict):
@@ -105,7 +109,7 @@ class NativeRecipe(_Strict):
     options: OptionsModel = Field(default_factory=OptionsModel)
 
 
-class MergekitRecipe(_Strict):
+class MergekitRecipe(_ModelsAndParameters):
     """mergekit's single-step shape, plus mlite's `output`/`device`/`seed`/`options`."""
 
     merge_method: str
@@ -120,16 +124,6 @@ class MergekitRecipe(_Strict):
     device: str | None = None
     seed: int | None = Field(default=None, ge=0)
     options: OptionsModel = Field(default_factory=OptionsModel)
-
-    @field_validator("models", mode="before")
-    @classmethod
-    def _strings_are_models(cls, v: Any) -> Any:
-        return [_model_entry(x) for x in v] if isinstance(v, list) else v
-
-    @field_validator("parameters", mode="before")
-    @classmethod
-    def _none_is_empty(cls, v: Any) -> Any:
-        return {} if v is None else v
 
 
 # mergekit features that change the result and that mlite does not implement: refuse clearly.
