@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from ..io.writer import CheckpointWriter, config_dtype_update
 from ..methods.registry import TensorJob
 from .memory import limit_heap_growth
 from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, fingerprint
-from .stream import BackgroundWriter, Bundle, LiveTensors, WorkItem, prefetch, work_items
+from .stream import BackgroundWriter, Bundle, LiveTensors, WorkItem, prefetch, whole_tensor_limit, work_items
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +367,7 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, result: R
 
         def blockable(name: str) -> bool:
             m = mode(name)
-            if m == "local":
+            if m == "local" and math.prod(shapes[name]) > whole_tensor_limit():
                 deferred.add(name)
             return m == "blocks"
 

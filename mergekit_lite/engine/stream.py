@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 _DONE = object()
-CHUNK_ELEMENTS = 1 << 22  # row blocks of about 4M elements (16 MB per float32 input)
+# Row blocks of about 1M elements: 4 MB per float32 operand, so a block's inputs, its float32
+# copies and the method's temporaries stay in the CPU caches while it is computed. On a 2-core
+# EPYC a task-arithmetic step runs 5-10x faster on such blocks than on whole 50 MB tensors.
+CHUNK_ELEMENTS = 1 << 20
+# A tensor whose method needs statistics of the whole tensor (TIES' per-tensor top-k) is
+# computed whole up to this many row blocks' worth of elements; bigger ones are streamed in
+# blocks after a statistics pass over them, which costs extra reads but bounds memory.
+WHOLE_TENSOR_BLOCKS = 4
 
 
 @dataclass(frozen=True)
@@ -28,9 +35,17 @@ class WorkItem:
     rows: tuple[int, int] | None = None
 
 
+def whole_tensor_limit() -> int:
+    """Elements above which a tensor needing whole-tensor statistics is streamed in blocks."""
+    return WHOLE_TENSOR_BLOCKS * CHUNK_ELEMENTS
+
+
 def work_items(names: Iterable[str], shapes: dict[str, tuple[int, ...]], chunkable: Callable[[str], bool],
                chunk_elements: int | None = None) -> Iterator[WorkItem]:
-    """Split tensors bigger than `chunk_elements` into row blocks where `chunkable` allows."""
+    """Split tensors bigger than `chunk_elements` into row blocks where `chunkable` allows.
+
+    `chunkable` is only asked about tensors big enough to be split.
+    """
     chunk_elements = chunk_elements or CHUNK_ELEMENTS
     for name in names:
         shape = shapes[name]

@@ -16,7 +16,7 @@ import torch
 
 from .registry import MethodSpec, Param, TensorJob, register
 from .sparsify import outlier_counts, outlier_mask
-from .stats import RadixSelect
+from .stats import BracketSelect
 from .task_arithmetic import (
     DENSITY,
     INT8_MASK,
@@ -52,8 +52,8 @@ class OutlierBounds:
 class OutlierBoundsReducer:
     """The two order statistics of |τᵢ| that `outlier_mask` uses, over a tensor's row blocks.
 
-    Lets the engine stream a big tensor in blocks: the bounds are gathered first by exact radix
-    selection, then every block is masked with them, keeping exactly what `outlier_mask` keeps
+    Lets the engine stream a big tensor in blocks: the bounds are found first by exact streaming
+    selection (`stats.BracketSelect`), then every block is masked with them, keeping exactly what `outlier_mask` keeps
     on the whole tensor.
     """
 
@@ -67,7 +67,7 @@ class OutlierBoundsReducer:
             n_bottom, n_top = outlier_counts(self.densities[row], self.gammas[row], count)
             return [min(n_bottom, max(count - 1, 0)), max(count - n_top - 1, 0)]
 
-        self._select = RadixSelect(n_models, ranks)
+        self._select = BracketSelect(n_models, ranks)
         self.n_models = n_models
 
     def observe(self, job: TensorJob) -> None:

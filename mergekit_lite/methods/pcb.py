@@ -26,7 +26,7 @@ import torch
 
 from .detmath import exp_f32, tanh_f32
 from .registry import MethodSpec, Param, Scope, TensorJob, register
-from .sparsify import kth_smallest, kth_smallest_many
+from .select import kth_smallest, kth_smallest_many
 from .stats import RadixSelect
 
 MAX_MODELS = 88  # exp(n) overflows float32 from n = 89 on: every kept score would be inf

@@ -16,9 +16,15 @@ place in an order and is not supported.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
+
+from .select import count_and_gather, sample_bracket
+
+_log = logging.getLogger(__name__)
 
 _LOW_BITS = 16
 _BINS = 1 << _LOW_BITS
@@ -204,3 +210,179 @@ class RadixSelect:
         self._result = out
         self._high = None  # free the histograms; counts() stays available
         self._low = [None] * self.n_rows
+
+
+SAMPLE_CAP = 1 << 18  # sampled values kept per row (1 MB); beyond, two in three are dropped
+GATHER_CAP = 1 << 24  # values gathered per row and rank in pass 2 before giving up on the bracket
+
+
+class BracketSelect:
+    """Exact k-th smallest values of streamed rows like `RadixSelect`, but cheaper per value.
+
+    Pass 1 keeps an evenly spaced sample of each row (every value while a row has at most
+    SAMPLE_CAP of them; then every 3rd, 9th, ... one: an odd spacing never aliases with the
+    power-of-two widths of weight matrices, so the sample visits every column). Pass 2 counts,
+    per requested rank, the values below a sample bracket around it and gathers the few inside
+    it (or only counts them, when the bracket is one value); the rank's value is then selected
+    among those. Pass 1 costs a strided copy and pass 2 two comparisons per value,
+    against an order-preserving key and a histogram per value and pass for radix selection.
+
+    The result is exact whatever the sample: a bracket that misses its rank (a row whose values
+    are ordered adversarially for the spacing, or a cut inside more than GATHER_CAP equal
+    values) is detected by the counts and that selection is finished by a `RadixSelect` over
+    two more passes, which `end_pass` asks for. Same interface and the same values as
+    `RadixSelect` (a zero may come back as -0.0, which compares equal); NaN is supported by
+    neither.
+    """
+
+    def __init__(self, n_rows: int, ranks: RankSpec) -> None:
+        if n_rows < 1:
+            raise ValueError("BracketSelect needs at least one row")
+        self.n_rows = n_rows
+        self._rank_spec = ranks
+        self._pass = 1
+        self._seen = [0] * n_rows
+        self._stride = [1] * n_rows
+        self._sample: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
+        self._sampled = [0] * n_rows
+        self._ranks: list[list[int]] = []
+        self._bounds: list[list[tuple[float | None, float | None]]] = []
+        self._below: list[list[int]] = []
+        self._gathered: list[list[list[torch.Tensor] | None]] = []  # None: given up (too many)
+        self._inside: list[list[int]] = []
+        self._counts: torch.Tensor | None = None
+        self._fallback: RadixSelect | None = None
+        self._result: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None
+
+    def observe(self, row: int, values: torch.Tensor) -> None:
+        if self.done:
+            raise RuntimeError("BracketSelect: observe() after the selection finished")
+        if not 0 <= row < self.n_rows:
+            raise IndexError(f"BracketSelect: row {row} out of range [0, {self.n_rows})")
+        flat = values.reshape(-1).to(torch.float32)
+        if self._fallback is not None:
+            self._fallback.observe(row, flat)
+        elif self._pass == 1:
+            self._observe_sample(row, flat)
+        else:
+            self._observe_bracket(row, flat.cpu())
+
+    def _observe_sample(self, row: int, flat: torch.Tensor) -> None:
+        stride = self._stride[row]
+        first = (-self._seen[row]) % stride
+        self._seen[row] += flat.numel()
+        picked = flat[first::stride].cpu().clone()
+        self._sample[row].append(picked)
+        self._sampled[row] += picked.numel()
+        while self._sampled[row] > SAMPLE_CAP:
+            # Keep the values at positions ≡ 0 mod 3·stride: every third one, as the sample
+            # holds positions 0, s, 2s, ... in order.
+            merged = torch.cat(self._sample[row])[::3].clone()
+            self._sample[row] = [merged]
+            self._sampled[row] = merged.numel()
+            self._stride[row] = stride = stride * 3
+
+    def _observe_bracket(self, row: int, flat: torch.Tensor) -> None:
+        for j, (lo, hi) in enumerate(self._bounds[row]):
+            store = self._gathered[row][j]
+            if store is None:
+                continue
+            below, inside, n_inside = count_and_gather(flat, lo, hi)
+            self._below[row][j] += below
+            self._inside[row][j] += n_inside
+            if inside is None:
+                continue  # a one-value bracket: counting is enough
+            if self._inside[row][j] > GATHER_CAP:
+                self._gathered[row][j] = None  # too many to hold: finish by radix selection
+            else:
+                store.append(inside.clone())
+
+    def end_pass(self) -> bool:
+        """Close the current pass; True once `values()` is ready."""
+        if self.done:
+            return True
+        if self._fallback is not None:
+            if self._fallback.end_pass():
+                self._finish_fallback()
+                return True
+            return False
+        if self._pass == 1:
+            self._plan_second_pass()
+            self._pass = 2
+            return False
+        return self._finish()
+
+    def counts(self) -> torch.Tensor:
+        """Number of values seen per row (available after pass 1)."""
+        if self._counts is None:
+            raise RuntimeError("BracketSelect: counts() before the first pass ended")
+        return self._counts
+
+    def values(self) -> torch.Tensor:
+        if self._result is None:
+            raise RuntimeError("BracketSelect: values() before the selection finished")
+        return self._result
+
+    def _plan_second_pass(self) -> None:
+        self._counts = torch.tensor(self._seen, dtype=torch.int64)
+        width: int | None = None
+        for row in range(self.n_rows):
+            count = self._seen[row]
+            spec = self._rank_spec
+            ranks = [int(r) for r in (spec(row, count) if callable(spec) else spec[row])]
+            if width is None:
+                width = len(ranks)
+            elif len(ranks) != width:
+                raise ValueError("BracketSelect: every row must ask for the same number of ranks")
+            bounds: list[tuple[float | None, float | None]] = []
+            if count > 0:
+                for r in ranks:
+                    if not 0 <= r < count:
+                        raise ValueError(f"BracketSelect: rank {r} outside [0, {count}) for row {row}")
+                sample = np.sort(torch.cat(self._sample[row]).numpy())
+                population = sample if self._stride[row] == 1 else None
+                for r in ranks:
+                    if population is not None:  # every value was kept: the bracket is exact
+                        bounds.append((float(sample[r]), float(sample[r])))
+                    else:
+                        bounds.append(sample_bracket(sample, r + 1, count))
+            self._ranks.append(ranks)
+            self._bounds.append(bounds)
+            self._below.append([0] * len(bounds))
+            self._inside.append([0] * len(bounds))
+            self._gathered.append([[] for _ in bounds])
+            self._sample[row] = []
+        self._width = width or 0
+
+    def _finish(self) -> bool:
+        out = torch.full((self.n_rows, self._width), float("nan"), dtype=torch.float32)
+        missed = False
+        for row in range(self.n_rows):
+            if self._seen[row] == 0:
+                continue
+            for j, r in enumerate(self._ranks[row]):
+                store = self._gathered[row][j]
+                below, n_inside = self._below[row][j], self._inside[row][j]
+                lo, hi = self._bounds[row][j]
+                if store is None or not below <= r < below + n_inside:
+                    missed = True
+                elif lo is not None and lo == hi:
+                    out[row, j] = lo
+                else:
+                    inside = torch.cat(store).numpy()
+                    out[row, j] = float(np.partition(inside, r - below)[r - below])
+        self._gathered = []
+        if not missed:
+            self._result = out
+            return True
+        _log.debug("a sample bracket missed its rank; finishing with radix selection (2 more passes)")
+        self._fallback = RadixSelect(self.n_rows, self._rank_spec)
+        return False
+
+    def _finish_fallback(self) -> None:
+        assert self._fallback is not None
+        self._result = self._fallback.values()

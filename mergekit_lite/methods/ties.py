@@ -5,8 +5,9 @@ average only the entries that agree with it, then θ = θ₀ + λτₘ.
 
 `scope: tensor` (mergekit's behaviour) trims each tensor on its own. `scope: global` is the
 paper's code: the top-k is taken over the whole flattened model, one threshold per model. The
-threshold is the exact k-th largest |τᵢ| over every float tensor, found by a two-pass radix
-selection (`stats.RadixSelect`) so no model is ever held in memory.
+threshold is the exact k-th largest |τᵢ| over every float tensor, found in two streaming passes
+(`stats.BracketSelect`: a sample, then a count and a gather around the cut) so no model is ever
+held in memory.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from ..errors import RecipeError
 from .registry import MethodSpec, Param, Scope, TensorJob, register
 from .sparsify import keep_count, magnitude_mask, threshold_mask
-from .stats import RadixSelect
+from .stats import BracketSelect
 from .task_arithmetic import (
     DENSITY,
     INT8_MASK,
@@ -74,7 +75,7 @@ class GlobalTopK:
             # ascending 0-based position of the k-th largest; clamp for the keep-all/none cases
             return [min(max(count - k, 0), max(count - 1, 0))]
 
-        self._select = RadixSelect(n_models, ranks)
+        self._select = BracketSelect(n_models, ranks)
 
     def observe(self, job: TensorJob) -> None:
         for i, tau in enumerate(task_vectors(job, "ties")):
