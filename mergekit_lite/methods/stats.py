@@ -212,23 +212,22 @@ class RadixSelect:
         self._low = [None] * self.n_rows
 
 
-SAMPLE_CAP = 1 << 18  # sampled values kept per row (1 MB); beyond, two in three are dropped
+SAMPLE_CAP = 1 << 18  # sampled values kept per row (1 MB); beyond, half of them are dropped
 GATHER_CAP = 1 << 24  # values gathered per row and rank in pass 2 before giving up on the bracket
 
 
 class BracketSelect:
     """Exact k-th smallest values of streamed rows like `RadixSelect`, but cheaper per value.
 
-    Pass 1 keeps an evenly spaced sample of each row (every value while a row has at most
-    SAMPLE_CAP of them; then every 3rd, 9th, ... one: an odd spacing never aliases with the
-    power-of-two widths of weight matrices, so the sample visits every column). Pass 2 counts,
+    Pass 1 keeps a sample of each row: every value while a row has at most SAMPLE_CAP of them,
+    then a seeded random 1/2, 1/4, ... of them. Pass 2 counts,
     per requested rank, the values below a sample bracket around it and gathers the few inside
     it (or only counts them, when the bracket is one value); the rank's value is then selected
     among those. Pass 1 costs a strided copy and pass 2 two comparisons per value,
     against an order-preserving key and a histogram per value and pass for radix selection.
 
     The result is exact whatever the sample: a bracket that misses its rank (a row whose values
-    are ordered adversarially for the spacing, or a cut inside more than GATHER_CAP equal
+    are ordered adversarially for the sample, or a cut inside more than GATHER_CAP equal
     values) is detected by the counts and that selection is finished by a `RadixSelect` over
     two more passes, which `end_pass` asks for. Same interface and the same values as
     `RadixSelect` (a zero may come back as -0.0, which compares equal); NaN is supported by
@@ -273,18 +272,27 @@ class BracketSelect:
 
     def _observe_sample(self, row: int, flat: torch.Tensor) -> None:
         stride = self._stride[row]
-        first = (-self._seen[row]) % stride
+        if stride == 1:
+            picked = flat.cpu().clone()
+        else:
+            # Random positions, not every stride-th one: a regular spacing visits only some
+            # columns of a matrix whose width shares a factor with it, and weight matrices
+            # often differ column by column (low-rank deltas), which biases the sample.
+            g = torch.Generator().manual_seed(self._seen[row] * 1_000_003 + row)
+            positions = torch.randint(flat.numel(), (max(1, flat.numel() // stride),), generator=g)
+            picked = flat.cpu()[positions]
         self._seen[row] += flat.numel()
-        picked = flat[first::stride].cpu().clone()
         self._sample[row].append(picked)
         self._sampled[row] += picked.numel()
         while self._sampled[row] > SAMPLE_CAP:
-            # Keep the values at positions ≡ 0 mod 3·stride: every third one, as the sample
-            # holds positions 0, s, 2s, ... in order.
-            merged = torch.cat(self._sample[row])[::3].clone()
+            # Half of it drawn at random (not every other value: the first blocks were kept
+            # whole, and every other value of a whole block is again a regular spacing).
+            merged = torch.cat(self._sample[row])
+            g = torch.Generator().manual_seed(self._stride[row] * 1_000_003 + row)
+            merged = merged[torch.randint(merged.numel(), (merged.numel() // 2,), generator=g)]
             self._sample[row] = [merged]
             self._sampled[row] = merged.numel()
-            self._stride[row] = stride = stride * 3
+            self._stride[row] *= 2
 
     def _observe_bracket(self, row: int, flat: torch.Tensor) -> None:
         for j, (lo, hi) in enumerate(self._bounds[row]):
