@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -270,8 +271,8 @@ def test_dare_paper_rescale_golden() -> None:
 
 def test_dare_l1_rescale_golden() -> None:
     tau = T([1.0, -2.0, 3.0, -4.0, 5.0, -6.0])
-    out = run("dare_linear", [0.0] * 6, [tau.tolist()], density=(0.5,), rescale="l1", seed=3)
-    mask = _uniforms("w", 3, (6,), 1)[0] < 0.5
+    out = run("dare_linear", [0.0] * 6, [tau.tolist()], density=(0.5,), rescale="l1", seed=4)
+    mask = _uniforms("w", 4, (6,), 1)[0] < 0.5
     kept = tau * mask
     close(out, kept * (tau.abs().sum() / kept.abs().sum()))
     assert math.isclose(float(out.abs().sum()), 21.0, rel_tol=1e-6)
@@ -515,19 +516,22 @@ def test_position_uniforms_do_not_depend_on_row_blocks() -> None:
     """Draws are a function of (seed, tensor, model, position): whole tensor == any row blocks."""
     from mergekit_lite.methods import sparsify
 
-    shape = (37, 50_000)  # stretches of 2²⁰ entries cut rows in the middle
+    shape = (37, 5_000)  # stretches of 2¹⁶ entries cut rows in the middle
     whole = position_uniforms(TensorJob("w", None, [], {}, seed=4), 1, shape, "cpu")
     for step in (1, 5, 21):
         parts = [position_uniforms(TensorJob("w", None, [], {}, seed=4, rows=(a, min(a + step, 37))), 1,
-                                   (min(a + step, 37) - a, 50_000), "cpu") for a in range(0, 37, step)]
+                                   (min(a + step, 37) - a, 5_000), "cpu") for a in range(0, 37, step)]
         assert torch.equal(torch.cat(parts), whole)
     other_model = position_uniforms(TensorJob("w", None, [], {}, seed=4), 2, shape, "cpu")
     assert not torch.equal(other_model, whole)
     assert 0.49 < float(whole.mean()) < 0.51 and sparsify.DRAW_BLOCK < whole.numel()
 
 
-def test_torch_cpu_uniform_draws_are_prefixes() -> None:
-    """position_uniforms relies on it: a shorter draw from a seeded CPU generator is a prefix."""
-    full = torch.rand(100_000, generator=torch.Generator().manual_seed(9))
+def test_pcg64_uniform_draws_are_prefixes() -> None:
+    """position_uniforms relies on it: a shorter draw from a seeded generator is a prefix."""
+    def draw(n: int) -> np.ndarray:
+        return np.random.Generator(np.random.PCG64(9)).random(n, dtype=np.float32)
+
+    full = draw(100_000)
     for n in (1, 15, 16, 17, 4097, 99_999):
-        assert torch.equal(torch.rand(n, generator=torch.Generator().manual_seed(9)), full[:n])
+        assert np.array_equal(draw(n), full[:n])
