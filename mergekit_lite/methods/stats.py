@@ -229,9 +229,8 @@ class BracketSelect:
     The result is exact whatever the sample: a bracket that misses its rank (a row whose values
     are ordered adversarially for the sample, or a cut inside more than GATHER_CAP equal
     values) is detected by the counts and that selection is finished by a `RadixSelect` over
-    two more passes, which `end_pass` asks for. Same interface and the same values as
-    `RadixSelect` (a zero may come back as -0.0, which compares equal); NaN is supported by
-    neither.
+    two more passes, which `end_pass` asks for. Same interface and bit for bit the same values
+    as `RadixSelect` (zeros come back as +0.0); NaN is supported by neither.
     """
 
     def __init__(self, n_rows: int, ranks: RankSpec) -> None:
@@ -379,10 +378,10 @@ class BracketSelect:
                 if store is None or not below <= r < below + n_inside:
                     missed = True
                 elif lo is not None and lo == hi:
-                    out[row, j] = lo
+                    out[row, j] = lo + 0.0  # + 0.0: -0.0 comes back as +0.0, as from RadixSelect
                 else:
                     inside = torch.cat(store).numpy()
-                    out[row, j] = float(np.partition(inside, r - below)[r - below])
+                    out[row, j] = float(np.partition(inside, r - below)[r - below]) + 0.0
         self._gathered = []
         if not missed:
             self._result = out
