@@ -10,7 +10,7 @@ defaults hurt here:
 - Blocks above the mmap threshold (dynamic, at most 32 MB) are mapped fresh on every
   allocation and unmapped on free, and the heap top is trimmed back to the kernel as soon as
   128 KB-64 MB sit free there. Every new tensor then faults in and zeroes its pages again: on a
-  500M-parameter task-arithmetic merge that was 5 s of system time for a 5 s merge. Serving
+  500M-parameter task-arithmetic merge that was 5 s of system time in a 7 s merge. Serving
   every block from the heap and never trimming it makes a freed tensor's pages the next
   tensor's pages: system time falls to 1.7 s and the merge's computation runs 2x faster.
 

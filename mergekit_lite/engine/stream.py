@@ -19,7 +19,8 @@ import torch
 _DONE = object()
 # Row blocks of about 1M elements: 4 MB per float32 operand, so a block's inputs, its float32
 # copies and the method's temporaries stay in the CPU caches while it is computed. On a 2-core
-# EPYC a task-arithmetic step runs 5-10x faster on such blocks than on whole 50 MB tensors.
+# EPYC a task-arithmetic step runs about 2x faster on such blocks than on whole 50 MB tensors
+# (with the heap settings of engine/memory.py; about 9x without them).
 CHUNK_ELEMENTS = 1 << 20
 # A tensor whose method needs statistics of the whole tensor (TIES' per-tensor top-k) is
 # computed whole up to this many row blocks' worth of elements; bigger ones are streamed in

@@ -52,9 +52,9 @@ class OutlierBounds:
 class OutlierBoundsReducer:
     """The two order statistics of |τᵢ| that `outlier_mask` uses, over a tensor's row blocks.
 
-    Lets the engine stream a big tensor in blocks: the bounds are found first by exact streaming
-    selection (`stats.BracketSelect`), then every block is masked with them, keeping exactly what `outlier_mask` keeps
-    on the whole tensor.
+    Lets the engine stream a big tensor in blocks: the bounds are found first by exact
+    streaming selection (`stats.BracketSelect`), then every block is masked with them, keeping
+    exactly what `outlier_mask` keeps on the whole tensor.
     """
 
     expected_passes = 2

@@ -11,8 +11,8 @@ Conventions shared by every mask below:
   equal to the threshold are kept. With no tie at the cut exactly k entries survive; with a tie
   every tied entry survives (so slightly more than k).
 - Selection is exact and linear time (`select.kth_smallest_many`), never a full sort.
-- Random draws come from the CPU generator the job provides and are moved to the tensor's
-  device afterwards, so a seed gives the same mask on CPU and GPU.
+- Random draws are keyed by (seed, tensor, model, position) and made on the CPU, then moved to
+  the tensor's device (`position_uniforms`), so a seed gives the same mask on CPU and GPU.
 """
 
 from __future__ import annotations

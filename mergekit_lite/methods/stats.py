@@ -220,11 +220,11 @@ class BracketSelect:
     """Exact k-th smallest values of streamed rows like `RadixSelect`, but cheaper per value.
 
     Pass 1 keeps a sample of each row: every value while a row has at most SAMPLE_CAP of them,
-    then a seeded random 1/2, 1/4, ... of them. Pass 2 counts,
-    per requested rank, the values below a sample bracket around it and gathers the few inside
-    it (or only counts them, when the bracket is one value); the rank's value is then selected
-    among those. Pass 1 costs a strided copy and pass 2 two comparisons per value,
-    against an order-preserving key and a histogram per value and pass for radix selection.
+    then a seeded random 1/2, 1/4, ... of them. Pass 2 counts, per requested rank, the values
+    below a sample bracket around it and gathers the few inside it (or only counts them, when
+    the bracket is one value); the rank's value is then selected among those. Pass 1 costs a
+    small random gather and pass 2 two comparisons per value, against an order-preserving key
+    and a histogram per value and pass for radix selection.
 
     The result is exact whatever the sample: a bracket that misses its rank (a row whose values
     are ordered adversarially for the sample, or a cut inside more than GATHER_CAP equal
@@ -284,7 +284,7 @@ class BracketSelect:
         self._sample[row].append(picked)
         self._sampled[row] += picked.numel()
         while self._sampled[row] > SAMPLE_CAP:
-            # Half of it drawn at random (not every other value: the first blocks were kept
+            # Half of it drawn at random, with replacement (not every other value: the first blocks were kept
             # whole, and every other value of a whole block is again a regular spacing).
             merged = torch.cat(self._sample[row])
             g = torch.Generator().manual_seed(self._stride[row] * 1_000_003 + row)
