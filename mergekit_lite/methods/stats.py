@@ -36,6 +36,24 @@ _CHUNK = 1 << 24  # elements per chunk in observe: keeps int64 temporaries at ~1
 RankSpec = Sequence[Sequence[int]] | Callable[[int, int], Sequence[int]]
 
 
+def resolve_ranks(spec: RankSpec, counts: Sequence[int], who: str) -> list[list[int]]:
+    """Each row's 0-based ranks, once its size is known: checked in range and of one width.
+
+    A row with no values keeps whatever it was given (it yields NaN, its ranks are not used).
+    """
+    out: list[list[int]] = []
+    for row, count in enumerate(counts):
+        ranks = [int(r) for r in (spec(row, count) if callable(spec) else spec[row])]
+        if out and len(ranks) != len(out[0]):
+            raise ValueError(f"{who}: every row must ask for the same number of ranks")
+        if count > 0:
+            for r in ranks:
+                if not 0 <= r < count:
+                    raise ValueError(f"{who}: rank {r} outside [0, {count}) for row {row}")
+        out.append(ranks)
+    return out
+
+
 def float_to_key(values: torch.Tensor) -> torch.Tensor:
     """Order-preserving map float32 → int64 key in [0, 2**32): a < b ⇔ key(a) < key(b)."""
     x = values.to(torch.float32).reshape(-1).contiguous() + 0.0  # -0.0 + 0.0 == +0.0
@@ -154,15 +172,9 @@ class RadixSelect:
         high = self._high if self._high is not None else torch.zeros(self.n_rows, _BINS, dtype=torch.int64)
         self._high = high.cpu()
         self._counts = self._high.sum(dim=1)
-        width: int | None = None
-        for row in range(self.n_rows):
+        all_ranks = resolve_ranks(self._rank_spec, [int(c) for c in self._counts], "RadixSelect")
+        for row, ranks in enumerate(all_ranks):
             count = int(self._counts[row])
-            spec = self._rank_spec
-            ranks = [int(r) for r in (spec(row, count) if callable(spec) else spec[row])]
-            if width is None:
-                width = len(ranks)
-            elif len(ranks) != width:
-                raise ValueError("RadixSelect: every row must ask for the same number of ranks")
             lut = torch.full((_BINS,), -1, dtype=torch.int64)
             bins: list[int] = []
             slots: list[int] = []
@@ -170,8 +182,6 @@ class RadixSelect:
             if count > 0:
                 cum = self._high[row].cumsum(0)
                 for r in ranks:
-                    if not 0 <= r < count:
-                        raise ValueError(f"RadixSelect: rank {r} outside [0, {count}) for row {row}")
                     b = int(torch.searchsorted(cum, torch.tensor(r), right=True))
                     before = int(cum[b]) - int(self._high[row, b])
                     if b not in bins:
@@ -184,7 +194,7 @@ class RadixSelect:
             self._slot_of_rank.append(slots)
             self._residual.append(residuals)
             self._luts.append(lut)
-        self._width = width or 0
+        self._width = len(all_ranks[0]) if all_ranks else 0
 
     def _finish(self) -> None:
         out = torch.full((self.n_rows, self._width), float("nan"), dtype=torch.float32)
@@ -336,20 +346,11 @@ class BracketSelect:
 
     def _plan_second_pass(self) -> None:
         self._counts = torch.tensor(self._seen, dtype=torch.int64)
-        width: int | None = None
-        for row in range(self.n_rows):
+        all_ranks = resolve_ranks(self._rank_spec, self._seen, "BracketSelect")
+        for row, ranks in enumerate(all_ranks):
             count = self._seen[row]
-            spec = self._rank_spec
-            ranks = [int(r) for r in (spec(row, count) if callable(spec) else spec[row])]
-            if width is None:
-                width = len(ranks)
-            elif len(ranks) != width:
-                raise ValueError("BracketSelect: every row must ask for the same number of ranks")
             bounds: list[tuple[float | None, float | None]] = []
             if count > 0:
-                for r in ranks:
-                    if not 0 <= r < count:
-                        raise ValueError(f"BracketSelect: rank {r} outside [0, {count}) for row {row}")
                 sample = np.sort(torch.cat(self._sample[row]).numpy())
                 population = sample if self._stride[row] == 1 else None
                 for r in ranks:
@@ -363,7 +364,7 @@ class BracketSelect:
             self._inside.append([0] * len(bounds))
             self._gathered.append([[] for _ in bounds])
             self._sample[row] = []
-        self._width = width or 0
+        self._width = len(all_ranks[0]) if all_ranks else 0
 
     def _finish(self) -> bool:
         out = torch.full((self.n_rows, self._width), float("nan"), dtype=torch.float32)
