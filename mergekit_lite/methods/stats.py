@@ -76,7 +76,30 @@ def exact_select(values: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
     return ordered[torch.as_tensor(list(ranks), dtype=torch.int64, device=ordered.device)]
 
 
-class RadixSelect:
+class _Selection:
+    """What both selectors report: per-row counts after pass 1, values once finished."""
+
+    _counts: torch.Tensor | None = None
+    _result: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None
+
+    def counts(self) -> torch.Tensor:
+        """Number of values seen per row (available after pass 1)."""
+        if self._counts is None:
+            raise RuntimeError(f"{type(self).__name__}: counts() before the first pass ended")
+        return self._counts
+
+    def values(self) -> torch.Tensor:
+        """[n_rows, n_ranks] float32: sorted(row r)[rank j of row r]; NaN for an empty row."""
+        if self._result is None:
+            raise RuntimeError(f"{type(self).__name__}: values() before the selection finished")
+        return self._result
+
+
+class RadixSelect(_Selection):
     """Exact k-th smallest values of several streamed rows, in two passes, O(rows · 65,536) memory.
 
     Usage: feed every value of every row with `observe(row, values)` (any shapes, any number of
@@ -105,10 +128,6 @@ class RadixSelect:
         self._luts: list[torch.Tensor] = []
         self._counts: torch.Tensor | None = None
         self._result: torch.Tensor | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._result is not None
 
     def observe(self, row: int, values: torch.Tensor) -> None:
         if self.done:
@@ -156,17 +175,6 @@ class RadixSelect:
             return False
         self._finish()
         return True
-
-    def counts(self) -> torch.Tensor:
-        """Number of values seen per row (available after pass 1)."""
-        if self._counts is None:
-            raise RuntimeError("RadixSelect: counts() before the first pass ended")
-        return self._counts
-
-    def values(self) -> torch.Tensor:
-        if self._result is None:
-            raise RuntimeError("RadixSelect: values() before both passes ended")
-        return self._result
 
     def _plan_second_pass(self) -> None:
         high = self._high if self._high is not None else torch.zeros(self.n_rows, _BINS, dtype=torch.int64)
@@ -226,7 +234,7 @@ SAMPLE_CAP = 1 << 18  # sampled values kept per row (1 MB); beyond, half of them
 GATHER_CAP = 1 << 24  # values gathered per row and rank in pass 2 before giving up on the bracket
 
 
-class BracketSelect:
+class BracketSelect(_Selection):
     """Exact k-th smallest values of streamed rows like `RadixSelect`, but cheaper per value.
 
     Pass 1 keeps a sample of each row: every value while a row has at most SAMPLE_CAP of them,
@@ -261,10 +269,6 @@ class BracketSelect:
         self._counts: torch.Tensor | None = None
         self._fallback: RadixSelect | None = None
         self._result: torch.Tensor | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._result is not None
 
     def observe(self, row: int, values: torch.Tensor) -> None:
         if self.done:
@@ -332,17 +336,6 @@ class BracketSelect:
             self._pass = 2
             return False
         return self._finish()
-
-    def counts(self) -> torch.Tensor:
-        """Number of values seen per row (available after pass 1)."""
-        if self._counts is None:
-            raise RuntimeError("BracketSelect: counts() before the first pass ended")
-        return self._counts
-
-    def values(self) -> torch.Tensor:
-        if self._result is None:
-            raise RuntimeError("BracketSelect: values() before the selection finished")
-        return self._result
 
     def _plan_second_pass(self) -> None:
         self._counts = torch.tensor(self._seen, dtype=torch.int64)
