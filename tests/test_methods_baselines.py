@@ -8,8 +8,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mergekit_lite.errors import CheckpointError, RecipeError
+from mergekit_lite.methods import draws
 from mergekit_lite.methods.registry import TensorJob, get_method
 from mergekit_lite.methods.sparsify import (
     della_probabilities,
@@ -18,7 +21,6 @@ from mergekit_lite.methods.sparsify import (
     magnitude_mask,
     outlier_counts,
     outlier_mask,
-    position_uniforms,
 )
 from mergekit_lite.methods.stats import RadixSelect, exact_select, float_to_key, key_to_float
 
@@ -259,7 +261,7 @@ def test_ties_global_rejects_per_tensor_density() -> None:
 
 def _uniforms(name: str, seed: int, shape: tuple[int, ...], n_models: int) -> list[torch.Tensor]:
     job = TensorJob(name=name, base=None, models=[], params={}, seed=seed)
-    return [position_uniforms(job, i, shape, "cpu") for i in range(n_models)]
+    return [draws.uniforms(job, i, shape) for i in range(n_models)]
 
 
 def test_dare_paper_rescale_golden() -> None:
@@ -512,25 +514,65 @@ def test_radix_select_detects_changed_second_pass() -> None:
         select.end_pass()
 
 
-def test_position_uniforms_do_not_depend_on_row_blocks() -> None:
-    """Draws are a function of (seed, tensor, model, position): whole tensor == any row blocks."""
-    from mergekit_lite.methods import sparsify
-
+def test_draws_do_not_depend_on_row_blocks() -> None:
+    """u and the keep masks are a function of (seed, tensor, model, position): whole == any row blocks."""
     shape = (37, 5_000)  # stretches of 2¹⁶ entries cut rows in the middle
-    whole = position_uniforms(TensorJob("w", None, [], {}, seed=4), 1, shape, "cpu")
+    whole = draws.uniforms(TensorJob("w", None, [], {}, seed=4), 1, shape)
+    probs = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     for step in (1, 5, 21):
-        parts = [position_uniforms(TensorJob("w", None, [], {}, seed=4, rows=(a, min(a + step, 37))), 1,
-                                   (min(a + step, 37) - a, 5_000), "cpu") for a in range(0, 37, step)]
-        assert torch.equal(torch.cat(parts), whole)
-    other_model = position_uniforms(TensorJob("w", None, [], {}, seed=4), 2, shape, "cpu")
+        jobs = [(TensorJob("w", None, [], {}, seed=4, rows=(a, min(a + step, 37))), (min(a + step, 37) - a, 5_000))
+                for a in range(0, 37, step)]
+        assert torch.equal(torch.cat([draws.uniforms(job, 1, part) for job, part in jobs]), whole)
+        masks = [draws.keep_mask(job, 1, part, 0.3) for job, part in jobs]
+        assert torch.equal(torch.cat(masks), whole < 0.3)
+        masks = [draws.keep_mask(job, 1, part, probs[job.rows[0] : job.rows[1]]) for job, part in jobs]  # type: ignore[index]
+        assert torch.equal(torch.cat(masks), whole < probs.double())
+    other_model = draws.uniforms(TensorJob("w", None, [], {}, seed=4), 2, shape)
     assert not torch.equal(other_model, whole)
-    assert 0.49 < float(whole.mean()) < 0.51 and sparsify.DRAW_BLOCK < whole.numel()
+    assert 0.49 < float(whole.mean()) < 0.51 and draws.DRAW_BLOCK < whole.numel()
 
 
-def test_pcg64_uniform_draws_are_prefixes() -> None:
-    """position_uniforms relies on it: a shorter draw from a seeded generator is a prefix."""
+def test_draws_are_on_the_2_pow_32_grid_and_spread() -> None:
+    u = draws.uniforms(TensorJob("w", None, [], {}, seed=1), 0, (1 << 17,))
+    scaled = u * 2.0**32
+    assert torch.equal(scaled, scaled.floor()) and float(u.min()) >= 0 and float(u.max()) < 1
+    counts = torch.histc(u.float(), bins=16, min=0, max=1)  # 8192 per bin expected, σ ≈ 88
+    assert float((counts - 8192).abs().max()) < 600
+    low = (scaled.long() & ((1 << draws.FINE_BITS) - 1)).double() / 2.0**draws.FINE_BITS  # F on its own
+    assert 0.49 < float(low.mean()) < 0.51
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    p=st.one_of(st.floats(0, 1), st.integers(0, 256).map(lambda k: k / 256), st.sampled_from([1e-9, 1 - 1e-9])),
+    seed=st.integers(0, 2**31),
+)
+def test_keep_mask_is_u_below_p(p: float, seed: int) -> None:
+    """The byte-first fast path decides exactly u < p, for one p and for per-entry p."""
+    job = TensorJob("t", None, [], {}, seed=seed)
+    u = draws.uniforms(job, 0, (3, 700))
+    assert torch.equal(draws.keep_mask(job, 0, (3, 700), p), u < p)
+    per_entry = torch.full((3, 700), p, dtype=torch.float32)
+    per_entry[1] = torch.linspace(0, 1, 700)
+    assert torch.equal(draws.keep_mask(job, 0, (3, 700), per_entry), u < per_entry.double())
+
+
+def test_keep_mask_resolves_ties_on_the_byte_with_the_low_bits() -> None:
+    """Entries whose byte B equals floor(256p) are decided by F; pick p so that some of them are."""
+    job = TensorJob("t", None, [], {}, seed=11)
+    u = draws.uniforms(job, 0, (1 << 16,))
+    byte = (u * 256).floor()
+    p = (100 + 0.5) / 256  # B = 100 is the tied byte; about half of those entries are kept
+    tied = byte == 100
+    mask = draws.keep_mask(job, 0, (1 << 16,), p)
+    assert torch.equal(mask, u < p)
+    assert 0 < int(mask[tied].sum()) < int(tied.sum())
+
+
+def test_pcg64_raw_draws_are_prefixes() -> None:
+    """draws.top_bytes relies on it: a shorter raw draw from a seeded generator is a prefix."""
     def draw(n: int) -> np.ndarray:
-        return np.random.Generator(np.random.PCG64(9)).random(n, dtype=np.float32)
+        return np.random.PCG64(9).random_raw(n)
 
     full = draw(100_000)
     for n in (1, 15, 16, 17, 4097, 99_999):

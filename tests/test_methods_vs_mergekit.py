@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from mergekit_lite.methods.draws import uniforms
 from mergekit_lite.methods.registry import TensorJob, get_method
-from mergekit_lite.methods.sparsify import della_probabilities, outlier_mask, position_uniforms
+from mergekit_lite.methods.sparsify import della_probabilities, outlier_mask
 
 
 def make_job(method: str, base: torch.Tensor | None, models: list[torch.Tensor], seed: int = 0, **params: Any) -> TensorJob:
@@ -46,7 +47,7 @@ def ours(method: str, base: torch.Tensor | None, models: list[torch.Tensor], **p
 
 def draws(n_models: int, shape: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
     job = make_job("dare_linear", None, [], seed=seed)
-    return [position_uniforms(job, i, shape, "cpu") for i in range(n_models)]
+    return [uniforms(job, i, shape) for i in range(n_models)]
 
 
 # ------------------------------------------------------------ mergekit's formulas, re-stated

@@ -5,7 +5,7 @@ that ‖τ̂ᵢ‖₁ = ‖τᵢ‖₁ (`rescale: l1`, mergekit's choice), or no
 `dare_linear` combines like task arithmetic and `dare_ties` like TIES (sign election).
 
 Reproducibility: model i keeps entry k when u < density, where u is a position-keyed draw
-(seed, tensor name, i and the entry's place) (`sparsify.position_uniforms`): the same seed gives the same mask
+(seed, tensor name, i and the entry's place) (`draws.keep_mask`): the same seed gives the same mask
 whatever the traversal order, worker count, device, or whether the engine streams the tensor
 in row blocks. With `rescale: paper` or `none` the method is row-local, so big tensors stream
 in blocks; `rescale: l1` needs the whole tensor's norms.
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from .draws import keep_mask
 from .registry import MethodSpec, TensorJob, register
-from .sparsify import position_uniforms, rescale_l1
+from .sparsify import rescale_l1
 from .task_arithmetic import (
     DENSITY,
     INT8_MASK,
@@ -38,9 +39,9 @@ def drop_and_rescale(job: TensorJob, taus: list[torch.Tensor], densities: tuple[
         if density >= 1:
             out.append(tau)
             continue
-        kept = tau * (position_uniforms(job, i, tau.shape, tau.device) < density)
+        kept = tau * keep_mask(job, i, tau.shape, density, tau.device)
         if mode == "paper":
-            kept = kept / density
+            kept.div_(density)
         elif mode == "l1":
             kept = rescale_l1(tau, kept)
         out.append(kept)

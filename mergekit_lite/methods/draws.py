@@ -1,0 +1,127 @@
+"""Position-keyed random keep decisions for DARE and DELLA.
+
+Every entry of a tensor gets one uniform u on the 2⁻³² grid, a function of (recipe seed, tensor
+name, model, position) only, and is kept when u < p. That makes a seed's masks independent of
+the visiting order, the worker count, the device and whether the engine streams the tensor
+whole or in row blocks.
+
+u is built so that the common case costs one random byte per entry. The flattened tensor is cut
+into stretches of DRAW_BLOCK entries; stretch j of model i has a 63-bit seed s (from seed,
+tensor name, i, j) and
+- B: the entry's byte of the PCG64(s) raw output (little-endian 64-bit words, entry k of the
+  stretch is byte k);
+- F: the top 24 bits of SplitMix64's output for the stretch state s and the entry's offset k
+  within the stretch (state s + (k+1)·γ, γ = 0x9E3779B97F4A7C15, then SplitMix64's mix);
+- u = (B·2²⁴ + F) / 2³².
+Deciding u < p needs F only when B = ⌊256p⌋, one entry in 256, so `keep_mask` hashes just
+those. A full float32 draw per entry (PCG64 float32, the previous scheme) cost about 2 ns;
+a byte costs about 0.3 ns, and draws were most of a DARE merge's time.
+`uniforms` computes u for every entry: it is the definition the fast path is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+
+from .registry import TensorJob, tensor_seed
+
+DRAW_BLOCK = 1 << 16  # entries per independently seeded stretch of draws
+FINE_BITS = 24  # bits of u below the byte B
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _span(job: TensorJob, shape: tuple[int, ...]) -> tuple[int, int]:
+    """The flat positions [start, end) of this job's rows in the whole tensor."""
+    numel = math.prod(shape)
+    row_numel = numel // shape[0] if shape and shape[0] else 1
+    start = (job.rows[0] if job.rows else 0) * row_numel
+    return start, start + numel
+
+
+def _stretch_seed(job: TensorJob, model: int, j: int) -> int:
+    return tensor_seed(tensor_seed(job.seed, job.name), f"{model}:{j}")
+
+
+def top_bytes(job: TensorJob, model: int, shape: tuple[int, ...]) -> np.ndarray:
+    """B for every entry of the job's rows (flat uint8), generating only the stretches they overlap.
+
+    A stretch the rows enter midway is generated from its start (a shorter raw draw of a seeded
+    PCG64 is a prefix of a longer one) and only up to the rows' end.
+    """
+    start, end = _span(job, shape)
+    out = np.empty(end - start, dtype=np.uint8)
+    key = tensor_seed(job.seed, job.name)
+    for j in range(start // DRAW_BLOCK, (end - 1) // DRAW_BLOCK + 1 if end > start else 0):
+        a, b = max(start, j * DRAW_BLOCK), min(end, (j + 1) * DRAW_BLOCK)
+        words = np.random.PCG64(tensor_seed(key, f"{model}:{j}")).random_raw(-(-(b - j * DRAW_BLOCK) // 8))
+        if sys.byteorder != "little":
+            words = words.byteswap()
+        out[a - start : b - start] = words.view(np.uint8)[a - j * DRAW_BLOCK : b - j * DRAW_BLOCK]
+    return out
+
+
+def fine_bits(job: TensorJob, model: int, positions: np.ndarray) -> np.ndarray:
+    """F (as int64) for the given flat positions of the whole tensor."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if positions.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    stretches = positions // DRAW_BLOCK
+    first = int(stretches.min())
+    seeds = np.array(
+        [_stretch_seed(job, model, j) for j in range(first, int(stretches.max()) + 1)], dtype=np.uint64
+    )
+    offsets = (positions - stretches * DRAW_BLOCK + 1).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        z = seeds[stretches - first] + offsets * _GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(64 - FINE_BITS)).astype(np.int64)
+
+
+def uniforms(job: TensorJob, model: int, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """u for every entry of the job's rows, in float64 (exact: u has 32 bits), on the CPU."""
+    shape = tuple(shape)
+    start, end = _span(job, shape)
+    high = top_bytes(job, model, shape).astype(np.int64) << FINE_BITS
+    u = (high + fine_bits(job, model, np.arange(start, end))).astype(np.float64) / 2.0**32
+    return torch.from_numpy(u).reshape(shape)
+
+
+def keep_mask(job: TensorJob, model: int, shape: torch.Size | tuple[int, ...],
+              probability: float | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """u < p for every entry of the job's rows, exactly as `uniforms(...) < p` (p in float64).
+
+    `probability` is one float or a tensor of the job's shape (DELLA's per-entry p). With
+    q = 256p: B < ⌊q⌋ keeps and B > ⌊q⌋ drops whatever F is; only B = ⌊q⌋ compares F with
+    (q − ⌊q⌋)·2²⁴. The mask is built on the CPU and moved, so it is the same on every device.
+    """
+    shape = tuple(shape)
+    start, _ = _span(job, shape)
+    raw = top_bytes(job, model, shape)
+    if isinstance(probability, torch.Tensor):
+        # 256p is exact in p's own float type (a power-of-two scale). p = 1 (q = 256) is taken as
+        # ⌊q⌋ = 255 with a fraction of 1, which keeps B = 255 too, so ⌊q⌋ always fits a byte.
+        q = probability.detach().to("cpu").reshape(-1).numpy() * 256.0
+        whole = np.minimum(q, 255.0).astype(np.uint8)
+        keep_np = raw < whole
+        tied = np.flatnonzero(raw == whole)
+        if tied.size:
+            fraction = q[tied].astype(np.float64) - whole[tied]
+            keep_np[tied] = fine_bits(job, model, tied + start) < fraction * 2.0**FINE_BITS
+    else:
+        q = float(probability) * 256.0
+        if q >= 256.0:
+            return torch.ones(shape, dtype=torch.bool, device=device)
+        whole_q = math.floor(q)
+        keep_np = raw < np.uint8(whole_q)
+        if q > whole_q:
+            tied = np.flatnonzero(raw == np.uint8(whole_q))
+            keep_np[tied] = fine_bits(job, model, tied + start) < (q - whole_q) * 2.0**FINE_BITS
+    return torch.from_numpy(keep_np).reshape(shape).to(device)
