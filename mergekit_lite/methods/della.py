@@ -1,7 +1,7 @@
 """DELLA-Merging (Deep et al., arXiv 2406.11617): magnitude-ranked random drop, then TIES.
 
 MagPrune: within each row, entry keep probabilities rise linearly with the magnitude rank from
-density − ε (smallest) to density + ε (largest) (`sparsify.della_probabilities`); kept entries
+density − ε (smallest) to density + ε (largest) (`sparsify.della_probabilities`, ranks sorted in one batch per tensor); kept entries
 are rescaled by 1/pᵢ, their own keep probability (`rescale: paper`, default), or to the task
 vector's L1 norm (`rescale: l1`, what mergekit does), or not at all. Then `della` elects signs
 and takes the disjoint mean like TIES; `della_linear` adds like task arithmetic.
@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import RecipeError
+from .draws import keep_mask
 from .registry import MethodSpec, Param, TensorJob, register
-from .sparsify import della_probabilities, position_uniforms, rescale_l1
+from .sparsify import della_probabilities_many, rescale_l1
 from .task_arithmetic import (
     DENSITY,
     INT8_MASK,
@@ -45,21 +46,25 @@ def magprune(job: TensorJob, taus: list[torch.Tensor], method: str) -> list[torc
     densities = per_model(job.params, "density", n)
     epsilons = per_model(job.params, "epsilon", n)
     mode = str(job.params.get("rescale", "paper"))
-    out = []
-    for i, (tau, density, eps) in enumerate(zip(taus, densities, epsilons, strict=True)):
-        if density >= 1:
-            out.append(tau)
-            continue
-        if density - eps <= 0 or density + eps > 1:
+    pruned = [i for i, density in enumerate(densities) if density < 1]
+    for i in pruned:
+        if densities[i] - epsilons[i] <= 0 or densities[i] + epsilons[i] > 1:
             raise RecipeError(
                 f"{method}: model {i + 1}, tensor {job.name}: density ± epsilon must lie in (0, 1] "
-                f"(density {density:g}, epsilon {eps:g})"
+                f"(density {densities[i]:g}, epsilon {epsilons[i]:g})"
             )
-        probs = della_probabilities(tau, density, eps)
-        mask = position_uniforms(job, i, tau.shape, tau.device) < probs
-        kept = tau * mask
+    probabilities = dict(zip(pruned, della_probabilities_many(
+        [taus[i] for i in pruned], [densities[i] for i in pruned], [epsilons[i] for i in pruned]
+    ), strict=True))
+    out = []
+    for i, tau in enumerate(taus):
+        if i not in probabilities:
+            out.append(tau)
+            continue
+        probs = probabilities.pop(i)
+        kept = tau * keep_mask(job, i, tau.shape, probs, tau.device)
         if mode == "paper":
-            kept = kept / probs.to(tau.dtype)
+            kept.div_(probs.to(tau.dtype))
         elif mode == "l1":
             kept = rescale_l1(tau, kept)
         out.append(kept)

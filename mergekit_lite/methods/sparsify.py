@@ -11,18 +11,17 @@ Conventions shared by every mask below:
   equal to the threshold are kept. With no tie at the cut exactly k entries survive; with a tie
   every tied entry survives (so slightly more than k).
 - Selection is exact and linear time (`select.kth_smallest_many`), never a full sort.
-- Random draws are keyed by (seed, tensor, model, position) and made on the CPU, then moved to
-  the tensor's device (`position_uniforms`), so a seed gives the same mask on CPU and GPU.
+- Random keep decisions live in `draws` (keyed by seed, tensor, model and position) and the
+  per-row magnitude order DELLA ranks by in `ranks`.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
-import numpy as np
 import torch
 
-from .registry import TensorJob, tensor_seed
+from .ranks import magnitude_orders
 from .select import kth_largest, kth_smallest, kth_smallest_many  # noqa: F401  (re-exported)
 
 L1_EPS = 1e-7  # mergekit's tolerance below which an L1 rescale is skipped
@@ -104,41 +103,6 @@ def outlier_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tenso
     return keep
 
 
-DRAW_BLOCK = 1 << 16  # entries per independently seeded stretch of draws
-
-
-def position_uniforms(job: TensorJob, model: int, shape: torch.Size | tuple[int, ...],
-                      device: torch.device | str) -> torch.Tensor:
-    """float32 U[0,1) draws for a tensor (or the row block `job.rows` of it), one per entry.
-
-    The flattened tensor is cut into fixed stretches of DRAW_BLOCK entries; stretch j of model
-    i draws from a numpy PCG64 generator seeded by (seed, tensor name, i, j). An entry's draw
-    therefore depends only on where it is, never on how the engine cuts the tensor into row
-    blocks, the visiting order, the number of workers or the device (draws are made on the CPU,
-    then moved). Only the stretches a block overlaps are generated, and only up to the block's
-    end (a shorter draw from a seeded generator is a prefix of a longer one;
-    `tests/test_methods_baselines.py` checks that this holds). Short stretches keep the draws a
-    block discards (the start of its first stretch) small; PCG64 draws float32 about 1.7x
-    faster than torch's CPU generator, and draws are most of a DARE merge's time.
-    """
-    shape = tuple(shape)
-    numel = math.prod(shape)
-    row_numel = numel // shape[0] if shape and shape[0] else 1
-    start = (job.rows[0] if job.rows else 0) * row_numel
-    out = np.empty(numel, dtype=np.float32)
-    key = tensor_seed(job.seed, job.name)
-    end = start + numel
-    for j in range(start // DRAW_BLOCK, (end - 1) // DRAW_BLOCK + 1 if numel else 0):
-        a, b = max(start, j * DRAW_BLOCK), min(end, (j + 1) * DRAW_BLOCK)
-        generator = np.random.Generator(np.random.PCG64(tensor_seed(key, f"{model}:{j}")))
-        skip = a - j * DRAW_BLOCK
-        if skip:
-            out[a - start : b - start] = generator.random(b - j * DRAW_BLOCK, dtype=np.float32)[skip:]
-        else:
-            generator.random(dtype=np.float32, out=out[a - start : b - start])
-    return torch.from_numpy(out).reshape(shape).to(device)
-
-
 def della_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA keep probabilities: linear in the |τ| rank within each row, density−ε … density+ε.
 
@@ -147,31 +111,29 @@ def della_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> to
     density − ε + 2ε·r/(n−1). Equal magnitudes are ranked by position (stable sort). A row of
     one entry gets density. Returned in float32 so masks do not depend on the compute dtype.
     """
-    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
-    n = rows.shape[1]
-    if n <= 1:
-        return torch.full(tau.shape, float(density), dtype=torch.float32, device=tau.device)
-    order = magnitude_order(rows)
-    fraction = torch.arange(n, dtype=torch.float32, device=tau.device) / float(n - 1)
-    line = (float(density) - float(epsilon)) + fraction * (2.0 * float(epsilon))
-    probs = torch.empty(order.shape, dtype=torch.float32, device=tau.device)
-    probs.scatter_(1, order, line.expand_as(order))  # rank r's probability to the entry of rank r
-    return probs.reshape(tau.shape)
+    return della_probabilities_many([tau], [density], [epsilon])[0]
 
 
-def magnitude_order(rows: torch.Tensor) -> torch.Tensor:
-    """Per row, the positions sorted by |value|, equal magnitudes in position order (stable).
-
-    For float32 the sort runs on int64 keys |value|-bits << 32 | position: a non-negative
-    float's bits order like the float, the keys are unique, so an unstable sort gives exactly
-    the stable order, and sorting integers is about 1.7x faster than a stable float sort here.
-    """
-    magnitude = rows.abs()
-    if magnitude.dtype != torch.float32:
-        return torch.sort(magnitude, dim=1, stable=True).indices
-    positions = torch.arange(rows.shape[1], dtype=torch.int64, device=rows.device)
-    keys = (magnitude.contiguous().view(torch.int32).to(torch.int64) << 32) | positions
-    return torch.sort(keys, dim=1).indices
+def della_probabilities_many(
+    taus: Sequence[torch.Tensor], densities: Sequence[float], epsilons: Sequence[float]
+) -> list[torch.Tensor]:
+    """`della_probabilities` for several task vectors, their rank sorts done as one batch."""
+    rows = [t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1) for t in taus]
+    ranked = [i for i, r in enumerate(rows) if r.shape[1] > 1]
+    orders = dict(zip(ranked, magnitude_orders([rows[i] for i in ranked]), strict=True))
+    out = []
+    for i, (tau, density, epsilon) in enumerate(zip(taus, densities, epsilons, strict=True)):
+        if i not in orders:
+            out.append(torch.full(tau.shape, float(density), dtype=torch.float32, device=tau.device))
+            continue
+        order = orders[i].to(tau.device)
+        n = order.shape[1]
+        fraction = torch.arange(n, dtype=torch.float32, device=tau.device) / float(n - 1)
+        line = (float(density) - float(epsilon)) + fraction * (2.0 * float(epsilon))
+        probs = torch.empty(order.shape, dtype=torch.float32, device=tau.device)
+        probs.scatter_(1, order, line.expand_as(order))  # rank r's probability to the entry of rank r
+        out.append(probs.reshape(tau.shape))
+    return out
 
 
 def rescale_l1(original: torch.Tensor, masked: torch.Tensor, eps: float = L1_EPS) -> torch.Tensor:
