@@ -113,7 +113,8 @@ def combine(
         divisor = torch.zeros_like(ref) if normalize else None
         for d, w in zip(deltas, weights, strict=True):
             weighted = d * w
-            agree = (weighted * gamma > 0).to(ref.dtype)  # 1 where wᵢτ̂ᵢ has the elected sign
+            agree = weighted * gamma
+            agree.gt_(0)  # in place, in the float dtype: 1 where wᵢτ̂ᵢ has the elected sign, else 0
             mixed.addcmul_(weighted, agree)  # + wᵢτ̂ᵢ·1 or + 0: the same bits as a masked add
             if divisor is not None:
                 divisor.add_(agree, alpha=w)
