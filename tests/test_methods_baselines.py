@@ -516,11 +516,11 @@ def test_radix_select_detects_changed_second_pass() -> None:
 
 def test_draws_do_not_depend_on_row_blocks() -> None:
     """u and the keep masks are a function of (seed, tensor, model, position): whole == any row blocks."""
-    shape = (37, 5_000)  # stretches of 2¹⁶ entries cut rows in the middle
+    shape = (37, 5_001)  # rows start at positions that are not multiples of 8 (the PCG64 word)
     whole = draws.uniforms(TensorJob("w", None, [], {}, seed=4), 1, shape)
     probs = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     for step in (1, 5, 21):
-        jobs = [(TensorJob("w", None, [], {}, seed=4, rows=(a, min(a + step, 37))), (min(a + step, 37) - a, 5_000))
+        jobs = [(TensorJob("w", None, [], {}, seed=4, rows=(a, min(a + step, 37))), (min(a + step, 37) - a, 5_001))
                 for a in range(0, 37, step)]
         assert torch.equal(torch.cat([draws.uniforms(job, 1, part) for job, part in jobs]), whole)
         masks = [draws.keep_mask(job, 1, part, 0.3) for job, part in jobs]
@@ -529,7 +529,7 @@ def test_draws_do_not_depend_on_row_blocks() -> None:
         assert torch.equal(torch.cat(masks), whole < probs.double())
     other_model = draws.uniforms(TensorJob("w", None, [], {}, seed=4), 2, shape)
     assert not torch.equal(other_model, whole)
-    assert 0.49 < float(whole.mean()) < 0.51 and draws.DRAW_BLOCK < whole.numel()
+    assert 0.49 < float(whole.mean()) < 0.51
 
 
 def test_draws_are_on_the_2_pow_32_grid_and_spread() -> None:
@@ -569,11 +569,31 @@ def test_keep_mask_resolves_ties_on_the_byte_with_the_low_bits() -> None:
     assert 0 < int(mask[tied].sum()) < int(tied.sum())
 
 
-def test_pcg64_raw_draws_are_prefixes() -> None:
-    """draws.top_bytes relies on it: a shorter raw draw from a seeded generator is a prefix."""
-    def draw(n: int) -> np.ndarray:
-        return np.random.PCG64(9).random_raw(n)
+def test_pcg64_raw_draws_are_prefixes_and_advance_skips() -> None:
+    """draws.top_bytes relies on both: a shorter raw draw is a prefix, advance(k) skips k words."""
+    def draw(n: int, skip: int = 0) -> np.ndarray:
+        generator = np.random.PCG64(9)
+        if skip:
+            generator.advance(skip)
+        return generator.random_raw(n)
 
     full = draw(100_000)
     for n in (1, 15, 16, 17, 4097, 99_999):
         assert np.array_equal(draw(n), full[:n])
+    for skip in (1, 7, 8, 4096, 65_537):
+        assert np.array_equal(draw(100_000 - skip, skip), full[skip:])
+
+
+def test_fine_bits_are_splitmix64() -> None:
+    """F is SplitMix64's standard output (checked against a plain-Python version), top 24 bits."""
+    job = TensorJob("t", None, [], {}, seed=3)
+    seed, mask = draws.stream_seed(job, 2), (1 << 64) - 1
+
+    def splitmix(k: int) -> int:
+        z = (seed + (k + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return (z ^ (z >> 31)) >> 40
+
+    positions = np.array([0, 1, 7, 65_535, 10**9])
+    assert draws.fine_bits(job, 2, positions).tolist() == [splitmix(int(k)) for k in positions]

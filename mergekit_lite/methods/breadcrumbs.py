@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .registry import MethodSpec, Param, TensorJob, register
-from .sparsify import outlier_counts, outlier_mask
+from .sparsify import apply_mask, outlier_counts, outlier_mask
 from .stats import BracketSelect
 from .task_arithmetic import (
     DENSITY,
@@ -108,9 +108,9 @@ def merge_breadcrumbs(job: TensorJob) -> torch.Tensor:
     densities = per_model(job.params, "density", n)
     gammas = per_model(job.params, "gamma", n)
     if isinstance(job.stats, OutlierBounds):  # a row block of a big tensor: bounds gathered first
-        thinned = [t * _bounded_mask(t, job.stats, i) for i, t in enumerate(taus)]
+        thinned = [apply_mask(t, _bounded_mask(t, job.stats, i)) for i, t in enumerate(taus)]
     else:
-        thinned = [t * outlier_mask(t, d, g) for t, d, g in zip(taus, densities, gammas, strict=True)]
+        thinned = [apply_mask(t, outlier_mask(t, d, g)) for t, d, g in zip(taus, densities, gammas, strict=True)]
     return add_to_base(job, thinned, elect=False)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from .draws import keep_mask
 from .registry import MethodSpec, TensorJob, register
-from .sparsify import rescale_l1
+from .sparsify import apply_mask, rescale_l1
 from .task_arithmetic import (
     DENSITY,
     INT8_MASK,
@@ -39,7 +39,7 @@ def drop_and_rescale(job: TensorJob, taus: list[torch.Tensor], densities: tuple[
         if density >= 1:
             out.append(tau)
             continue
-        kept = tau * keep_mask(job, i, tau.shape, density, tau.device)
+        kept = apply_mask(tau, keep_mask(job, i, tau.shape, density, tau.device))
         if mode == "paper":
             kept.div_(density)
         elif mode == "l1":

@@ -16,7 +16,7 @@ import torch
 from ..errors import RecipeError
 from .draws import keep_mask
 from .registry import MethodSpec, Param, TensorJob, register
-from .sparsify import della_probabilities_many, rescale_l1
+from .sparsify import apply_mask, della_probabilities_many, rescale_l1
 from .task_arithmetic import (
     DENSITY,
     INT8_MASK,
@@ -62,7 +62,7 @@ def magprune(job: TensorJob, taus: list[torch.Tensor], method: str) -> list[torc
             out.append(tau)
             continue
         probs = probabilities.pop(i)
-        kept = tau * keep_mask(job, i, tau.shape, probs, tau.device)
+        kept = apply_mask(tau, keep_mask(job, i, tau.shape, probs, tau.device))
         if mode == "paper":
             kept.div_(probs.to(tau.dtype))
         elif mode == "l1":

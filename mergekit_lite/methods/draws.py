@@ -5,17 +5,16 @@ name, model, position) only, and is kept when u < p. That makes a seed's masks i
 the visiting order, the worker count, the device and whether the engine streams the tensor
 whole or in row blocks.
 
-u is built so that the common case costs one random byte per entry. The flattened tensor is cut
-into stretches of DRAW_BLOCK entries; stretch j of model i has a 63-bit seed s (from seed,
-tensor name, i, j) and
-- B: the entry's byte of the PCG64(s) raw output (little-endian 64-bit words, entry k of the
-  stretch is byte k);
-- F: the top 24 bits of SplitMix64's output for the stretch state s and the entry's offset k
-  within the stretch (state s + (k+1)·γ, γ = 0x9E3779B97F4A7C15, then SplitMix64's mix);
+u is built so that the common case costs one random byte per entry. Model i of a tensor has a
+63-bit stream seed s (from seed, tensor name, i), and the entry at flat position k gets
+- B: byte k of the raw output of numpy's PCG64(s) (little-endian 64-bit words);
+- F: the top 24 bits of SplitMix64's output for state s + (k+1)·γ (γ = 0x9E3779B97F4A7C15);
 - u = (B·2²⁴ + F) / 2³².
+A row block starting at position k0 jumps the generator ahead by ⌊k0/8⌋ words
+(`PCG64.advance`, logarithmic in the distance) instead of drawing and discarding them.
 Deciding u < p needs F only when B = ⌊256p⌋, one entry in 256, so `keep_mask` hashes just
-those. A full float32 draw per entry (PCG64 float32, the previous scheme) cost about 2 ns;
-a byte costs about 0.3 ns, and draws were most of a DARE merge's time.
+those. A float32 draw per entry (the previous scheme) cost about 2 ns; a byte costs about
+0.3 ns, and draws were most of a DARE merge's time.
 `uniforms` computes u for every entry: it is the definition the fast path is tested against.
 """
 
@@ -29,7 +28,6 @@ import torch
 
 from .registry import TensorJob, tensor_seed
 
-DRAW_BLOCK = 1 << 16  # entries per independently seeded stretch of draws
 FINE_BITS = 24  # bits of u below the byte B
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -44,45 +42,35 @@ def _span(job: TensorJob, shape: tuple[int, ...]) -> tuple[int, int]:
     return start, start + numel
 
 
-def _stretch_seed(job: TensorJob, model: int, j: int) -> int:
-    return tensor_seed(tensor_seed(job.seed, job.name), f"{model}:{j}")
+def stream_seed(job: TensorJob, model: int) -> int:
+    """s: the seed of model `model`'s draws for this tensor."""
+    return tensor_seed(tensor_seed(job.seed, job.name), f"draws:{model}")
 
 
 def top_bytes(job: TensorJob, model: int, shape: tuple[int, ...]) -> np.ndarray:
-    """B for every entry of the job's rows (flat uint8), generating only the stretches they overlap.
-
-    A stretch the rows enter midway is generated from its start (a shorter raw draw of a seeded
-    PCG64 is a prefix of a longer one) and only up to the rows' end.
-    """
+    """B for every entry of the job's rows (flat uint8, a view of the generated words)."""
     start, end = _span(job, shape)
-    out = np.empty(end - start, dtype=np.uint8)
-    key = tensor_seed(job.seed, job.name)
-    for j in range(start // DRAW_BLOCK, (end - 1) // DRAW_BLOCK + 1 if end > start else 0):
-        a, b = max(start, j * DRAW_BLOCK), min(end, (j + 1) * DRAW_BLOCK)
-        words = np.random.PCG64(tensor_seed(key, f"{model}:{j}")).random_raw(-(-(b - j * DRAW_BLOCK) // 8))
-        if sys.byteorder != "little":
-            words = words.byteswap()
-        out[a - start : b - start] = words.view(np.uint8)[a - j * DRAW_BLOCK : b - j * DRAW_BLOCK]
-    return out
+    first, last = start // 8, -(-end // 8)
+    generator = np.random.PCG64(stream_seed(job, model))
+    if first:
+        generator.advance(first)
+    words = generator.random_raw(last - first)
+    if sys.byteorder != "little":
+        words = words.byteswap()
+    return words.view(np.uint8)[start - 8 * first : end - 8 * first]
 
 
 def fine_bits(job: TensorJob, model: int, positions: np.ndarray) -> np.ndarray:
     """F (as int64) for the given flat positions of the whole tensor."""
-    positions = np.asarray(positions, dtype=np.int64)
-    if positions.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    stretches = positions // DRAW_BLOCK
-    first = int(stretches.min())
-    seeds = np.array(
-        [_stretch_seed(job, model, j) for j in range(first, int(stretches.max()) + 1)], dtype=np.uint64
-    )
-    offsets = (positions - stretches * DRAW_BLOCK + 1).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        z = seeds[stretches - first] + offsets * _GAMMA
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(64 - FINE_BITS)).astype(np.int64)
+    state = np.asarray(positions, dtype=np.int64).astype(np.uint64) + np.uint64(1)
+    state *= _GAMMA  # arrays wrap around silently, as SplitMix64 wants
+    state += np.uint64(stream_seed(job, model))
+    state ^= state >> np.uint64(30)
+    state *= _MIX1
+    state ^= state >> np.uint64(27)
+    state *= _MIX2
+    state ^= state >> np.uint64(31)
+    return (state >> np.uint64(64 - FINE_BITS)).astype(np.int64)
 
 
 def uniforms(job: TensorJob, model: int, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import CheckpointError, RecipeError
 from .registry import MethodSpec, Param, TensorJob, register
+from .sparsify import elect_signs
 
 # Below this |Σ w| a plain (non-elected) normalisation divides by 1 instead, as mergekit does.
 WEIGHT_SUM_EPS = 1e-8
@@ -108,7 +109,7 @@ def combine(
     if elect:
         for d, w in zip(deltas, weights, strict=True):
             mixed.add_(d, alpha=w)
-        gamma = torch.where(mixed >= 0, 1.0, -1.0).to(ref.dtype)  # the elected sign, 0 → +
+        gamma = elect_signs(mixed)
         mixed.zero_()
         divisor = torch.zeros_like(ref) if normalize else None
         for d, w in zip(deltas, weights, strict=True):
@@ -119,7 +120,7 @@ def combine(
             if divisor is not None:
                 divisor.add_(agree, alpha=w)
         if divisor is not None:
-            divisor.masked_fill_(divisor == 0, 1)
+            divisor.add_(divisor.clone().eq_(0))  # 0 → 1 where no model counted (float ops, see elect_signs)
             mixed /= divisor
     else:
         for d, w in zip(deltas, weights, strict=True):

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import RecipeError
 from .registry import MethodSpec, Param, Scope, TensorJob, register
-from .sparsify import keep_count, magnitude_mask, threshold_mask
+from .sparsify import apply_mask, keep_count, magnitude_mask, threshold_mask
 from .stats import BracketSelect
 from .task_arithmetic import (
     DENSITY,
@@ -109,7 +109,7 @@ def trim(job: TensorJob, taus: list[torch.Tensor], densities: tuple[float, ...])
     """
     stats = job.stats
     if stats is None and job.params.get("scope", "tensor") != "global":
-        return [t * magnitude_mask(t, d) for t, d in zip(taus, densities, strict=True)]
+        return [apply_mask(t, magnitude_mask(t, d)) for t, d in zip(taus, densities, strict=True)]
     if not isinstance(stats, GlobalThresholds):
         raise RuntimeError(f"ties: no statistics for tensor {job.name}")
     if tuple(densities) != tuple(stats.densities):
@@ -117,7 +117,7 @@ def trim(job: TensorJob, taus: list[torch.Tensor], densities: tuple[float, ...])
             f"ties: with scope: global, density must be the same for every tensor (tensor {job.name})"
         )
     return [
-        t * threshold_mask(t, thr, k, stats.total)
+        apply_mask(t, threshold_mask(t, thr, k, stats.total))
         for t, thr, k in zip(taus, stats.thresholds, stats.keep, strict=True)
     ]
 
