@@ -557,6 +557,16 @@ def test_keep_mask_is_u_below_p(p: float, seed: int) -> None:
     assert torch.equal(draws.keep_mask(job, 0, (3, 700), per_entry), u < per_entry.double())
 
 
+def test_keep_mask_takes_any_float_dtype_and_out_of_range_probabilities() -> None:
+    job = TensorJob("w", None, [], {}, seed=5)
+    u = draws.uniforms(job, 0, (4, 999))
+    line = torch.linspace(-0.1, 1.1, 4 * 999).reshape(4, 999)
+    for p in (line, line.double(), line.bfloat16(), torch.full((4, 999), -0.5), torch.full((4, 999), 1.5)):
+        assert torch.equal(draws.keep_mask(job, 0, (4, 999), p), u < p.double()), p.dtype
+    for p in (-0.5, 0.0, 1.0, 1.5):
+        assert torch.equal(draws.keep_mask(job, 0, (4, 999), p), u < p)
+
+
 def test_keep_mask_resolves_ties_on_the_byte_with_the_low_bits() -> None:
     """Entries whose byte B equals floor(256p) are decided by F; pick p so that some of them are."""
     job = TensorJob("t", None, [], {}, seed=11)

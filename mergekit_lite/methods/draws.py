@@ -96,17 +96,20 @@ def keep_mask(job: TensorJob, model: int, shape: torch.Size | tuple[int, ...],
     if isinstance(probability, torch.Tensor):
         # 256p is exact in p's own float type (a power-of-two scale). p = 1 (q = 256) is taken as
         # ⌊q⌋ = 255 with a fraction of 1, which keeps B = 255 too, so ⌊q⌋ always fits a byte.
-        q = probability.detach().to("cpu").reshape(-1).numpy() * 256.0
-        whole = np.minimum(q, 255.0).astype(np.uint8)
+        wide = torch.float64 if probability.dtype == torch.float64 else torch.float32
+        p = probability.detach().to("cpu", wide).reshape(-1)
+        # torch converts float → int16 much faster than → uint8; the values are 0..255 either way.
+        # p < 0 gets ⌊q⌋ = 0 and a negative fraction (never kept), p > 1 a fraction above 1.
+        whole = p.mul(256.0).clamp_(0.0, 255.0).to(torch.int16).to(torch.uint8).numpy()
         keep_np = raw < whole
         tied = np.flatnonzero(raw == whole)
         if tied.size:
-            fraction = q[tied].astype(np.float64) - whole[tied]
+            fraction = p.numpy()[tied].astype(np.float64) * 256.0 - whole[tied]
             keep_np[tied] = fine_bits(job, model, tied + start) < fraction * 2.0**FINE_BITS
     else:
         q = float(probability) * 256.0
-        if q >= 256.0:
-            return torch.ones(shape, dtype=torch.bool, device=device)
+        if q >= 256.0 or q <= 0.0:  # u ∈ [0, 1): always or never below p
+            return torch.full(shape, q >= 256.0, dtype=torch.bool, device=device)
         whole_q = math.floor(q)
         keep_np = raw < np.uint8(whole_q)
         if q > whole_q:
