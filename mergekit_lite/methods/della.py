@@ -1,8 +1,9 @@
 """DELLA-Merging (Deep et al., arXiv 2406.11617): magnitude-ranked random drop, then TIES.
 
 MagPrune: within each row, entry keep probabilities rise linearly with the magnitude rank from
-density − ε (smallest) to density + ε (largest) (`sparsify.della_probabilities`; the rank sorts of all models run as one batch); kept entries
-are rescaled by 1/pᵢ, their own keep probability (`rescale: paper`, default), or to the task
+density − ε (smallest) to density + ε (largest) (`sparsify.della_probabilities`; the rank sorts
+of all models run as one batch); kept entries are rescaled by 1/pᵢ, their own keep probability
+(`rescale: paper`, default), or to the task
 vector's L1 norm (`rescale: l1`, what mergekit does), or not at all. Then `della` elects signs
 and takes the disjoint mean like TIES; `della_linear` adds like task arithmetic.
 Draws are position-keyed (seed, tensor name, model, entry), like DARE; probabilities
