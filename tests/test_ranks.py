@@ -30,10 +30,15 @@ def test_bf16_task_vectors(rows: int, n: int) -> None:
     assert torch.equal(ranks.magnitude_order(tau), stable_order(tau))
 
 
-def test_full_precision_rows_are_repaired() -> None:
-    """float32 values with 23 significant bits: many runs of equal truncated keys need repair."""
+@pytest.mark.parametrize("wide_fraction", [0.0, 0.01, 1.0])
+def test_full_precision_rows_by_repair_or_by_wide_keys(wide_fraction: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 values with 23 significant bits: repaired run by run (1.0) or sorted on 64-bit keys (0.0)."""
+    monkeypatch.setattr(ranks, "WIDE_FRACTION", wide_fraction)
     tau = torch.randn(40, 3000, generator=torch.Generator().manual_seed(1))
     assert torch.equal(ranks.magnitude_order(tau), stable_order(tau))
+    mixed = bf16_task_vector(40, 3000, seed=2)
+    mixed[::3] = tau[::3]
+    assert torch.equal(ranks.magnitude_order(mixed), stable_order(mixed))
 
 
 def test_ties_zeros_signs_and_infinities() -> None:
