@@ -98,6 +98,12 @@ class _Selection:
             raise RuntimeError(f"{type(self).__name__}: values() before the selection finished")
         return self._result
 
+    def _check_observe(self, row: int, n_rows: int) -> None:
+        if self.done:
+            raise RuntimeError(f"{type(self).__name__}: observe() after the selection finished")
+        if not 0 <= row < n_rows:
+            raise IndexError(f"{type(self).__name__}: row {row} out of range [0, {n_rows})")
+
 
 class RadixSelect(_Selection):
     """Exact k-th smallest values of several streamed rows, in two passes, O(rows · 65,536) memory.
@@ -130,10 +136,7 @@ class RadixSelect(_Selection):
         self._result: torch.Tensor | None = None
 
     def observe(self, row: int, values: torch.Tensor) -> None:
-        if self.done:
-            raise RuntimeError("RadixSelect: observe() after the selection finished")
-        if not 0 <= row < self.n_rows:
-            raise IndexError(f"RadixSelect: row {row} out of range [0, {self.n_rows})")
+        self._check_observe(row, self.n_rows)
         flat = values.reshape(-1)
         for start in range(0, flat.numel(), _CHUNK):
             keys = float_to_key(flat[start : start + _CHUNK])
@@ -271,10 +274,7 @@ class BracketSelect(_Selection):
         self._result: torch.Tensor | None = None
 
     def observe(self, row: int, values: torch.Tensor) -> None:
-        if self.done:
-            raise RuntimeError("BracketSelect: observe() after the selection finished")
-        if not 0 <= row < self.n_rows:
-            raise IndexError(f"BracketSelect: row {row} out of range [0, {self.n_rows})")
+        self._check_observe(row, self.n_rows)
         flat = values.reshape(-1).to(torch.float32)
         if self._fallback is not None:
             self._fallback.observe(row, flat)
