@@ -31,15 +31,11 @@ def merge(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same recipe."),
     allow_bin: bool = typer.Option(False, "--allow-bin", help="Allow pickle .bin inputs (weights_only)."),
-    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores)."),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores; one fewer for linear, task arithmetic, DARE)."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v info, -vv debug logging."),
 ) -> None:
     """Run a merge recipe and write the output checkpoint."""
     setup_logging(verbose)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     size = parse_size(shard_size) if shard_size else None
     overrides = dict(out=out_path, device=device, dtype=dtype, shard_size=size, seed=seed, allow_bin=allow_bin)
     if dry_run:
@@ -50,7 +46,7 @@ def merge(
             _print_plan(plan)
         return
     result = api.run_recipe(recipe, force=force, resume=resume, progress=not as_json and err.is_terminal,
-                            require_output=True, **overrides)
+                            require_output=True, threads=threads, **overrides)
     summary = {
         "output": str(result.output) if result.output else None,
         "saved": {k: str(v) for k, v in result.saved.items()},

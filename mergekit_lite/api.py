@@ -63,13 +63,15 @@ def run_recipe(
     publish_hook: PublishHook | None = None,
     tensor_hook: TensorHook | None = None,
     require_output: bool = False,
+    threads: int | None = None,
 ) -> RunResult:
     """Run a recipe (a YAML path or a dict in the same shape).
 
     With neither `out` nor `output.path` in the recipe, the result is returned as
     `RunResult.state_dict` instead of written. `resume=True` continues a run that was
     interrupted (its partial output is kept hidden beside the target) when the recipe and
-    inputs are unchanged; otherwise the run starts afresh.
+    inputs are unchanged; otherwise the run starts afresh. `threads` fixes torch's CPU threads
+    for the run (restored after); by default light methods on the CPU leave one core to I/O.
     """
     from .units import parse_size
 
@@ -81,7 +83,8 @@ def run_recipe(
         from .errors import UsageError
 
         raise UsageError("the recipe names no output.path; pass --out PATH")
-    return execute(plan, progress=progress, publish_hook=publish_hook, tensor_hook=tensor_hook, resume=resume)
+    return execute(plan, progress=progress, publish_hook=publish_hook, tensor_hook=tensor_hook, resume=resume,
+                   threads=threads)
 
 
 def merge(
@@ -98,6 +101,7 @@ def merge(
     seed: int | None = None,
     force: bool = False,
     progress: bool = False,
+    threads: int | None = None,
 ) -> dict[str, torch.Tensor] | Path:
     """One merge step. Returns the output path, or the merged state dict when `out` is None.
 
@@ -138,7 +142,7 @@ def merge(
     if out is not None:
         recipe["output"]["path"] = str(Path(out).absolute())
     result = run_recipe(recipe, device=device, dtype=dtype, shard_size=shard_size, seed=seed, force=force,
-                        progress=progress)
+                        progress=progress, threads=threads)
     if result.output is not None:
         return result.output
     assert result.state_dict is not None

@@ -9,10 +9,11 @@ own passes, each streaming the step's inputs through the method's `Reducer`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from ..methods.registry import TensorJob
 from .memory import limit_heap_growth
 from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, fingerprint
 from .stream import BackgroundWriter, Bundle, LiveTensors, WorkItem, prefetch, whole_tensor_limit, work_items
+from .threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -227,13 +229,38 @@ def execute(
     tensor_hook: TensorHook | None = None,
     keep_state_dict: bool | None = None,
     resume: bool = False,
+    threads: int | None = None,
 ) -> RunResult:
     """Run every statistics pass, then the output pass; publish atomically when done.
 
     Writes are resumable: an interrupted run keeps its partial output (hidden beside the
     target), and `resume=True` continues it when nothing that decides the output changed.
-    Statistics passes are cheap next to the output and are always redone.
+    Statistics passes are cheap next to the output and are always redone. `threads` fixes
+    torch's CPU threads for the run; None lets the engine choose (engine/threads.py).
     """
+    with torch_threads(plan, threads), _no_full_collections():
+        return _execute(plan, progress, publish_hook, tensor_hook, keep_state_dict, resume)
+
+
+@contextlib.contextmanager
+def _no_full_collections() -> Iterator[None]:
+    """Keep Python's cyclic GC off the objects that exist before the merge starts.
+
+    The streaming loop allocates enough small Python objects to trigger oldest-generation
+    collections, and each of those walks every object torch and the rest of the process ever
+    created: 2-3% of a linear merge's CPU time. Freezing moves them out of the collector's
+    sight for the run (objects the merge creates are still collected); unfreezing hands them
+    back.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _execute(plan: Plan, progress: bool, publish_hook: PublishHook | None, tensor_hook: TensorHook | None,
+             keep_state_dict: bool | None, resume: bool) -> RunResult:
     t0 = time.perf_counter()
     limit_heap_growth()
     for ck in plan.checkpoints.values():

@@ -76,6 +76,7 @@ LINEAR_SPEC = register(
         paper="https://arxiv.org/abs/2311.03099",
         doc="methods/dare.md",
         row_local=row_local_unless_l1,
+        light=True,
     )
 )
 
@@ -90,5 +91,6 @@ TIES_SPEC = register(
         paper="https://arxiv.org/abs/2311.03099",
         doc="methods/dare.md",
         row_local=row_local_unless_l1,
+        light=True,
     )
 )

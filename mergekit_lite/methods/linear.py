@@ -45,5 +45,6 @@ SPEC = register(
         paper="https://arxiv.org/abs/2203.05482",
         doc="methods/linear.md",
         row_local=lambda params: True,
+        light=True,
     )
 )

@@ -178,6 +178,10 @@ class MethodSpec:
     paper: str = ""
     doc: str = ""  # path of the docs page, relative to docs/
     compute_dtype: torch.dtype = torch.float32
+    # True when the per-element work is a few arithmetic operations (no sort, selection or
+    # matmul): on a CPU such a merge is bound by copying bytes in and out, and the engine gives
+    # torch one thread fewer so the I/O threads keep a core (engine/threads.py).
+    light: bool = False
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

@@ -165,5 +165,6 @@ SPEC = register(
         paper="https://arxiv.org/abs/2212.04089",
         doc="methods/task_arithmetic.md",
         row_local=lambda params: True,
+        light=True,
     )
 )

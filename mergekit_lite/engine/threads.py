@@ -1,0 +1,60 @@
+"""How many threads torch's CPU kernels get during a merge.
+
+A merge runs three kinds of work at once: a reader thread copying the next tensors out of the
+page cache, the computing thread, and a writer thread copying results into the output files.
+For methods whose per-element work is a handful of arithmetic operations (linear, task
+arithmetic, DARE: `MethodSpec.light`) the two copies cost as much as the arithmetic, and
+torch's intra-op threads then only compete with them for the cores: every OpenMP region has
+to wait for a worker that the reader or writer has pushed off its core. Measured on 2 cores
+(bf16, 3 fine-tunes, whole process): a 1.5B linear merge took 8.1-12.7 s with 2 torch threads
+and 7.1-7.3 s with 1; 500M task arithmetic 5.1-7.2 s against 4.2-4.9 s; 500M dare_ties 9.4-10.1 s
+against 7.3 s. Methods with heavier per-element work (TIES' selection, DELLA's sorts, PCB) keep
+every thread: 500M DELLA took 29.4 s with 1 thread against 21-24 s with 2.
+
+So a light CPU plan leaves one core to the I/O threads; anything else runs as configured. An
+explicit thread count (`--threads`, `threads=`) always wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+
+from .plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+def is_light(plan: Plan) -> bool:
+    """Whether every step of the plan does only light per-element arithmetic on the CPU."""
+    return plan.device.type == "cpu" and all(st.spec.light for st in plan.steps.values())
+
+
+def compute_threads(plan: Plan, requested: int | None, available: int) -> int:
+    """The intra-op thread count for this plan: `requested`, else one core left for I/O."""
+    if requested is not None:
+        return max(1, requested)
+    if is_light(plan):
+        return max(1, available - 1)
+    return available
+
+
+@contextlib.contextmanager
+def torch_threads(plan: Plan, requested: int | None = None) -> Iterator[int]:
+    """Run the block with `compute_threads` intra-op threads; restore the previous count after.
+
+    Restoring matters in a notebook, where the process goes on to do other torch work.
+    """
+    before = torch.get_num_threads()
+    n = compute_threads(plan, requested, before)
+    if n != before:
+        log.debug("torch intra-op threads: %d (was %d)", n, before)
+        torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

@@ -1,0 +1,96 @@
+"""Thread policy of a merge: light CPU plans leave a core to I/O; explicit counts win; restored after."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mergekit_lite as mlite
+from mergekit_lite.api import plan_recipe
+from mergekit_lite.engine.threads import compute_threads, is_light
+from mergekit_lite.methods.registry import get_method
+
+
+@pytest.fixture
+def four_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(before)
+
+
+def _recipe(ms, *steps):
+    return {"inputs": {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])},
+            "steps": list(steps)}
+
+
+LINEAR = {"id": "avg", "method": "linear", "models": ["a", "b"]}
+TA = {"id": "ta", "method": "task_arithmetic", "base": "base", "models": ["avg"], "parameters": {"lambda": 1.5}}
+TIES = {"id": "ties", "method": "ties", "base": "base", "models": ["a", "b"], "parameters": {"density": 0.5}}
+
+
+def test_light_methods_are_the_cheap_elementwise_ones():
+    assert {m for m in ("linear", "task_arithmetic", "dare_linear", "dare_ties") if get_method(m).light} == {
+        "linear", "task_arithmetic", "dare_linear", "dare_ties"}
+    assert not any(get_method(m).light for m in ("ties", "breadcrumbs", "della", "pcb", "slerp", "portllm"))
+
+
+def test_compute_threads_rule(model_set):
+    light = plan_recipe(_recipe(model_set, LINEAR, TA))
+    heavy = plan_recipe(_recipe(model_set, LINEAR, TIES))
+    assert is_light(light) and not is_light(heavy)
+    assert compute_threads(light, None, 4) == 3
+    assert compute_threads(light, None, 1) == 1
+    assert compute_threads(heavy, None, 4) == 4
+    assert compute_threads(light, 4, 4) == 4  # an explicit count always wins
+    assert compute_threads(heavy, 2, 4) == 2
+
+
+def _threads_seen(recipe, **kw) -> set[int]:
+    seen: set[int] = set()
+    mlite.run_recipe(recipe, tensor_hook=lambda name, job, out: seen.add(torch.get_num_threads()), **kw)
+    return seen
+
+
+def test_run_uses_and_restores_thread_count(model_set, four_threads):
+    assert _threads_seen(_recipe(model_set, LINEAR, TA)) == {3}
+    assert torch.get_num_threads() == 4
+    assert _threads_seen(_recipe(model_set, LINEAR, TIES)) == {4}
+    assert _threads_seen(_recipe(model_set, LINEAR, TA), threads=2) == {2}
+    assert torch.get_num_threads() == 4
+
+
+def test_thread_count_restored_after_a_failed_run(model_set, four_threads):
+    def boom(name, job, out):
+        raise RuntimeError("hook failed")
+
+    with pytest.raises(RuntimeError, match="hook failed"):
+        mlite.run_recipe(_recipe(model_set, LINEAR, TA), tensor_hook=boom, threads=1)
+    assert torch.get_num_threads() == 4
+
+
+def test_results_do_not_depend_on_threads(model_set):
+    recipe = _recipe(model_set, LINEAR, TA)
+    one = mlite.run_recipe(recipe, threads=1).state_dict
+    two = mlite.run_recipe(recipe, threads=2).state_dict
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch.equal(one[k], two[k]), k
+
+
+def test_cli_threads_reaches_the_engine(tmp_path, model_set, four_threads, monkeypatch):
+    import yaml
+    from mergekit_lite.cli.main import app
+    from typer.testing import CliRunner
+
+    from mergekit_lite import api
+
+    seen: list[int | None] = []
+    real = api.run_recipe
+    monkeypatch.setattr(api, "run_recipe", lambda *a, **kw: (seen.append(kw.get("threads")), real(*a, **kw))[1])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**_recipe(model_set, LINEAR), "output": {"path": str(tmp_path / "o")}}))
+    res = CliRunner().invoke(app, ["merge", str(recipe), "--threads", "2"])
+    assert res.exit_code == 0, res.output
+    assert seen == [2]
+    assert torch.get_num_threads() == 4  # the CLI no longer changes the process-wide count itself
