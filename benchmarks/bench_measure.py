@@ -56,6 +56,10 @@ def _status_kb(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
+# How often the sampler looks for new child processes (their memory is read every poll).
+CHILD_SCAN_S = 0.5
+
+
 class _TreeSampler(threading.Thread):
     """Polls the memory of a process and all its descendants until stopped."""
 
@@ -72,11 +76,19 @@ class _TreeSampler(threading.Thread):
             root = psutil.Process(self.pid)
         except psutil.NoSuchProcess:
             return
+        pids = [self.pid]
+        next_scan = 0.0
         while not self._stop_event.is_set():
-            try:
-                pids = [self.pid] + [c.pid for c in root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pids = [self.pid]
+            # Finding children walks every process on the machine (~1.3 ms of CPU here); doing
+            # that every poll took ~7% of a core from the 2 the measured merge runs on. Children
+            # are looked for every CHILD_SCAN_S; the known processes are read every poll.
+            now = time.monotonic()
+            if now >= next_scan:
+                next_scan = now + CHILD_SCAN_S
+                try:
+                    pids = [self.pid] + [c.pid for c in root.children(recursive=True)]
+                except psutil.NoSuchProcess:
+                    pids = [self.pid]
             rss = anon = 0
             for pid in pids:
                 s = _status_kb(pid, ("VmRSS", "RssAnon"))

@@ -31,7 +31,7 @@ def merge(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same recipe."),
     allow_bin: bool = typer.Option(False, "--allow-bin", help="Allow pickle .bin inputs (weights_only)."),
-    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores; one fewer for linear, task arithmetic, DARE)."),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores; one fewer for linear and task arithmetic)."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v info, -vv debug logging."),
 ) -> None:
     """Run a merge recipe and write the output checkpoint."""

@@ -30,9 +30,9 @@ TIES = {"id": "ties", "method": "ties", "base": "base", "models": ["a", "b"], "p
 
 
 def test_light_methods_are_the_cheap_elementwise_ones():
-    assert {m for m in ("linear", "task_arithmetic", "dare_linear", "dare_ties") if get_method(m).light} == {
-        "linear", "task_arithmetic", "dare_linear", "dare_ties"}
-    assert not any(get_method(m).light for m in ("ties", "breadcrumbs", "della", "pcb", "slerp", "portllm"))
+    assert get_method("linear").light and get_method("task_arithmetic").light
+    assert not any(get_method(m).light
+                   for m in ("dare_linear", "dare_ties", "ties", "breadcrumbs", "della", "pcb", "slerp", "portllm"))
 
 
 def test_compute_threads_rule(model_set):

@@ -76,7 +76,6 @@ LINEAR_SPEC = register(
         paper="https://arxiv.org/abs/2311.03099",
         doc="methods/dare.md",
         row_local=row_local_unless_l1,
-        light=True,
     )
 )
 
@@ -91,6 +90,5 @@ TIES_SPEC = register(
         paper="https://arxiv.org/abs/2311.03099",
         doc="methods/dare.md",
         row_local=row_local_unless_l1,
-        light=True,
     )
 )
