@@ -3,14 +3,14 @@
 A merge runs three kinds of work at once: a reader thread copying the next tensors out of the
 page cache, the computing thread, and a writer thread copying results into the output files.
 For methods whose per-element work is a handful of arithmetic operations (linear and task
-arithmetic: `MethodSpec.light`) the two copies cost as much as the arithmetic, and
-torch's intra-op threads then only compete with them for the cores: every OpenMP region has
-to wait for a worker that the reader or writer has pushed off its core. Measured on 2 cores
-(bf16, 3 fine-tunes, whole process): a 1.5B linear merge took 8.1-12.7 s with 2 torch threads
-and 7.1-7.8 s with 1; 500M task arithmetic 4.2-7.2 s with 2 and 4.2-4.9 s with 1. Methods with more work
-per element keep every thread: DARE's keep mask (500M dare_ties 7.0-7.5 s with 2 threads,
-7.8-8.2 s with 1), TIES' selection, DELLA's sorts (500M DELLA 29.4 s with 1 thread against
-21-24 s with 2), PCB.
+arithmetic: `MethodSpec.light`) the two copies cost as much as the arithmetic, and torch's
+intra-op threads then only compete with them for the cores: every OpenMP region has to wait
+for a worker that the reader or writer has pushed off its core. Measured on 2 cores (bf16,
+3 fine-tunes, whole process): a 1.5B linear merge took 8.1-12.7 s with 2 torch threads and
+7.1-7.8 s with 1; 500M task arithmetic 4.2-7.2 s with 2 and 4.2-4.9 s with 1. Methods with
+more work per element keep every thread: DARE's keep mask (500M dare_ties 7.0-7.5 s with 2
+threads, 7.8-8.2 s with 1), TIES' selection, DELLA's sorts (500M DELLA 29.4 s with 1 thread
+against 21-24 s with 2), PCB.
 
 So a light CPU plan leaves one core to the I/O threads; anything else runs as configured. An
 explicit thread count (`--threads`, `threads=`) always wins.
