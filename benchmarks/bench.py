@@ -202,8 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     new: list[dict[str, Any]] = []
     if not args.no_floor:
         f = measure_floor(bench_set.input_files(), bench_set.bytes_per_model, work / "out")
+        direct = "unsupported" if f.direct_s is None else f"{f.direct_s:.2f} s"
         print(f"  floor: read {f.read_bytes / 1e9:.2f} GB in {f.read_s:.2f} s, write {f.write_bytes / 1e9:.2f} GB "
-              f"in {f.write_s:.2f} s (+ fsync {f.fsync_s:.2f} s)", file=sys.stderr)
+              f"in {f.buffered_s:.2f} s buffered (+ fsync {f.fsync_s:.2f} s), {direct} with O_DIRECT", file=sys.stderr)
         startup = {}
         for tool in tools:
             cmd = [*mlite_command(args.mlite), "--version"] if tool == "mlite" else \
@@ -213,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  start-up: {startup}", file=sys.stderr)
         new.append({"size": args.size, "method": "io", "tool": "floor", "device": "cpu", "startup_s": startup,
                     "read_bytes": f.read_bytes, "read_s": round(f.read_s, 3), "write_bytes": f.write_bytes,
-                    "write_s": round(f.write_s, 3), "fsync_s": round(f.fsync_s, 3), "floor_s": round(f.floor_s, 3),
+                    "write_s": round(f.write_s, 3), "buffered_s": round(f.buffered_s, 3), "fsync_s": round(f.fsync_s, 3),
+                    "direct_s": None if f.direct_s is None else round(f.direct_s, 3), "floor_s": round(f.floor_s, 3),
                     "when": time.strftime("%Y-%m-%d %H:%M")})
     for key in methods:
         method = METHODS[key]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import leftovers, load_dir
+from helpers import force_direct_io, leftovers, load_dir
 from mergekit_lite.cli.main import app
 from typer.testing import CliRunner
 
@@ -372,9 +372,13 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     assert res.exit_code == 3 and "broken.yaml:" in res.output
 
 
-def test_interrupted_run_resumes_where_it_stopped(tmp_path, model_set):
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+def test_interrupted_run_resumes_where_it_stopped(tmp_path, model_set, monkeypatch, direct):
     """Ctrl-C keeps the partial output; --resume computes only what is missing, same bytes."""
     from mergekit_lite.io.writer import CheckpointWriter
+
+    if direct:
+        force_direct_io(monkeypatch)
 
     ms = model_set
     recipe = {

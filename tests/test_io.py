@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import leftovers, load_dir
+from helpers import force_direct_io, leftovers, load_dir
 from safetensors.torch import save_file
 
 from mergekit_lite.errors import CheckpointError, ResolveError, UsageError
@@ -27,8 +27,11 @@ def _copy(src_dir: Path, out: Path, shard_size: int, order=None) -> Path:
         return w.finish(copy_from=ck)
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_sharded_round_trip_is_bit_exact(tmp_path, dtype):
+def test_sharded_round_trip_is_bit_exact(tmp_path, monkeypatch, dtype, direct):
+    if direct:
+        force_direct_io(monkeypatch)
     shape = LlamaShape()
     state = make_base(shape, seed=3)
     state["model.rotary.position_ids"] = torch.arange(16, dtype=torch.int64)

@@ -3,7 +3,8 @@
 The plan knows every output tensor's name, shape and dtype before any data exists, so the
 writer lays out all shards up front (which tensor goes where, each shard's header and
 offsets). Each tensor is then written straight to its place in its file as soon as it is
-computed, in any order; memory holds only the tensor being written. Everything goes to a
+computed, in any order; memory holds only the tensor being written (and, for files written
+with O_DIRECT, a few 4 KiB blocks where tensors meet: see `shard_file`). Everything goes to a
 temporary directory beside the target; `finish` adds the index, config, tokenizer files and
 model card, then renames the directory into place, so an output is never seen half-written.
 """
@@ -25,7 +26,8 @@ import torch
 from ..dtypes import CONFIG_NAMES, to_torch
 from ..errors import CheckpointError, UsageError
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
-from .safetensors_format import PlannedTensor, layout_header, pwrite_all
+from .safetensors_format import PlannedTensor, layout_header
+from .shard_file import ShardFile, direct_io_enabled, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +97,17 @@ class CheckpointWriter:
     temporary directory has a fixed name and logs each completed tensor; an interrupted run
     (Ctrl-C, a killed process) leaves it behind, hidden, and a later writer with the same key
     and `resume=True` continues where it stopped (`done` lists what it skips). A different key,
-    or `resume=False`, starts afresh. The log is appended after a tensor's bytes are written, so
-    a tensor interrupted mid-write is simply written again; it protects against interrupted
+    or `resume=False`, starts afresh. The log is appended once all of a tensor's bytes have
+    left this process (for a direct file, also the blocks it shares with its neighbours), so a
+    tensor interrupted mid-write is simply written again; it protects against interrupted
     processes, not against power loss (nothing is fsynced).
+
+    `direct_io` (default: on unless `MLITE_DIRECT_IO=0`) writes big new shards with O_DIRECT.
     """
 
     def __init__(self, out_dir: str | os.PathLike, tensors: Sequence[PlannedTensor], *,
                  shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False,
-                 partial_key: str | None = None, resume: bool = False) -> None:
+                 partial_key: str | None = None, resume: bool = False, direct_io: bool | None = None) -> None:
         self.out_dir = Path(out_dir).expanduser().absolute()
         check_output_dir(self.out_dir, force)
         self.force = force
@@ -117,7 +122,9 @@ class CheckpointWriter:
         self._remaining = {layout.file_name: {t.name for t in layout.tensors} for layout in self.layouts}
         self._bytes_left: dict[str, int] = {}
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._fds: dict[str, int] = {}
+        self._files: dict[str, ShardFile] = {}
+        self._unlogged: dict[str, list[str]] = {layout.file_name: [] for layout in self.layouts}
+        self._direct = direct_io_enabled() if direct_io is None else direct_io
         self._lock = threading.Lock()
         self.bytes_written = 0
         self._published = False
@@ -183,42 +190,55 @@ class CheckpointWriter:
         t = t.contiguous()
         # A flat byte view: len() must count bytes, not rows, for short-write handling.
         data = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
-        fd = self._open(layout)
-        pwrite_all(fd, data, offset)
+        with self._lock:
+            if name not in self._remaining[layout.file_name]:
+                raise UsageError(f"output tensor {name!r} written twice")
+        shard = self._open(layout)
+        shard.pwrite(data, offset)
         with self._lock:
             self.bytes_written += len(data)
             remaining = self._remaining[layout.file_name]
-            if name not in remaining:
-                raise UsageError(f"output tensor {name!r} written twice")
             left = self._bytes_left.get(name, plan.nbytes) - len(data)
             self._bytes_left[name] = left
+            unlogged = self._unlogged[layout.file_name]
             if left <= 0:
                 remaining.discard(name)
-                if self._log_fd is not None:
-                    os.write(self._log_fd, (name + "\n").encode())
+                unlogged.append(name)
+            # This write may also have completed a block that held a neighbour back.
+            for n in [n for n in unlogged if shard.settled(*layout.spans[n])]:
+                unlogged.remove(n)
+                self._log_done(n)
             done = not remaining
         if done:
-            self._close(layout.file_name)
+            self._close(layout)
 
-    def _open(self, layout: ShardLayout) -> int:
+    def _log_done(self, name: str) -> None:
+        if self._log_fd is not None:
+            os.write(self._log_fd, (name + "\n").encode())
+
+    def _open(self, layout: ShardLayout) -> ShardFile:
         with self._lock:
-            fd = self._fds.get(layout.file_name)
-            if fd is None:
+            shard = self._files.get(layout.file_name)
+            if shard is None:
                 path = self.tmp_dir / layout.file_name
                 resuming = path.is_file() and path.stat().st_size == layout.size
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if resuming else os.O_TRUNC), 0o644)
+                shard = open_shard(path, layout.size, fresh=not resuming, direct=self._direct)
                 if not resuming:
-                    os.ftruncate(fd, layout.size)
-                    pwrite_all(fd, memoryview(layout.header), 0)
+                    shard.pwrite(memoryview(layout.header), 0)
                     self.bytes_written += len(layout.header)
-                self._fds[layout.file_name] = fd
-            return fd
+                self._files[layout.file_name] = shard
+            return shard
 
-    def _close(self, file_name: str) -> None:
+    def _close(self, layout: ShardLayout) -> None:
+        """Close a shard; what it held is then written, so its finished tensors are logged."""
         with self._lock:
-            fd = self._fds.pop(file_name, None)
-        if fd is not None:
-            os.close(fd)
+            shard = self._files.pop(layout.file_name, None)
+            if shard is None:
+                return
+            shard.close()
+            for n in self._unlogged[layout.file_name]:
+                self._log_done(n)
+            self._unlogged[layout.file_name].clear()
 
     @property
     def missing(self) -> list[str]:
@@ -231,8 +251,8 @@ class CheckpointWriter:
         missing = self.missing
         if missing:
             raise CheckpointError(f"{self.out_dir}: {len(missing)} tensors were never written (first: {missing[0]!r})")
-        for name in list(self._fds):
-            self._close(name)
+        for layout in self.layouts:
+            self._close(layout)
         self._close_log()
         for fname in (RESUME_KEY, RESUME_LOG):
             (self.tmp_dir / fname).unlink(missing_ok=True)
@@ -279,8 +299,8 @@ class CheckpointWriter:
 
     def abort(self, *, keep_partial: bool = False) -> None:
         """Close everything; remove the temporary directory unless it is kept for a resume."""
-        for name in list(self._fds):
-            self._close(name)
+        for layout in self.layouts:
+            self._close(layout)
         self._close_log()
         if not self._published and not (keep_partial and self.partial_key is not None):
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
