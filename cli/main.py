@@ -7,6 +7,9 @@ only parse arguments and print; the work is done by `mergekit_lite.api`.
 from __future__ import annotations
 
 import importlib
+import logging
+import os
+import sys
 
 import typer
 
@@ -52,7 +55,39 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    app()
+    """Run the command, then end the process without the interpreter's teardown.
+
+    Once torch is imported, a normal exit spends about 0.5 s unloading modules and freeing
+    objects (measured: `import torch` then exit 1.6 s, then `os._exit` 1.0-1.2 s), a quarter of
+    a 100M merge's wall time. Every command has finished its work by the time it returns:
+    outputs are published, threads joined, files closed. So the streams and log handlers are
+    flushed and the process exits at once with the command's code.
+    """
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        code = _exit_code(exc.code)
+    _exit_now(code)
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)  # what `sys.exit("message")` would have printed
+    return 1
+
+
+def _exit_now(code: int) -> None:
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""The installed entry point as a real process: exit codes and output survive the fast exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mergekit_lite import __version__
+
+ENTRY = "import sys; from mergekit_lite.cli.main import main; sys.argv[0] = 'mlite'; main()"
+
+
+def _mlite(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", ENTRY, *args], capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def test_version_and_success_code():
+    res = _mlite("--version")
+    assert res.returncode == 0 and res.stdout == f"mlite {__version__}\n"
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (("merge", "/nonexistent/recipe.yaml"), 2, "recipe file not found: /nonexistent/recipe.yaml"),
+    (("inspect", "/nonexistent"), 5, "/nonexistent: no such file or directory"),
+    (("no-such-command",), 2, "No such command"),
+])
+def test_user_errors_keep_their_code_and_one_line(args, code, message):
+    res = _mlite(*args)
+    assert res.returncode == code
+    assert message in res.stderr + res.stdout and "Traceback" not in res.stderr
+
+
+def test_long_output_into_a_pipe_is_flushed_whole():
+    res = _mlite("methods")
+    assert res.returncode == 0 and "ties" in res.stdout and "slerp" in res.stdout
