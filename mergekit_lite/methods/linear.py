@@ -20,7 +20,7 @@ def merge_linear(job: TensorJob) -> torch.Tensor:
     weights = per_model(job.params, "weight", len(models))
     out = torch.zeros_like(models[0])
     for m, w in zip(models, weights, strict=True):
-        out += m * w
+        out += m if w == 1 else m * w  # m * 1.0 is m, bit for bit; skip the pass
     if job.params["normalize"]:
         total = float(sum(weights))
         if total == 0:
