@@ -115,6 +115,10 @@ def _s(x: float | None) -> str:
     return "—" if x is None else f"{x:.1f} s" if x >= 10 else f"{x:.2f} s"
 
 
+def _net(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
@@ -138,6 +142,7 @@ def rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ours_wall = ours["wall_s"] if _ok(ours) else None
         mk_wall = mk["wall_s"] if _ok(mk) else None
         floor_s = floor["floor_s"] if floor else None
+        startup = (floor or {}).get("startup_s", {}).get("mlite")
         row = {
             "size": size,
             "device": device,
@@ -151,6 +156,9 @@ def rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "floor_s": floor_s,
             "vs_mk": None if ours_wall is None or not mk_wall else ours_wall / mk_wall,
             "vs_floor": None if ours_wall is None or not floor_s else ours_wall / floor_s,
+            # The same without the fixed start-up (interpreter, torch import): the merge's own work.
+            "vs_floor_net": None if ours_wall is None or not floor_s or startup is None
+            else (ours_wall - startup) / floor_s,
             "max_abs_diff": ours.get("max_abs_diff_vs_mergekit") if ours else None,
         }
         tensor_scope = index.get((size, "pcb_tensor", "mlite", device))
@@ -226,14 +234,16 @@ def markdown(raw: dict[str, Any], notes: str = "") -> str:
         out += ["", "## Notes", "", notes.strip()]
     out += ["", "## Results", "",
             "| size | device | method | mlite wall | mlite peak RSS | mergekit wall | mergekit peak RSS | I/O floor "
-            "| ours / mergekit | ours / floor | mlite CPU | mergekit CPU | max abs diff vs mergekit | targets |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| ours / mergekit | ours / floor | (ours − start-up) / floor | mlite CPU | mergekit CPU "
+            "| max abs diff vs mergekit | targets |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table_rows:
         mk_wall = _s(r["mk_wall"]) if r["mk"] is None or _ok(r["mk"]) else f"FAILED ({r['mk'].get('returncode')})"
         diff = "—" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.3g}"
         out.append(f"| {r['size']} | {r['device']} | {r['method']} | {_s(r['ours_wall'])} | {_gb(r['ours_rss'])} "
                    f"| {mk_wall} | {_gb(r['mk_rss'])} | {_s(r['floor_s'])} | {_ratio(r['ours_wall'], r['mk_wall'])} "
-                   f"| {_ratio(r['ours_wall'], r['floor_s'])} | {_cpu(r['ours'])} | {_cpu(r['mk'])} | {diff} | {r['targets']} |")
+                   f"| {_ratio(r['ours_wall'], r['floor_s'])} | {_net(r['vs_floor_net'])} | {_cpu(r['ours'])} "
+                   f"| {_cpu(r['mk'])} | {diff} | {r['targets']} |")
     floors = sorted((r for r in raw["records"] if r["tool"] == "floor"),
                     key=lambda r: SIZE_ORDER.index(r["size"]) if r["size"] in SIZE_ORDER else 99)
     if floors:
