@@ -192,3 +192,17 @@ def test_resume_log_names_a_tensor_only_once_its_shared_block_is_on_disk(tmp_pat
         w.finish()
     got = load_dir(tmp_path / "out")
     assert torch.equal(got["a"], a) and torch.equal(got["b"], b)
+
+
+def test_a_failed_disk_write_surfaces_as_itself_and_the_file_still_closes(tmp_path, monkeypatch):
+    f = direct_file_on_plain_fd(tmp_path / "f.bin", 4 * BLOCK)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError, match="No space left") as failure:
+        f.pwrite(memoryview(os.urandom(4 * BLOCK)), 0)
+    monkeypatch.undo()
+    f.close()  # the traceback in `failure` still holds views of the staging buffer
+    assert failure.value.errno == errno.ENOSPC

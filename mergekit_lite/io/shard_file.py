@@ -203,9 +203,14 @@ class DirectShardFile:
             os.ftruncate(self.fd, self.size)  # drop the last block's padding
         finally:
             os.close(self.fd)
-            self._block.close()
-            if self._staging is not None:
-                self._staging.close()
+            for buffer in (self._block, self._staging):
+                try:
+                    if buffer is not None:
+                        buffer.close()
+                except BufferError:
+                    # A failed write's traceback still views it (the error is on its way up);
+                    # the mapping is freed with the traceback instead.
+                    pass
 
 
 def open_shard(path: Path, size: int, *, fresh: bool, direct: bool) -> ShardFile:
