@@ -17,15 +17,18 @@ from typing import Any
 import torch
 
 _DONE = object()
-# Row blocks of about 1M elements: 4 MB per float32 operand, so a block's inputs, its float32
+# Row blocks of about 512K elements: 2 MB per float32 operand, so a block's inputs, its float32
 # copies and the method's temporaries stay in the CPU caches while it is computed. On a 2-core
-# EPYC a task-arithmetic step runs about 2x faster on such blocks than on whole 50 MB tensors
-# (with the heap settings of engine/memory.py; about 9x without them).
-CHUNK_ELEMENTS = 1 << 20
+# EPYC a task-arithmetic step runs about 2x faster on 1M-element blocks than on whole 50 MB
+# tensors (with the heap settings of engine/memory.py; about 9x without them), and a 1.5B
+# task-arithmetic merge takes 5.7-6.7 s on 512K blocks against 6.6-7.0 s on 1M ones (128K
+# blocks: 8.2-9.5 s, the per-block overhead wins). Heavier methods are indifferent.
+CHUNK_ELEMENTS = 1 << 19
 # A tensor whose method needs statistics of the whole tensor (TIES' per-tensor top-k) is
-# computed whole up to this many row blocks' worth of elements; bigger ones are streamed in
-# blocks after a statistics pass over them, which costs extra reads but bounds memory.
-WHOLE_TENSOR_BLOCKS = 4
+# computed whole up to this many row blocks' worth of elements (4M); bigger ones are streamed in
+# blocks after a statistics pass over them, which costs extra reads but bounds memory. A method
+# whose temporaries are many times its inputs asks for a smaller share (`whole_tensor_share`).
+WHOLE_TENSOR_BLOCKS = 8
 
 
 @dataclass(frozen=True)
@@ -36,9 +39,9 @@ class WorkItem:
     rows: tuple[int, int] | None = None
 
 
-def whole_tensor_limit() -> int:
+def whole_tensor_limit(share: float = 1.0) -> int:
     """Elements above which a tensor needing whole-tensor statistics is streamed in blocks."""
-    return WHOLE_TENSOR_BLOCKS * CHUNK_ELEMENTS
+    return int(WHOLE_TENSOR_BLOCKS * CHUNK_ELEMENTS * share)
 
 
 def work_items(names: Iterable[str], shapes: dict[str, tuple[int, ...]], chunkable: Callable[[str], bool],

@@ -122,12 +122,19 @@ def combine(
         if divisor is not None:
             divisor.add_(divisor.clone().eq_(0))  # 0 → 1 where no model counted (float ops, see elect_signs)
             mixed /= divisor
-    else:
-        for d, w in zip(deltas, weights, strict=True):
-            mixed.add_(d, alpha=w)
-        if normalize:
-            s = float(sum(weights))
-            mixed /= 1.0 if abs(s) < WEIGHT_SUM_EPS else s
+        if lam != 1:
+            mixed *= lam
+        return mixed
+    for d, w in zip(deltas, weights, strict=True):
+        mixed.add_(d, alpha=w)
+    return _normalize_and_scale(mixed, weights, normalize, lam)
+
+
+def _normalize_and_scale(mixed: torch.Tensor, weights: Sequence[float], normalize: bool, lam: float) -> torch.Tensor:
+    """In place: Σ wᵢτ̂ᵢ → λ · Σ wᵢτ̂ᵢ / Σ wᵢ (no division when not normalising, or |Σ wᵢ| < 1e-8)."""
+    if normalize:
+        s = float(sum(weights))
+        mixed /= 1.0 if abs(s) < WEIGHT_SUM_EPS else s
     if lam != 1:
         mixed *= lam
     return mixed
@@ -147,11 +154,26 @@ def add_to_base(job: TensorJob, deltas: Sequence[torch.Tensor], *, elect: bool) 
         normalize=bool(job.params["normalize"]),
         lam=float(job.params["lambda"]),
     )
-    return job.base + mixed  # type: ignore[operator]
+    return mixed.add_(require_base(job, "add_to_base"))  # mixed is ours: θ₀ + x == x + θ₀, bit for bit
 
 
 def merge_task_arithmetic(job: TensorJob) -> torch.Tensor:
-    return add_to_base(job, task_vectors(job, "task_arithmetic"), elect=False)
+    """`add_to_base(task_vectors(...))` without holding n task vectors or a fresh θ₀ + x.
+
+    The same float32 operations in the same order, so the same bits, in about half the time:
+    one scratch delta is reused for every model and the sum is built in place, so a row block's
+    working set stays in the CPU caches (a 1.5B merge of 3 models spends most of its compute
+    time here).
+    """
+    base = require_base(job, "task_arithmetic")
+    check_shapes(job, job.models, base)
+    weights = per_model(job.params, "weight", len(job.models))
+    mixed = torch.zeros_like(base)
+    scratch = torch.empty_like(base)
+    for m, w in zip(job.models, weights, strict=True):
+        mixed.add_(torch.sub(m, base, out=scratch), alpha=w)
+    _normalize_and_scale(mixed, weights, bool(job.params["normalize"]), float(job.params["lambda"]))
+    return mixed.add_(base)
 
 
 SPEC = register(
