@@ -177,3 +177,21 @@ def test_radix_select_equals_sorting(rows: list[list[float]], fractions: list[fl
         got = select.values()[i]
         assert torch.equal(got == 0, expected == 0)  # ±0 are one value
         assert torch.equal(got[expected != 0], expected[expected != 0])
+
+
+@SETTINGS
+@given(data=tensors(), weights=st.lists(st.sampled_from([-1.0, -0.3, 0.0, 0.3, 1.0, 1.7]), min_size=4, max_size=4),
+       normalize=st.booleans(), lam=st.sampled_from([1.0, 0.5, 2.0]))
+def test_task_arithmetic_in_place_equals_the_generic_combination(
+        data: Any, weights: list[float], normalize: bool, lam: float) -> None:
+    """The in-place fast path does the generic path's float32 ops in the same order, on copies."""
+    from mergekit_lite.methods.task_arithmetic import add_to_base, task_vectors
+
+    base, models = data
+    params = {"weight": tuple(weights[: len(models)]), "normalize": normalize, "lambda": lam}
+    j = job("task_arithmetic", base, models, **params)
+    before = [t.clone() for t in (j.base, *j.models)]
+    fast = get_method("task_arithmetic").merge(j)  # type: ignore[union-attr]
+    generic = add_to_base(j, task_vectors(j, "task_arithmetic"), elect=False)
+    assert torch.equal(fast, generic) and torch.equal(fast.signbit(), generic.signbit())
+    assert all(torch.equal(a, b) for a, b in zip(before, (j.base, *j.models), strict=True))
