@@ -16,11 +16,15 @@ from mergekit_lite.methods.pcb import (
     MAX_MODELS,
     PcbReducer,
     PcbStats,
+    clamp_bounds,
     clamp_indices,
+    column_scores,
     drop_index,
+    fold_sum,
     merge_tensor,
     pcb_dense,
     row_stats,
+    score_weights,
 )
 from mergekit_lite.methods.registry import TensorJob
 
@@ -235,6 +239,31 @@ def test_registry_entry() -> None:
 
 
 # --- dense implementation against the plain port ---------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dense", "ties", "sparse", "zeros"])
+def test_in_place_scoring_equals_the_formulas_bit_for_bit(kind: str) -> None:
+    """column_scores / score_weights reuse their buffers; the bits (signed zeros too) are the formulas'."""
+    T = random_tasks(3, 2000, seed=7, kind=kind)
+    T[1] = 0.25  # every |τ| equal: span 0 → N = 0 (the masked branch)
+    before = T.clone()
+    lo, hi = clamp_bounds(T, 0.01)
+    Tc, beta = column_scores(T, lo, hi)
+    lo_c, hi_c, n = lo.reshape(3, 1), hi.reshape(3, 1), 3
+    A = torch.clamp(T.abs(), min=lo_c, max=hi_c)
+    span = hi_c - lo_c
+    N = torch.where(span > 0, (A - lo_c) / torch.where(span > 0, span, 1.0), 0.0)
+    want_beta = exp_f32(N * N * float(n)) * tanh_f32(T * fold_sum(T)) + 0.0
+    assert_same_bits(Tc, torch.sign(T) * A)
+    assert_same_bits(beta, want_beta)
+    assert_same_bits(T, before)
+    t = torch.stack([row.sort().values[drop_index(2000, 0.1)] for row in beta])
+    m = beta.max(dim=1).values
+    keep = beta > t.reshape(3, 1)
+    want_w = torch.where(keep, (beta - t.reshape(3, 1)) / torch.where(keep, (m - t).reshape(3, 1), 1.0), 0.0)
+    assert_same_bits(score_weights(beta, t, m), want_w)
+    flat = torch.full((2, 50), 0.5)  # m = t: the formula's 0/0, weight 0 everywhere
+    assert_same_bits(score_weights(flat, torch.tensor([0.5, 0.5]), torch.tensor([0.5, 0.5])), torch.zeros(2, 50))
 
 
 @pytest.mark.parametrize("kind", ["dense", "ties", "sparse", "zeros"])

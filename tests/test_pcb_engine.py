@@ -145,34 +145,3 @@ def test_row_blocks_give_the_same_bits(model_set, tmp_path: Path, monkeypatch: p
         assert whole.stats == blocked.stats
         assert_same_bits(read_dir(tmp_path / f"{scope}-blocks"), read_dir(tmp_path / f"{scope}-whole"))
 
-
-def test_tensor_scope_computes_whole_tensors_up_to_half_the_engine_limit(
-        model_set, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """PCB's scoring holds ~10 n×d temporaries, so it streams tensors TIES would still take whole."""
-    from collections import Counter
-
-    from mergekit_lite.engine import stream
-    from mergekit_lite.io.checkpoint import Checkpoint
-
-    _, ms = model_set
-    loads: Counter[str] = Counter()
-    real_load = Checkpoint.load
-
-    def counting_load(self: Checkpoint, name: str, *args, **kwargs) -> torch.Tensor:
-        loads[name] += 1
-        return real_load(self, name, *args, **kwargs)
-
-    monkeypatch.setattr(Checkpoint, "load", counting_load)
-    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 4096)  # limit: 8 × 4096 = 32768 elements
-    assert stream.whole_tensor_limit() == 32768 and stream.whole_tensor_limit(0.5) == 16384
-    up, q = "model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"  # 32768, 16384
-
-    run_recipe(recipe(ms, tmp_path / "pcb", ratio=0.2, clamp_ratio=0.01, scope="tensor"))
-    assert loads[q] == 4  # whole: one load per model
-    assert loads[up] > 4 * 8  # row blocks of 32 rows, over statistics passes and the output pass
-
-    loads.clear()
-    ties = recipe(ms, tmp_path / "ties", density=0.2)
-    ties["steps"][0]["method"] = "ties"
-    run_recipe(ties)
-    assert loads[q] == 4 and loads[up] == 4  # TIES gets the whole limit

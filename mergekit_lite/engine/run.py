@@ -392,11 +392,9 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, result: R
         mode = _block_mode(plan, out_ids, local_stats=True)
         deferred: set[str] = set()
 
-        share = min(st.spec.whole_tensor_share for st in _closure(plan, out_ids))
-
         def blockable(name: str) -> bool:
             m = mode(name)
-            if m == "local" and math.prod(shapes[name]) > whole_tensor_limit(share):
+            if m == "local" and math.prod(shapes[name]) > whole_tensor_limit():
                 deferred.add(name)
             return m == "blocks"
 

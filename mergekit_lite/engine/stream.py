@@ -26,8 +26,7 @@ _DONE = object()
 CHUNK_ELEMENTS = 1 << 19
 # A tensor whose method needs statistics of the whole tensor (TIES' per-tensor top-k) is
 # computed whole up to this many row blocks' worth of elements (4M); bigger ones are streamed in
-# blocks after a statistics pass over them, which costs extra reads but bounds memory. A method
-# whose temporaries are many times its inputs asks for a smaller share (`whole_tensor_share`).
+# blocks after a statistics pass over them, which costs extra reads but bounds memory.
 WHOLE_TENSOR_BLOCKS = 8
 
 
@@ -39,9 +38,9 @@ class WorkItem:
     rows: tuple[int, int] | None = None
 
 
-def whole_tensor_limit(share: float = 1.0) -> int:
+def whole_tensor_limit() -> int:
     """Elements above which a tensor needing whole-tensor statistics is streamed in blocks."""
-    return int(WHOLE_TENSOR_BLOCKS * CHUNK_ELEMENTS * share)
+    return WHOLE_TENSOR_BLOCKS * CHUNK_ELEMENTS
 
 
 def work_items(names: Iterable[str], shapes: dict[str, tuple[int, ...]], chunkable: Callable[[str], bool],

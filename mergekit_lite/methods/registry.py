@@ -182,10 +182,6 @@ class MethodSpec:
     # matmul): on a CPU such a merge is bound by copying bytes in and out, and the engine gives
     # torch one thread fewer so the I/O threads keep a core (engine/threads.py).
     light: bool = False
-    # The fraction of the engine's whole-tensor limit (engine/stream.py) this method may use when
-    # a tensor needs whole-tensor statistics: below 1 for methods whose temporaries are many
-    # copies of their inputs, so that computing a tensor whole does not set the peak memory.
-    whole_tensor_share: float = 1.0
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
