@@ -122,9 +122,7 @@ def combine(
         if divisor is not None:
             divisor.add_(divisor.clone().eq_(0))  # 0 → 1 where no model counted (float ops, see elect_signs)
             mixed /= divisor
-        if lam != 1:
-            mixed *= lam
-        return mixed
+        return _normalize_and_scale(mixed, weights, False, lam)  # the divisor did the normalising
     for d, w in zip(deltas, weights, strict=True):
         mixed.add_(d, alpha=w)
     return _normalize_and_scale(mixed, weights, normalize, lam)
