@@ -87,7 +87,7 @@ def run_tool(
                "--random-seed", str(SEED), "--no-copy-tokenizer", *args.mergekit_arg]
         if args.device.startswith("cuda"):
             cmd += ["--cuda"]
-    walls, measures = [], []
+    walls, measures, logs = [], [], []
     load_before = None
     for i in range(args.repeat):
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -96,13 +96,15 @@ def run_tool(
         log = work / "logs" / f"{bench_set.size}-{method.key}-{tool}-{i}.log"
         m = run_measured(cmd, log_path=log, env=env, timeout_s=args.timeout)
         measures.append(m)
+        logs.append(log)
         walls.append(round(m.wall_s, 3))
         status = "ok" if m.returncode == 0 else f"FAILED exit {m.returncode}, see {log}"
         print(f"  {tool:8s} {method.key:16s} {m.wall_s:8.2f} s  peak RSS {m.peak_rss_bytes / 1e9:5.2f} GB  {status}",
               file=sys.stderr)
         if m.returncode != 0:
             break
-    best = min(measures, key=lambda m: (m.returncode != 0, m.wall_s))
+    best_i = min(range(len(measures)), key=lambda i: (measures[i].returncode != 0, measures[i].wall_s))
+    best = measures[best_i]
     record: dict[str, Any] = {
         "size": bench_set.size,
         "method": method.key,
@@ -124,6 +126,8 @@ def run_tool(
         "mlite_git": bench_report.git_revision(HERE.parent) if tool == "mlite" else None,
         "parameters": method.parameters,
     }
+    if tool == "mlite":
+        record["cpu_split"] = bench_report.parse_cpu_line(logs[best_i].read_text(errors="replace"))
     return record, out_dir
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
@@ -81,6 +82,18 @@ def machine_info(data_dir: Path, mergekit_python: Path | None, device: str) -> d
         except (OSError, ValueError, subprocess.TimeoutExpired):
             info["mergekit"] = "unknown"
     return info
+
+
+_CPU_LINE = re.compile(r"^CPU time: (.*)$", re.MULTILINE)
+_CPU_PART = re.compile(r"(reading|computing|writing) ([0-9.]+) s")
+
+
+def parse_cpu_line(log: str) -> dict[str, float] | None:
+    """`mlite merge`'s "CPU time: reading … · computing … · writing …" line, as seconds by role."""
+    found = _CPU_LINE.findall(log)
+    if not found:
+        return None
+    return {role: float(sec) for role, sec in _CPU_PART.findall(found[-1])}
 
 
 def record_key(r: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -264,6 +277,22 @@ def markdown(raw: dict[str, Any], notes: str = "") -> str:
                        f"| {_s(f.get('buffered_s', f['write_s']))} | {_s(f['fsync_s'])} | {_s(f.get('direct_s'))} "
                        f"| {_s(f['floor_s'])} "
                        f"| {_s(start.get('mlite'))} | {_s(start.get('mergekit'))} |")
+    split = [r for r in table_rows if r["ours"] is not None and r["ours"].get("cpu_split")]
+    if split:
+        out += ["", "## Where mlite's CPU time went", "",
+                "From `mlite merge`'s own report (its fastest run): CPU seconds of the reader thread "
+                "(page-cache copies), of the writer thread (output shards), and of everything else (the "
+                "merging thread and torch's workers), over the merge itself (start-up excluded). With 2 "
+                "cores, the merge cannot take less wall time than half their sum, nor than the largest part "
+                "that runs on one thread.", "",
+                "| size | device | method | reading | computing | writing | sum | wall − start-up |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in split:
+            c = r["ours"]["cpu_split"]
+            total = sum(c.values())
+            net = None if r["vs_floor_net"] is None or not r["floor_s"] else r["vs_floor_net"] * r["floor_s"]
+            out.append(f"| {r['size']} | {r['device']} | {r['method']} | {_s(c.get('reading'))} "
+                       f"| {_s(c.get('computing'))} | {_s(c.get('writing'))} | {_s(total)} | {_s(net)} |")
     runs = [r for r in raw["records"] if r["tool"] != "floor"]
     runs.sort(key=lambda r: (SIZE_ORDER.index(r["size"]) if r["size"] in SIZE_ORDER else 99,
                              r.get("device", "cpu"), _method_order(r["method"]), r["tool"]))

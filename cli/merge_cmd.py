@@ -54,6 +54,7 @@ def merge(
         "bytes_read": result.bytes_read,
         "bytes_written": result.bytes_written,
         "seconds": round(result.seconds, 3),
+        "cpu_seconds": {k: round(v, 3) for k, v in result.cpu_seconds.items()},
         "resumed_tensors": result.resumed,
         "passes": result.passes,
     }
@@ -66,8 +67,19 @@ def merge(
         f"wrote {summary['output']}: {result.tensors} tensors, read {format_size(result.bytes_read)}, "
         f"wrote {format_size(result.bytes_written)} in {result.seconds:.1f} s"
     )
+    out.print(_cpu_line(result.cpu_seconds))
     for sid, path in result.saved.items():
         out.print(f"saved step {sid!r} to {path}")
+
+
+def _cpu_line(cpu: dict[str, float]) -> str:
+    """Where the CPU time went: tells a user whether the disk or the arithmetic is the limit.
+
+    Reading and writing are the I/O threads (page-cache copies, direct writes); computing is
+    every other thread. Sums above the wall time mean the threads ran in parallel.
+    """
+    parts = " · ".join(f"{role} {cpu[role]:.1f} s" for role in ("reading", "computing", "writing") if role in cpu)
+    return f"CPU time: {parts}"
 
 
 def _print_plan(plan: dict) -> None:

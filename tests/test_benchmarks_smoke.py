@@ -149,3 +149,11 @@ def test_targets(bench_modules):
     assert report.targets(pcb, 2.0) == "MISSED: 5.00× pcb_tensor > 4"
     assert report.targets(pcb, 3.0) == "met"
     assert report.targets({**row, "vs_mk": None}, None) == "met so far (no mergekit)"
+
+
+def test_cpu_line_is_parsed_from_the_log(bench_modules):
+    report = bench_modules["bench_report"]
+    log = "$ mlite merge r.yaml\nwrote /x: 3 tensors, read 1 GB, wrote 1 GB in 2.0 s\n" \
+          "CPU time: reading 2.9 s · computing 14.4 s · writing 1.1 s\n"
+    assert report.parse_cpu_line(log) == {"reading": 2.9, "computing": 14.4, "writing": 1.1}
+    assert report.parse_cpu_line("mergekit output only") is None

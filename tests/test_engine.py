@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,60 @@ def test_dry_run_json_counts_equal_real_run(tmp_path, model_set):
     on_disk = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
     assert on_disk == done["bytes_written"]
     assert len(plan["output_shards"]) == len(list((tmp_path / "out").glob("*.safetensors")))
+    assert set(done["cpu_seconds"]) == {"reading", "computing", "writing"}
+    assert all(v >= 0 for v in done["cpu_seconds"].values())
+    text = runner.invoke(app, ["merge", str(recipe), "--force"])
+    assert text.exit_code == 0, text.output
+    assert re.search(r"^CPU time: reading [0-9.]+ s · computing [0-9.]+ s · writing [0-9.]+ s$", text.stdout, re.M)
+
+
+def test_cpu_time_is_split_by_thread_role(tmp_path, model_set, monkeypatch):
+    """The reader's and writer's CPU are counted apart from the rest, and the parts add up."""
+    import time
+
+    from mergekit_lite.engine import stream
+
+    ms = model_set
+    recipe = load_recipe({
+        "inputs": {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])},
+        "steps": [{"id": "m", "method": "ties", "base": "base", "models": ["a", "b"]}],
+        "output": {"path": str(tmp_path / "out")},
+    })
+
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    # Burn a known amount of CPU in each role: 0.2 s per tensor loaded and per tensor written.
+    real_write = stream.BackgroundWriter.__init__
+
+    def slow_writer(self, write, depth=2, clock=None):
+        def write_and_spin(*args):
+            spin(0.02)
+            write(*args)
+        real_write(self, write_and_spin, depth, clock)
+
+    real_prefetch = stream.prefetch
+
+    def slow_prefetch(items, load, depth, live, clock=None):
+        def load_and_spin(item):
+            spin(0.02)
+            return load(item)
+        return real_prefetch(items, load_and_spin, depth, live, clock)
+
+    from mergekit_lite.engine import run as engine_run
+
+    monkeypatch.setattr(engine_run.BackgroundWriter, "__init__", slow_writer)
+    monkeypatch.setattr(engine_run, "prefetch", slow_prefetch)
+    cpu0 = time.process_time()
+    result = execute(build_plan(recipe), progress=False)
+    total = time.process_time() - cpu0
+    cpu = result.cpu_seconds
+    assert cpu["reading"] >= 0.02 * result.tensors
+    assert cpu["writing"] >= 0.02 * result.tensors
+    assert 0 <= cpu["computing"] <= total
+    assert sum(cpu.values()) <= total + 0.05
 
 
 def test_memory_is_a_bounded_number_of_tensors(tmp_path):

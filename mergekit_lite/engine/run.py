@@ -27,7 +27,16 @@ from ..io.writer import CheckpointWriter, config_dtype_update
 from ..methods.registry import TensorJob
 from .memory import limit_heap_growth
 from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, fingerprint
-from .stream import BackgroundWriter, Bundle, LiveTensors, WorkItem, prefetch, whole_tensor_limit, work_items
+from .stream import (
+    BackgroundWriter,
+    Bundle,
+    CpuClock,
+    LiveTensors,
+    WorkItem,
+    prefetch,
+    whole_tensor_limit,
+    work_items,
+)
 from .threads import torch_threads
 
 log = logging.getLogger(__name__)
@@ -51,6 +60,9 @@ class RunResult:
     max_live_tensors: int = 0
     saved: dict[str, Path] = field(default_factory=dict)
     resumed: int = 0  # output tensors found already written by an interrupted run
+    # CPU seconds of the passes by role: "reading" and "writing" (the I/O threads), "computing"
+    # (every other thread of the process: the merging thread, torch's workers, the progress bar).
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
 
 
 class _Evaluator:
@@ -262,6 +274,8 @@ def _no_full_collections() -> Iterator[None]:
 def _execute(plan: Plan, progress: bool, publish_hook: PublishHook | None, tensor_hook: TensorHook | None,
              keep_state_dict: bool | None, resume: bool) -> RunResult:
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    clock = CpuClock()
     limit_heap_growth()
     for ck in plan.checkpoints.values():
         ck.bytes_read = 0
@@ -285,7 +299,7 @@ def _execute(plan: Plan, progress: bool, publish_hook: PublishHook | None, tenso
                 task = bar.add_task(f"{st.id}: statistics pass {n}", total=len(float_names), rate="") if bar else None
                 before = _bytes(plan)
                 items = work_items(float_names, shapes, mode)
-                for bundle in prefetch(items, _loader(plan, ck_keys, dkeys, set()), PREFETCH_DEPTH, live):
+                for bundle in prefetch(items, _loader(plan, ck_keys, dkeys, set()), PREFETCH_DEPTH, live, clock):
                     reducer.observe(evaluator.job(st, bundle, {}, with_stats=False))
                     if bar and (bundle.rows is None or bundle.rows[1] == shapes[bundle.name][0]):
                         bar.advance(task)
@@ -294,7 +308,10 @@ def _execute(plan: Plan, progress: bool, publish_hook: PublishHook | None, tenso
                     break
             stats[st.id] = reducer.result()
         # 2. the output pass
-        _output_pass(plan, stats, live, result, bar, publish_hook, tensor_hook, keep_state_dict, resume)
+        _output_pass(plan, stats, live, clock, result, bar, publish_hook, tensor_hook, keep_state_dict, resume)
+    io = clock.seconds
+    result.cpu_seconds = {"reading": io["reading"], "computing": max(0.0, time.process_time() - cpu0 - sum(io.values())),
+                          "writing": io["writing"]}
     result.stats = stats
     result.bytes_read = _bytes(plan)
     result.seconds = time.perf_counter() - t0
@@ -309,7 +326,7 @@ def _bytes(plan: Plan) -> int:
     return total
 
 
-def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, result: RunResult, bar: Any,
+def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: CpuClock, result: RunResult, bar: Any,
                  publish_hook: PublishHook | None, tensor_hook: TensorHook | None, keep: bool | None,
                  resume: bool) -> None:
     out_ids = plan.output_step_ids
@@ -336,7 +353,7 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, result: R
         # Tensors every writer already holds (a resumed run) are not computed again.
         skip = set.intersection(*(w.done for w in writers.values())) if writers and state is None else set()
         result.resumed = len(skip)
-        background = {sid: BackgroundWriter(w.write) for sid, w in writers.items()}
+        background = {sid: BackgroundWriter(w.write, clock=clock) for sid, w in writers.items()}
         evaluator = _Evaluator(plan, stats, tensor_hook)
         task = bar.add_task("writing" if writers else "merging", total=len(plan.outputs), rate="") if bar else None
         t_start = time.perf_counter()
@@ -380,13 +397,13 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, result: R
                 st_keys = plan.leaves_of(st.id)[0]
                 while True:
                     blocks = work_items([name], shapes, lambda _n: True)
-                    for b in prefetch(blocks, _loader(plan, st_keys, set(), set()), PREFETCH_DEPTH, live):
+                    for b in prefetch(blocks, _loader(plan, st_keys, set(), set()), PREFETCH_DEPTH, live, clock):
                         reducer.observe(ev.job(st, b, {}, with_stats=False))
                     if reducer.end_pass():
                         break
                 local[st.id] = reducer.result()
             ev = _Evaluator(plan, local, tensor_hook)
-            for b in prefetch(work_items([name], shapes, lambda _n: True), load_all, PREFETCH_DEPTH, live):
+            for b in prefetch(work_items([name], shapes, lambda _n: True), load_all, PREFETCH_DEPTH, live, clock):
                 emit(b, ev)
 
         mode = _block_mode(plan, out_ids, local_stats=True)
@@ -403,7 +420,7 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, result: R
 
         items = work_items([o.name for o in plan.outputs if o.name not in skip], shapes, blockable)
         try:
-            for bundle in prefetch(items, load_or_defer, PREFETCH_DEPTH, live):
+            for bundle in prefetch(items, load_or_defer, PREFETCH_DEPTH, live, clock):
                 if bundle.name in deferred:
                     emit_with_local_stats(bundle.name)
                 else:

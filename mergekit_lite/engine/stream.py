@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +83,22 @@ class LiveTensors:
             self.live -= n
 
 
+class CpuClock:
+    """CPU seconds spent by the engine's reader and writer threads, by role.
+
+    Whether a merge is bound by I/O or by arithmetic decides what would make it faster, and
+    the threads' wall times cannot tell (they mostly wait on each other); their CPU times can.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: dict[str, float] = {"reading": 0.0, "writing": 0.0}
+
+    def add(self, role: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[role] = self.seconds.get(role, 0.0) + seconds
+
+
 @dataclass
 class Bundle:
     """The raw inputs of one tensor name: checkpoint tensors (CPU, stored dtype) and patches."""
@@ -97,12 +114,16 @@ class Bundle:
 
 
 def prefetch(items: Iterable[WorkItem], load: Callable[[WorkItem], Bundle], depth: int,
-             live: LiveTensors) -> Iterator[Bundle]:
-    """Yield `load(item)` for each item, loading up to `depth` items ahead in a thread."""
+             live: LiveTensors, clock: CpuClock | None = None) -> Iterator[Bundle]:
+    """Yield `load(item)` for each item, loading up to `depth` items ahead in a thread.
+
+    The thread's CPU time is added to `clock` as "reading".
+    """
     q: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
 
     def worker() -> None:
+        started = time.thread_time()
         try:
             for item in items:
                 if stop.is_set():
@@ -118,6 +139,9 @@ def prefetch(items: Iterable[WorkItem], load: Callable[[WorkItem], Bundle], dept
             q.put(_DONE)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             q.put(exc)
+        finally:
+            if clock is not None:
+                clock.add("reading", time.thread_time() - started)
 
     thread = threading.Thread(target=worker, name="mlite-prefetch", daemon=True)
     thread.start()
@@ -143,26 +167,36 @@ def prefetch(items: Iterable[WorkItem], load: Callable[[WorkItem], Bundle], dept
 
 
 class BackgroundWriter:
-    """Runs `write(name, tensor, row_start)` in one thread, with at most `depth` results waiting."""
+    """Runs `write(name, tensor, row_start)` in one thread, with at most `depth` results waiting.
 
-    def __init__(self, write: Callable[[str, torch.Tensor, int | None], None], depth: int = 2) -> None:
+    The thread's CPU time is added to `clock` as "writing".
+    """
+
+    def __init__(self, write: Callable[[str, torch.Tensor, int | None], None], depth: int = 2,
+                 clock: CpuClock | None = None) -> None:
         self._write = write
+        self._clock = clock
         self._q: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="mlite-writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is _DONE:
-                return
-            if self._error is not None:
-                continue
-            try:
-                self._write(*item)
-            except BaseException as exc:
-                self._error = exc
+        started = time.thread_time()
+        try:
+            while True:
+                item = self._q.get()
+                if item is _DONE:
+                    return
+                if self._error is not None:
+                    continue
+                try:
+                    self._write(*item)
+                except BaseException as exc:
+                    self._error = exc
+        finally:
+            if self._clock is not None:
+                self._clock.add("writing", time.thread_time() - started)
 
     def put(self, name: str, tensor: torch.Tensor, row_start: int | None = None) -> None:
         if self._error is not None:
