@@ -287,12 +287,15 @@ def markdown(raw: dict[str, Any], notes: str = "") -> str:
                 "that runs on one thread.", "",
                 "| size | device | method | reading | computing | writing | sum | wall − start-up |",
                 "|---|---|---|---|---|---|---|---|"]
+        def tenths(x: float | None) -> str:  # mlite prints tenths of a second
+            return "—" if x is None else f"{x:.1f} s"
+
         for r in split:
             c = r["ours"]["cpu_split"]
-            total = sum(c.values())
             net = None if r["vs_floor_net"] is None or not r["floor_s"] else r["vs_floor_net"] * r["floor_s"]
-            out.append(f"| {r['size']} | {r['device']} | {r['method']} | {_s(c.get('reading'))} "
-                       f"| {_s(c.get('computing'))} | {_s(c.get('writing'))} | {_s(total)} | {_s(net)} |")
+            out.append(f"| {r['size']} | {r['device']} | {r['method']} | {tenths(c.get('reading'))} "
+                       f"| {tenths(c.get('computing'))} | {tenths(c.get('writing'))} | {tenths(sum(c.values()))} "
+                       f"| {_s(net)} |")
     runs = [r for r in raw["records"] if r["tool"] != "floor"]
     runs.sort(key=lambda r: (SIZE_ORDER.index(r["size"]) if r["size"] in SIZE_ORDER else 99,
                              r.get("device", "cpu"), _method_order(r["method"]), r["tool"]))
