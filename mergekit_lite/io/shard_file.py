@@ -28,6 +28,8 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from .safetensors_format import pwrite_all
 
 BLOCK = 4096  # a multiple of every logical block size in use (512 and 4096 bytes)
@@ -139,17 +141,28 @@ class DirectShardFile:
             self._fill(body_end, data[body_end - offset :])
 
     def _write_aligned(self, data: memoryview, offset: int) -> None:
-        """Copy block-aligned bytes through the staging buffer to their place on disk."""
+        """Copy block-aligned bytes through the staging buffer to their place on disk.
+
+        The copy goes through numpy, which lets go of the GIL while it copies; a memoryview
+        assignment holds it, and the merging thread then waits for every copied megabyte
+        before it can start its next torch operation (3 GB per 1.5B output). Medians of 6
+        alternated runs on the 2-core VM: 1.5B task arithmetic 6.94 s against 7.53 s, 1.5B
+        linear 6.25 s against 6.56 s, with less CPU time too.
+        """
         with self._staging_lock:
             if self._staging is None:
                 self._staging = mmap.mmap(-1, STAGING_BYTES)
             with memoryview(self._staging) as staging:
-                done = 0
-                while done < len(data):
-                    n = min(len(staging), len(data) - done)
-                    staging[:n] = data[done : done + n]
-                    self._write_blocks(staging[:n], offset + done)
-                    done += n
+                target = np.frombuffer(staging, dtype=np.uint8)
+                try:
+                    done = 0
+                    while done < len(data):
+                        n = min(len(staging), len(data) - done)
+                        np.copyto(target[:n], np.frombuffer(data[done : done + n], dtype=np.uint8))
+                        self._write_blocks(staging[:n], offset + done)
+                        done += n
+                finally:
+                    del target  # the view must go before the memoryview is released
 
     def _write_blocks(self, chunk: memoryview, offset: int) -> None:
         done = 0
