@@ -40,11 +40,15 @@ def cpu_model() -> str:
 
 
 def git_revision(repo: Path) -> str:
-    """The commit the measured mlite was built from, '+dirty' when the tree has changes."""
+    """The commit the measured mlite was built from, '+dirty' when the tree has changes.
+
+    The results files do not count: the benchmark itself rewrites them after every method.
+    """
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)benchmarks/RESULTS*"],
                                capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
