@@ -32,6 +32,15 @@ def disk_writes(monkeypatch):
     return seen
 
 
+def _aligned_bytes(size: int, phase: int) -> tuple[torch.Tensor, memoryview]:
+    """`size` random bytes whose address is `phase` modulo BLOCK (the tensor keeps them alive)."""
+    raw = torch.empty(size + 2 * BLOCK, dtype=torch.uint8)
+    skip = (phase - raw.data_ptr()) % BLOCK
+    view = raw[skip : skip + size]
+    view.copy_(torch.frombuffer(bytearray(os.urandom(size)), dtype=torch.uint8))
+    return raw, memoryview(view.numpy())
+
+
 def _pieces(size: int, cuts: list[int], seed: int) -> list[tuple[int, int]]:
     bounds = sorted({0, size, *(c % size for c in cuts)})
     pieces = list(zip(bounds[:-1], bounds[1:], strict=True))
@@ -61,11 +70,12 @@ def test_any_split_in_any_order_gives_the_same_bytes_in_aligned_writes(tmp_path_
 def test_staging_buffer_chunks_a_long_aligned_middle(tmp_path, disk_writes, monkeypatch):
     monkeypatch.setattr(shard_file, "STAGING_BYTES", 2 * BLOCK)
     size = 7 * BLOCK + 5
-    payload = os.urandom(size)
+    keep, view = _aligned_bytes(size, 8)  # not block-aligned: the middle must be staged
+    payload = bytes(view)
     f = direct_file_on_plain_fd(tmp_path / "f.bin", size)
     # Block 0 is held (bytes 0-9 are missing); 6 blocks go through staging, 2 at a time; the
     # last 5 bytes complete the file's last block, which is written padded.
-    f.pwrite(memoryview(payload)[10:], 10)
+    f.pwrite(view[10:], 10)
     assert disk_writes == [(BLOCK, 2 * BLOCK), (3 * BLOCK, 2 * BLOCK), (5 * BLOCK, 2 * BLOCK), (7 * BLOCK, BLOCK)]
     f.pwrite(memoryview(payload)[:10], 0)  # completes block 0
     assert disk_writes[-1] == (0, BLOCK)
@@ -206,3 +216,46 @@ def test_a_failed_disk_write_surfaces_as_itself_and_the_file_still_closes(tmp_pa
     monkeypatch.undo()
     f.close()  # the traceback in `failure` still holds views of the staging buffer
     assert failure.value.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("phase_matches", [True, False])
+def test_block_aligned_memory_goes_to_disk_without_the_staging_copy(tmp_path, disk_writes, phase_matches):
+    size, offset = 5 * BLOCK + 300, 1234
+    keep, data = _aligned_bytes(size, offset % BLOCK if phase_matches else (offset + 8) % BLOCK)
+    f = direct_file_on_plain_fd(tmp_path / "f.bin", offset + size)
+    f.pwrite(memoryview(b"h" * offset), 0)
+    f.pwrite(data, offset)
+    assert (f._staging is None) == phase_matches  # the middle went straight from `data`
+    f.close()
+    assert (tmp_path / "f.bin").read_bytes() == b"h" * offset + bytes(data)
+    assert all(off % BLOCK == 0 and n % BLOCK == 0 for off, n in disk_writes), disk_writes
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_prepare_casts_like_to_and_places_the_bytes_for_direct_writes(tmp_path, monkeypatch, direct):
+    if direct:
+        force_direct_io(monkeypatch)
+    else:
+        monkeypatch.setenv(shard_file.ENV_DIRECT, "0")
+    planned = [OutputTensor("w", "BF16", (64, 33)), OutputTensor("odd", "U8", (3,)), OutputTensor("v", "F16", (5,))]
+    x = torch.randn(64, 33) * torch.logspace(-40, 30, 64 * 33, base=2.0).view(64, 33)
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), -0.0, 1 + 2**-8])  # a tie: rounds to even
+    with CheckpointWriter(tmp_path / "out", planned) as w:
+        whole = w.prepare("w", x)
+        block = w.prepare("w", x[10:20], row_start=10)
+        after_odd = w.prepare("v", torch.randn(5))  # starts after 3 bytes: never placed
+        for got, src in ((whole, x), (block, x[10:20])):
+            assert got.dtype == torch.bfloat16 and got.shape == src.shape
+            assert torch.equal(got.view(torch.int16), src.to(torch.bfloat16).view(torch.int16))
+        offset = w._where["w"][1]
+        row_bytes = 33 * 2
+        if direct:
+            assert whole.data_ptr() % BLOCK == offset % BLOCK
+            assert block.data_ptr() % BLOCK == (offset + 10 * row_bytes) % BLOCK
+        assert after_odd.dtype == torch.float16
+        w.write("odd", torch.tensor([1, 2, 3], dtype=torch.uint8))
+        w.write("w", whole)
+        w.write("v", after_odd)
+        w.finish()
+    out = load_dir(tmp_path / "out")
+    assert torch.equal(out["w"].view(torch.int16), x.to(torch.bfloat16).view(torch.int16))

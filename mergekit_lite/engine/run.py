@@ -369,7 +369,11 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
                 if not write_it and not (sid == plan.final and state is not None):
                     continue  # already written by the interrupted run being resumed
                 if name in float_names:
-                    value = ev.run(sid, bundle, memo).to(out_dtype[name])
+                    value = ev.run(sid, bundle, memo)
+                    if write_it:
+                        value = writers[sid].prepare(name, value, rows[0] if rows else None)
+                    else:
+                        value = value.to(out_dtype[name])
                 else:
                     value = bundle.leaves[plan.copy_leaf(sid)]
                 if write_it:

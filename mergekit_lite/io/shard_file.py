@@ -14,6 +14,11 @@ aligned middle goes through the staging buffer straight to disk; the unaligned e
 fills the rest), and are then written. Each byte is written exactly once (the writer refuses a
 tensor written twice), so a block is complete when its byte count is.
 
+When the caller's bytes already sit at the right place in a page (their address and their file
+offset agree modulo 4 KiB), the aligned middle goes from the caller's memory to the disk with no
+staging copy: the checkpoint writer casts each output tensor into memory laid out that way
+(`writer.CheckpointWriter.prepare`).
+
 Files below `DIRECT_MIN_BYTES`, files on file systems without `O_DIRECT` (tmpfs, some network
 file systems), resumed files (whose half-filled blocks are on disk, not in memory) and runs with
 `MLITE_DIRECT_IO=0` use ordinary buffered writes.
@@ -141,7 +146,8 @@ class DirectShardFile:
             self._fill(body_end, data[body_end - offset :])
 
     def _write_aligned(self, data: memoryview, offset: int) -> None:
-        """Copy block-aligned bytes through the staging buffer to their place on disk.
+        """Write block-aligned bytes: straight from `data` if its address is block-aligned too,
+        else through the staging buffer.
 
         The copy goes through numpy, which lets go of the GIL while it copies; a memoryview
         assignment holds it, and the merging thread then waits for every copied megabyte
@@ -149,6 +155,9 @@ class DirectShardFile:
         alternated runs on the 2-core VM: 1.5B task arithmetic 6.94 s against 7.53 s, 1.5B
         linear 6.25 s against 6.56 s, with less CPU time too.
         """
+        if buffer_address(data) % BLOCK == 0:
+            self._write_blocks(data, offset)
+            return
         with self._staging_lock:
             if self._staging is None:
                 self._staging = mmap.mmap(-1, STAGING_BYTES)
@@ -226,9 +235,19 @@ class DirectShardFile:
                     pass
 
 
+def buffer_address(data: memoryview) -> int:
+    """The address of a buffer's first byte."""
+    return int(np.frombuffer(data, dtype=np.uint8).ctypes.data) if len(data) else 0
+
+
+def wants_direct(direct: bool, size: int, *, fresh: bool) -> bool:
+    """Whether `open_shard` will try O_DIRECT for such a file (the file system may still refuse)."""
+    return direct and fresh and size >= DIRECT_MIN_BYTES
+
+
 def open_shard(path: Path, size: int, *, fresh: bool, direct: bool) -> ShardFile:
     """Open an output shard of `size` bytes: direct when asked, big enough, new and possible."""
-    if direct and fresh and size >= DIRECT_MIN_BYTES:
+    if wants_direct(direct, size, fresh=fresh):
         opened = DirectShardFile.open(path, size)
         if opened is not None:
             return opened

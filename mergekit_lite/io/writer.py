@@ -27,7 +27,7 @@ from ..dtypes import CONFIG_NAMES, to_torch
 from ..errors import CheckpointError, UsageError
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from .safetensors_format import PlannedTensor, layout_header
-from .shard_file import ShardFile, direct_io_enabled, open_shard
+from .shard_file import BLOCK, ShardFile, direct_io_enabled, open_shard, wants_direct
 
 log = logging.getLogger(__name__)
 
@@ -168,19 +168,7 @@ class CheckpointWriter:
         planned tensor; blocks may arrive in any order, and the tensor counts as written when
         all its bytes are.
         """
-        try:
-            layout, offset = self._where[name]
-        except KeyError:
-            raise UsageError(f"output tensor {name!r} was not planned") from None
-        plan = self._planned[name]
-        shape = tuple(tensor.shape)
-        if row_start is None:
-            if shape != plan.shape:
-                raise CheckpointError(f"output tensor {name!r} has shape {list(shape)}, planned {list(plan.shape)}")
-        else:
-            if shape[1:] != plan.shape[1:] or row_start < 0 or row_start + shape[0] > plan.shape[0]:
-                raise CheckpointError(f"row block {row_start}+{list(shape)} does not fit tensor {name!r} {list(plan.shape)}")
-            offset += row_start * (plan.nbytes // plan.shape[0])
+        layout, offset, plan = self._place(name, tuple(tensor.shape), row_start)
         t = tensor.detach()
         want = to_torch(plan.dtype)
         if t.dtype != want:
@@ -211,6 +199,50 @@ class CheckpointWriter:
             done = not remaining
         if done:
             self._close(layout)
+
+    def _place(self, name: str, shape: tuple[int, ...], row_start: int | None) -> tuple[ShardLayout, int, PlannedTensor]:
+        """The shard and file offset of `name` (or of its rows from `row_start`), shape checked."""
+        try:
+            layout, offset = self._where[name]
+        except KeyError:
+            raise UsageError(f"output tensor {name!r} was not planned") from None
+        plan = self._planned[name]
+        if row_start is None:
+            if shape != plan.shape:
+                raise CheckpointError(f"output tensor {name!r} has shape {list(shape)}, planned {list(plan.shape)}")
+        else:
+            if shape[1:] != plan.shape[1:] or row_start < 0 or row_start + shape[0] > plan.shape[0]:
+                raise CheckpointError(f"row block {row_start}+{list(shape)} does not fit tensor {name!r} {list(plan.shape)}")
+            offset += row_start * (plan.nbytes // plan.shape[0])
+        return layout, offset, plan
+
+    def prepare(self, name: str, tensor: torch.Tensor, row_start: int | None = None) -> torch.Tensor:
+        """`tensor` cast to its planned dtype, on the CPU, placed for a copy-free direct write.
+
+        A direct shard file writes whole blocks straight from memory whose address agrees with
+        their file offset modulo 4 KiB, and copies them through a staging buffer otherwise
+        (about 0.1 s of the writer thread per GB). Casting into memory placed that way costs
+        nothing beyond the cast itself (1.5B linear on 2 cores: the writer thread's CPU 0.9-1.6 s
+        → 0.7-0.8 s, and 4.4-4.7 s against 4.6-5.2 s wall in 4 alternated pairs). The values are
+        those of `tensor.to(dtype)`: `copy_` casts exactly as `to` does. `write` takes the result
+        like any other tensor.
+        """
+        layout, offset, plan = self._place(name, tuple(tensor.shape), row_start)
+        want = to_torch(plan.dtype)
+        src = tensor.detach()
+        if src.device.type != "cpu":
+            src = src.to(want)  # cast where the tensor is: half the bytes cross the bus
+        itemsize = torch.empty((), dtype=want).element_size()
+        with self._lock:
+            shard = self._files.get(layout.file_name)
+        direct = shard.direct if shard is not None else wants_direct(self._direct, layout.size, fresh=True)
+        if not direct or offset % itemsize or src.numel() == 0:
+            return src.to(want).cpu()
+        raw = torch.empty(src.numel() * itemsize + BLOCK, dtype=torch.uint8)
+        skip = (offset - raw.data_ptr()) % BLOCK  # a multiple of itemsize: torch aligns its allocations
+        out = raw[skip : skip + src.numel() * itemsize].view(want).view(src.shape)
+        out.copy_(src)
+        return out
 
     def _log_done(self, name: str) -> None:
         if self._log_fd is not None:
