@@ -236,7 +236,8 @@ class CheckpointWriter:
         with self._lock:
             shard = self._files.get(layout.file_name)
         direct = shard.direct if shard is not None else wants_direct(self._direct, layout.size, fresh=True)
-        if not direct or offset % itemsize or src.numel() == 0:
+        if not direct or offset % itemsize or src.numel() == 0 or src.dtype == want:
+            # Nothing to cast (a float32 output): a copy here would only move the writer's.
             return src.to(want).cpu()
         raw = torch.empty(src.numel() * itemsize + BLOCK, dtype=torch.uint8)
         skip = (offset - raw.data_ptr()) % BLOCK  # a multiple of itemsize: torch aligns its allocations
