@@ -244,6 +244,8 @@ def test_prepare_casts_like_to_and_places_the_bytes_for_direct_writes(tmp_path, 
         whole = w.prepare("w", x)
         block = w.prepare("w", x[10:20], row_start=10)
         after_odd = w.prepare("v", torch.randn(5))  # starts after 3 bytes: never placed
+        ready = x.to(torch.bfloat16)
+        assert w.prepare("w", ready).data_ptr() == ready.data_ptr()  # nothing to cast: passed on
         for got, src in ((whole, x), (block, x[10:20])):
             assert got.dtype == torch.bfloat16 and got.shape == src.shape
             assert torch.equal(got.view(torch.int16), src.to(torch.bfloat16).view(torch.int16))
