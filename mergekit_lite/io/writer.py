@@ -166,7 +166,7 @@ class CheckpointWriter:
 
         With `row_start`, `tensor` is the block of rows [row_start, row_start + len) of the
         planned tensor; blocks may arrive in any order, and the tensor counts as written when
-        all its bytes are.
+        all its bytes are. A tensor from `prepare` is already cast, and written without a copy.
         """
         layout, offset, plan = self._place(name, tuple(tensor.shape), row_start)
         t = tensor.detach()
@@ -236,13 +236,14 @@ class CheckpointWriter:
         with self._lock:
             shard = self._files.get(layout.file_name)
         direct = shard.direct if shard is not None else wants_direct(self._direct, layout.size, fresh=True)
-        if not direct or offset % itemsize or src.numel() == 0 or src.dtype == want:
-            # Nothing to cast (a float32 output): a copy here would only move the writer's.
+        on_cpu_already = src.device.type == "cpu" and src.dtype == want
+        if not direct or offset % itemsize or src.numel() == 0 or on_cpu_already:
+            # Nothing to cast or move (a float32 output): a copy here would only move the writer's.
             return src.to(want).cpu()
         raw = torch.empty(src.numel() * itemsize + BLOCK, dtype=torch.uint8)
         skip = (offset - raw.data_ptr()) % BLOCK  # a multiple of itemsize: torch aligns its allocations
         out = raw[skip : skip + src.numel() * itemsize].view(want).view(src.shape)
-        out.copy_(src)
+        out.copy_(src)  # casts on the CPU, or brings a GPU tensor over in its output dtype
         return out
 
     def _log_done(self, name: str) -> None:
