@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..dtypes import CONFIG_NAMES, to_torch
+from ..dtypes import CONFIG_NAMES, ITEMSIZE, to_torch
 from ..errors import CheckpointError, UsageError
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from .safetensors_format import PlannedTensor, layout_header
@@ -232,7 +232,7 @@ class CheckpointWriter:
         src = tensor.detach()
         if src.device.type != "cpu":
             src = src.to(want)  # cast where the tensor is: half the bytes cross the bus
-        itemsize = torch.empty((), dtype=want).element_size()
+        itemsize = ITEMSIZE[plan.dtype]
         with self._lock:
             shard = self._files.get(layout.file_name)
         direct = shard.direct if shard is not None else wants_direct(self._direct, layout.size, fresh=True)
