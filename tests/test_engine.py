@@ -72,6 +72,44 @@ def test_chain_values_by_hand(tmp_path, model_set):
         torch.testing.assert_close(v, want, rtol=1e-6, atol=1e-6)
 
 
+def test_a_checkpoint_feeding_two_steps_reaches_both_intact(tmp_path, model_set):
+    """Methods may overwrite the model tensors the engine hands them only when nothing reads
+    those tensors afterwards; `a` here feeds both steps and `base` is the base and a model."""
+    ms = model_set
+    state = mlite.run_recipe({
+        "inputs": {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])},
+        "steps": [
+            {"id": "t1", "method": "task_arithmetic", "base": "base", "models": ["a", "b"],
+             "parameters": {"weight": 0.5}},
+            {"id": "t2", "method": "linear", "models": ["t1", "a", "base"]},
+        ],
+    }).state_dict
+    base, a, b = (load_dir(p) for p in (ms.base, ms.finetunes[0], ms.finetunes[1]))
+    for k, v in state.items():
+        t1 = _ta(base[k], [a[k], b[k]], 0.5)
+        torch.testing.assert_close(v, (t1 + a[k] + base[k]) / 3, rtol=1e-6, atol=1e-6)
+
+
+def test_models_are_disposable_only_when_used_once_and_unwatched(model_set):
+    from mergekit_lite.engine.run import _Evaluator
+    from mergekit_lite.engine.stream import Bundle
+
+    ms = model_set
+    inputs = {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])}
+    single = build_plan(load_recipe({"inputs": inputs, "steps": [
+        {"id": "t", "method": "task_arithmetic", "base": "base", "models": ["a", "b"]}]}))
+    shared = build_plan(load_recipe({"inputs": inputs, "steps": [
+        {"id": "t1", "method": "task_arithmetic", "base": "base", "models": ["a", "b"]},
+        {"id": "t2", "method": "task_arithmetic", "base": "base", "models": ["t1"]},
+        {"id": "t3", "method": "linear", "models": ["t2", "b"]}]}))
+    name = single.outputs[0].name
+    assert _Evaluator(single, {}, None)._disposable(single.steps["t"], Bundle(name))
+    assert not _Evaluator(single, {}, lambda *a: None)._disposable(single.steps["t"], Bundle(name))
+    ev = _Evaluator(shared, {}, None)
+    # t1: b is read again by t3; t2 and t3: a step's result is not a private copy
+    assert not any(ev._disposable(st, Bundle(name)) for st in shared.steps.values())
+
+
 def test_mergekit_single_step_recipe_runs_unchanged(tmp_path, model_set):
     ms = model_set
     recipe = tmp_path / "mk.yaml"

@@ -72,6 +72,7 @@ class _Evaluator:
         self.plan = plan
         self.stats = stats
         self.hook = hook
+        self.single_use = _single_use_leaves(plan)
 
     def run(self, step_id: str, bundle: Bundle, memo: dict[Any, torch.Tensor]) -> torch.Tensor:
         key = ("step", step_id)
@@ -79,7 +80,10 @@ class _Evaluator:
             memo[key] = self._step(self.plan.steps[step_id], bundle, memo)
         return memo[key]
 
-    def job(self, st: StepPlan, bundle: Bundle, memo: dict[Any, torch.Tensor], with_stats: bool) -> TensorJob:
+    def job(self, st: StepPlan, bundle: Bundle, memo: dict[Any, torch.Tensor], with_stats: bool,
+            disposable: bool = False) -> TensorJob:
+        """The step's job for this bundle; `disposable` lets the method overwrite its models
+        where the engine can prove nothing reads them afterwards (`_disposable`)."""
         name = bundle.name
         base = self._value(st.base, bundle, memo) if st.base is not None else None
         models = [self._value(m, bundle, memo) for m in st.models]
@@ -96,14 +100,29 @@ class _Evaluator:
                 if rows is not None:
                     delta = delta[:rows]
         return TensorJob(name=name, base=base, models=models, params=params, seed=self.plan.seed,
-                         stats=self.stats.get(st.id) if with_stats else None, delta=delta, rows=bundle.rows)
+                         stats=self.stats.get(st.id) if with_stats else None, delta=delta, rows=bundle.rows,
+                         models_disposable=disposable and self._disposable(st, bundle))
+
+    def _disposable(self, st: StepPlan, bundle: Bundle) -> bool:
+        """Whether every model tensor is a float copy that nothing reads after this step.
+
+        A model's value is made for this bundle alone (cast or read afresh; for a non-float
+        output the stored tensor is copied without a step). It is safe to overwrite when the
+        operand is a checkpoint leaf used once in the whole plan (a leaf feeding two steps, or
+        the base and a model at once, is shared through the memo), no hook looks at the job
+        afterwards, and the tensor is not vocabulary-trimmed (its untrimmed rows are then
+        taken from an input).
+        """
+        if self.hook is not None or bundle.name in self.plan.vocab_rows:
+            return False
+        return all(isinstance(op, Leaf) and op.key in self.single_use for op in st.models)
 
     def _step(self, st: StepPlan, bundle: Bundle, memo: dict[Any, torch.Tensor]) -> torch.Tensor:
         if st.delta_key is not None:
             patch = bundle.patches.get(st.delta_key)
             if patch is not None and patch.kind == "replace":
                 return patch.tensor.to(self.plan.device, torch.float32)
-        job = self.job(st, bundle, memo, with_stats=True)
+        job = self.job(st, bundle, memo, with_stats=True, disposable=True)
         out = st.spec.merge(job)
         rows = self.plan.vocab_rows.get(bundle.name)
         if rows is not None:
@@ -134,6 +153,23 @@ class _Evaluator:
                 value = base + patch.tensor.to(self.plan.device, torch.float32)
         memo[key] = value
         return value
+
+
+def _single_use_leaves(plan: Plan) -> set[str]:
+    """Checkpoint keys that appear as exactly one operand in the whole plan (patched bases included)."""
+    uses: dict[str, int] = {}
+
+    def visit(op: Operand | None) -> None:
+        if isinstance(op, Leaf):
+            uses[op.key] = uses.get(op.key, 0) + 1
+        elif isinstance(op, Patched):
+            visit(op.base)
+
+    for st in plan.steps.values():
+        visit(st.base)
+        for m in st.models:
+            visit(m)
+    return {k for k, n in uses.items() if n == 1}
 
 
 def _with_tensor_files(plan: Plan, st: StepPlan, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -11,15 +11,15 @@ import torch
 
 from ..errors import RecipeError
 from .registry import MethodSpec, Param, TensorJob, register
-from .task_arithmetic import WEIGHT, check_shapes, normalize_param, per_model
+from .task_arithmetic import WEIGHT, check_shapes, normalize_param, per_model, weighted_first
 
 
 def merge_linear(job: TensorJob) -> torch.Tensor:
     models = job.models
     check_shapes(job, models, models[0])
     weights = per_model(job.params, "weight", len(models))
-    out = torch.zeros_like(models[0])
-    for m, w in zip(models, weights, strict=True):
+    out = weighted_first(models[0], weights[0], in_place=job.models_disposable)
+    for m, w in zip(models[1:], weights[1:], strict=True):
         out += m if w == 1 else m * w  # m * 1.0 is m, bit for bit; skip the pass
     if job.params["normalize"]:
         total = float(sum(weights))

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import RecipeError
 from .registry import MethodSpec, Param, TensorJob, register
-from .task_arithmetic import task_vectors
+from .task_arithmetic import check_shapes, require_base, task_vectors
 
 NORM_PRODUCT_MIN = 1e-6
 DENOMINATOR_MIN = 1e-6
@@ -49,17 +49,18 @@ def stock_ratio(cos: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def merge_model_stock(job: TensorJob) -> torch.Tensor:
-    taus = task_vectors(job, "model_stock")
-    if len(taus) < 2:
-        raise RecipeError(f"model_stock: needs at least two fine-tuned models, got {len(taus)}")
+    if len(job.models) < 2:
+        raise RecipeError(f"model_stock: needs at least two fine-tuned models, got {len(job.models)}")
     filter_wise = bool(job.params.get("filter_wise", False))
-    rows = [_rows(t, filter_wise) for t in taus]
-    t = stock_ratio(mean_pairwise_cos(rows), len(taus)).unsqueeze(-1)  # [rows, 1]
+    check_shapes(job, job.models, require_base(job, "model_stock"))
     base = _rows(job.base, filter_wise)  # type: ignore[arg-type]
     mean = torch.zeros_like(base)
-    for m in job.models:
+    for m in job.models:  # before the task vectors, which may be computed in the models' buffers
         mean += _rows(m, filter_wise)
     mean /= len(job.models)
+    taus = task_vectors(job, "model_stock")
+    rows = [_rows(t, filter_wise) for t in taus]
+    t = stock_ratio(mean_pairwise_cos(rows), len(taus)).unsqueeze(-1)  # [rows, 1]
     return (t * mean + (1 - t) * base).reshape(job.base.shape)  # type: ignore[union-attr]
 
 

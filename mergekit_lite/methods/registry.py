@@ -96,6 +96,13 @@ class TensorJob:
     method, resolved for this tensor: defaults filled in, per-model parameters as tuples of
     len(models). `delta` is the step's delta source (PortLLM patches), None when the step has
     none or this tensor is not patched.
+
+    `models_disposable` is True when every tensor in `models` is a private copy made for this
+    job (the engine's float32 cast of a stored tensor) that nothing reads after `merge`
+    returns: the method may then overwrite them, or return one of them, instead of allocating
+    and filling buffers of its own (1.5B task arithmetic, 3 models: the merging thread's CPU
+    time 3.5-3.7 s → 2.7-3.0 s). `base` is never disposable. Methods give the same bits
+    either way.
     """
 
     name: str
@@ -106,6 +113,7 @@ class TensorJob:
     stats: Any = None
     delta: torch.Tensor | None = None
     rows: tuple[int, int] | None = None  # set when the engine streams a big tensor in row blocks
+    models_disposable: bool = False
 
 
     def generator(self) -> torch.Generator:

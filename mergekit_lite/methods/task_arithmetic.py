@@ -87,10 +87,23 @@ def check_shapes(job: TensorJob, tensors: Sequence[torch.Tensor], reference: tor
 
 
 def task_vectors(job: TensorJob, method: str) -> list[torch.Tensor]:
-    """τᵢ = θᵢ − θ₀ for every model (shapes checked)."""
+    """τᵢ = θᵢ − θ₀ for every model (shapes checked), in the models' own buffers when disposable."""
     base = require_base(job, method)
     check_shapes(job, job.models, base)
+    if job.models_disposable:
+        return [m.sub_(base) for m in job.models]
     return [m - base for m in job.models]
+
+
+def weighted_first(t: torch.Tensor, w: float, *, in_place: bool) -> torch.Tensor:
+    """w·t, the start of a weighted sum: t itself (or a copy) when w is 1, since t·1.0 is t bit for bit.
+
+    Starting a sum from its first term rather than from zeros saves a fill and an add per
+    tensor, and keeps a −0 first term −0 (0 + −0 would be +0).
+    """
+    if in_place:
+        return t if w == 1 else t.mul_(w)
+    return t.clone() if w == 1 else t * w
 
 
 def combine(
@@ -102,11 +115,12 @@ def combine(
     With election (TIES): γ = sign(Σ wᵢτ̂ᵢ) (0 elects +); only entries whose weighted value
     wᵢτ̂ᵢ has sign γ count (zeros never do); normalising divides each entry by the sum of the
     weights that counted there (by 1 where none did, so dropped entries stay at the base).
-    Works in the deltas' dtype, accumulating model by model (no n-fold stack).
+    Works in the deltas' dtype, accumulating model by model (no n-fold stack); the deltas are
+    not modified.
     """
     ref = deltas[0]
-    mixed = torch.zeros_like(ref)
     if elect:
+        mixed = torch.zeros_like(ref)
         for d, w in zip(deltas, weights, strict=True):
             mixed.add_(d, alpha=w)
         gamma = elect_signs(mixed)
@@ -123,7 +137,8 @@ def combine(
             divisor.add_(divisor.clone().eq_(0))  # 0 → 1 where no model counted (float ops, see elect_signs)
             mixed /= divisor
         return _normalize_and_scale(mixed, weights, False, lam)  # the divisor did the normalising
-    for d, w in zip(deltas, weights, strict=True):
+    mixed = weighted_first(ref, weights[0], in_place=False)
+    for d, w in zip(deltas[1:], weights[1:], strict=True):
         mixed.add_(d, alpha=w)
     return _normalize_and_scale(mixed, weights, normalize, lam)
 
@@ -159,17 +174,25 @@ def merge_task_arithmetic(job: TensorJob) -> torch.Tensor:
     """`add_to_base(task_vectors(...))` without holding n task vectors or a fresh θ₀ + x.
 
     The same float32 operations in the same order, so the same bits, in about half the time:
-    one scratch delta is reused for every model and the sum is built in place, so a row block's
-    working set stays in the CPU caches (a 1.5B merge of 3 models spends most of its compute
-    time here).
+    the sum is built in place from its first term, and each τᵢ is computed in one reused
+    scratch buffer (or, when the engine hands over disposable models, in the model's own
+    buffer), so a row block's working set stays in the CPU caches (a 1.5B merge of 3 models
+    spends most of its compute time here).
     """
     base = require_base(job, "task_arithmetic")
     check_shapes(job, job.models, base)
     weights = per_model(job.params, "weight", len(job.models))
-    mixed = torch.zeros_like(base)
-    scratch = torch.empty_like(base)
+    own = job.models_disposable
+    scratch = None if own else torch.empty_like(base)
+    mixed: torch.Tensor | None = None
     for m, w in zip(job.models, weights, strict=True):
-        mixed.add_(torch.sub(m, base, out=scratch), alpha=w)
+        delta = m.sub_(base) if own else torch.sub(m, base, out=scratch)
+        if mixed is None:
+            # The first term needs a buffer of its own unless it already is the model's.
+            mixed = weighted_first(delta, w, in_place=own)
+        else:
+            mixed.add_(delta, alpha=w)
+    assert mixed is not None  # min_models = 1
     _normalize_and_scale(mixed, weights, bool(job.params["normalize"]), float(job.params["lambda"]))
     return mixed.add_(base)
 
