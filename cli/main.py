@@ -6,6 +6,7 @@ only parse arguments and print; the work is done by `mergekit_lite.api`.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -50,8 +51,28 @@ def _root(
     """mergekit_lite: streaming, exact model merging."""
 
 
-for _name in COMMAND_MODULES:
-    importlib.import_module(f"{__package__}.{_name}").register(app)
+def _register_commands() -> None:
+    """Import every command module (and with them torch and the engine) with the cyclic GC off.
+
+    Importing torch creates several hundred thousand objects, which sets off one full
+    collection after another, each walking everything imported so far: about 0.2 s of the
+    CLI's 1.3 s start-up, paid by every command (measured on 2 cores: `import torch` then exit
+    0.96 s with the GC on, 0.89 s off; the whole CLI import 1.30 s against 1.09 s). The modules'
+    objects live as long as the process, so after the imports they are frozen (moved where no
+    collection visits them) rather than collected; objects made later are collected as usual.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for name in COMMAND_MODULES:
+            importlib.import_module(f"{__package__}.{name}").register(app)
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
+_register_commands()
 
 
 def main() -> None:
