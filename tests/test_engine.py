@@ -90,6 +90,40 @@ def test_a_checkpoint_feeding_two_steps_reaches_both_intact(tmp_path, model_set)
         torch.testing.assert_close(v, (t1 + a[k] + base[k]) / 3, rtol=1e-6, atol=1e-6)
 
 
+def test_the_recipe_option_alone_admits_a_bin_input(tmp_path, model_set):
+    ft = tmp_path / "ft_bin"
+    ft.mkdir()
+    torch.save(load_dir(model_set.finetunes[0]), ft / "pytorch_model.bin")
+    recipe = {"inputs": {"base": str(model_set.base), "a": str(ft)},
+              "steps": [{"id": "t", "method": "task_arithmetic", "base": "base", "models": ["a"]}],
+              "output": {"path": str(tmp_path / "out")}}
+    refused = runner.invoke(app, ["merge", str(_write(tmp_path / "no.yaml", recipe))])
+    assert refused.exit_code == 4 and "allow-bin" in refused.output
+    recipe["options"] = {"allow_bin": True}
+    assert runner.invoke(app, ["merge", str(_write(tmp_path / "yes.yaml", recipe))]).exit_code == 0
+    torch.testing.assert_close(load_dir(tmp_path / "out")["model.norm.weight"],
+                               load_dir(model_set.finetunes[0])["model.norm.weight"], rtol=1e-6, atol=1e-6)
+
+
+def test_a_bin_checkpoint_survives_methods_that_compute_in_their_inputs(tmp_path, model_set):
+    """A `.bin` input is held whole in memory; a plan run twice must see it unchanged."""
+    ms = model_set
+    ft = tmp_path / "ft_bin"
+    ft.mkdir()
+    torch.save(load_dir(ms.finetunes[0]), ft / "pytorch_model.bin")
+    plan = build_plan(load_recipe({
+        "inputs": {"base": str(ms.base), "a": str(ft), "b": str(ms.finetunes[1])},
+        "steps": [{"id": "t", "method": "task_arithmetic", "base": "base", "models": ["a", "b"],
+                   "parameters": {"weight": 0.5}}],
+        "options": {"allow_bin": True},  # the recipe's own opt-in, without build_plan's flag
+    }))
+    first, second = (execute(plan, progress=False).state_dict for _ in range(2))
+    base, a, b = (load_dir(p) for p in (ms.base, ms.finetunes[0], ms.finetunes[1]))
+    for k, v in first.items():
+        assert torch.equal(v, second[k]), k
+        torch.testing.assert_close(v, _ta(base[k], [a[k], b[k]], 0.5), rtol=1e-6, atol=1e-6)
+
+
 def test_models_are_disposable_only_when_used_once_and_unwatched(model_set):
     from mergekit_lite.engine.run import _Evaluator
     from mergekit_lite.engine.stream import Bundle

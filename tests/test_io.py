@@ -151,6 +151,19 @@ def test_bin_refused_without_opt_in(tmp_path):
     assert torch.equal(ck.load("w"), torch.ones(2))
 
 
+def test_loads_are_the_callers_to_modify(tmp_path, model_set):
+    """A .bin checkpoint is held whole in memory; what `load` returns must not be that memory."""
+    d = tmp_path / "bin"
+    d.mkdir()
+    torch.save({"w": torch.ones(4, 2)}, d / "pytorch_model.bin")
+    for ck in (open_checkpoint(d, allow_bin=True), open_checkpoint(model_set.base)):
+        name = next(n for n in ck.names() if len(ck.info(n).shape) == 2)
+        first = ck.load(name).clone()
+        for kwargs in ({}, {"rows": (1, 3)}, {"dtype": first.dtype}):
+            ck.load(name, **kwargs).add_(1)
+        assert torch.equal(ck.load(name), first)
+
+
 def test_non_empty_output_refused_and_nothing_left(tmp_path, model_set):
     out = tmp_path / "out"
     out.mkdir()

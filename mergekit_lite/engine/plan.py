@@ -171,7 +171,11 @@ def build_plan(
     allow_bin: bool = False,
     check_output: bool = True,
 ) -> Plan:
-    """Open inputs, resolve references and check names/shapes, reading headers only."""
+    """Open inputs, resolve references and check names/shapes, reading headers only.
+
+    Pickle inputs are accepted when either `allow_bin` or the recipe's `options.allow_bin` says so.
+    """
+    allow_bin = allow_bin or bool(recipe.options.get("allow_bin"))
     recipe_problems: list[MliteError] = []
     ckpt_problems: list[MliteError] = []
     for note in recipe.options.get("notes") or []:

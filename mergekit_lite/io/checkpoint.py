@@ -138,7 +138,10 @@ class Checkpoint:
         """Read one tensor (or its rows [a, b)) and place it on `device` as `dtype`, casting once.
 
         Rows are contiguous in a safetensors file, so a row block is one positioned read of just
-        those bytes: big tensors can be streamed without ever being whole in memory.
+        those bytes: big tensors can be streamed without ever being whole in memory. The
+        caller owns the result: it shares memory with nothing (the engine lets methods compute
+        in their inputs' buffers), so a tensor of an opted-in `.bin` checkpoint, which is held
+        whole in memory, comes back as a copy.
         """
         info = self.info(name)
         shape = info.shape
@@ -165,6 +168,8 @@ class Checkpoint:
             t = t.to(dev, non_blocking=False)
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype)
+        elif self._bin_state is not None and dev.type == "cpu":
+            t = t.clone()  # nothing above copied it out of the in-memory state
         return t
 
     def _fd(self, shard: Path) -> int:
