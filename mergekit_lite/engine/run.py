@@ -106,12 +106,12 @@ class _Evaluator:
     def _disposable(self, st: StepPlan, bundle: Bundle) -> bool:
         """Whether every model tensor is a float copy that nothing reads after this step.
 
-        A model's value is made for this bundle alone (cast or read afresh; for a non-float
-        output the stored tensor is copied without a step). It is safe to overwrite when the
-        operand is a checkpoint leaf used once in the whole plan (a leaf feeding two steps, or
-        the base and a model at once, is shared through the memo), no hook looks at the job
-        afterwards, and the tensor is not vocabulary-trimmed (its untrimmed rows are then
-        taken from an input).
+        A model's value is made for this bundle alone: `Checkpoint.load` returns memory the
+        caller owns, and the float32 cast, if any, is a copy of it. It is safe to overwrite
+        when the operand is a checkpoint leaf used once in the whole plan (a leaf feeding two
+        steps, or the base and a model at once, is shared through the memo), no hook looks at
+        the job afterwards, and the tensor is not vocabulary-trimmed (its untrimmed rows are
+        then taken from an input).
         """
         if self.hook is not None or bundle.name in self.plan.vocab_rows:
             return False
