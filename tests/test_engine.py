@@ -90,10 +90,15 @@ def test_a_checkpoint_feeding_two_steps_reaches_both_intact(tmp_path, model_set)
         torch.testing.assert_close(v, (t1 + a[k] + base[k]) / 3, rtol=1e-6, atol=1e-6)
 
 
+def _as_bin(src: Path, dest: Path) -> Path:
+    """A copy of checkpoint `src` as a single pickle `.bin` file in `dest`."""
+    dest.mkdir()
+    torch.save(load_dir(src), dest / "pytorch_model.bin")
+    return dest
+
+
 def test_the_recipe_option_alone_admits_a_bin_input(tmp_path, model_set):
-    ft = tmp_path / "ft_bin"
-    ft.mkdir()
-    torch.save(load_dir(model_set.finetunes[0]), ft / "pytorch_model.bin")
+    ft = _as_bin(model_set.finetunes[0], tmp_path / "ft_bin")
     recipe = {"inputs": {"base": str(model_set.base), "a": str(ft)},
               "steps": [{"id": "t", "method": "task_arithmetic", "base": "base", "models": ["a"]}],
               "output": {"path": str(tmp_path / "out")}}
@@ -108,9 +113,7 @@ def test_the_recipe_option_alone_admits_a_bin_input(tmp_path, model_set):
 def test_a_bin_checkpoint_survives_methods_that_compute_in_their_inputs(tmp_path, model_set):
     """A `.bin` input is held whole in memory; a plan run twice must see it unchanged."""
     ms = model_set
-    ft = tmp_path / "ft_bin"
-    ft.mkdir()
-    torch.save(load_dir(ms.finetunes[0]), ft / "pytorch_model.bin")
+    ft = _as_bin(ms.finetunes[0], tmp_path / "ft_bin")
     plan = build_plan(load_recipe({
         "inputs": {"base": str(ms.base), "a": str(ft), "b": str(ms.finetunes[1])},
         "steps": [{"id": "t", "method": "task_arithmetic", "base": "base", "models": ["a", "b"],
