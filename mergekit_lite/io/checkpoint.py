@@ -211,7 +211,11 @@ def open_checkpoint(ref: str | os.PathLike, *, allow_bin: bool = False, revision
     from .hub import looks_like_hub_ref, resolve_hub
 
     if looks_like_hub_ref(label):
-        local = resolve_hub(label, revision=revision)
+        try:
+            local = resolve_hub(label, revision=revision)
+        except ResolveError as exc:
+            # A mistyped local path looks like org/name too: say that both readings failed.
+            raise ResolveError(f"{label}: not a local path; {str(exc.args[0]).removeprefix(label + ': ')}") from None
         return _open_local(local, label, allow_bin)
     raise ResolveError(f"{label}: no such file or directory (and not a Hub reference 'org/name[@revision]')")
 
