@@ -11,9 +11,10 @@ pins down the documented difference:
 - DARE/DELLA: mergekit draws masks from torch's global RNG; we draw from a per-tensor seeded
   generator. Given the same mask, `rescale: l1` is mergekit's rescale exactly. Our default
   `rescale: paper` divides by the keep probability instead.
-- breadcrumbs: identical when int(gamma·n) ≥ 1 and no ties at the cuts; when int(gamma·n) = 0
-  mergekit's slice `[n_bottom:-0]` is empty and it drops the whole task vector, we keep the top
-  `density` (the evident intent).
+- breadcrumbs: identical when there are no ties at the cuts, int(gamma·n) = 0 included
+  (mergekit 0.1.5 keeps `indices[n_bottom : n_bottom + target]`).
+- the normalising divisor Σ wᵢ is the float32 sum of float32 weights in both, so the 1e-8 guard
+  decides alike for weights that cancel.
 - DELLA: probabilities identical (mergekit ranks along dim 1; for 1-D/2-D tensors that is our row).
 - slerp, model_stock, linear, task_arithmetic, TIES combination (election on weighted deltas,
   divisor = weights of agreeing models, λ after normalising): identical formulas.
@@ -83,12 +84,10 @@ def mk_magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float) ->
         return tensor
     n = tensor.numel()
     target, n_top = int(density * n), int(gamma * n)
-    n_bot = n - target - n_top
-    if n_bot < 0:
-        n_top, n_bot = n_top + n_bot, 0
+    n_bot = max(0, n - target - n_top)
     order = torch.sort(tensor.abs().reshape(-1)).indices
     mask = torch.zeros(n)
-    mask[order[n_bot:-n_top]] = 1  # note: empty when n_top == 0
+    mask[order[n_bot : n_bot + target]] = 1
     return tensor * mask.view(tensor.shape)
 
 
@@ -103,7 +102,7 @@ def mk_della_probs(tensor: torch.Tensor, density: float, epsilon: float) -> torc
 def mk_gta(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], *, consensus: bool,
            normalize: bool, lam: float) -> torch.Tensor:
     d = torch.stack(deltas)
-    w = torch.tensor(weights).view(-1, *([1] * base.dim()))
+    w = torch.tensor(weights, dtype=torch.float32).view(-1, *([1] * base.dim()))
     wd = d * w
     if consensus:
         majority = (wd.sum(0) >= 0).float() * 2 - 1
@@ -122,18 +121,22 @@ def mk_gta(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
     return base + mixed
 
 
-def mk_model_stock(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
-    w0 = base.reshape(-1)
-    offsets = [m.reshape(-1) - w0 for m in models]
+def mk_model_stock(base: torch.Tensor, models: list[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
+    if filter_wise:  # vectors along the last dim; a 1-D tensor is one vector
+        w0 = base.unsqueeze(0) if base.dim() == 1 else base
+        ws = [m.unsqueeze(0) if m.dim() == 1 else m for m in models]
+    else:
+        w0, ws = base.reshape(-1), [m.reshape(-1) for m in models]
+    offsets = [w - w0 for w in ws]
     cos = []
     for i in range(len(offsets)):
         for j in range(i + 1, len(offsets)):
-            norms = offsets[i].norm() * offsets[j].norm()
-            cos.append(((offsets[i] * offsets[j]).sum() / norms.clamp(min=1e-6)).clamp(-1, 1))
-    c = torch.stack(cos).mean()
+            norms = offsets[i].norm(dim=-1) * offsets[j].norm(dim=-1)
+            cos.append(((offsets[i] * offsets[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
     n = len(models)
     t = n * c / (1 + (n - 1) * c)
-    return (t * sum(m.reshape(-1) for m in models) / n + (1 - t) * w0).reshape(base.shape)
+    return (t * sum(ws) / n + (1 - t) * w0).reshape(base.shape)
 
 
 def mk_slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
@@ -222,10 +225,32 @@ def test_breadcrumbs_is_mergekit_breadcrumbs_when_gamma_cuts_something(rng: torc
         torch.testing.assert_close(got, mk_gta(base, crumbs, [1.0, 0.5], consensus=False, normalize=False, lam=1.0))
 
 
-def test_breadcrumbs_gamma_below_one_entry_differs_from_mergekit() -> None:
-    tau = torch.tensor([0.1, -5.0, 2.0, -3.0, 0.5, 1.0, 4.0, -0.2, 0.3, 6.0])
-    assert torch.count_nonzero(mk_magnitude_outliers(tau, 0.5, 0.05)) == 0  # mergekit drops everything
-    assert torch.equal(outlier_mask(tau, 0.5, 0.05), tau.abs() >= 2.0)  # we keep the top half
+def test_breadcrumbs_gamma_below_one_entry_is_mergekit_too() -> None:
+    tau = torch.tensor([0.1, -5.0, 2.0, -3.0, 0.5, 1.0, 4.0, -0.2, 0.3, 6.0])  # int(0.05·10) = 0
+    kept = tau.abs() >= 2.0  # the top half: nothing is cut from the top
+    assert torch.equal(outlier_mask(tau, 0.5, 0.05), kept)
+    assert torch.equal(mk_magnitude_outliers(tau, 0.5, 0.05) != 0, kept)
+
+
+def test_weight_sum_guard_sees_the_float32_sum_as_mergekit_does() -> None:
+    # 0.7 − 0.3 − 0.4 is 5.6e-17 in float64 (below the 1e-8 guard: divide by 1) but −2.98e-8
+    # in float32 (above it: divide by it), and mergekit adds the weights in float32.
+    base = torch.tensor([1.0, -2.0, 0.5])
+    models = [base + torch.tensor([0.25, 0.5, -1.0]), base + torch.tensor([1.0, 0.0, 2.0]), base.clone()]
+    weights = [0.7, -0.3, -0.4]
+    got = ours("task_arithmetic", base, models, weight=tuple(weights), normalize=True)
+    expected = mk_gta(base, [m - base for m in models], weights, consensus=False, normalize=True, lam=1.0)
+    torch.testing.assert_close(got, expected)
+    assert got.abs().max() > 1e6  # the float32 divisor −2.98e-8 was used, not the guard's 1
+    # weights whose float32 sum is below the guard but whose float64 sum is not: divide by 1
+    tiny = [1.0, -0.99999999]
+    got = ours("task_arithmetic", base, models[:2], weight=tuple(tiny), normalize=True)
+    expected = mk_gta(base, [m - base for m in models[:2]], tiny, consensus=False, normalize=True, lam=1.0)
+    torch.testing.assert_close(got, expected)
+    assert got.abs().max() < 10
+    # linear divides by the same float32 sum (no guard there, as in mergekit; only an exact 0 is refused)
+    torch.testing.assert_close(ours("linear", None, models, weight=tuple(weights), normalize=True),
+                               mk_linear(models, weights, True))
 
 
 def test_della_probabilities_are_mergekit_della(rng: torch.Generator) -> None:
@@ -253,6 +278,15 @@ def test_model_stock_is_mergekit_model_stock(rng: torch.Generator) -> None:
     for n in (2, 3, 5):
         models = [base + 0.1 * torch.randn(8, 16, generator=rng) + 0.05 for _ in range(n)]
         torch.testing.assert_close(ours("model_stock", base, models), mk_model_stock(base, models))
+
+
+def test_model_stock_filter_wise_is_mergekit_for_every_rank(rng: torch.Generator) -> None:
+    # mergekit takes one ratio per vector along the last dim (for 3-D tensors too)
+    for shape in ((12,), (6, 8), (2, 3, 4), (3, 4, 5)):
+        base = torch.randn(shape, generator=rng)
+        models = [base + 0.1 * torch.randn(shape, generator=rng) for _ in range(3)]
+        torch.testing.assert_close(ours("model_stock", base, models, filter_wise=True),
+                                   mk_model_stock(base, models, filter_wise=True))
 
 
 def test_slerp_is_mergekit_slerp(rng: torch.Generator) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import RecipeError
 from .registry import MethodSpec, Param, TensorJob, register
-from .task_arithmetic import WEIGHT, check_shapes, normalize_param, per_model, weighted_first
+from .task_arithmetic import WEIGHT, check_shapes, normalize_param, per_model, weight_sum, weighted_first
 
 
 def merge_linear(job: TensorJob) -> torch.Tensor:
@@ -22,7 +22,7 @@ def merge_linear(job: TensorJob) -> torch.Tensor:
     for m, w in zip(models[1:], weights[1:], strict=True):
         out += m if w == 1 else m * w  # m * 1.0 is m, bit for bit; skip the pass
     if job.params["normalize"]:
-        total = float(sum(weights))
+        total = weight_sum(weights)
         if total == 0:
             raise RecipeError(
                 f"linear: the weights sum to 0 for tensor {job.name}; "

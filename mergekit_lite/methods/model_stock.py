@@ -2,8 +2,9 @@
 
 Per tensor, with τᵢ = θᵢ − θ₀ flattened: cos = mean over pairs i<j of cos(τᵢ, τⱼ) (norm product
 clamped at 1e-6, cos clamped to [−1, 1], as mergekit), t = N·cos / (1 + (N−1)·cos),
-θ = t·mean(θᵢ) + (1 − t)·θ₀. `filter_wise: true` computes cos and t per row instead (mergekit's
-option; 1-D tensors are one row). Needs at least two fine-tuned models.
+θ = t·mean(θᵢ) + (1 − t)·θ₀. `filter_wise: true` computes cos and t per vector along the last
+dimension instead (mergekit's option: a 2-D weight's rows; 1-D tensors are one vector). Needs at
+least two fine-tuned models.
 
 Degenerate case: 1 + (N−1)·cos ≥ 0 always (pairwise cosines of N vectors average ≥ −1/(N−1)),
 with equality only when the directions cancel out; below 1e-6 we take t = 0 (the base) instead
@@ -27,9 +28,12 @@ FILTER_WISE = Param(
 
 
 def _rows(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:
-    if not filter_wise:
+    """The vectors whose angles are taken, one per row: the whole tensor, or (filter-wise) each
+    vector along the last dimension, as mergekit takes norms and dot products over dim −1
+    (for a 2-D weight, its rows; a 1-D tensor is one vector either way)."""
+    if not filter_wise or x.dim() < 2:
         return x.reshape(1, -1)
-    return x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)
+    return x.reshape(-1, x.shape[-1])
 
 
 def mean_pairwise_cos(taus: list[torch.Tensor]) -> torch.Tensor:

@@ -60,6 +60,16 @@ def normalize_param(default: bool) -> Param:
     )
 
 
+def weight_sum(weights: Sequence[float]) -> float:
+    """Σ wᵢ as float32 maths gives it (the weights rounded to float32, added in float32).
+
+    The normalising divisor and its near-zero guard must see the same sum as mergekit's, which
+    adds the weights as a float32 tensor: weights that cancel, like (0.7, −0.3, −0.4), sum to
+    −2.98e-8 in float32 but 5.6e-17 in float64, and the two fall on opposite sides of 1e-8.
+    """
+    return float(torch.tensor(list(weights), dtype=torch.float32).sum())
+
+
 def per_model(params: Mapping[str, Any], name: str, n: int) -> tuple[float, ...]:
     """A per-model parameter as n floats (the engine passes tuples; a scalar is broadcast)."""
     value = params[name]
@@ -146,7 +156,7 @@ def combine(
 def _normalize_and_scale(mixed: torch.Tensor, weights: Sequence[float], normalize: bool, lam: float) -> torch.Tensor:
     """In place: Σ wᵢτ̂ᵢ → λ · Σ wᵢτ̂ᵢ / Σ wᵢ (no division when not normalising, or |Σ wᵢ| < 1e-8)."""
     if normalize:
-        s = float(sum(weights))
+        s = weight_sum(weights)
         mixed /= 1.0 if abs(s) < WEIGHT_SUM_EPS else s
     if lam != 1:
         mixed *= lam
