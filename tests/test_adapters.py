@@ -87,7 +87,7 @@ def peft_merged(new_base: Path, adapter: Path, dtype: torch.dtype = torch.float3
 
 
 def apply_delta(base_dir: Path, delta: Any, lam: float = 1.0, *, allow_vocab_growth: bool = False) -> dict[str, torch.Tensor]:
-    """Reference application of a delta source: θ = base + λΔ (or the replaced tensor), cast once."""
+    """Reference application of a delta source: θ = base + λΔ (or the replaced tensor + λ·on_top), cast once."""
     base = open_checkpoint(base_dir)
     shapes = {n: base.info(n).shape for n in base.names()}
     problems = delta.check(shapes, allow_vocab_growth=allow_vocab_growth)
@@ -99,8 +99,8 @@ def apply_delta(base_dir: Path, delta: Any, lam: float = 1.0, *, allow_vocab_gro
         p: Patch | None = delta.patch(name, shapes[name], "cpu")
         if p is None:
             out[name] = w
-        elif p.kind == "replace":
-            out[name] = p.tensor.to(w.dtype)
+        elif p.kind == "replace":  # the saved tensor, plus λ times any LoRA delta on top of it
+            out[name] = (p.tensor if p.on_top is None else p.tensor + lam * p.on_top).to(w.dtype)
         else:
             out[name] = (w.float() + lam * p.tensor).to(w.dtype)
     return out

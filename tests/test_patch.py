@@ -81,6 +81,25 @@ def test_lambda_old_base_report_and_in_memory(bases: tuple[Path, Path], tmp_path
     assert q.kind == "add" and q.base_shift == pytest.approx(shift, rel=1e-5) and q.delta_norm > 0
 
 
+def test_lambda_scales_the_lora_on_top_of_a_saved_embedding(bases: tuple[Path, Path], tmp_path: Path) -> None:
+    # Targeting embed_tokens makes PEFT save the old embedding too (base_layer.weight): without the
+    # old base it replaces θ_new's, and λ must still scale the LoRA delta on top of it.
+    old, new = bases
+    adapter = save_lora(old, tmp_path / "lora", seed=21, target_modules=["embed_tokens", "q_proj"], r=4, lora_alpha=8)
+    sd = load_file(str(adapter / "adapter_model.safetensors"))
+    pre = "base_model.model.model.embed_tokens."
+    saved = sd[pre + "base_layer.weight"]
+    delta_e = 2.0 * (sd[pre + "lora_embedding_B"] @ sd[pre + "lora_embedding_A"]).T  # s = 8/4
+    res = api.patch(new, adapter, lam=0.5)
+    assert res.state_dict is not None
+    torch.testing.assert_close(res.state_dict["model.embed_tokens.weight"], saved + 0.5 * delta_e, rtol=1e-6, atol=1e-6)
+    row = {r.name: r for r in res.tensors}["model.embed_tokens.weight"]
+    assert row.kind == "replace" and row.delta_norm == pytest.approx(torch.linalg.norm(delta_e).item(), rel=1e-5)
+    # the adapter output of the same command loads to the same model
+    as_adapter = api.patch(new, adapter, lam=0.5, as_adapter=True, out=tmp_path / "ad")
+    assert_state_close(peft_merged(new, as_adapter.output), res.state_dict)
+
+
 def test_full_finetune_delta(bases: tuple[Path, Path], tmp_path: Path) -> None:
     old, new = bases
     ft = save_llama(tmp_path / "ft", 3)

@@ -85,20 +85,23 @@ class _Evaluator:
         """The step's job for this bundle; `disposable` lets the method overwrite its models
         where the engine can prove nothing reads them afterwards (`_disposable`)."""
         name = bundle.name
-        base = self._value(st.base, bundle, memo) if st.base is not None else None
+        patch = bundle.patches.get(st.delta_key) if st.delta_key is not None else None
+        if patch is not None:
+            patch = patch.to(self.plan.device)
+        if patch is not None and patch.kind == "replace":
+            # The saved tensor stands in for the base, and the LoRA delta PEFT adds on top of it
+            # (`_step` only gets here when there is one) is the step's delta, which λ scales.
+            base, delta = patch.tensor, patch.on_top
+        else:
+            base = self._value(st.base, bundle, memo) if st.base is not None else None
+            delta = patch.tensor if patch is not None else None
         models = [self._value(m, bundle, memo) for m in st.models]
         rows = self.plan.vocab_rows.get(name)
         if rows is not None:
             base = base[:rows] if base is not None else None
             models = [m[:rows] for m in models]
+            delta = delta[:rows] if delta is not None else None
         params = _with_tensor_files(self.plan, st, st.resolver.for_tensor(name))
-        delta = None
-        if st.delta_key is not None:
-            patch = bundle.patches.get(st.delta_key)
-            if patch is not None and patch.kind == "add":
-                delta = patch.tensor.to(self.plan.device, torch.float32)
-                if rows is not None:
-                    delta = delta[:rows]
         return TensorJob(name=name, base=base, models=models, params=params, seed=self.plan.seed,
                          stats=self.stats.get(st.id) if with_stats else None, delta=delta, rows=bundle.rows,
                          models_disposable=disposable and self._disposable(st, bundle))
@@ -120,7 +123,7 @@ class _Evaluator:
     def _step(self, st: StepPlan, bundle: Bundle, memo: dict[Any, torch.Tensor]) -> torch.Tensor:
         if st.delta_key is not None:
             patch = bundle.patches.get(st.delta_key)
-            if patch is not None and patch.kind == "replace":
+            if patch is not None and patch.kind == "replace" and patch.on_top is None:
                 return patch.tensor.to(self.plan.device, torch.float32)
         job = self.job(st, bundle, memo, with_stats=True, disposable=True)
         out = st.spec.merge(job)
@@ -147,10 +150,8 @@ class _Evaluator:
             patch = bundle.patches.get(op.delta_key)
             if patch is None:
                 value = base
-            elif patch.kind == "replace":
-                value = patch.tensor.to(self.plan.device, torch.float32)
-            else:
-                value = base + patch.tensor.to(self.plan.device, torch.float32)
+            else:  # as PEFT loads the adapter: λ = 1
+                value = patch.to(self.plan.device).value(base)
         memo[key] = value
         return value
 

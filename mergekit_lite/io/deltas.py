@@ -26,10 +26,28 @@ __all__ = ["Patch", "DeltaSource", "LoraDelta", "FullDelta", "open_delta", "is_a
 
 @dataclass(frozen=True)
 class Patch:
-    """One tensor's patch. `add`: θ = base + λ·tensor. `replace`: θ = tensor, as PEFT loads it."""
+    """One tensor's patch. `add`: θ = base + λ·tensor. `replace`: θ = tensor + λ·on_top.
+
+    `on_top` is the LoRA (or LoRA bias) delta of a module whose full tensor PEFT also saved
+    (an embedding or lm_head with its `base_layer.weight`, a bias with `bias: all`): PEFT loads
+    saved + s·B·A, and it is that delta, not the saved tensor, that λ scales.
+    """
 
     kind: Literal["add", "replace"]
     tensor: torch.Tensor  # float32, full base shape
+    on_top: torch.Tensor | None = None  # replace only: float32, the tensor's shape
+
+    def to(self, device: torch.device | str) -> Patch:
+        """The same patch, float32 on `device`."""
+        on_top = None if self.on_top is None else self.on_top.to(device, torch.float32)
+        return Patch(self.kind, self.tensor.to(device, torch.float32), on_top)
+
+    def value(self, base: torch.Tensor | None, lam: float = 1.0) -> torch.Tensor:
+        """The patched tensor: base + λ·tensor, or tensor + λ·on_top (λ = 1 is what PEFT loads)."""
+        if self.kind == "add":
+            assert base is not None
+            return base + lam * self.tensor
+        return self.tensor if self.on_top is None else self.tensor + lam * self.on_top
 
 
 @runtime_checkable
@@ -167,14 +185,13 @@ class LoraDelta:
                 t = self.adapter.delta_bias(bias_mod, device)
             if saved_key is not None:
                 saved = self.adapter.load(saved_key, device)
-                if kind == "add":
-                    assert self.old_base is not None
-                    saved = saved - self.old_base.load(name, device=device, dtype=torch.float32)
+                if kind == "replace":
+                    return Patch("replace", saved, on_top=t)
+                assert self.old_base is not None
+                saved = saved - self.old_base.load(name, device=device, dtype=torch.float32)
                 t = saved if t is None else saved + t
         assert t is not None
-        if kind == "add":
-            t = pad_rows(t, tuple(base_shape))
-        return Patch(kind, t)
+        return Patch(kind, pad_rows(t, tuple(base_shape)))
 
     def _dora_delta(self, mod: LoraModule, name: str, device: torch.device | str) -> torch.Tensor:
         assert self.old_base is not None

@@ -104,7 +104,7 @@ def dense_to_adapter(
         p = delta.patch(name, info.shape, device)
         if p is None:
             continue
-        d = p.tensor * lam if p.kind == "add" else p.tensor - base.load(name, device, torch.float32)
+        d = p.tensor * lam if p.kind == "add" else p.value(None, lam) - base.load(name, device, torch.float32)
         norm = float(torch.linalg.norm(d.double()))
         module = name.rsplit(".", 1)[0]
         if norm == 0.0:

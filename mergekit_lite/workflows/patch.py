@@ -79,7 +79,7 @@ class _Recording:
     def __init__(self, inner: DeltaSource) -> None:
         self.inner = inner
         self.label = inner.label
-        self.seen: dict[str, tuple[str, tuple[int, ...], float]] = {}
+        self.seen: dict[str, tuple[str, tuple[int, ...], float | None]] = {}
 
     @property
     def bytes_read(self) -> int:
@@ -94,11 +94,18 @@ class _Recording:
     def patch(self, name: str, base_shape: tuple[int, ...], device: torch.device | str) -> Patch | None:
         p = self.inner.patch(name, base_shape, device)
         if p is not None:
-            self.seen[name] = (p.kind, tuple(base_shape), float(torch.linalg.norm(p.tensor.double())))
+            self.seen[name] = (p.kind, tuple(base_shape), delta_norm(p))
         return p
 
     def bytes_to_read(self) -> int:
         return self.inner.bytes_to_read()
+
+
+def delta_norm(p: Patch) -> float | None:
+    """‖Δ‖ before λ: the added tensor's norm; for a replaced tensor, that of the LoRA delta on top
+    of it (None when it has none: a replaced tensor is not a delta)."""
+    t = p.tensor if p.kind == "add" else p.on_top
+    return None if t is None else float(torch.linalg.norm(t.double()))
 
 
 def patch(
@@ -244,7 +251,7 @@ def _copy_lora(new: Checkpoint, src: LoraDelta, lam: float, out: Path, force: bo
     for name in src.targets():
         p = src.patch(name, new.info(name).shape, "cpu")
         assert p is not None
-        rows.append(PatchRow(name, new.info(name).shape, p.kind, float(torch.linalg.norm(p.tensor.double()))))
+        rows.append(PatchRow(name, new.info(name).shape, p.kind, delta_norm(p)))
     copy_adapter(adapter, out, tensors, config_updates={"base_model_name_or_path": str(new.label)}, force=force,
                  extra_files={REPORT_FILE: json.dumps([asdict(r) for r in rows], indent=2).encode()})
     return rows
