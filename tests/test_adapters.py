@@ -22,6 +22,7 @@ from mergekit_lite.io.adapters import (
     LoraSettings,
     open_adapter,
     pattern_key,
+    read_settings,
     write_adapter,
 )
 from mergekit_lite.io.checkpoint import open_checkpoint
@@ -267,6 +268,28 @@ def test_rank_mismatch_with_config_is_refused(tmp_path: Path) -> None:
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(CheckpointError, match="IA3"):
         open_delta(d)
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("rank_pattern", ["q_proj"], "'rank_pattern' must be a mapping"),
+    ("rank_pattern", {"q_proj": 2.5}, "rank_pattern['q_proj'] must be a positive integer"),
+    ("rank_pattern", {"q_proj": 0}, "rank_pattern['q_proj'] must be a positive integer"),
+    ("alpha_pattern", {"q_proj": "big"}, "alpha_pattern['q_proj'] must be a finite number"),
+    ("alpha_pattern", {"q_proj(": 4}, "alpha_pattern['q_proj('] is not a valid regular expression"),
+])
+def test_bad_patterns_are_one_line_errors(field: str, value: Any, needle: str, tmp_path: Path) -> None:
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, field: value}))
+    with pytest.raises(CheckpointError) as e:
+        read_settings(path)
+    assert str(e.value).startswith(f"{path}: ") and needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_lora_alpha_is_peft_default(tmp_path: Path) -> None:
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    settings, _ = read_settings(path)
+    assert settings.alpha == peft.LoraConfig().lora_alpha == 8 and settings.scaling_for("q_proj") == 2.0
 
 
 def test_full_delta(bases: tuple[Path, Path]) -> None:

@@ -384,6 +384,11 @@ def test_lora_scaling_follows_peft_patterns() -> None:
     assert _module_scaling(cfg, p + "0.self_attn.v_proj") == 4.0
     assert _module_scaling(cfg, p + "1.self_attn.v_proj") == 2.0
     assert _module_scaling({**cfg, "use_rslora": True}, p + "1.self_attn.v_proj") == 4.0
+    # a key is one regex group, as in PEFT: an alternation covers both modules
+    alt = {"r": 4, "lora_alpha": 8, "alpha_pattern": {"q_proj|v_proj": 2}}
+    assert _module_scaling(alt, p + "0.self_attn.q_proj") == 0.5
+    assert _module_scaling(alt, p + "0.self_attn.v_proj") == 0.5
+    assert _module_scaling(alt, p + "0.self_attn.k_proj") == 2.0
 
 
 def test_delta_space_refuses_non_lora_tensors(tmp_path: Path) -> None:

@@ -128,6 +128,31 @@ def test_vocab_growth_flag(bases: tuple[Path, Path], tmp_path: Path) -> None:
     assert torch.equal(got[64:], base[64:]) and not torch.equal(got[:64], base[:64])
 
 
+def test_vocab_growth_flag_does_not_grow_other_tensors(bases: tuple[Path, Path], tmp_path: Path) -> None:
+    # More KV heads (k_proj 8 → 16 rows) is another architecture, not a grown vocabulary.
+    old, _ = bases
+    new = save_llama(tmp_path / "new_kv", 2, num_key_value_heads=4)
+    adapter = save_lora(old, tmp_path / "lora", seed=15, target_modules=["k_proj"])
+    for flag in ([], ["--allow-vocab-growth"]):
+        res = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(adapter), "--out", str(tmp_path / "o"), *flag])
+        assert res.exit_code == 4, res.output
+        assert "k_proj.weight' has shape [8, 16] but the base's is [16, 16]" in res.output, res.output
+        assert "vocabulary" not in res.output and not (tmp_path / "o").exists()
+
+
+def test_unopenable_old_base_says_why(bases: tuple[Path, Path], tmp_path: Path) -> None:
+    old, new = bases
+    ft = save_llama(tmp_path / "ft", 3)
+    adapter = save_lora(old, tmp_path / "lora", seed=16, target_modules=["q_proj"])
+    for old_base, code, needle in ((tmp_path / "missing", 5, "no such file or directory"),
+                                   (adapter, 4, "is a PEFT adapter, not a full checkpoint")):
+        res = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(ft), "--old-base", str(old_base),
+                                  "--out", str(tmp_path / "o")])
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert res.exit_code == code and len(lines) == 1, res.output
+        assert str(old_base) in lines[0] and needle in lines[0], res.output
+
+
 def _fail(args: list[str], tmp_path: Path, needle: str) -> None:
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "never")])
     assert res.exit_code == 4, res.output

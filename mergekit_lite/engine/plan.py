@@ -208,6 +208,8 @@ def build_plan(
             if step.old_base:
                 if step.old_base in checkpoints:
                     old = checkpoints[step.old_base]
+                elif step.old_base in recipe.inputs and step.old_base not in used_as_delta:
+                    continue  # it failed to open, which is reported above: say nothing more about it
                 else:
                     recipe_problems.append(RecipeError(f"step {step.id!r}: old_base {step.old_base!r} is not a checkpoint input"))
             try:

@@ -68,6 +68,10 @@ def pattern_key(patterns: Sequence[str], module: str) -> str | None:
     return None
 
 
+# LoraConfig's default lora_alpha, which PEFT uses when a config leaves it out.
+PEFT_DEFAULT_ALPHA = 8
+
+
 def _is_adapter_config(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file()
 
@@ -102,6 +106,30 @@ class LoraSettings:
         return a / math.sqrt(r) if self.use_rslora else a / r
 
 
+def _pattern(config_path: Path, raw: Mapping[str, Any], name: str, convert: type[int] | type[float]) -> dict[str, Any]:
+    """`rank_pattern` / `alpha_pattern` vetted now ({regex: rank > 0} / {regex: finite alpha}), so a bad entry is a
+    one-line error naming the file and the key instead of a failure in the middle of a merge."""
+    value = raw.get(name) or {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{config_path}: {name!r} must be a mapping of module patterns to numbers, "
+                              f"got {type(value).__name__}")
+    out: dict[str, Any] = {}
+    for key, v in value.items():
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error as exc:
+            raise CheckpointError(f"{config_path}: {name}[{key!r}] is not a valid regular expression ({exc})") from None
+        try:
+            number = convert(v)
+            if isinstance(v, bool) or not math.isfinite(float(v)) or (convert is int and (number != float(v) or number <= 0)):
+                raise ValueError
+        except (TypeError, ValueError):
+            kind = "a positive integer" if convert is int else "a finite number"
+            raise CheckpointError(f"{config_path}: {name}[{key!r}] must be {kind}, got {v!r}") from None
+        out[str(key)] = number
+    return out
+
+
 def read_settings(config_path: Path) -> tuple[LoraSettings, dict[str, Any]]:
     """Parse and vet adapter_config.json; returns the settings and the raw dict."""
     try:
@@ -124,7 +152,7 @@ def read_settings(config_path: Path) -> tuple[LoraSettings, dict[str, Any]]:
         )
     try:
         r = int(raw["r"])
-        alpha = float(raw.get("lora_alpha", r))
+        alpha = float(raw.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{config_path}: adapter config needs an integer 'r' and a numeric 'lora_alpha'") from None
     if r <= 0:
@@ -135,8 +163,8 @@ def read_settings(config_path: Path) -> tuple[LoraSettings, dict[str, Any]]:
         alpha=alpha,
         use_rslora=bool(raw.get("use_rslora", False)),
         fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
-        rank_pattern=dict(raw.get("rank_pattern") or {}),
-        alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+        rank_pattern=_pattern(config_path, raw, "rank_pattern", int),
+        alpha_pattern=_pattern(config_path, raw, "alpha_pattern", float),
         use_dora=bool(raw.get("use_dora", False)),
         bias=str(raw.get("bias", "none")),
         lora_bias=bool(raw.get("lora_bias", False)),

@@ -21,7 +21,8 @@ from ..errors import CheckpointError, UsageError
 from .adapters import LoraAdapter, LoraModule, is_adapter_dir, open_adapter
 from .checkpoint import Checkpoint, open_checkpoint
 
-__all__ = ["Patch", "DeltaSource", "LoraDelta", "FullDelta", "open_delta", "is_adapter_dir", "vocab_growth"]
+__all__ = ["Patch", "DeltaSource", "LoraDelta", "FullDelta", "open_delta", "is_adapter_dir", "vocab_growth",
+           "is_vocab_tensor", "EMBEDDING_MODULES"]
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,27 @@ class DeltaSource(Protocol):
     def bytes_to_read(self) -> int: ...
 
 
-def vocab_growth(delta_shape: tuple[int, ...], base_shape: tuple[int, ...]) -> bool:
-    """True when the base only has more rows (a grown vocabulary) than the delta."""
+# Input-embedding modules, whose LoRA is stored as lora_embedding_A/B ([r, vocab], [dim, r]).
+EMBEDDING_MODULES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+# Modules with one row per vocabulary entry: the embeddings and the output heads.
+VOCAB_MODULES = (*EMBEDDING_MODULES, "lm_head", "embed_out")
+
+
+def is_vocab_tensor(name: str) -> bool:
+    """Whether `name` is a weight with one row per token (an embedding or an output head)."""
+    module, _, leaf = name.rpartition(".")
+    return leaf == "weight" and module.rsplit(".", 1)[-1] in VOCAB_MODULES
+
+
+def vocab_growth(name: str, delta_shape: tuple[int, ...], base_shape: tuple[int, ...]) -> bool:
+    """True when `name` is a vocabulary tensor and the base only has more rows than the delta.
+
+    Any other tensor with more rows (more KV heads, a wider MLP) is another architecture, which
+    no flag makes patchable.
+    """
     return (
-        len(delta_shape) == len(base_shape) == 2
+        is_vocab_tensor(name)
+        and len(delta_shape) == len(base_shape) == 2
         and delta_shape[0] < base_shape[0]
         and delta_shape[1:] == base_shape[1:]
     )
@@ -88,7 +106,7 @@ def _shape_problem(where: str, name: str, shape: tuple[int, ...], base_shapes: M
     base_shape = tuple(base_shape)
     if base_shape == shape:
         return None
-    if vocab_growth(shape, base_shape):
+    if vocab_growth(name, shape, base_shape):
         if allow_vocab_growth:
             return None
         return (f"{where}: {name!r} has {shape[0]} rows but the base has {base_shape[0]} "

@@ -21,14 +21,12 @@ import torch
 from ..errors import UsageError
 from ..io.adapters import Factors, write_adapter
 from ..io.checkpoint import Checkpoint, open_checkpoint
-from ..io.deltas import DeltaSource, FullDelta
+from ..io.deltas import EMBEDDING_MODULES, DeltaSource, FullDelta
 from ..methods.lowrank import EXACT_MAX_DIM, truncated_svd
 from ..methods.registry import tensor_seed
 
 PathLike = str | os.PathLike
 
-# Input-embedding modules, whose LoRA is stored as lora_embedding_A/B ([r, vocab], [dim, r]).
-EMBEDDING_MODULES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
 REPORT_FILE = "mlite_extract_report.json"
 
 

@@ -9,7 +9,6 @@ writes anything, and every write is atomic.
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mergekit_lite.errors import UsageError
+from mergekit_lite.io.adapters import pattern_key
 from mergekit_lite.io.bank import (
     Bank,
     Member,
@@ -142,11 +142,9 @@ def _check_merge_args(momentum: float, mode: str, space: str, rank: int | None) 
 
 
 def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name or its dotted tail."""
-    for key, value in (patterns or {}).items():
-        if re.fullmatch(rf"(.*\.)?{key}", module):
-            return value
-    return default
+    """PEFT's rank_pattern/alpha_pattern lookup (`adapters.pattern_key`), else the default."""
+    key = pattern_key(list(patterns or {}), module)
+    return default if key is None else patterns[key]  # type: ignore[index]
 
 
 def _module_scaling(config: Mapping[str, Any], module: str) -> float:
