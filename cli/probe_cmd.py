@@ -29,7 +29,8 @@ def train_cmd(
     held = "n/a (no held-out samples)" if fit.heldout_accuracy is None else f"{fit.heldout_accuracy:.4f}"
     out.print(
         f"wrote {res.path}: train accuracy {fit.train_accuracy:.4f} on {fit.n_train}, "
-        f"held-out accuracy {held} on {fit.n_heldout}",
+        f"held-out accuracy {held} on {fit.n_heldout}; ‖w‖ = {float(fit.weight[1].double().norm()):.4g} "
+        "(a surgery edit is α·w)",
         highlight=False,
     )
 

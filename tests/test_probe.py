@@ -112,8 +112,11 @@ def test_cli_train_is_deterministic(tmp_path: Path) -> None:
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in ("weight", "bias"))  # bit-identical probes
     probe = load_file(str(tmp_path / "a.safetensors"))
     assert probe["weight"].shape == (2, 6) and probe["bias"].shape == (2,)
+    norm = float(probe["weight"][1].double().norm())
     with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
         assert f.metadata()["heldout_accuracy"] == "1.000000"
+        assert float(f.metadata()["direction_norm"]) == pytest.approx(norm, rel=1e-5)  # α's unit
+    assert f"‖w‖ = {norm:.4g}" in r.output
     r = runner.invoke(app, ["probe", "train", "--features", str(tmp_path / "feats.safetensors"),
                             "--out", str(tmp_path / "a.safetensors")])
     assert r.exit_code == 2 and "exists" in r.output

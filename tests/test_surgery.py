@@ -512,3 +512,20 @@ def test_e2e_row_blocked_run_is_identical(tmp_path: Path, monkeypatch: pytest.Mo
     assert blocked.selection.entries == whole.selection.entries
     got = _tensors(blocked.output)
     assert all(_bits(got[n]) == _bits(t) for n, t in whole.state_dict.items())
+
+
+@pytest.mark.parametrize(("params", "needle"), [
+    ("{probe: probe.safetensors, alpha: .inf}", "recipe.yaml:3: parameter 'alpha' of method 'surgery': must be a finite number"),
+    ("{probe: probe.safetensors, top_k: 5, fraction: 0.5}", "recipe.yaml:3: method 'surgery' takes 'top_k' or 'fraction', not both"),
+])
+def test_recipe_refuses_what_the_api_refuses(params: str, needle: str, tmp_path: Path) -> None:
+    """A recipe step is held to the API's rules: alpha finite, top_k or fraction (not both)."""
+    from mergekit_lite.api import run_recipe
+
+    save_checkpoint(make_base(SHAPE, seed=2), tmp_path / "base", shape=SHAPE)
+    _probe(tmp_path, _w(13))
+    (tmp_path / "recipe.yaml").write_text(
+        f"inputs: {{base: base}}\nsteps:\n  - {{id: detox, method: surgery, base: base, parameters: {params}}}\n")
+    with pytest.raises(RecipeError) as e:
+        run_recipe(tmp_path / "recipe.yaml")
+    assert needle in str(e.value), str(e.value)

@@ -15,6 +15,7 @@ as `job.stats`. Reducers keep only bounded summaries (histograms, heaps, counter
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -67,6 +68,8 @@ class Param:
         v = float(value)
         if v != v:
             return "NaN is not allowed"
+        if v in (math.inf, -math.inf):
+            return f"must be a finite number, got {value!r}"
         if self.minimum is not None and (v < self.minimum or (self.min_exclusive and v == self.minimum)):
             op = ">" if self.min_exclusive else ">="
             return f"must be {op} {self.minimum:g}, got {value!r}"
@@ -185,6 +188,8 @@ class MethodSpec:
     tensor_reducer: Callable[[Mapping[str, Any], int], Reducer | None] | None = None
     paper: str = ""
     doc: str = ""  # path of the docs page, relative to docs/
+    # Pairs of parameters a recipe may not give together (surgery's top_k and fraction).
+    exclusive: tuple[tuple[str, str], ...] = ()
     compute_dtype: torch.dtype = torch.float32
     # True when the per-element work is a few arithmetic operations (no sort, selection or
     # matmul): on a CPU such a merge is bound by copying bytes in and out, and the engine gives

@@ -334,7 +334,7 @@ SPEC = register(
             Param("probe", "tensor_file", None, "probe file: safetensors with 'weight' of shape (2, d) (row 1 = behaviour) or (d,)",
                   required=True, per_tensor=False),
             Param("alpha", "float", 1.0, "edit strength: g ← g + α·w on the selected rows", per_tensor=False),
-            Param("top_k", "int", None, "number of rows to edit over the whole model (overrides fraction)",
+            Param("top_k", "int", None, "number of rows to edit over the whole model (give this or fraction)",
                   minimum=1, per_tensor=False),
             Param("fraction", "float", DEFAULT_FRACTION, "fraction of all target rows to edit when top_k is not set",
                   minimum=0.0, maximum=1.0, min_exclusive=True, per_tensor=False),
@@ -347,6 +347,7 @@ SPEC = register(
         needs_base=True,
         min_models=0,
         max_models=0,
+        exclusive=(("top_k", "fraction"),),
         scope=lambda params: "global",
         reducer=_make_reducer,
         row_local=lambda params: True,  # row-wise: rows of a block are scored and edited alone

@@ -76,6 +76,7 @@ def validate(raw: RawRecipe, base_dir: Path, problems: Problems) -> Recipe | Non
             params = checker.step_params(step)
             model_params = checker.model_params(step)
             checker.required(step, params, model_params)
+            checker.exclusive(step, params, model_params)
         specs.append(StepSpec(
             id=step.id.value,
             method=spec.name if spec is not None else step.method.value,
@@ -292,6 +293,13 @@ class _ParamChecker:
             if values:
                 out[m.ref.value] = values
         return out
+
+    def exclusive(self, step: RawStep, params: dict[str, Any], model_params: dict[str, dict[str, Any]]) -> None:
+        given = set(params) | {name for values in model_params.values() for name in values}
+        for a, b in self.spec.exclusive:
+            if a in given and b in given:
+                self.problems.add(step.loc, f"method '{self.spec.name}' takes '{a}' or '{b}', not both",
+                                  _sub(step, "parameters"))
 
     def required(self, step: RawStep, params: dict[str, Any], model_params: dict[str, dict[str, Any]]) -> None:
         for p in self.spec.params:

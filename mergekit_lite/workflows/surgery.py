@@ -359,6 +359,8 @@ def train_probe(
         "heldout_accuracy": "" if fit.heldout_accuracy is None else f"{fit.heldout_accuracy:.6f}",
         "n_train": str(fit.n_train),
         "n_heldout": str(fit.n_heldout),
+        # ‖w‖ (row 1, the direction surgery adds): the edit's size is α·‖w‖ (docs/methods/surgery.md)
+        "direction_norm": f"{float(fit.weight[1].double().norm()):.6g}",
     }
     _atomic_save({"weight": fit.weight, "bias": fit.bias}, dest, metadata)
     return ProbeTrainResult(dest, fit)
