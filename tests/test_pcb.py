@@ -170,6 +170,14 @@ def test_golden_no_clamp() -> None:
     assert pcb_dense(T_GOLD, 0.5, 0.0, [0.5, 0.5]).tolist() == [1.0, 0.0, 0.0, 2.0]
 
 
+def test_dense_refuses_more_models_than_exp_allows() -> None:
+    # exp(89) overflows float32: every kept score would be inf and the merge all zeros
+    rows = torch.linspace(-1, 1, 50).repeat(89, 1)
+    assert pcb_dense(rows[:88], 0.5, 0.0).count_nonzero() > 0
+    with pytest.raises(ValueError, match="at most 88 models, got 89"):
+        pcb_dense(rows, 0.5, 0.0)
+
+
 def test_golden_clamp() -> None:
     # c = 0.25, D = 4: lo = sorted|τ|[1], hi = sorted|τ|[2]. Row 0: lo 1, hi 2 → T̃₀ = [1, −2, 0, 2];
     # row 1: lo = hi = 1 → N = 0/0 → 0, β₁ = tanh(τ₁·Σ), T̃₁ = [1, 1, 0, −1].

@@ -209,6 +209,8 @@ def pcb_dense(
 
     Entries dropped by every model are 0 (the caller keeps the base value there).
     """
+    if T.shape[0] > MAX_MODELS:
+        raise ValueError(f"pcb supports at most {MAX_MODELS} models, got {T.shape[0]}")
     merged, _ = _dense(T.to(torch.float32).reshape(T.shape[0], -1), ratio, clamp_ratio, lambdas)
     return merged
 
