@@ -29,7 +29,7 @@ def patch(
     energy: float = typer.Option(None, "--energy", help="With --as-adapter and a dense delta: energy fraction kept."),
     allow_vocab_growth: bool = typer.Option(False, "--allow-vocab-growth", help="Patch rows [:old_vocab] only."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
-    dtype: str = typer.Option(None, "--dtype", help="Output dtype (default: the base's)."),
+    dtype: str = typer.Option(None, "--dtype", help="Output dtype (default: the base's; with --as-adapter, a LoRA's stored dtype)."),
     shard_size: str = typer.Option(None, "--shard-size", help="Max bytes per output shard (e.g. 5GB)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),

@@ -192,6 +192,20 @@ def test_as_adapter_lora_loads_in_peft(bases: tuple[Path, Path], tmp_path: Path)
     assert_state_close(peft_merged(new, res.output), dense.state_dict)
 
 
+def test_as_adapter_lora_takes_dtype_and_refuses_rank(bases: tuple[Path, Path], tmp_path: Path) -> None:
+    old, new = bases
+    adapter = save_lora(old, tmp_path / "lora", seed=18, target_modules=["q_proj"])
+    res = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(adapter), "--as-adapter", "--rank", "2",
+                              "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "keeps its own factors" in res.output and not (tmp_path / "r").exists()
+    res = api.patch(new, adapter, lam=0.5, as_adapter=True, dtype="bfloat16", out=tmp_path / "bf16")
+    written = load_file(str(res.output / "adapter_model.safetensors"))
+    assert written and all(t.dtype == torch.bfloat16 for t in written.values())
+    src = load_file(str(adapter / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    assert torch.equal(written[key], (src[key] * 0.5).to(torch.bfloat16))
+
+
 def test_as_adapter_full_delta_within_reported_error(bases: tuple[Path, Path], tmp_path: Path) -> None:
     old, new = bases
     ft = save_llama(tmp_path / "ft", 5)

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from ..dtypes import to_torch
+from ..dtypes import parse_user_dtype, to_torch
 from ..errors import CheckpointError, UsageError
-from ..io.adapters import LoraAdapter, copy_adapter, write_adapter
+from ..io.adapters import copy_adapter, write_adapter
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.deltas import DeltaSource, LoraDelta, Patch, open_delta, pad_rows
 from ..io.hub import looks_like_hub_ref
@@ -201,13 +201,14 @@ def _as_adapter(base: PathLike, delta_ref: PathLike, *, old_base: PathLike | Non
     out_path = Path(out).expanduser().absolute()
     check_output_dir(out_path, force)
     if isinstance(src, LoraDelta) and not src.adapter.settings.use_dora:
-        rows = _copy_lora(new, src, lam, out_path, force)
+        if rank is not None or energy is not None:
+            raise UsageError(f"{delta_ref}: a LoRA adapter keeps its own factors with --as-adapter; --rank and "
+                             "--energy only apply to a full fine-tune or a DoRA adapter")
+        rows = _copy_lora(new, src, lam, out_path, force, to_torch(parse_user_dtype(dtype)) if dtype else None)
     else:
         check_rank_args(rank, energy)
         factors, full, reports = dense_to_adapter(new, src, lam=lam, rank=rank, energy=energy, seed=seed,
                                                   device=device)
-        from ..dtypes import parse_user_dtype, to_torch
-
         write_adapter(out_path, factors, full, base_model_name_or_path=str(base),
                       dtype=to_torch(parse_user_dtype(dtype)) if dtype else torch.float32, force=force,
                       extra_files={REPORT_FILE: json.dumps([asdict(r) for r in reports], indent=2).encode()})
@@ -220,11 +221,17 @@ def src_bytes(src: DeltaSource) -> int:
     return int(getattr(src, "bytes_read", 0))
 
 
-def _copy_lora(new: Checkpoint, src: LoraDelta, lam: float, out: Path, force: bool) -> list[PatchRow]:
+def _copy_lora(new: Checkpoint, src: LoraDelta, lam: float, out: Path, force: bool,
+               dtype: torch.dtype | None = None) -> list[PatchRow]:
     """The input adapter re-targeted at NEW: λ folded into every B-side tensor, factors padded
     for a grown vocabulary, saved full tensors rewritten as NEW + λ(saved − old) when the old
-    base is known (else kept as saved, which is what PEFT loads)."""
+    base is known (else kept as saved, which is what PEFT loads). Each tensor keeps its stored
+    dtype unless `dtype` is given."""
     adapter = src.adapter
+
+    def _dtype(key: str) -> torch.dtype:
+        return dtype if dtype is not None else to_torch(adapter.weights.info(key).dtype)
+
     tensors: dict[str, torch.Tensor] = {}
     rows: list[PatchRow] = []
     for name, mod in adapter.modules.items():
@@ -236,10 +243,10 @@ def _copy_lora(new: Checkpoint, src: LoraDelta, lam: float, out: Path, force: bo
                 a = torch.cat([a, a.new_zeros(a.shape[0], want[0] - a.shape[1])], dim=1)
             else:
                 b = pad_rows(b, (want[0], b.shape[1]))
-        tensors[mod.a_key] = a.to(_dtype(adapter, mod.a_key))
-        tensors[mod.b_key] = b.to(_dtype(adapter, mod.b_key))
+        tensors[mod.a_key] = a.to(_dtype(mod.a_key))
+        tensors[mod.b_key] = b.to(_dtype(mod.b_key))
         if mod.bias_key is not None:
-            tensors[mod.bias_key] = (adapter.load(mod.bias_key) * lam).to(_dtype(adapter, mod.bias_key))
+            tensors[mod.bias_key] = (adapter.load(mod.bias_key) * lam).to(_dtype(mod.bias_key))
     for name, key in adapter.saved.items():
         saved = adapter.load(key)
         if src.old_base is not None:
@@ -247,7 +254,7 @@ def _copy_lora(new: Checkpoint, src: LoraDelta, lam: float, out: Path, force: bo
             value = new.load(name, dtype=torch.float32) + lam * d
         else:
             value = saved
-        tensors[key] = value.to(_dtype(adapter, key))
+        tensors[key] = value.to(_dtype(key))
     for name in src.targets():
         p = src.patch(name, new.info(name).shape, "cpu")
         assert p is not None
@@ -255,7 +262,3 @@ def _copy_lora(new: Checkpoint, src: LoraDelta, lam: float, out: Path, force: bo
     copy_adapter(adapter, out, tensors, config_updates={"base_model_name_or_path": str(new.label)}, force=force,
                  extra_files={REPORT_FILE: json.dumps([asdict(r) for r in rows], indent=2).encode()})
     return rows
-
-
-def _dtype(adapter: LoraAdapter, key: str) -> torch.dtype:
-    return to_torch(adapter.weights.info(key).dtype)
