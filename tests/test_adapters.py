@@ -265,6 +265,11 @@ def test_rank_mismatch_with_config_is_refused(tmp_path: Path) -> None:
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 4}))
     with pytest.raises(CheckpointError, match="rank 2"):
         open_delta(d)
+    save_file({"base_model.model.lin.lora_A.weight": torch.ones(2, 3, dtype=torch.int32),
+               "base_model.model.lin.lora_B.weight": torch.ones(4, 2)}, str(d / "adapter_model.safetensors"))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    with pytest.raises(CheckpointError, match="lora_A.weight' is I32; LoRA factors are floating point"):
+        open_delta(d)
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(CheckpointError, match="IA3"):
         open_delta(d)

@@ -24,7 +24,7 @@ from mergekit_lite.methods.mos import (
 )
 from mergekit_lite.methods.registry import TensorJob, get_method
 from mergekit_lite.synthetic import LlamaShape, make_base, make_lora_adapter
-from mergekit_lite.workflows.mos import bank_add, bank_set_prototypes, mos_merge, retrieve
+from mergekit_lite.workflows.mos import bank_add, bank_export, bank_set_prototypes, mos_merge, retrieve
 
 
 def _cli_app():
@@ -256,6 +256,15 @@ def test_delta_space_default_rank_is_the_best_truncation(lora_bank: Path) -> Non
     u, sv, vh = torch.linalg.svd(want)
     best = (u[:, :4] * sv[:4]) @ vh[:4]
     assert torch.allclose(_dense(merged.members["t2"], mod, s), best, atol=1e-6)
+
+
+def test_in_memory_merge_exports_like_a_bank_file(lora_bank: Path, tmp_path: Path) -> None:
+    merged = mos_merge(lora_bank, momentum=0.5)  # out=None: a Bank in memory
+    path = mos_merge(lora_bank, momentum=0.5, out=tmp_path / "merged.safetensors")
+    a = bank_export(merged, "t2", tmp_path / "from_memory")
+    b = bank_export(path, "t2", tmp_path / "from_file")
+    wa, wb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_factors_space_on_lora(lora_bank: Path, tmp_path: Path) -> None:

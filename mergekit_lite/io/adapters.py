@@ -325,6 +325,9 @@ def _make_module(name: str, p: dict[str, str], weights: Checkpoint, settings: Lo
         raise CheckpointError(f"{file}: {have!r} has no matching lora_{'A' if a_key is None else 'B'} factor")
     if embedding and ("A.weight" in p or "B.weight" in p):
         raise CheckpointError(f"{file}: module {name!r} has both embedding and linear LoRA factors")
+    for key in (a_key, b_key):
+        if not weights.info(key).is_float:
+            raise CheckpointError(f"{file}: {key!r} is {weights.info(key).dtype}; LoRA factors are floating point")
     a_shape, b_shape = weights.info(a_key).shape, weights.info(b_key).shape
     if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
         raise CheckpointError(

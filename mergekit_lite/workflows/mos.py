@@ -93,9 +93,11 @@ def bank_list(bank: str | Path) -> dict[str, Any]:
     }
 
 
-def bank_export(bank: str | Path, task: str, out: str | Path, *, force: bool = False) -> Path:
-    """Task `task` as a PEFT adapter dir (LoRA members) or a safetensors file (raw members)."""
-    member = load_bank(bank).member(task)
+def bank_export(bank: str | Path | Bank, task: str, out: str | Path, *, force: bool = False) -> Path:
+    """Task `task` as a PEFT adapter dir (LoRA members) or a safetensors file (raw members).
+
+    `bank` is a bank file or an in-memory bank (what `mos_merge(out=None)` returns)."""
+    member = (bank if isinstance(bank, Bank) else load_bank(bank)).member(task)
     return export_member(member, out, force=force)
 
 
