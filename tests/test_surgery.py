@@ -529,3 +529,15 @@ def test_recipe_refuses_what_the_api_refuses(params: str, needle: str, tmp_path:
     with pytest.raises(RecipeError) as e:
         run_recipe(tmp_path / "recipe.yaml")
     assert needle in str(e.value), str(e.value)
+
+
+def test_recipe_probe_size_error_names_the_probe_file(tmp_path: Path) -> None:
+    from mergekit_lite.api import run_recipe
+
+    save_checkpoint(make_base(SHAPE, seed=2), tmp_path / "base", shape=SHAPE)
+    save_file({"weight": torch.ones(2, SHAPE.hidden_size + 1)}, str(tmp_path / "wide.safetensors"))
+    (tmp_path / "recipe.yaml").write_text(
+        "inputs: {base: base}\nsteps:\n  - {id: detox, method: surgery, base: base, "
+        "parameters: {probe: wide.safetensors, top_k: 2}}\n")
+    with pytest.raises(RecipeError, match=rf"probe {tmp_path / 'wide.safetensors'} has hidden size {SHAPE.hidden_size + 1}"):
+        run_recipe(tmp_path / "recipe.yaml")

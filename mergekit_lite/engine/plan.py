@@ -415,9 +415,22 @@ def _load_tensor_files(plan: Plan, problems: list[MliteError]) -> None:
                 problems.append(exc)
 
 
-def load_tensor_file(path: Path, *, base_dir: Path | None = None, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+class TensorFile(dict):  # type: ignore[type-arg]
+    """A tensor file's tensors (name → tensor) that remember the file they came from, so a
+    method that finds them wrong can name the file in its error."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        super().__init__(tensors)
+        self.path = path
+
+
+def load_tensor_file(path: Path, *, base_dir: Path | None = None, allow_pickle: bool = False) -> TensorFile:
     """A small side tensor file (probe, vectors): safetensors, or `.pt` with weights_only."""
     p = path if path.is_absolute() or base_dir is None else base_dir / path
+    return TensorFile(_read_tensor_file(p, allow_pickle), p)
+
+
+def _read_tensor_file(p: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise RecipeError(f"{p}: file not found")
     if p.suffix == ".safetensors":

@@ -207,6 +207,7 @@ class SurgeryReducer:
         # The probe may arrive here as loaded tensors or, when the engine only substitutes
         # tensor files into per-tensor jobs, as the file name: then the first job supplies it.
         self.vector: torch.Tensor | None = None
+        self.probe_label = "probe"
         self._set_probe(params.get("probe"), required=False)
         self._pool = _Pool()
         self._names: list[str] = []
@@ -218,6 +219,8 @@ class SurgeryReducer:
     def _set_probe(self, probe: Any, *, required: bool) -> None:
         if isinstance(probe, (Mapping, torch.Tensor)):
             self.vector = edit_vector(probe_direction(probe), self.direction)
+            path = getattr(probe, "path", None)  # a recipe's probe file (engine.plan.TensorFile)
+            self.probe_label = f"probe {path}" if path is not None else "probe"
         elif required:
             raise RecipeError("surgery: parameter 'probe' must name a probe file (safetensors with 'weight')")
 
@@ -236,7 +239,7 @@ class SurgeryReducer:
         d = self.vector.numel()
         if w.dim() != 2 or w.shape[1] != d:
             raise RecipeError(
-                f"surgery: probe has hidden size {d} but target tensor {job.name} has shape {list(w.shape)} "
+                f"surgery: {self.probe_label} has hidden size {d} but target tensor {job.name} has shape {list(w.shape)} "
                 f"(expected rows of size {d})"
             )
         self._seen.add((job.name, offset))
