@@ -290,6 +290,10 @@ def test_mergekit_ordered_method_puts_base_first(models: Path) -> None:
     """))
     step = recipe.steps[0]
     assert step.base is None and step.models == ["base", "a"] and step.parameters == {"t": [0, 0.5, 1]}
+    # mergekit adds base_model to the inputs when 'models' leaves it out: the same step
+    recipe = load_recipe(write(models, "merge_method: fslerp\nbase_model: ./models/base\n"
+                                       "models: [{model: ./models/a}]\nparameters: {t: 0.3}\n"))
+    assert recipe.steps[0].base is None and recipe.steps[0].models == ["base", "a"]
 
 
 def test_mergekit_per_model_mapping_by_path(models: Path) -> None:

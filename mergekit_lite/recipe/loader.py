@@ -214,6 +214,10 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
         elif listed:
             if spec.ordered:
                 models = listed + [m for m in models if m.ref.value != base_name]
+        elif spec.ordered:
+            # mergekit adds base_model to the inputs even when 'models' leaves it out (slerp's
+            # base + one model); an ordered method takes it as its first endpoint.
+            models = [RawModel(ref=base_ref), *models]
         else:
             problems.add(base_item.loc, f"method '{spec.name}' takes no base model and base_model "
                          f"'{model.base_model}' is not among 'models': list it there or remove it", "base_model")
