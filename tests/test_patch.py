@@ -98,6 +98,9 @@ def test_lambda_scales_the_lora_on_top_of_a_saved_embedding(bases: tuple[Path, P
     # the adapter output of the same command loads to the same model
     as_adapter = api.patch(new, adapter, lam=0.5, as_adapter=True, out=tmp_path / "ad")
     assert_state_close(peft_merged(new, as_adapter.output), res.state_dict)
+    # the command says that the new base's embedding was replaced, and how not to
+    cli = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(adapter), "--out", str(tmp_path / "o")])
+    assert cli.exit_code == 0 and "note: 1 tensor(s) replaced by the adapter's saved copies" in cli.output
 
 
 def test_full_finetune_delta(bases: tuple[Path, Path], tmp_path: Path) -> None:
