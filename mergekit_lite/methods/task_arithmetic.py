@@ -9,6 +9,7 @@ the weights that contributed, then multiply by λ (after normalising).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -67,7 +68,13 @@ def weight_sum(weights: Sequence[float]) -> float:
     adds the weights as a float32 tensor: weights that cancel, like (0.7, −0.3, −0.4), sum to
     −2.98e-8 in float32 but 5.6e-17 in float64, and the two fall on opposite sides of 1e-8.
     """
-    return float(torch.tensor(list(weights), dtype=torch.float32).sum())
+    return _float32_sum(tuple(float(w) for w in weights))
+
+
+@functools.lru_cache(maxsize=256)
+def _float32_sum(weights: tuple[float, ...]) -> float:
+    # cached: a step asks once per tensor (per row block when streaming), always with the same weights
+    return float(torch.tensor(weights, dtype=torch.float32).sum())
 
 
 def per_model(params: Mapping[str, Any], name: str, n: int) -> tuple[float, ...]:
