@@ -73,7 +73,8 @@ def test_layer_position_matches_mergekit() -> None:
     # layer i of L: i / (L - 1); embeddings before the layers: 0; norm and head after: 1
     assert [layer_position(n, 5) for n in (L0, L1, L2, L3, L4)] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert layer_position(EMBED, 5) == 0.0 and layer_position("transformer.wte.weight", 5) == 0.0
-    assert layer_position(NORM, 5) == 1.0 and layer_position(HEAD, 5) == 1.0
+    # mergekit plans the post-layer tensors with t = 0 too (MergePlanner.plan_module)
+    assert layer_position(NORM, 5) == 0.0 and layer_position(HEAD, 5) == 0.0
     assert layer_position(L0, 1) == 1.0  # a single layer sits at t = 1, as in mergekit
     assert layer_position(EMBED, None) == 0.0  # non-layer tensors need no layer count
     with pytest.raises(ValueError, match="unknown"):
@@ -93,7 +94,7 @@ def test_two_point_gradient() -> None:
     assert r.for_tensor(L0)["lambda"] == pytest.approx(0.2)
     assert r.for_tensor(L4)["lambda"] == pytest.approx(0.8)
     assert r.for_tensor(EMBED)["lambda"] == pytest.approx(0.2)
-    assert r.for_tensor(HEAD)["lambda"] == pytest.approx(0.8)
+    assert r.for_tensor(HEAD)["lambda"] == pytest.approx(0.2)  # mergekit plans lm_head at t = 0
 
 
 def test_three_point_gradient() -> None:

@@ -29,9 +29,6 @@ RULE_KEYS = ("match", "filter", "value")
 
 # Layer index in the usual naming schemes: model.layers.12., transformer.h.3., encoder.layer.0.
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
-# Tensors before the first layer (mergekit's "pre weights"): t = 0. Everything else outside the
-# layers (final norm, lm_head) comes after the last layer: t = 1.
-_PRE_RE = re.compile(r"embed|(?:^|\.)wte(?:\.|$)|(?:^|\.)wpe(?:\.|$)")
 
 
 def layer_index(name: str) -> int | None:
@@ -48,12 +45,14 @@ def count_layers(names: Sequence[str]) -> int | None:
 def layer_position(name: str, num_layers: int | None) -> float:
     """mergekit's gradient position t in [0, 1] for a tensor.
 
-    Layer i of L: t = i / (L − 1) (t = 1 when L = 1). Embeddings: t = 0. Other tensors outside
-    the layers (final norm, lm_head): t = 1. Raises ValueError when t cannot be known.
+    Layer i of L: t = i / (L − 1) (t = 1 when L = 1). Every tensor outside the layers takes
+    t = 0: mergekit's planner reads its "pre weights" (embeddings) and its "post weights" (final
+    norm, lm_head) alike with t = 0 (mergekit 0.1.5, `MergePlanner.plan_module`), so a list's
+    first value applies to them. Raises ValueError when t cannot be known.
     """
     idx = layer_index(name)
     if idx is None:
-        return 0.0 if _PRE_RE.search(name) else 1.0
+        return 0.0
     if num_layers is None:
         raise ValueError("the number of layers is unknown")
     if idx >= num_layers:
