@@ -355,6 +355,20 @@ def test_non_empty_output_refused_via_cli(tmp_path, model_set):
     assert (out / "model.safetensors").is_file() and not (out / "x").exists()
 
 
+def test_force_never_replaces_an_input(tmp_path, model_set):
+    """Publishing replaces the output directory: an output that is, or holds, an input is refused."""
+    a, b = model_set.finetunes[0], model_set.finetunes[1]
+    before = {p: p.read_bytes() for d in (a, b) for p in sorted(d.iterdir())}
+    recipe = {"inputs": {"a": str(a), "b": str(b)}, "steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}]}
+    for out in (a, a.parent, tmp_path):  # the input itself, its parent, a grandparent
+        res = runner.invoke(app, ["merge", str(_write(tmp_path / "r.yaml", recipe)), "--out", str(out), "--force"])
+        assert res.exit_code == 2 and "holds input file" in res.output and str(out) in res.output, res.output
+    saving = {**recipe, "steps": [{**recipe["steps"][0], "save": str(b)}], "output": {"path": str(tmp_path / "o")}}
+    res = runner.invoke(app, ["merge", str(_write(tmp_path / "r.yaml", saving)), "--force"])
+    assert res.exit_code == 2 and "holds input file" in res.output, res.output
+    assert {p: p.read_bytes() for d in (a, b) for p in sorted(d.iterdir())} == before
+
+
 def test_unknown_reference_is_exit_3(tmp_path, model_set):
     recipe = _write(tmp_path / "r.yaml", {
         "inputs": {"a": str(model_set.finetunes[0])},

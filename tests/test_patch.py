@@ -209,6 +209,16 @@ def test_as_adapter_lora_takes_dtype_and_refuses_rank(bases: tuple[Path, Path], 
     assert torch.equal(written[key], (src[key] * 0.5).to(torch.bfloat16))
 
 
+def test_outputs_never_replace_inputs(bases: tuple[Path, Path], tmp_path: Path) -> None:
+    old, new = bases
+    adapter = save_lora(old, tmp_path / "lora", seed=19, target_modules=["q_proj"])
+    before = sorted((p.name, p.stat().st_size) for p in new.iterdir())
+    for extra, out in (([], new), (["--as-adapter"], new), (["--as-adapter"], adapter)):
+        res = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(adapter), "--out", str(out), "--force", *extra])
+        assert res.exit_code == 2 and "holds input file" in res.output, res.output
+    assert sorted((p.name, p.stat().st_size) for p in new.iterdir()) == before and (adapter / "adapter_config.json").is_file()
+
+
 def test_as_adapter_full_delta_within_reported_error(bases: tuple[Path, Path], tmp_path: Path) -> None:
     old, new = bases
     ft = save_llama(tmp_path / "ft", 5)

@@ -456,6 +456,13 @@ def test_cli_surgery_and_undo(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "small.safetensors has hidden size 12 but model" in r.output and "has 16" in r.output
     r = runner.invoke(app, ["surgery", "--undo", str(edited)])
     assert r.exit_code == 2 and "--out" in r.output
+    # an output over an input is refused, even with --force
+    for args in (["--model", str(model), "--probe", str(probe), "--top-k", "5", "--out", str(model)],
+                 ["--model", str(model), "--probe", str(probe), "--top-k", "5", "--out", str(tmp_path)],
+                 ["--undo", str(edited), "--out", str(edited)]):
+        r = runner.invoke(app, ["surgery", *args, "--force"])
+        assert r.exit_code == 2 and "holds input file" in r.output, r.output
+    assert all(_bits(t) == _bits(state[n]) for n, t in _tensors(model).items())
 
 
 def test_recipe_step_after_a_merge(tmp_path: Path) -> None:

@@ -286,12 +286,20 @@ def build_plan(
     plan.copy_from = checkpoints.get(copy_key)
     if copy_key and plan.copy_from is None:
         raise RecipeError(f"{_src(recipe)}: output.copy_tokenizer_from {copy_key!r} is not a checkpoint input")
-    if check_output and plan.out is not None:
-        check_output_dir(plan.out, force)
-        for st in plan.steps.values():
-            if st.save is not None:
-                check_output_dir(st.save, force)
+    if check_output:
+        inputs = input_files(plan)
+        for out in [plan.out, *(st.save for st in plan.steps.values())]:
+            if out is not None:
+                check_output_dir(out, force, inputs)
     return plan
+
+
+def input_files(plan: Plan) -> list[Path]:
+    """Every file the plan reads: checkpoint shards, delta sources and tensor files."""
+    files = [f for ck in plan.checkpoints.values() for f in ck.shards]
+    files += [f for d in plan.deltas.values() for f in d.files()]
+    files += [getattr(t, "path", Path(k)) for k, t in plan.tensor_files.items()]
+    return files
 
 
 def _src(recipe: Recipe) -> str:

@@ -63,6 +63,10 @@ class DeltaSource(Protocol):
 
     def bytes_to_read(self) -> int: ...
 
+    def files(self) -> list[Path]:
+        """Every file the source reads (an output must never replace them)."""
+        ...
+
 
 # Input-embedding modules, whose LoRA is stored as lora_embedding_A/B ([r, vocab], [dim, r]).
 EMBEDDING_MODULES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
@@ -223,6 +227,10 @@ class LoraDelta:
         """Bytes read from the adapter file (old-base reads count on the old base's Checkpoint)."""
         return self.adapter.weights.bytes_read
 
+    def files(self) -> list[Path]:
+        own = [self.adapter.weights_file, self.adapter.path / "adapter_config.json"]
+        return own + (self.old_base.shards if self.old_base is not None else [])
+
     def bytes_to_read(self) -> int:
         n = self.adapter.bytes_to_read()
         if self.old_base is not None:
@@ -269,6 +277,9 @@ class FullDelta:
     def bytes_read(self) -> int:
         """Bytes read from the fine-tune (old-base reads count on the old base's Checkpoint)."""
         return self.finetuned.bytes_read
+
+    def files(self) -> list[Path]:
+        return self.finetuned.shards + self.old_base.shards
 
     def bytes_to_read(self) -> int:
         return sum(self.finetuned.info(n).nbytes + self.old_base.info(n).nbytes

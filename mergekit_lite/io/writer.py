@@ -17,7 +17,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +75,18 @@ def plan_shards(tensors: Sequence[PlannedTensor], shard_size: int = DEFAULT_SHAR
     return layouts
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse a non-empty existing output unless forced; checked before any work starts."""
+def check_output_dir(out: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
+    """Refuse a non-empty existing output unless forced, and any output that holds an input.
+
+    Checked before any work starts. Publishing replaces the whole output directory, so an
+    output that is an input's folder, or contains one, would delete that input with --force.
+    """
+    target = out.expanduser().resolve()
+    for f in inputs:
+        path = Path(f).expanduser().resolve()
+        if path == target or target in path.parents:
+            raise UsageError(f"{out}: the output directory holds input file {f}, which writing it would destroy; "
+                             "choose another output path")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:

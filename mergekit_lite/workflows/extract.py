@@ -161,7 +161,7 @@ def extract(
     if out is not None:
         from ..io.writer import check_output_dir
 
-        check_output_dir(Path(out).expanduser().absolute(), force)
+        check_output_dir(Path(out).expanduser().absolute(), force, [*base_ck.shards, *delta.files()])
     factors, full, reports = dense_to_adapter(base_ck, delta, rank=rank, energy=energy, seed=seed, device=device,
                                               full_tensors=full_tensors, on_tensor=on_tensor)
     result = ExtractResult(None, reports)

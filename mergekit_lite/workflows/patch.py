@@ -100,6 +100,9 @@ class _Recording:
     def bytes_to_read(self) -> int:
         return self.inner.bytes_to_read()
 
+    def files(self) -> list[Path]:
+        return self.inner.files()
+
 
 def delta_norm(p: Patch) -> float | None:
     """‖Δ‖ before λ: the added tensor's norm; for a replaced tensor, that of the LoRA delta on top
@@ -199,7 +202,7 @@ def _as_adapter(base: PathLike, delta_ref: PathLike, *, old_base: PathLike | Non
     if problems:
         raise CheckpointError(problems[0], problems=problems)
     out_path = Path(out).expanduser().absolute()
-    check_output_dir(out_path, force)
+    check_output_dir(out_path, force, [*new.shards, *src.files()])
     if isinstance(src, LoraDelta) and not src.adapter.settings.use_dora:
         if rank is not None or energy is not None:
             raise UsageError(f"{delta_ref}: a LoRA adapter keeps its own factors with --as-adapter; --rank and "

@@ -191,7 +191,7 @@ def surgery(
     cands = find_candidates(ckpt, w.numel(), str(probe), target=target, top_k=top_k, fraction=fraction)
     out_path = Path(out).expanduser().absolute() if out is not None else None
     if out_path is not None:
-        check_output_dir(out_path, force)
+        check_output_dir(out_path, force, [*ckpt.shards, probe_path])
 
     model_ref = str(Path(model).expanduser().absolute()) if Path(model).expanduser().exists() else str(model)
     params: dict[str, Any] = {"probe": str(probe_path), "alpha": float(alpha), "top_k": cands.k,
@@ -291,6 +291,7 @@ def undo_surgery(edited_model: str | os.PathLike, out: str | os.PathLike, *, for
     ckpt = open_checkpoint(edited_model)
     if ckpt.source_dir is None:
         raise CheckpointError(f"{edited_model}: not a checkpoint directory")
+    check_output_dir(Path(out).expanduser().absolute(), force, ckpt.shards)
     record, rows = read_sidecar(ckpt.source_dir)
     restore = {n: rows[n + _ROWS_SUFFIX] for n in rows if not n.endswith(_ROWS_SUFFIX)}
     for name, idx in restore.items():
