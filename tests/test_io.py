@@ -190,6 +190,26 @@ def test_unwritten_tensor_is_an_error(tmp_path, model_set):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(os.name != "posix", reason="advisory locks are POSIX")
+def test_two_writers_of_one_output_cannot_overlap(tmp_path, model_set):
+    ck = open_checkpoint(model_set.base)
+    plan = [OutputTensor(n, ck.info(n).dtype, ck.info(n).shape) for n in ck.names()]
+    with CheckpointWriter(tmp_path / "out", plan, partial_key="k1") as first:
+        for key, resume in (("k2", False), ("k1", True)):  # another recipe, or a resume of this one
+            with pytest.raises(UsageError, match="another mlite run is writing this output now"):
+                CheckpointWriter(tmp_path / "out", plan, partial_key=key, resume=resume)
+        for n in ck.names():
+            first.write(n, ck.load(n))
+        first.finish()
+    assert load_dir(tmp_path / "out").keys() == set(ck.names())
+    # once published, the lock is gone: a new run may write (and replace) the output
+    with CheckpointWriter(tmp_path / "out", plan, partial_key="k2", force=True) as second:
+        for n in ck.names():
+            second.write(n, ck.load(n))
+        second.finish()
+    assert leftovers(tmp_path) == []
+
+
 def _populate_hub_cache(cache: Path, src: Path, repo: str = "acme/tiny", commit: str = "a" * 40) -> None:
     folder = cache / f"models--{repo.replace('/', '--')}"
     snap = folder / "snapshots" / commit

@@ -17,6 +17,11 @@ import os
 import shutil
 import threading
 import uuid
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +146,7 @@ class CheckpointWriter:
         self.partial_key = partial_key
         self.done: set[str] = set()
         self._log_fd: int | None = None
+        self._lock_fd: int | None = None
         if partial_key is None:
             self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.mlite-tmp-{uuid.uuid4().hex[:8]}"
             self.tmp_dir.mkdir()
@@ -154,6 +160,8 @@ class CheckpointWriter:
         return out_dir.parent / f".{out_dir.name}.mlite-partial"
 
     def _start_partial(self, key: str, resume: bool) -> None:
+        if self.tmp_dir.exists():
+            self._hold(self.tmp_dir)  # another run still writing this output keeps it: refuse
         key_file = self.tmp_dir / RESUME_KEY
         same = key_file.is_file() and key_file.read_text() == key
         if resume and same:
@@ -167,6 +175,7 @@ class CheckpointWriter:
                 log.info("discarding the partial output at %s", self.tmp_dir)
                 shutil.rmtree(self.tmp_dir)
             self.tmp_dir.mkdir()
+            self._hold(self.tmp_dir)
             key_file.write_text(key)
         self._log_fd = os.open(self.tmp_dir / RESUME_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
@@ -332,9 +341,34 @@ class CheckpointWriter:
             os.rename(self.out_dir, trash)
         os.rename(self.tmp_dir, self.out_dir)
         self._published = True
+        self._release()
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
         return self.out_dir
+
+    def _hold(self, directory: Path) -> None:
+        """Lock `directory` (the partial output) for this writer's life, or refuse at once.
+
+        Two runs writing one output would share the fixed-name partial directory: the second
+        would delete the first's work and the first would publish the second's bytes as its
+        own. The lock is released when the writer publishes or aborts (or the process dies).
+        """
+        self._release()
+        if fcntl is None:  # not POSIX: no advisory locks
+            return
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UsageError(f"{self.out_dir}: another mlite run is writing this output now; wait for it to "
+                             "finish or choose another output path") from None
+        self._lock_fd = fd
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _close_log(self) -> None:
         if self._log_fd is not None:
@@ -348,6 +382,7 @@ class CheckpointWriter:
         self._close_log()
         if not self._published and not (keep_partial and self.partial_key is not None):
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self._release()
 
     def __enter__(self) -> CheckpointWriter:
         return self
