@@ -28,8 +28,12 @@ def setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
 
 
+SYSTEM_ERROR_EXIT = 6  # docs/cli.md: the operating system refused a read or a write
+
+
 def guarded(fn: F) -> F:
-    """Turn user mistakes (MliteError) into a one-line message and the promised exit code."""
+    """Turn user mistakes (MliteError) and refusals of the system (OSError) into a one-line
+    message and the promised exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -39,6 +43,12 @@ def guarded(fn: F) -> F:
             for problem in exc.problems:
                 err.print(f"[bold red]error:[/] {escape(problem)}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            # The system refused (permissions, a read-only or full disk): not a bug, so one line.
+            where = f"{exc.filename}: " if exc.filename else ""
+            err.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))}", markup=True,
+                      highlight=False)
+            raise typer.Exit(SYSTEM_ERROR_EXIT) from None
         except KeyboardInterrupt:
             err.print("interrupted: nothing was published; `mlite merge --resume` continues a merge "
                       "from where it stopped")

@@ -369,6 +369,32 @@ def test_force_never_replaces_an_input(tmp_path, model_set):
     assert {p: p.read_bytes() for d in (a, b) for p in sorted(d.iterdir())} == before
 
 
+def test_system_refusals_are_one_line(tmp_path, model_set, monkeypatch):
+    import errno
+    import os
+
+    from mergekit_lite.io import writer
+
+    recipe = _write(tmp_path / "r.yaml", {
+        "inputs": {"a": str(model_set.finetunes[0]), "b": str(model_set.finetunes[1])},
+        "steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}],
+    })
+    full = tmp_path / "full" / "model.safetensors"
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(full))
+
+    with monkeypatch.context() as m:  # a disk that fills up while writing: exit 6, the file named
+        m.setattr(writer.CheckpointWriter, "write", no_space)
+        res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "full")])
+    assert res.exit_code == 6 and res.output.strip() == f"error: {full}: No space left on device", res.output
+    assert not (tmp_path / "full").exists() and leftovers(tmp_path) == []
+    # an output folder that cannot be written is refused before any work (exit 2)
+    monkeypatch.setattr(writer.os, "access", lambda path, mode: not mode & os.W_OK)  # as if read-only
+    res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "ro" / "out")])
+    assert res.exit_code == 2 and f"{tmp_path} is not writable" in res.output, res.output
+
+
 def test_unknown_reference_is_exit_3(tmp_path, model_set):
     recipe = _write(tmp_path / "r.yaml", {
         "inputs": {"a": str(model_set.finetunes[0])},

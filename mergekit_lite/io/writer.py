@@ -92,6 +92,12 @@ def check_output_dir(out: Path, force: bool, inputs: Iterable[Path] = ()) -> Non
         if path == target or target in path.parents:
             raise UsageError(f"{out}: the output directory holds input file {f}, which writing it would destroy; "
                              "choose another output path")
+    # The output is built beside its target and renamed into place: the parent (or the first
+    # part of it that exists) must be writable. Found now, not after a global method's passes.
+    parent = out.expanduser().absolute().parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{out}: cannot write there ({existing} is not writable)")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
