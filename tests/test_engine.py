@@ -202,6 +202,29 @@ def test_dry_run_json_counts_equal_real_run(tmp_path, model_set):
     assert re.search(r"^CPU time: reading [0-9.]+ s · computing [0-9.]+ s · writing [0-9.]+ s$", text.stdout, re.M)
 
 
+@pytest.mark.parametrize("step", [
+    {"method": "ties", "parameters": {"density": 0.5}},  # big tensors: per-tensor statistics passes
+    {"method": "breadcrumbs", "parameters": {"density": 0.5, "gamma": 0.1}},
+    {"method": "pcb", "parameters": {"ratio": 0.3}},  # task vectors fit the budget: one pass
+    {"method": "pcb", "parameters": {"ratio": 0.3, "memory_budget": 0}},  # four streaming passes
+])
+def test_dry_run_bytes_equal_real_run_with_statistics(tmp_path, model_set, monkeypatch, step):
+    from mergekit_lite.engine import stream
+
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 64)  # every matrix is "big": blocks after statistics
+    ms = model_set
+    recipe = _write(tmp_path / "r.yaml", {
+        "inputs": {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])},
+        "steps": [{"id": "m", "base": "base", "models": ["a", "b"], **step}],
+        "output": {"path": str(tmp_path / "out")},
+    })
+    dry = runner.invoke(app, ["merge", str(recipe), "--dry-run", "--json"])
+    real = runner.invoke(app, ["merge", str(recipe), "--json"])
+    assert dry.exit_code == 0 and real.exit_code == 0, dry.output + real.output
+    planned, done = json.loads(dry.stdout), json.loads(real.stdout)
+    assert planned["bytes_read"] == done["bytes_read"], (planned["passes"], done["passes"])
+
+
 def test_cpu_time_is_split_by_thread_role(tmp_path, model_set, monkeypatch):
     """The reader's and writer's CPU are counted apart from the rest, and the parts add up."""
     import time

@@ -482,11 +482,15 @@ def estimate(plan: Plan) -> dict[str, Any]:
         return total
 
     passes = []
+    # what a global step's statistics see: every float tensor (vocabulary-trimmed to shared rows)
+    scope_numel = sum(plan.vocab_rows.get(o.name, o.shape[0] if o.shape else 1) * _numel(o.shape[1:])
+                      for o in plan.outputs if o.is_float)
     for st in plan.global_steps:
-        n_passes = _expected_passes(st)
+        n_passes = _expected_passes(st, scope_numel)
         per = leaf_bytes(st.id, float_names)
         passes.append({"step": st.id, "kind": "statistics", "passes": n_passes, "bytes_read": per * n_passes})
     out_ids = plan.output_step_ids
+    passes += _tensor_statistics_passes(plan, out_ids)
     read_out = _output_pass_bytes(plan, out_ids)
     passes.append({"step": plan.final, "kind": "output", "passes": 1, "bytes_read": read_out})
     layouts = plan_shards([PlannedTensor(o.name, o.dtype, o.shape) for o in plan.outputs], plan.shard_size)
@@ -513,8 +517,12 @@ def estimate(plan: Plan) -> dict[str, Any]:
     }
 
 
-def _expected_passes(st: StepPlan) -> int:
-    """Passes the step's reducer announces (`expected_passes`), 1 when it does not say."""
+def _expected_passes(st: StepPlan, scope_numel: int) -> int:
+    """Passes the step's reducer announces, 1 when it does not say.
+
+    A reducer whose pass count depends on the size of its scope (PCB holds the task vectors in
+    memory when they fit its budget) answers `passes_for(numel)`; others `expected_passes`.
+    """
     if st.spec.reducer is None:
         return 1
     params = dict(st.resolver.scalar_values())
@@ -525,7 +533,36 @@ def _expected_passes(st: StepPlan) -> int:
         reducer = st.spec.reducer(params, len(st.models))
     except Exception:  # a reducer that needs real inputs to be built cannot announce its passes
         return 1
+    if hasattr(reducer, "passes_for"):
+        return int(reducer.passes_for(scope_numel))
     return int(getattr(reducer, "expected_passes", 1) or 1)
+
+
+def _tensor_statistics_passes(plan: Plan, out_ids: list[str]) -> list[dict[str, Any]]:
+    """The reads of per-tensor statistics: a tensor too big to compute whole, for a method that
+    needs statistics of the whole tensor (TIES' top-k), is read once per statistics pass before
+    its output blocks (engine/run.py, `emit_with_local_stats`)."""
+    from .run import _block_mode, _closure, _with_tensor_files
+    from .stream import whole_tensor_limit
+
+    mode = _block_mode(plan, out_ids, local_stats=True)
+    out: dict[str, dict[str, Any]] = {}
+    for o in plan.outputs:
+        if not o.is_float or _numel(o.shape) <= whole_tensor_limit() or mode(o.name) != "local":
+            continue
+        for st in _closure(plan, out_ids):
+            params = st.resolver.for_tensor(o.name)
+            if st.spec.row_local(params) or st.spec.tensor_reducer is None:
+                continue
+            reducer = st.spec.tensor_reducer(_with_tensor_files(plan, st, params), len(st.models))
+            if reducer is None:
+                continue
+            n = int(getattr(reducer, "expected_passes", 1) or 1)
+            per = sum(plan.checkpoints[k].info(o.name).nbytes for k in plan.leaves_of(st.id)[0]
+                      if o.name in plan.checkpoints[k])
+            entry = out.setdefault(st.id, {"step": st.id, "kind": "tensor statistics", "passes": n, "bytes_read": 0})
+            entry["bytes_read"] += per * n
+    return list(out.values())
 
 
 def _output_pass_bytes(plan: Plan, step_ids: list[str]) -> int:

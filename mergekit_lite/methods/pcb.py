@@ -259,12 +259,13 @@ class PcbReducer:
 
     @property
     def expected_passes(self) -> int:
-        """Statistics passes for dry-run estimates: the upper bound, 4.
-
-        The run takes 1 when the task vectors fit `memory_budget`, but D is unknown before
-        pass 1, so the estimate announces the streaming case.
-        """
+        """Statistics passes when the scope's size is unknown: the upper bound, 4."""
         return 4
+
+    def passes_for(self, numel: int) -> int:
+        """Statistics passes over a scope of `numel` entries per model (dry-run estimates): 1 when
+        the n task vectors (float32) fit `memory_budget` and pass 1 keeps them, else 4."""
+        return 1 if self._cache is not None and self.n * numel * 4 <= self.budget else 4
 
     # engine-facing protocol
 
