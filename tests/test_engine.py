@@ -418,6 +418,17 @@ def test_system_refusals_are_one_line(tmp_path, model_set, monkeypatch):
     assert res.exit_code == 2 and f"{tmp_path} is not writable" in res.output, res.output
 
 
+def test_one_checkpoint_under_two_names_is_refused(tmp_path, model_set):
+    a = model_set.finetunes[0]
+    recipe = _write(tmp_path / "r.yaml", {
+        "inputs": {"a": str(a), "b": str(tmp_path / ".." / tmp_path.name / a.relative_to(tmp_path)),
+                   "c": str(model_set.finetunes[1])},
+        "steps": [{"id": "m", "method": "linear", "models": ["a", "c", "b"]}],
+    })
+    res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 3 and "inputs 'a' and 'b' are the same checkpoint" in res.output, res.output
+
+
 def test_unknown_reference_is_exit_3(tmp_path, model_set):
     recipe = _write(tmp_path / "r.yaml", {
         "inputs": {"a": str(model_set.finetunes[0])},

@@ -231,3 +231,13 @@ def test_disposable_models_give_the_same_bits(method: str, data: Any, weights: l
     assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
     if base_before is not None:
         assert torch.equal(kept.base, base_before) and torch.equal(kept.base.signbit(), base_before.signbit())
+
+
+def test_empty_tensors_merge_to_empty_tensors() -> None:
+    """A tensor with no entries (a (0, d) buffer) passes through every method, sparse or not."""
+    for method in ALL_METHODS:
+        for shape in ((0,), (0, 16), (16, 0), (2, 0, 3)):
+            models = [torch.zeros(shape), torch.zeros(shape)]
+            params = {"density": 0.5} if method in TASK_METHODS and method != "task_arithmetic" else {}
+            out = merge(method, torch.zeros(shape), models, **params)
+            assert out.shape == shape, (method, shape)

@@ -244,6 +244,15 @@ def build_plan(
         models = [operand(m, base_op) for m in s.models]
         if any(m is None for m in models) or (s.base and base_op is None):
             continue
+        seen_paths: dict[Path, str] = {}
+        for op in models:
+            if isinstance(op, Leaf):
+                where = checkpoints[op.key].path.resolve()
+                if where in seen_paths:
+                    recipe_problems.append(RecipeError(
+                        f"step {sid!r}: inputs {seen_paths[where]!r} and {op.key!r} are the same checkpoint ({where}); "
+                        "list it once (give it a larger weight to count it more)"))
+                seen_paths.setdefault(where, op.key)
         num_layers = _num_layers(checkpoints)
         try:
             resolver = ParamResolver(spec, s, list(s.models), num_layers)

@@ -118,7 +118,8 @@ def della_probabilities_many(
     taus: Sequence[torch.Tensor], densities: Sequence[float], epsilons: Sequence[float]
 ) -> list[torch.Tensor]:
     """`della_probabilities` for several task vectors, their rank sorts done as one batch."""
-    rows = [t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1) for t in taus]
+    # (an empty tensor is one empty row: reshape(0, -1) is ambiguous)
+    rows = [t.reshape(1, -1) if t.dim() < 2 or t.numel() == 0 else t.reshape(t.shape[0], -1) for t in taus]
     ranked = [i for i, r in enumerate(rows) if r.shape[1] > 1]
     orders = dict(zip(ranked, magnitude_orders([rows[i] for i in ranked]), strict=True))
     out = []
