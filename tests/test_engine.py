@@ -429,6 +429,31 @@ def test_one_checkpoint_under_two_names_is_refused(tmp_path, model_set):
     assert res.exit_code == 3 and "inputs 'a' and 'b' are the same checkpoint" in res.output, res.output
 
 
+def test_tied_and_untied_models_merge_as_mergekit_merges_them(tmp_path):
+    """A tied model's lm_head is its input embedding; a tied reference merged with an untied
+    model gets an lm_head of its own (and an untied config)."""
+    untied, tied = LlamaShape(), LlamaShape(tie_word_embeddings=True)
+    paths = {}
+    for name, shape, seed in (("u0", untied, 1), ("u1", untied, 2), ("t0", tied, 3), ("t1", tied, 4)):
+        paths[name] = save_checkpoint(make_base(shape, seed=seed), tmp_path / name, shape=shape)
+    ck = {n: mlite.io.checkpoint.open_checkpoint(p) for n, p in paths.items()}
+    head, emb = "lm_head.weight", "model.embed_tokens.weight"
+    for first, second in (("u0", "t1"), ("t0", "u1")):
+        recipe = _write(tmp_path / "r.yaml", {
+            "inputs": {"a": str(paths[first]), "b": str(paths[second])},
+            "steps": [{"id": "m", "method": "linear", "models": ["a", "b"], "parameters": {"weight": {"a": 0.25, "b": 0.75}}}],
+        })
+        out = tmp_path / f"out-{first}"
+        res = runner.invoke(app, ["merge", str(recipe), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        got = load_dir(out)
+        want_head = 0.25 * ck[first].load(head) + 0.75 * ck[second].load(head)
+        torch.testing.assert_close(got[head], want_head)
+        torch.testing.assert_close(got[emb], 0.25 * ck[first].load(emb) + 0.75 * ck[second].load(emb))
+        config = json.loads((out / "config.json").read_text())
+        assert config["tie_word_embeddings"] is False
+
+
 def test_unknown_reference_is_exit_3(tmp_path, model_set):
     recipe = _write(tmp_path / "r.yaml", {
         "inputs": {"a": str(model_set.finetunes[0])},

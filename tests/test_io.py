@@ -95,7 +95,11 @@ def test_tied_embeddings_are_understood(tmp_path):
     shape = LlamaShape(tie_word_embeddings=True)
     src = save_checkpoint(make_base(shape), tmp_path / "tied", shape=shape)
     ck = open_checkpoint(src)
-    assert "lm_head.weight" not in ck and ck.tied_embeddings
+    assert "lm_head.weight" not in ck.names() and ck.tied_embeddings
+    # asked for its lm_head, a tied checkpoint answers with its input embedding (as transformers ties it)
+    assert "lm_head.weight" in ck and ck.tied_head_source == "model.embed_tokens.weight"
+    assert torch.equal(ck.load("lm_head.weight"), ck.load("model.embed_tokens.weight"))
+    assert ck.info("lm_head.weight") == ck.info("model.embed_tokens.weight")
 
 
 def test_plan_shards_respects_byte_bound():

@@ -335,11 +335,32 @@ def test_mergekit_base_not_used_by_method(models: Path) -> None:
 def test_mergekit_non_per_model_param_given_per_model(models: Path) -> None:
     same = MERGEKIT_TIES.replace("      density: 0.5\n", "      density: 0.5\n      lambda: 0.9\n", 1)
     same = same.replace("      density: [0.2, 0.8]\n", "      density: [0.2, 0.8]\n      lambda: 0.9\n")
-    recipe = load_recipe(write(models, same))
-    assert recipe.steps[0].model_parameters["b"]["lambda"] == 0.9
+    # mergekit reads step-wide parameters only under `parameters:`: given for a model, they are
+    # ignored there, so here too (with a note), whether the models agree or not
     diff = same.replace("lambda: 0.9\n", "lambda: 0.1\n", 1)
-    msg = one_problem(write(models, diff))
-    assert "takes one value for all models, but models give different values" in msg
+    for text in (same, diff):
+        recipe = load_recipe(write(models, text))
+        assert all("lambda" not in p for p in recipe.steps[0].model_parameters.values())
+        assert "lambda" not in recipe.steps[0].parameters
+        assert any("'lambda' given for model" in n and "ignored, as in mergekit" in n for n in recipe.options["notes"])
+
+
+def test_mergekit_parameters_of_other_methods_are_ignored_typos_are_not(models: Path) -> None:
+    text = MERGEKIT_TIES.replace("normalize: true", "normalize: true\n  t: 0.3")  # a slerp parameter on ties
+    recipe = load_recipe(write(models, text))
+    assert "t" not in recipe.steps[0].parameters
+    assert any("'t' is not a parameter of 'fties'; ignored, as mergekit ignores it" in n for n in recipe.options["notes"])
+    msg = one_problem(write(models, MERGEKIT_TIES.replace("normalize: true", "normalise: true")))
+    assert "unknown parameter 'normalise'" in msg and "did you mean 'normalize'" in msg
+
+
+def test_mlite_recipe_step_wide_parameter_per_model_must_agree() -> None:
+    step = {"id": "s", "method": "fties", "base": "x", "models": [
+        {"model": "a", "parameters": {"lambda": 0.9}}, {"model": "b", "parameters": {"lambda": 0.9}}]}
+    doc = {"inputs": {"x": "x", "a": "a", "b": "b"}, "steps": [step]}
+    assert load_recipe(doc).steps[0].model_parameters["b"]["lambda"] == 0.9  # mlite's shape: applied
+    step["models"][1]["parameters"]["lambda"] = 0.1
+    assert "takes one value for all models, but models give different values" in one_problem(doc)
 
 
 def test_mergekit_dtype_given_twice(models: Path) -> None:

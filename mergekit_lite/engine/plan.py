@@ -21,7 +21,7 @@ import torch
 
 from ..dtypes import is_float, parse_user_dtype
 from ..errors import CheckpointError, MliteError, RecipeError, UsageError, combine
-from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.checkpoint import TIED_HEAD, Checkpoint, open_checkpoint
 from ..io.safetensors_format import PlannedTensor
 from ..io.writer import DEFAULT_SHARD_SIZE, check_output_dir, plan_shards
 from ..methods.registry import MethodSpec, get_method
@@ -94,6 +94,9 @@ class Plan:
     force: bool
     copy_from: Checkpoint | None
     vocab_rows: dict[str, int] = field(default_factory=dict)  # tensor -> rows shared by all (vocab mismatch)
+    # The output gains an lm_head of its own although its reference checkpoint is tied (an
+    # input stores one): its config must then say tie_word_embeddings: false.
+    untied_head: bool = False
     tensor_files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
@@ -179,7 +182,9 @@ def build_plan(
     recipe_problems: list[MliteError] = []
     ckpt_problems: list[MliteError] = []
     for note in recipe.options.get("notes") or []:
-        log.info("%s", note)  # e.g. mergekit knobs accepted but without effect; shown with -v
+        # what a recipe says and what it does differ (mergekit knobs without effect, ignored
+        # parameters): always shown
+        log.warning("%s", note)
 
     # Steps arrive validated and in topological order (the recipe layer checked references,
     # cycles and output.step); what is left needs checkpoint headers.
@@ -369,7 +374,14 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
     ref_ck = plan.checkpoints[plan.copy_leaf(plan.final)]
     vocab_mode = str(plan.recipe.options.get("vocab", "strict"))
     outputs: list[OutputTensor] = []
-    for name in ref_ck.names():
+    names = ref_ck.names()
+    if TIED_HEAD not in ref_ck.tensors and TIED_HEAD in ref_ck and any(
+            TIED_HEAD in ck.tensors for k, ck in plan.checkpoints.items() if _is_operand(plan, k)):
+        # A tied reference merged with an untied model: the merged lm_head is no longer the
+        # merged embedding, so the output stores it (as mergekit does), and says so in config.
+        names = [*names, TIED_HEAD]
+        plan.untied_head = True
+    for name in names:
         got = _shape_of(plan, ref_op, name)
         if got is None:
             continue
@@ -406,6 +418,11 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
     for delta in plan.deltas.values():
         for problem in delta.check(base_shapes, allow_vocab_growth=allow_growth):
             problems.append(CheckpointError(problem))
+
+
+def _is_operand(plan: Plan, key: str) -> bool:
+    """Whether checkpoint `key` is a base or model of some step (not only, say, a tokenizer source)."""
+    return any(key in plan.leaves_of(sid)[0] for sid in plan.steps)
 
 
 def _label(plan: Plan, op: Operand) -> str:

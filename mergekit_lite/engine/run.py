@@ -486,9 +486,13 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
                 result.saved[sid] = path
 
 
-def _config_dtype(plan: Plan) -> dict[str, str]:
+def _config_dtype(plan: Plan) -> dict[str, Any]:
+    """config.json updates: the output's dtype, and untying when the output stores an lm_head."""
     floats = [o.dtype for o in plan.outputs if o.is_float]
-    return config_dtype_update(max(set(floats), key=floats.count)) if floats else {}
+    update: dict[str, Any] = config_dtype_update(max(set(floats), key=floats.count)) if floats else {}
+    if plan.untied_head:
+        update["tie_word_embeddings"] = False
+    return update
 
 
 def _card(plan: Plan, st: StepPlan) -> str:

@@ -8,6 +8,7 @@ the memory a merge needs is the tensors in flight, whatever the model size.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -24,6 +25,11 @@ from ..errors import CheckpointError, ResolveError
 from .safetensors_format import pread_exact, read_header
 
 log = logging.getLogger(__name__)
+
+# Input-embedding modules, whose LoRA is stored as lora_embedding_A/B ([r, vocab], [dim, r]).
+EMBEDDING_MODULES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+# The output projection a tied checkpoint does not store: it reads the input embedding instead.
+TIED_HEAD = "lm_head.weight"
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -94,12 +100,32 @@ class Checkpoint:
 
     def info(self, name: str) -> TensorInfo:
         try:
-            return self.tensors[name]
+            return self.tensors[self._stored(name)]
         except KeyError:
             raise CheckpointError(f"{self.label}: tensor {name!r} not found") from None
 
     def __contains__(self, name: object) -> bool:
-        return name in self.tensors
+        return name in self.tensors or (name == TIED_HEAD and self.tied_head_source is not None)
+
+    @functools.cached_property
+    def tied_head_source(self) -> str | None:
+        """The input embedding a tied checkpoint's `lm_head.weight` is (None: it stores its own,
+        or it is not tied).
+
+        Asking a tied checkpoint for `lm_head.weight` reads that embedding, as transformers'
+        tying does, so it merges with untied models as mergekit merges it. `names()` still lists
+        only the stored tensors, so an all-tied merge writes a tied output.
+        """
+        if TIED_HEAD in self.tensors or not self.tied_embeddings:
+            return None
+        return next((n for n in self.tensors
+                     if n.endswith(".weight") and n[: -len(".weight")].rsplit(".", 1)[-1] in EMBEDDING_MODULES), None)
+
+    def _stored(self, name: str) -> str:
+        """The stored tensor that answers for `name` (itself, or a tied head's embedding)."""
+        if name in self.tensors or name != TIED_HEAD:
+            return name
+        return self.tied_head_source or name
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
@@ -152,7 +178,7 @@ class Checkpoint:
             begin, nbytes = info.begin + a * row_bytes, (b - a) * row_bytes
             shape = (b - a, *shape[1:])
         if self._bin_state is not None:
-            t = self._bin_state[name]
+            t = self._bin_state[self._stored(name)]
             if rows is not None:
                 t = t[rows[0] : rows[1]]
         else:

@@ -19,7 +19,7 @@ import torch
 from ..dtypes import is_float
 from ..errors import CheckpointError, UsageError
 from .adapters import LoraAdapter, LoraModule, is_adapter_dir, open_adapter
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import EMBEDDING_MODULES, Checkpoint, open_checkpoint
 
 __all__ = ["Patch", "DeltaSource", "LoraDelta", "FullDelta", "open_delta", "is_adapter_dir", "vocab_growth",
            "is_vocab_tensor", "EMBEDDING_MODULES"]
@@ -68,8 +68,6 @@ class DeltaSource(Protocol):
         ...
 
 
-# Input-embedding modules, whose LoRA is stored as lora_embedding_A/B ([r, vocab], [dim, r]).
-EMBEDDING_MODULES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
 # Modules with one row per vocabulary entry: the embeddings and the output heads.
 VOCAB_MODULES = (*EMBEDDING_MODULES, "lm_head", "embed_out")
 

@@ -27,6 +27,16 @@ NO_EFFECT_PARAMS: dict[str, str] = {
     "int8_mask": "mergekit's 'int8_mask' only saves memory there (the output is identical); ignored",
 }
 
+# Parameter names some mergekit method reads. mergekit ignores any of them given to a method
+# that does not read it (published recipes carry `weight` on model_stock, `normalize` on
+# slerp), so a mergekit-shaped recipe gets the same: ignored, with a note. Other unknown names
+# are still errors (a typo is not silently dropped).
+MERGEKIT_PARAM_NAMES = frozenset({
+    "weight", "density", "gamma", "epsilon", "lambda", "normalize", "int8_mask", "rescale", "t",
+    "filter_wise", "select_topk", "eps", "max_iter", "tol", "nuslerp_flatten", "nuslerp_row_wise",
+    "normalize_weights",
+})
+
 # mergekit booleans for parameters mlite spells as choices: {param: {bool: choice}}.
 BOOL_SPELLINGS: dict[str, dict[bool, str]] = {
     "rescale": {True: "l1", False: "none"},  # mergekit rescales DARE/DELLA to the L1 norm
@@ -72,7 +82,7 @@ def validate(raw: RawRecipe, base_dir: Path, problems: Problems) -> Recipe | Non
         params: dict[str, Any] = {}
         model_params: dict[str, dict[str, Any]] = {}
         if spec is not None:
-            checker = _ParamChecker(spec, refs, ref_alias, base_dir, problems, notes)
+            checker = _ParamChecker(spec, refs, ref_alias, base_dir, problems, notes, mergekit=raw.shape == "mergekit")
             params = checker.step_params(step)
             model_params = checker.model_params(step)
             checker.required(step, params, model_params)
@@ -168,8 +178,9 @@ class _ParamChecker:
     """Checks one step's parameters against its method and returns them under canonical names."""
 
     def __init__(self, spec: MethodSpec, refs: list[str], ref_alias: dict[str, str], base_dir: Path,
-                 problems: Problems, notes: list[str]) -> None:
+                 problems: Problems, notes: list[str], *, mergekit: bool = False) -> None:
         self.spec = spec
+        self.mergekit = mergekit  # a mergekit-shaped recipe: mergekit's leniencies apply
         self.refs = refs
         self.ref_alias = ref_alias
         self.base_dir = base_dir
@@ -181,21 +192,24 @@ class _ParamChecker:
         p = self.spec.param(name)
         if p is None:
             if name in NO_EFFECT_PARAMS:
-                note = NO_EFFECT_PARAMS[name]
-                if note not in self.notes:
-                    self.notes.append(note)
+                self._note(NO_EFFECT_PARAMS[name])
+                return None
+            if self.mergekit and name in MERGEKIT_PARAM_NAMES:
+                self._note(f"'{name}' is not a parameter of '{self.spec.name}'; ignored, as mergekit ignores it")
                 return None
             hint = did_you_mean(name, self.names) or choices_hint(self.names)
             self.problems.add(item.loc, f"unknown parameter '{name}' for method '{self.spec.name}'{hint}", item.key)
         return p
 
+    def _note(self, note: str) -> None:
+        if note not in self.notes:
+            self.notes.append(note)
+
     def _setting(self, p: Param, value: Any, raw: Any, key: str, loc: Loc) -> Any:
         """Check one setting; return it (file paths resolved) or None when it has problems."""
         spelled = BOOL_SPELLINGS.get(p.name, {})
         if isinstance(value, bool) and p.kind == "str" and p.choices and spelled.get(value) in p.choices:
-            note = f"mergekit's '{p.name}: {str(value).lower()}' is read as '{p.name}: {spelled[value]}'"
-            if note not in self.notes:
-                self.notes.append(note)
+            self._note(f"mergekit's '{p.name}: {str(value).lower()}' is read as '{p.name}: {spelled[value]}'")
             value = spelled[value]
         try:
             setting = parse_setting(value)
@@ -278,6 +292,12 @@ class _ParamChecker:
                 if p.name in values:
                     self.problems.add(item.loc, f"parameter '{p.name}' is given twice for model '{m.ref.value}'",
                                       item.key)
+                    continue
+                if self.mergekit and not p.per_model:
+                    # mergekit reads a step-wide parameter (lambda, normalize, t) only under
+                    # `parameters:`; one given for a model has no effect there, nor here.
+                    self._note(f"'{p.name}' given for model '{m.ref.value}' is ignored, as in mergekit: "
+                               "it is read only under the step's 'parameters'")
                     continue
                 checked = self._setting(p, item.value, item.raw, item.key, item.loc)
                 if checked is None:
