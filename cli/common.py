@@ -24,8 +24,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def setup_logging(verbose: int) -> None:
+    """Warnings (a recipe that does not do what it says) as `warning: ...` lines; -v adds info,
+    -vv debug, both with the logger's name."""
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    fmt = "%(levelname)s: %(message)s" if verbose <= 0 else "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_lowercase_level)
+
+
+def _lowercase_level(record: logging.LogRecord) -> bool:
+    record.levelname = record.levelname.lower()
+    return True
 
 
 SYSTEM_ERROR_EXIT = 6  # docs/cli.md: the operating system refused a read or a write
