@@ -639,6 +639,37 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, model_set, monkeypat
     assert all(not p.name.startswith("mlite-resume") for p in (tmp_path / "out").iterdir())
 
 
+def test_resume_rewrites_the_tensors_of_a_shard_of_the_wrong_size(tmp_path, model_set):
+    """A shard whose size is off (a kill between a direct write's padded last block and the
+    truncate) is started afresh: its logged tensors are computed again, never left as zeros."""
+    from mergekit_lite.io.writer import CheckpointWriter
+
+    ms = model_set
+    recipe = {
+        "inputs": {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])},
+        "steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}],
+        "output": {"path": str(tmp_path / "out"), "shard_size": 3000},
+    }
+    reference = mlite.run_recipe({**recipe, "output": {"path": str(tmp_path / "ref"), "shard_size": 3000}})
+    calls = []
+
+    def interrupt(name, job, out):
+        calls.append(name)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mlite.run_recipe(recipe, tensor_hook=interrupt)
+    partial = CheckpointWriter.partial_dir(tmp_path / "out")
+    first = sorted(partial.glob("*.safetensors"))[0]
+    with open(first, "ab") as f:
+        f.write(b"\0" * 100)
+    result = mlite.run_recipe(recipe, resume=True)
+    assert 0 < result.resumed < reference.tensors
+    got, want = load_dir(tmp_path / "out"), load_dir(tmp_path / "ref")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_resume_with_changed_recipe_starts_afresh(tmp_path, model_set):
     ms = model_set
     recipe = {

@@ -173,7 +173,13 @@ class CheckpointWriter:
         if resume and same:
             log_file = self.tmp_dir / RESUME_LOG
             names = log_file.read_text().splitlines() if log_file.is_file() else []
-            self.done = {n for n in names if n in self._planned}
+            # A logged tensor counts only if its shard is there at its planned size: a shard that
+            # is not (killed between a direct write's padded last block and the truncate, or
+            # removed by hand) is started afresh, so its tensors must be written again.
+            intact = {t.name for layout in self.layouts for t in layout.tensors
+                      if (self.tmp_dir / layout.file_name).is_file()
+                      and (self.tmp_dir / layout.file_name).stat().st_size == layout.size}
+            self.done = {n for n in names if n in self._planned and n in intact}
             for remaining in self._remaining.values():
                 remaining -= self.done
         else:
