@@ -184,7 +184,11 @@ class CheckpointWriter:
                 remaining -= self.done
         else:
             if self.tmp_dir.exists():
-                log.info("discarding the partial output at %s", self.tmp_dir)
+                if resume:  # asked to continue, and cannot: say so, the run starts over
+                    log.warning("the partial output at %s is from another recipe or other inputs; "
+                                "starting afresh", self.tmp_dir)
+                else:
+                    log.info("discarding the partial output at %s", self.tmp_dir)
                 shutil.rmtree(self.tmp_dir)
             self.tmp_dir.mkdir()
             self._hold(self.tmp_dir)
