@@ -391,6 +391,22 @@ def test_slerp_golden() -> None:
     close(run("slerp", None, [[1.0, 0.0], [0.0, 1.0]], t=1 / 3), [math.sqrt(3) / 2, 0.5])
 
 
+def test_slerp_sums_in_chunks_without_float64_copies(monkeypatch) -> None:
+    """The norms and dot are float64 sums over chunks: equal to the whole-vector float64 sums to
+    rounding, and the merge is the same either way the endpoints are held."""
+    from mergekit_lite.methods import slerp
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(37, 11, generator=g), torch.randn(37, 11, generator=g)
+    whole = slerp.slerp_coefficients(0.3, a, b)
+    monkeypatch.setattr(slerp, "SUM_CHUNK", 10)  # 41 chunks, the last one short
+    chunked = slerp.slerp_coefficients(0.3, a, b)
+    assert chunked == pytest.approx(whole, rel=1e-14)
+    x, y = a.double().reshape(-1), b.double().reshape(-1)
+    omega = math.acos(float(x @ y / (x.norm() * y.norm())))
+    assert chunked == pytest.approx((math.sin(0.7 * omega) / math.sin(omega), math.sin(0.3 * omega) / math.sin(omega)))
+
+
 def test_slerp_lerp_fallback() -> None:
     close(run("slerp", None, [[1.0, 1.0], [2.0, 2.0]], t=0.25), [1.25, 1.25])  # colinear
     close(run("slerp", None, [[1.0, 0.0], [-1.0, 0.0]], t=0.5), [0.0, 0.0])  # antiparallel
