@@ -354,6 +354,16 @@ def test_mergekit_parameters_of_other_methods_are_ignored_typos_are_not(models: 
     assert "unknown parameter 'normalise'" in msg and "did you mean 'normalize'" in msg
 
 
+def test_mergekit_rescale_on_ties_is_refused_when_it_would_change_the_result(models: Path) -> None:
+    from mergekit_lite.methods import ties  # noqa: F401  registers the real method
+
+    text = MERGEKIT_TIES.replace("fties", "ties")
+    msg = one_problem(write(models, text.replace("normalize: true", "normalize: true\n  rescale: true")))
+    assert "'rescale: True' is not supported for method 'ties'" in msg and "L1-rescales" in msg
+    recipe = load_recipe(write(models, text.replace("normalize: true", "normalize: true\n  rescale: false")))
+    assert "rescale" not in recipe.steps[0].parameters  # the default: nothing changes
+
+
 def test_mlite_recipe_step_wide_parameter_per_model_must_agree() -> None:
     step = {"id": "s", "method": "fties", "base": "x", "models": [
         {"model": "a", "parameters": {"lambda": 0.9}}, {"model": "b", "parameters": {"lambda": 0.9}}]}

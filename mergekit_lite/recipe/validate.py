@@ -37,6 +37,14 @@ MERGEKIT_PARAM_NAMES = frozenset({
     "normalize_weights",
 })
 
+# Parameters mergekit applies for a method where mlite does not implement them: ignoring them
+# would give other tensors than mergekit, so a value that changes the result is an error.
+MERGEKIT_UNSUPPORTED: dict[str, dict[str, str]] = {
+    "ties": {"rescale": "mergekit L1-rescales the trimmed task vectors; use dare_ties or della for a rescaled drop"},
+    "breadcrumbs": {"rescale": "mergekit L1-rescales the kept entries; use dare_linear or della_linear for a "
+                               "rescaled drop"},
+}
+
 # mergekit booleans for parameters mlite spells as choices: {param: {bool: choice}}.
 BOOL_SPELLINGS: dict[str, dict[bool, str]] = {
     "rescale": {True: "l1", False: "none"},  # mergekit rescales DARE/DELLA to the L1 norm
@@ -193,6 +201,11 @@ class _ParamChecker:
         if p is None:
             if name in NO_EFFECT_PARAMS:
                 self._note(NO_EFFECT_PARAMS[name])
+                return None
+            why = MERGEKIT_UNSUPPORTED.get(self.spec.name, {}).get(name)
+            if self.mergekit and why is not None and item.value not in (False, None):
+                self.problems.add(item.loc, f"'{name}: {item.value}' is not supported for method "
+                                  f"'{self.spec.name}' ({why})", item.key)
                 return None
             if self.mergekit and name in MERGEKIT_PARAM_NAMES:
                 self._note(f"'{name}' is not a parameter of '{self.spec.name}'; ignored, as mergekit ignores it")
