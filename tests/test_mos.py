@@ -258,6 +258,15 @@ def test_delta_space_default_rank_is_the_best_truncation(lora_bank: Path) -> Non
     assert torch.allclose(_dense(merged.members["t2"], mod, s), best, atol=1e-6)
 
 
+def test_outputs_never_replace_the_input_bank(lora_bank: Path, tmp_path: Path) -> None:
+    before = lora_bank.read_bytes()
+    with pytest.raises(UsageError, match="is input file"):
+        mos_merge(lora_bank, momentum=0.5, out=lora_bank, force=True)
+    with pytest.raises(UsageError, match="is input file"):
+        bank_export(lora_bank, "t0", lora_bank, force=True)
+    assert lora_bank.read_bytes() == before
+
+
 def test_in_memory_merge_exports_like_a_bank_file(lora_bank: Path, tmp_path: Path) -> None:
     merged = mos_merge(lora_bank, momentum=0.5)  # out=None: a Bank in memory
     path = mos_merge(lora_bank, momentum=0.5, out=tmp_path / "merged.safetensors")

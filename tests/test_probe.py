@@ -120,6 +120,9 @@ def test_cli_train_is_deterministic(tmp_path: Path) -> None:
     r = runner.invoke(app, ["probe", "train", "--features", str(tmp_path / "feats.safetensors"),
                             "--out", str(tmp_path / "a.safetensors")])
     assert r.exit_code == 2 and "exists" in r.output
+    r = runner.invoke(app, ["probe", "train", "--features", str(tmp_path / "feats.safetensors"),
+                            "--out", str(tmp_path / "feats.safetensors"), "--force"])
+    assert r.exit_code == 2 and "is input file" in r.output and load_file(str(tmp_path / "feats.safetensors"))["features"].shape == x.shape
 
 
 def test_train_file_errors(tmp_path: Path) -> None:

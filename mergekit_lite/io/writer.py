@@ -80,18 +80,25 @@ def plan_shards(tensors: Sequence[PlannedTensor], shard_size: int = DEFAULT_SHAR
     return layouts
 
 
+def refuse_over_inputs(out: Path, inputs: Iterable[Path]) -> None:
+    """Refuse an output (file or directory) that is an input file or holds one: writing it,
+    --force or not, would destroy what the run reads."""
+    target = Path(out).expanduser().resolve()
+    for f in inputs:
+        path = Path(f).expanduser().resolve()
+        if path == target or target in path.parents:
+            what = "is" if path == target else "holds"
+            raise UsageError(f"{out}: the output {what} input file {f}, which writing it would destroy; "
+                             "choose another output path")
+
+
 def check_output_dir(out: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
     """Refuse a non-empty existing output unless forced, and any output that holds an input.
 
     Checked before any work starts. Publishing replaces the whole output directory, so an
     output that is an input's folder, or contains one, would delete that input with --force.
     """
-    target = out.expanduser().resolve()
-    for f in inputs:
-        path = Path(f).expanduser().resolve()
-        if path == target or target in path.parents:
-            raise UsageError(f"{out}: the output directory holds input file {f}, which writing it would destroy; "
-                             "choose another output path")
+    refuse_over_inputs(out, inputs)
     # The output is built beside its target and renamed into place: the parent (or the first
     # part of it that exists) must be writable. Found now, not after a global method's passes.
     parent = out.expanduser().absolute().parent

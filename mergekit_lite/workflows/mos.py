@@ -27,6 +27,7 @@ from mergekit_lite.io.bank import (
     read_source,
     save_bank,
 )
+from mergekit_lite.io.writer import refuse_over_inputs
 from mergekit_lite.methods.mos import MODES, lora_scaling, mos_tensors, refactor_lowrank
 
 SPACES: tuple[str, ...] = ("factors", "delta")
@@ -97,6 +98,8 @@ def bank_export(bank: str | Path | Bank, task: str, out: str | Path, *, force: b
     """Task `task` as a PEFT adapter dir (LoRA members) or a safetensors file (raw members).
 
     `bank` is a bank file or an in-memory bank (what `mos_merge(out=None)` returns)."""
+    if not isinstance(bank, Bank):
+        refuse_over_inputs(Path(out), [Path(bank)])
     member = (bank if isinstance(bank, Bank) else load_bank(bank)).member(task)
     return export_member(member, out, force=force)
 
@@ -251,6 +254,8 @@ def mos_merge(
     the merged bank in memory when `out` is None.
     """
     _check_merge_args(momentum, mode, space, rank)
+    if out is not None and not isinstance(bank, Bank):
+        refuse_over_inputs(Path(out), [Path(bank)])
     if out is not None and Path(out).exists() and not force:
         raise UsageError(f"{out} already exists; pass --force (force=True) to replace it")
     b = bank if isinstance(bank, Bank) else load_bank(bank)

@@ -25,7 +25,7 @@ from ..dtypes import to_torch
 from ..errors import CheckpointError, MliteError, UsageError
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.safetensors_format import PlannedTensor
-from ..io.writer import CheckpointWriter, check_output_dir
+from ..io.writer import CheckpointWriter, check_output_dir, refuse_over_inputs
 from ..methods.probe import ProbeFit
 from ..methods.probe import train_probe as fit_probe
 from ..methods.surgery import (
@@ -337,6 +337,7 @@ def train_probe(
     if not src.is_file():
         raise UsageError(f"{src}: features file not found")
     dest = Path(out).expanduser()
+    refuse_over_inputs(dest, [src])
     if dest.exists() and not force:
         raise UsageError(f"{dest}: exists (use --force to replace it)")
     try:
