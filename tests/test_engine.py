@@ -483,6 +483,19 @@ def test_vocab_mismatch_needs_option(tmp_path):
     assert torch.equal(state[emb][64:], base[emb][64:])
 
 
+def test_vocab_option_shares_rows_of_vocabulary_tensors_only(tmp_path):
+    shape = LlamaShape(intermediate_size=32)
+    b = save_checkpoint(make_base(shape), tmp_path / "b", shape=shape)
+    wide = LlamaShape(intermediate_size=40)  # more MLP rows: another architecture
+    w = save_checkpoint(make_base(wide, seed=3), tmp_path / "w", shape=wide)
+    rec = {"inputs": {"b": str(b), "w": str(w)}, "options": {"vocab": "shared"},
+           "steps": [{"id": "m", "method": "task_arithmetic", "base": "b", "models": ["w"]}]}
+    with pytest.raises(CheckpointError) as e:
+        mlite.run_recipe(rec)
+    assert "up_proj.weight' has shape [40, 16], expected [32, 16]" in str(e.value)
+    assert "vocabulary" not in str(e.value)
+
+
 def test_inspect_table_and_json(model_set):
     res = runner.invoke(app, ["inspect", str(model_set.base)])
     assert res.exit_code == 0 and "embed_tokens" in res.stdout and "parameters" in res.stdout

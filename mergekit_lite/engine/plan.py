@@ -22,6 +22,7 @@ import torch
 from ..dtypes import is_float, parse_user_dtype
 from ..errors import CheckpointError, MliteError, RecipeError, UsageError, combine
 from ..io.checkpoint import TIED_HEAD, Checkpoint, open_checkpoint
+from ..io.deltas import is_vocab_tensor
 from ..io.safetensors_format import PlannedTensor
 from ..io.writer import DEFAULT_SHARD_SIZE, check_output_dir, plan_shards
 from ..methods.registry import MethodSpec, get_method
@@ -401,7 +402,9 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
                     problems.append(CheckpointError(f"{label}: tensor {name!r} is {odtype}, base has {info.dtype} (step {st.id!r})"))
                     continue
                 if oshape != shape:
-                    rows_differ = len(oshape) == len(shape) and oshape[1:] == shape[1:] and len(shape) >= 1
+                    # only a vocabulary tensor (embedding, output head) may differ in rows only
+                    rows_differ = (is_vocab_tensor(name) and len(oshape) == len(shape) == 2
+                                   and oshape[1:] == shape[1:])
                     if rows_differ and vocab_mode == "shared":
                         plan.vocab_rows[name] = min(plan.vocab_rows.get(name, shape[0]), oshape[0])
                         continue
