@@ -386,7 +386,8 @@ def test_force_never_replaces_an_input(tmp_path, model_set):
     for out in (a, a.parent, tmp_path):  # the input itself, its parent, a grandparent
         res = runner.invoke(app, ["merge", str(_write(tmp_path / "r.yaml", recipe)), "--out", str(out), "--force"])
         assert res.exit_code == 2 and "holds input file" in res.output and str(out) in res.output, res.output
-    saving = {**recipe, "steps": [{**recipe["steps"][0], "save": str(b)}], "output": {"path": str(tmp_path / "o")}}
+    saving = {**recipe, "steps": [{**recipe["steps"][0], "save": str(b)}, {"id": "n", "method": "linear", "models": ["m"]}],
+              "output": {"path": str(tmp_path / "o")}}
     res = runner.invoke(app, ["merge", str(_write(tmp_path / "r.yaml", saving)), "--force"])
     assert res.exit_code == 2 and "holds input file" in res.output, res.output
     assert {p: p.read_bytes() for d in (a, b) for p in sorted(d.iterdir())} == before
@@ -416,6 +417,17 @@ def test_system_refusals_are_one_line(tmp_path, model_set, monkeypatch):
     monkeypatch.setattr(writer.os, "access", lambda path, mode: not mode & os.W_OK)  # as if read-only
     res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "ro" / "out")])
     assert res.exit_code == 2 and f"{tmp_path} is not writable" in res.output, res.output
+
+
+def test_save_on_the_output_step_is_refused(tmp_path, model_set):
+    """The output step goes to output.path; a save: there would silently take its place."""
+    recipe = _write(tmp_path / "r.yaml", {
+        "inputs": {"a": str(model_set.finetunes[0]), "b": str(model_set.finetunes[1])},
+        "steps": [{"id": "m", "method": "linear", "models": ["a", "b"], "save": str(tmp_path / "copy")}],
+    })
+    res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 3 and "step 'm' is the output step" in res.output, res.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "copy").exists()
 
 
 def test_one_checkpoint_under_two_names_is_refused(tmp_path, model_set):

@@ -301,6 +301,10 @@ def build_plan(
     plan.copy_from = checkpoints.get(copy_key)
     if copy_key and plan.copy_from is None:
         raise RecipeError(f"{_src(recipe)}: output.copy_tokenizer_from {copy_key!r} is not a checkpoint input")
+    final_save = plan.steps[plan.final].save
+    if plan.out is not None and final_save is not None and final_save.expanduser().absolute() != plan.out.expanduser().absolute():
+        raise RecipeError(f"{_src(recipe)}: step {plan.final!r} is the output step, written to {plan.out}; its "
+                          f"'save: {final_save}' would be a second copy: remove it, or save another step")
     if check_output:
         inputs = input_files(plan)
         for out in [plan.out, *(st.save for st in plan.steps.values())]:
