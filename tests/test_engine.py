@@ -419,6 +419,24 @@ def test_system_refusals_are_one_line(tmp_path, model_set, monkeypatch):
     assert res.exit_code == 2 and f"{tmp_path} is not writable" in res.output, res.output
 
 
+@pytest.mark.parametrize(("device", "needle"), [
+    ("mps", "MPS (Apple GPU) is not available"),
+    ("cuda:7", "CUDA"),
+    ("xla", "unknown device 'xla'"),
+])
+def test_unavailable_devices_are_one_line_exit_2(tmp_path, model_set, device, needle):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    recipe = _write(tmp_path / "r.yaml", {
+        "inputs": {"a": str(model_set.finetunes[0]), "b": str(model_set.finetunes[1])},
+        "steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}],
+    })
+    res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "out"), "--device", device])
+    assert res.exit_code == 2 and needle in res.output and res.output.count("\n") == 1, res.output
+
+
 def test_save_on_the_output_step_is_refused(tmp_path, model_set):
     """The output step goes to output.path; a save: there would silently take its place."""
     recipe = _write(tmp_path / "r.yaml", {

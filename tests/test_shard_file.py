@@ -261,3 +261,17 @@ def test_prepare_casts_like_to_and_places_the_bytes_for_direct_writes(tmp_path, 
         w.finish()
     out = load_dir(tmp_path / "out")
     assert torch.equal(out["w"].view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+
+
+def test_a_failed_write_names_its_file(tmp_path, monkeypatch):
+    """A full disk raises OSError without a file name; the writer adds the shard's path."""
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shard_file, "pwrite_all", full)
+    f = shard_file.BufferedShardFile(tmp_path / "x.safetensors", 16, fresh=True)
+    with pytest.raises(OSError) as e:
+        f.pwrite(memoryview(b"abcd"), 0)
+    f.close()
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "x.safetensors")

@@ -342,9 +342,15 @@ def _device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
+        raise UsageError(f"unknown device {name!r} (use cpu, cuda, cuda:N, mps or auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} requested but CUDA is not available")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"device {name!r} requested but there are {torch.cuda.device_count()} CUDA devices")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UsageError(f"device {name!r} requested but MPS (Apple GPU) is not available")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unknown device {name!r} (use cpu, cuda, cuda:N, mps or auto)")
     return dev
 
 

@@ -26,10 +26,12 @@ file systems), resumed files (whose half-filled blocks are on disk, not in memor
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -76,7 +78,8 @@ class BufferedShardFile:
             os.ftruncate(self.fd, size)
 
     def pwrite(self, data: memoryview, offset: int) -> None:
-        pwrite_all(self.fd, data, offset)
+        with naming(self.path):
+            pwrite_all(self.fd, data, offset)
 
     def settled(self, start: int, end: int) -> bool:
         return True
@@ -131,6 +134,10 @@ class DirectShardFile:
 
     # ---- writing ----------------------------------------------------------------------
     def pwrite(self, data: memoryview, offset: int) -> None:
+        with naming(self.path):
+            self._pwrite(data, offset)
+
+    def _pwrite(self, data: memoryview, offset: int) -> None:
         end = offset + len(data)
         if end > self.size or offset < 0:
             raise ValueError(f"{self.path}: write [{offset}, {end}) outside the file's {self.size} bytes")
@@ -233,6 +240,18 @@ class DirectShardFile:
                     # A failed write's traceback still views it (the error is on its way up);
                     # the mapping is freed with the traceback instead.
                     pass
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Give an OSError from a write the file it was writing (a full disk says only
+    'No space left on device'), so the one-line error names it."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def buffer_address(data: memoryview) -> int:
