@@ -33,10 +33,12 @@ def methods(
     if as_json:
         data = [
             {
-                "name": s.name, "summary": s.summary, "paper": s.paper, "needs_base": s.needs_base,
+                "name": s.name, "aliases": api.method_aliases(s.name), "summary": s.summary, "paper": s.paper,
+                "needs_base": s.needs_base,
                 "min_models": s.min_models, "max_models": s.max_models, "ordered": s.ordered,
                 "params": [
-                    {"name": p.name, "kind": p.kind, "default": p.default, "per_model": p.per_model,
+                    {"name": p.name, "aliases": list(p.aliases), "kind": p.kind, "default": p.default,
+                     "per_model": p.per_model,
                      "range": p.describe_range(), "help": p.help}
                     for p in s.params
                 ],
@@ -46,12 +48,15 @@ def methods(
         out.print_json(json.dumps(data, default=str))
         return
     for s in specs:
-        table = Table(title=f"{s.name} — {s.summary}", title_justify="left", expand=False)
+        names = api.method_aliases(s.name)
+        also = f" (also: {', '.join(names)})" if names else ""
+        table = Table(title=f"{s.name}{also} — {s.summary}", title_justify="left", expand=False)
         for col in ("parameter", "type", "default", "range", "help"):
             table.add_column(col, overflow="fold")
         for p in s.params:
             kind = p.kind + (" per model" if p.per_model else "")
-            table.add_row(p.name, kind, repr(p.default), p.describe_range(), p.help)
+            name = p.name + (f" ({', '.join(p.aliases)})" if p.aliases else "")
+            table.add_row(name, kind, repr(p.default), p.describe_range(), p.help)
         out.print(table)
         if s.paper:
             out.print(f"  paper: {s.paper}")

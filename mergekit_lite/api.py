@@ -17,7 +17,7 @@ import torch
 from .engine.plan import Plan, build_plan
 from .engine.run import PublishHook, RunResult, TensorHook, execute
 from .io.checkpoint import Checkpoint, open_checkpoint
-from .methods.registry import all_methods, get_method
+from .methods.registry import all_methods, get_method, method_aliases
 from .methods.surgery import DEFAULT_FRACTION as SURGERY_DEFAULT_FRACTION
 from .methods.surgery import DEFAULT_TARGET as SURGERY_DEFAULT_TARGET
 from .recipe.model import Recipe, load_recipe
@@ -28,7 +28,7 @@ from .workflows.patch import patch
 from .workflows.surgery import collect_features, surgery, train_probe, undo_surgery
 
 __all__ = [
-    "SURGERY_DEFAULT_FRACTION", "SURGERY_DEFAULT_TARGET", "all_methods", "get_method", "run_demo",
+    "SURGERY_DEFAULT_FRACTION", "SURGERY_DEFAULT_TARGET", "all_methods", "get_method", "method_aliases", "run_demo",
     "bank_add", "bank_export", "bank_list", "bank_set_prototypes", "collect_features", "dry_run", "extract",
     "inspect", "merge", "mos_merge", "patch", "plan_recipe", "retrieve", "run_recipe", "surgery", "train_probe",
     "undo_surgery",

@@ -538,8 +538,11 @@ def test_version_and_methods():
     res = runner.invoke(app, ["--version"])
     assert res.exit_code == 0 and res.stdout.startswith("mlite ")
     res = runner.invoke(app, ["methods", "--json"])
-    names = {m["name"] for m in json.loads(res.stdout)}
-    assert {"linear", "task_arithmetic", "ties", "pcb"} <= names
+    methods = {m["name"]: m for m in json.loads(res.stdout)}
+    assert {"linear", "task_arithmetic", "ties", "pcb"} <= methods.keys()
+    # the names a recipe may also use are listed
+    assert methods["pcb"]["aliases"] == ["pcb_merging"]
+    assert {p["name"]: p["aliases"] for p in methods["pcb"]["params"]}["lambda"] == ["scaling_coef"]
 
 
 def test_demo_runs_every_example(tmp_path):

@@ -225,6 +225,12 @@ def get_method(name: str) -> MethodSpec | None:
     return _REGISTRY.get(_ALIASES.get(name, name))
 
 
+def method_aliases(name: str) -> list[str]:
+    """Other names a recipe may give method `name` by (e.g. a paper's own name)."""
+    _load_all()
+    return sorted(a for a, n in _ALIASES.items() if n == name)
+
+
 def all_methods() -> list[MethodSpec]:
     _load_all()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
