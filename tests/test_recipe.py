@@ -610,3 +610,11 @@ def test_loc_str() -> None:
     assert str(Loc("recipe.yaml", 12)) == "recipe.yaml:12"
     assert str(Loc("recipe.yaml", None)) == "recipe.yaml"
     assert str(Loc(None, None)) == "<recipe>"
+
+
+def test_slerp_with_one_endpoint_is_a_recipe_error() -> None:
+    """Caught with the recipe (file and step), not at the first tensor of a run."""
+    from mergekit_lite.methods import slerp  # noqa: F401  registers the real method
+
+    msg = one_problem({"inputs": {"a": "a"}, "steps": [{"id": "s", "method": "slerp", "models": ["a"]}]})
+    assert "method 'slerp' needs 2 inputs (models, or a base and models), got 1" in msg

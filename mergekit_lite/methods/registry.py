@@ -188,6 +188,9 @@ class MethodSpec:
     tensor_reducer: Callable[[Mapping[str, Any], int], Reducer | None] | None = None
     paper: str = ""
     doc: str = ""  # path of the docs page, relative to docs/
+    # Inputs the method needs counting the base (slerp: two endpoints, a base and a model or two
+    # models), checked with the recipe rather than at the first tensor.
+    min_inputs: int = 0
     # Pairs of parameters a recipe may not give together (surgery's top_k and fraction).
     exclusive: tuple[tuple[str, str], ...] = ()
     compute_dtype: torch.dtype = torch.float32

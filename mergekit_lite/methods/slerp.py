@@ -93,6 +93,7 @@ SPEC = register(
         needs_base=False,
         min_models=1,
         max_models=2,
+        min_inputs=2,
         ordered=True,
         paper="https://dl.acm.org/doi/10.1145/325165.325242",
         doc="methods/slerp.md",

@@ -166,6 +166,9 @@ def _arity(step: RawStep, spec: MethodSpec, shape: str, problems: Problems) -> N
     what = f"method '{spec.name}'"
     if n < spec.min_models:
         problems.add(step.loc, f"{what} needs at least {spec.min_models} model(s), got {n}", _sub(step, "models"))
+    elif n + (step.base is not None) < spec.min_inputs:
+        problems.add(step.loc, f"{what} needs {spec.min_inputs} inputs (models, or a base and models), got {n}",
+                     _sub(step, "models"))
     if spec.max_models is not None and n > spec.max_models:
         problems.add(step.loc, f"{what} takes at most {spec.max_models} model(s), got {n}", _sub(step, "models"))
     base_key = "base_model" if shape == "mergekit" else "base"
