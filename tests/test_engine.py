@@ -437,6 +437,20 @@ def test_unavailable_devices_are_one_line_exit_2(tmp_path, model_set, device, ne
     assert res.exit_code == 2 and needle in res.output and res.output.count("\n") == 1, res.output
 
 
+def test_della_probability_range_fails_before_any_tensor_is_read(tmp_path, model_set):
+    ms = model_set
+    recipe = _write(tmp_path / "r.yaml", {
+        "inputs": {"base": str(ms.base), "a": str(ms.finetunes[0])},
+        "steps": [{"id": "d", "method": "della", "base": "base", "models": ["a"],
+                   "parameters": {"density": 0.1, "epsilon": 0.2}}],
+    })
+    for extra in (["--dry-run"], []):
+        res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "out"), *extra])
+        assert res.exit_code == 3, res.output
+        assert f"{recipe}: step 'd' (della), tensor " in res.output and "density ± epsilon must lie in (0, 1]" in res.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_save_on_the_output_step_is_refused(tmp_path, model_set):
     """The output step goes to output.path; a save: there would silently take its place."""
     recipe = _write(tmp_path / "r.yaml", {

@@ -292,6 +292,7 @@ def build_plan(
         copy_from=None,
     )
     _check_tensors(plan, out_dtype, ckpt_problems)
+    _check_parameters(plan, recipe_problems)
     _load_tensor_files(plan, recipe_problems)
     if recipe_problems:
         raise combine(recipe_problems)
@@ -431,6 +432,22 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
     for delta in plan.deltas.values():
         for problem in delta.check(base_shapes, allow_vocab_growth=allow_growth):
             problems.append(CheckpointError(problem))
+
+
+def _check_parameters(plan: Plan, problems: list[MliteError]) -> None:
+    """Each step's `MethodSpec.check` on every float tensor's parameters (the first problem
+    per step), so what would fail mid-run fails before any tensor is read."""
+    for st in plan.steps.values():
+        if st.spec.check is None:
+            continue
+        for o in plan.outputs:
+            if not o.is_float:
+                continue
+            problem = st.spec.check(st.resolver.for_tensor(o.name), len(st.models))
+            if problem is not None:
+                problems.append(RecipeError(f"{_src(plan.recipe)}: step {st.id!r} ({st.spec.name}), "
+                                            f"tensor {o.name}: {problem}"))
+                break
 
 
 def _is_operand(plan: Plan, key: str) -> bool:

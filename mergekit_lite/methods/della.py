@@ -12,6 +12,9 @@ depend only on the entry's row, so with `rescale: paper`/`none` big tensors stre
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from ..errors import RecipeError
@@ -42,18 +45,36 @@ EPSILON = Param(
 )
 
 
+def _out_of_range(params: Mapping[str, Any], n: int) -> tuple[int, float, float] | None:
+    """(model, density, epsilon) of the first pruned model whose density ± epsilon leaves (0, 1]."""
+    densities = per_model(params, "density", n)
+    epsilons = per_model(params, "epsilon", n)
+    for i, (d, e) in enumerate(zip(densities, epsilons, strict=True)):
+        if d < 1 and (d - e <= 0 or d + e > 1):
+            return i + 1, d, e
+    return None
+
+
+def probability_range_problem(params: Mapping[str, Any], n: int) -> str | None:
+    """The plan's check of every tensor before a run (`MethodSpec.check`); `magprune` checks
+    again, for jobs built by hand."""
+    bad = _out_of_range(params, n)
+    return None if bad is None else f"model {bad[0]}: {_RANGE_RULE} (density {bad[1]:g}, epsilon {bad[2]:g})"
+
+
+_RANGE_RULE = "density ± epsilon must lie in (0, 1]"
+
+
 def magprune(job: TensorJob, taus: list[torch.Tensor], method: str) -> list[torch.Tensor]:
     n = len(taus)
     densities = per_model(job.params, "density", n)
     epsilons = per_model(job.params, "epsilon", n)
     mode = str(job.params.get("rescale", "paper"))
     pruned = [i for i, density in enumerate(densities) if density < 1]
-    for i in pruned:
-        if densities[i] - epsilons[i] <= 0 or densities[i] + epsilons[i] > 1:
-            raise RecipeError(
-                f"{method}: model {i + 1}, tensor {job.name}: density ± epsilon must lie in (0, 1] "
-                f"(density {densities[i]:g}, epsilon {epsilons[i]:g})"
-            )
+    bad = _out_of_range(job.params, n)
+    if bad is not None:
+        raise RecipeError(f"{method}: model {bad[0]}, tensor {job.name}: {_RANGE_RULE} "
+                          f"(density {bad[1]:g}, epsilon {bad[2]:g})")
     probabilities = dict(zip(pruned, della_probabilities_many(
         [taus[i] for i in pruned], [densities[i] for i in pruned], [epsilons[i] for i in pruned]
     ), strict=True))
@@ -97,6 +118,7 @@ SPEC = register(
         paper="https://arxiv.org/abs/2406.11617",
         doc="methods/della.md",
         row_local=row_local_unless_l1,
+        check=probability_range_problem,
     )
 )
 
@@ -111,5 +133,6 @@ LINEAR_SPEC = register(
         paper="https://arxiv.org/abs/2406.11617",
         doc="methods/della.md",
         row_local=row_local_unless_l1,
+        check=probability_range_problem,
     )
 )

@@ -191,6 +191,10 @@ class MethodSpec:
     # Inputs the method needs counting the base (slerp: two endpoints, a base and a model or two
     # models), checked with the recipe rather than at the first tensor.
     min_inputs: int = 0
+    # A problem with one tensor's resolved parameters (params, number of models) that ranges
+    # alone cannot express (DELLA: density ± epsilon in (0, 1]); the plan asks it for every
+    # tensor before the run, so a bad recipe fails before reading any tensor data.
+    check: Callable[[Mapping[str, Any], int], str | None] | None = None
     # Pairs of parameters a recipe may not give together (surgery's top_k and fraction).
     exclusive: tuple[tuple[str, str], ...] = ()
     compute_dtype: torch.dtype = torch.float32
