@@ -451,6 +451,18 @@ def test_della_probability_range_fails_before_any_tensor_is_read(tmp_path, model
     assert not (tmp_path / "out").exists()
 
 
+def test_global_ties_with_per_tensor_density_fails_before_the_run(tmp_path, model_set):
+    ms = model_set
+    recipe = _write(tmp_path / "r.yaml", {
+        "inputs": {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])},
+        "steps": [{"id": "t", "method": "ties", "base": "base", "models": ["a", "b"],
+                   "parameters": {"scope": "global", "density": [{"match": "*.mlp.*", "value": 0.3}, {"value": 0.5}]}}],
+    })
+    res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "out"), "--dry-run"])
+    assert res.exit_code == 3, res.output
+    assert f"{recipe}: step 't': ties: with scope: global, density must be the same for every tensor" in res.output
+
+
 def test_save_on_the_output_step_is_refused(tmp_path, model_set):
     """The output step goes to output.path; a save: there would silently take its place."""
     recipe = _write(tmp_path / "r.yaml", {

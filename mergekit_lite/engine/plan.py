@@ -436,7 +436,20 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
 
 def _check_parameters(plan: Plan, problems: list[MliteError]) -> None:
     """Each step's `MethodSpec.check` on every float tensor's parameters (the first problem
-    per step), so what would fail mid-run fails before any tensor is read."""
+    per step), and each global step's reducer built from its step-wide parameters (TIES with
+    scope: global needs one density for all tensors), so what would fail mid-run fails before
+    any tensor is read."""
+    for st in plan.global_steps:
+        if st.spec.reducer is None:
+            continue
+        params = dict(st.resolver.scalar_values())
+        for p in st.spec.params:  # tensor files are loaded after this check; reducers take them later
+            if p.kind == "tensor_file":
+                params[p.name] = None
+        try:
+            st.spec.reducer(params, len(st.models))
+        except MliteError as exc:
+            problems.append(RecipeError(f"{_src(plan.recipe)}: step {st.id!r}: {exc}"))
     for st in plan.steps.values():
         if st.spec.check is None:
             continue
