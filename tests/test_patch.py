@@ -202,6 +202,7 @@ def test_as_adapter_lora_takes_dtype_and_refuses_rank(bases: tuple[Path, Path], 
                               "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "keeps its own factors" in res.output and not (tmp_path / "r").exists()
     res = api.patch(new, adapter, lam=0.5, as_adapter=True, dtype="bfloat16", out=tmp_path / "bf16")
+    assert res.bytes_written == sum(f.stat().st_size for f in res.output.iterdir())
     written = load_file(str(res.output / "adapter_model.safetensors"))
     assert written and all(t.dtype == torch.bfloat16 for t in written.values())
     src = load_file(str(adapter / "adapter_model.safetensors"))

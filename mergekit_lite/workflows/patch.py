@@ -216,7 +216,8 @@ def _as_adapter(base: PathLike, delta_ref: PathLike, *, old_base: PathLike | Non
                       dtype=to_torch(parse_user_dtype(dtype)) if dtype else torch.float32, force=force,
                       extra_files={REPORT_FILE: json.dumps([asdict(r) for r in reports], indent=2).encode()})
         rows = [PatchRow(r.name, r.shape, r.kind, r.delta_norm, None, r.rank, r.rel_error, r.note) for r in reports]
-    return PatchResult(output=out_path, state_dict=None, tensors=rows, as_adapter=True,
+    written = sum(f.stat().st_size for f in out_path.rglob("*") if f.is_file())
+    return PatchResult(output=out_path, state_dict=None, tensors=rows, as_adapter=True, bytes_written=written,
                        bytes_read=new.bytes_read + src_bytes(src), seconds=time.perf_counter() - t0)
 
 
