@@ -160,6 +160,10 @@ def test_prototypes_are_stored(tmp_path: Path) -> None:
         bank_set_prototypes(bank, protos, [0, 7, 1, 1])
     with pytest.raises(UsageError, match="entries"):
         bank_set_prototypes(bank, protos, [0, 1])
+    with pytest.raises(UsageError, match="prototypes must be a tensor"):
+        bank_set_prototypes(bank, protos.tolist(), [0, 0, 1, 1])
+    with pytest.raises(UsageError, match="is a directory"):
+        bank_list(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

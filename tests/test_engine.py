@@ -463,6 +463,18 @@ def test_global_ties_with_per_tensor_density_fails_before_the_run(tmp_path, mode
     assert f"{recipe}: step 't': ties: with scope: global, density must be the same for every tensor" in res.output
 
 
+def test_api_refuses_what_the_cli_refuses(tmp_path, model_set):
+    from mergekit_lite.errors import UsageError
+
+    recipe = {"inputs": {"a": str(model_set.finetunes[0]), "b": str(model_set.finetunes[1])},
+              "steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}]}
+    for threads in (0, -3, 1.5, True):
+        with pytest.raises(UsageError, match="threads must be a positive integer"):
+            mlite.run_recipe(recipe, threads=threads)
+    with pytest.raises(UsageError, match="alpha must be a finite number"):
+        mlite.api.surgery(model_set.base, "probe.safetensors", alpha="1")
+
+
 def test_save_on_the_output_step_is_refused(tmp_path, model_set):
     """The output step goes to output.path; a save: there would silently take its place."""
     recipe = _write(tmp_path / "r.yaml", {

@@ -119,3 +119,33 @@ def test_cli_extract_usage_errors(pair: tuple[Path, Path], tmp_path: Path) -> No
     other = save_llama(tmp_path / "wide", 3, hidden_size=32)
     res = runner.invoke(app, ["extract", "--model", str(other), "--base", str(base), "--rank", "2", "--out", str(tmp_path / "x")])
     assert res.exit_code == 4 and not (tmp_path / "x").exists()
+
+
+def test_extract_reports_the_error_of_the_factors_as_written(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """With --dtype bfloat16 the reported error is that of the bf16 factors PEFT will load."""
+    base, ft = pair
+    out = tmp_path / "ad"
+    res = runner.invoke(app, ["extract", "--model", str(ft), "--base", str(base), "--rank", "16", "--dtype", "bfloat16",
+                              "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert all(t["rel_error"] > 1e-4 for t in report["tensors"])  # bf16 rounding, not float32's ~1e-7
+    report["tensors"] = [t for t in report["tensors"] if t["kind"] == "lora"]
+    _check_reproduces(base, ft, out, report)
+
+
+def test_extract_refuses_what_it_cannot_write(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    from mergekit_lite import api
+    from mergekit_lite.errors import CheckpointError, UsageError
+
+    base, ft = pair
+    res = runner.invoke(app, ["extract", "--model", str(base), "--base", str(base), "--rank", "2", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 4 and "no weight matrix differs" in res.output and not (tmp_path / "x").exists()
+    res = runner.invoke(app, ["extract", "--model", str(ft), "--base", str(base), "--rank", "2", "--device", "tpu",
+                              "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "unknown device 'tpu'" in res.output
+    for kwargs in ({"rank": "4"}, {"rank": 2.5}, {"rank": True}, {"energy": "0.9"}):
+        with pytest.raises(UsageError):
+            api.extract(ft, base, **kwargs)
+    with pytest.raises(CheckpointError):
+        api.extract(base, base, rank=2, out=tmp_path / "y")

@@ -355,6 +355,8 @@ def test_retrieval_stops_after_max_rounds() -> None:
         retrieve(x, _features(shifts, []), PROTOS, [0, 0, 1, 2], adapters)
     with pytest.raises(UsageError, match="do not match"):
         retrieve(x, _features(shifts, []), PROTOS[:3], C2T, adapters)
+    with pytest.raises(UsageError, match="features have width 3 but the prototypes"):
+        retrieve(x[:, :3], lambda inp, adapter: inp, PROTOS, C2T, adapters)
 
 
 def test_retrieval_from_a_bank(tmp_path: Path) -> None:

@@ -274,7 +274,7 @@ def build_plan(
     if ckpt_problems:
         raise combine(ckpt_problems)
 
-    dev = _device(device or recipe.device or "cpu")
+    dev = resolve_device(device or recipe.device or "cpu")
     out_path = out if out is not None else recipe.output.path
     out_dtype = parse_user_dtype(dtype or recipe.output.dtype) if (dtype or recipe.output.dtype) else None
     plan = Plan(
@@ -337,7 +337,8 @@ def _open_delta(ref: str, old_base: Checkpoint | None) -> Any:
     return open_delta(ref, old_base=old_base)
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """A device name checked against this machine: a one-line usage error when it is unknown or absent."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..errors import UsageError
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ def torch_threads(plan: Plan, requested: int | None = None) -> Iterator[int]:
 
     Restoring matters in a notebook, where the process goes on to do other torch work.
     """
+    if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < 1):
+        raise UsageError(f"threads must be a positive integer, got {requested!r}")
     before = torch.get_num_threads()
     n = compute_threads(plan, requested, before)
     if n != before:

@@ -197,6 +197,8 @@ def _json_field(path: Path, metadata: Mapping[str, str], key: str, default: Any 
 def load_bank(path: str | Path) -> Bank:
     """Read a whole bank, checking that its header and tensors agree."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"bank {path} is a directory; a bank is one .safetensors file")
     if not path.is_file():
         raise ResolveError(f"bank {path} does not exist")
     tensors, metadata = _read_safetensors(path)

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
+from ..engine.plan import resolve_device
+from ..errors import CheckpointError, UsageError
 from ..io.adapters import Factors, write_adapter
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.deltas import EMBEDDING_MODULES, DeltaSource, FullDelta
@@ -65,6 +66,10 @@ def is_embedding(name: str) -> bool:
 def check_rank_args(rank: int | None, energy: float | None) -> None:
     if (rank is None) == (energy is None):
         raise UsageError("give exactly one of --rank or --energy")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+        raise UsageError(f"--rank must be a positive integer, got {rank!r}")
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float))):
+        raise UsageError(f"--energy must be a number in (0, 1], got {energy!r}")
     if rank is not None and rank < 1:
         raise UsageError(f"--rank must be >= 1, got {rank}")
     if energy is not None and not 0 < energy <= 1:
@@ -83,12 +88,14 @@ def dense_to_adapter(
     full_tensors: bool = True,
     exact_max_dim: int = EXACT_MAX_DIM,
     on_tensor: Callable[[TensorReport], None] | None = None,
+    factor_dtype: torch.dtype = torch.float32,
 ) -> tuple[list[Factors], dict[str, torch.Tensor], list[TensorReport]]:
     """Factor every 2-D `.weight` delta of `delta` relative to `base`; keep the rest whole.
 
     Full tensors hold base + λ·Δ (or the replaced value), so loading the adapter onto `base`
     gives the patched model; a module that has both a LoRA and a full tensor cannot be
-    expressed by PEFT, so its full tensor is skipped and reported.
+    expressed by PEFT, so its full tensor is skipped and reported. The relative errors are
+    those of the factors as written in `factor_dtype` (rounding them to bf16 adds ~1e-3).
     """
     factors: list[Factors] = []
     full: dict[str, torch.Tensor] = {}
@@ -113,8 +120,11 @@ def dense_to_adapter(
             m = d.T if emb else d
             lr = truncated_svd(m, rank=rank, energy=energy, seed=tensor_seed(seed, name), exact_max_dim=exact_max_dim)
             factors.append(Factors(module, lr.a.cpu(), lr.b.cpu(), embedding=emb))
-            rep = TensorReport(name, info.shape, "lora", norm, lr.rank, lr.rel_error,
-                               "" if lr.exact else "randomized SVD")
+            rel = lr.rel_error
+            if factor_dtype != torch.float32:  # the error of what is written, not of the float32 factors
+                approx = lr.b.to(factor_dtype).double() @ lr.a.to(factor_dtype).double()
+                rel = float(torch.linalg.norm(m.double() - approx) / norm)
+            rep = TensorReport(name, info.shape, "lora", norm, lr.rank, rel, "" if lr.exact else "randomized SVD")
         elif not full_tensors:
             rep = TensorReport(name, info.shape, "skipped", norm, note="not a matrix (full tensors disabled)")
         elif module in lora_modules:
@@ -122,7 +132,11 @@ def dense_to_adapter(
                                note=f"module {module} is LoRA-adapted; PEFT cannot also save it whole")
         else:
             full[name] = (base.load(name, device, torch.float32) + d).cpu()
-            rep = TensorReport(name, info.shape, "full", norm)
+            rel = 0.0
+            if factor_dtype != torch.float32:  # a full tensor is written in that dtype too
+                stored = full[name].to(factor_dtype).double() - base.load(name, "cpu", torch.float32).double()
+                rel = float(torch.linalg.norm(stored - d.double().cpu()) / norm)
+            rep = TensorReport(name, info.shape, "full", norm, rel_error=rel)
         reports.append(rep)
         if on_tensor is not None:
             on_tensor(rep)
@@ -149,21 +163,23 @@ def extract(
     fraction of ‖Δ‖_F². Returns per-tensor ranks and relative errors ‖Δ − B·A‖_F / ‖Δ‖_F.
     """
     check_rank_args(rank, energy)
+    device = str(resolve_device(device))
     base_ck = open_checkpoint(base)
     ft = open_checkpoint(model)
     delta = FullDelta(ft, base_ck)
     shapes = {n: base_ck.info(n).shape for n in base_ck.names()}
     problems = delta.check(shapes)
     if problems:
-        from ..errors import CheckpointError
-
         raise CheckpointError(problems[0], problems=problems)
     if out is not None:
         from ..io.writer import check_output_dir
 
         check_output_dir(Path(out).expanduser().absolute(), force, [*base_ck.shards, *delta.files()])
     factors, full, reports = dense_to_adapter(base_ck, delta, rank=rank, energy=energy, seed=seed, device=device,
-                                              full_tensors=full_tensors, on_tensor=on_tensor)
+                                              full_tensors=full_tensors, on_tensor=on_tensor,
+                                              factor_dtype=_out_dtype(dtype))
+    if out is not None:
+        require_factors(factors, reports, f"{model} against {base}")
     result = ExtractResult(None, reports)
     if out is not None:
         result.output = write_adapter(
@@ -171,6 +187,14 @@ def extract(
             extra_files={REPORT_FILE: (json.dumps(result.to_json() | {"output": str(out)}, indent=2) + "\n").encode()},
         )
     return result
+
+
+def require_factors(factors: list[Factors], reports: list[TensorReport], what: str) -> None:
+    """A PEFT adapter needs at least one LoRA module: refuse to write one PEFT cannot load."""
+    if not factors:
+        differ = [r.name for r in reports if r.delta_norm > 0]
+        raise CheckpointError(f"{what}: no weight matrix differs, so there is no LoRA to write"
+                              + (f" ({len(differ)} other tensors differ, e.g. {differ[0]})" if differ else ""))
 
 
 def _out_dtype(dtype: str | None) -> torch.dtype:

@@ -110,6 +110,8 @@ def bank_set_prototypes(
     """Store class prototypes (one row per class) and the task each class belongs to."""
     b = load_bank(bank)
     b.require_tasks()
+    if not isinstance(prototypes, torch.Tensor):
+        raise UsageError(f"prototypes must be a tensor [classes, features], got {type(prototypes).__name__}")
     if prototypes.dim() != 2:
         raise UsageError(f"prototypes must be a [classes, features] matrix, got shape {list(prototypes.shape)}")
     if len(class_to_task) != prototypes.shape[0]:
@@ -363,7 +365,11 @@ def retrieve(
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
         raise UsageError(f"max_rounds must be a positive integer, got {max_rounds!r}")
 
-    first_logits = classifier(feature_fn(inputs, None))
+    first_features = feature_fn(inputs, None)
+    if prototypes is not None and first_features.shape[-1] != prototypes.shape[1]:
+        raise UsageError(f"features have width {first_features.shape[-1]} but the prototypes "
+                         f"{list(prototypes.shape)} have {prototypes.shape[1]}")
+    first_logits = classifier(first_features)
     c2t = c2t.to(first_logits.device)
     first_pred = first_logits.argmax(dim=-1)
     task = c2t[first_pred]

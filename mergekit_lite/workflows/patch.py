@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..dtypes import parse_user_dtype, to_torch
+from ..engine.plan import resolve_device
 from ..errors import CheckpointError, UsageError
 from ..io.adapters import copy_adapter, write_adapter
 from ..io.checkpoint import Checkpoint, open_checkpoint
@@ -27,7 +28,7 @@ from ..io.deltas import DeltaSource, LoraDelta, Patch, open_delta, pad_rows
 from ..io.hub import looks_like_hub_ref
 from ..io.writer import check_output_dir
 from ..methods.registry import TensorJob
-from .extract import check_rank_args, dense_to_adapter
+from .extract import check_rank_args, dense_to_adapter, require_factors
 
 PathLike = str | os.PathLike
 REPORT_FILE = "mlite_patch_report.json"
@@ -210,10 +211,11 @@ def _as_adapter(base: PathLike, delta_ref: PathLike, *, old_base: PathLike | Non
         rows = _copy_lora(new, src, lam, out_path, force, to_torch(parse_user_dtype(dtype)) if dtype else None)
     else:
         check_rank_args(rank, energy)
+        factor_dtype = to_torch(parse_user_dtype(dtype)) if dtype else torch.float32
         factors, full, reports = dense_to_adapter(new, src, lam=lam, rank=rank, energy=energy, seed=seed,
-                                                  device=device)
-        write_adapter(out_path, factors, full, base_model_name_or_path=str(base),
-                      dtype=to_torch(parse_user_dtype(dtype)) if dtype else torch.float32, force=force,
+                                                  device=str(resolve_device(device)), factor_dtype=factor_dtype)
+        require_factors(factors, reports, str(delta_ref))
+        write_adapter(out_path, factors, full, base_model_name_or_path=str(base), dtype=factor_dtype, force=force,
                       extra_files={REPORT_FILE: json.dumps([asdict(r) for r in reports], indent=2).encode()})
         rows = [PatchRow(r.name, r.shape, r.kind, r.delta_norm, None, r.rank, r.rel_error, r.note) for r in reports]
     written = sum(f.stat().st_size for f in out_path.rglob("*") if f.is_file())

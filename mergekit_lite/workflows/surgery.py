@@ -145,8 +145,8 @@ def find_candidates(
 
 
 def _check_args(alpha: float, top_k: int | None, fraction: float | None, direction: str, target: str) -> None:
-    if not math.isfinite(alpha):
-        raise UsageError(f"alpha must be a finite number, got {alpha}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise UsageError(f"alpha must be a finite number, got {alpha!r}")
     if top_k is not None and fraction is not None:
         raise UsageError("give top_k or fraction, not both")
     if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
