@@ -149,3 +149,18 @@ def test_extract_refuses_what_it_cannot_write(pair: tuple[Path, Path], tmp_path:
             api.extract(ft, base, **kwargs)
     with pytest.raises(CheckpointError):
         api.extract(base, base, rank=2, out=tmp_path / "y")
+
+
+def test_extract_refuses_a_fine_tune_missing_a_tensor(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    base, ft = pair
+    part = tmp_path / "part"
+    part.mkdir()
+    tensors = {}
+    for f in ft.glob("*.safetensors"):
+        tensors.update(load_file(str(f)))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(part / "model.safetensors"))
+    res = runner.invoke(app, ["extract", "--model", str(part), "--base", str(base), "--rank", "2", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 4 and "tensor 'model.norm.weight' of the base is missing" in res.output, res.output

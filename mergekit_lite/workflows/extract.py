@@ -169,6 +169,10 @@ def extract(
     delta = FullDelta(ft, base_ck)
     shapes = {n: base_ck.info(n).shape for n in base_ck.names()}
     problems = delta.check(shapes)
+    missing = [n for n in base_ck.names() if base_ck.info(n).is_float and n not in ft]
+    if missing:  # the adapter would silently leave them as the base's
+        problems.append(f"{ft.label}: tensor {missing[0]!r} of the base is missing"
+                        + (f" ({len(missing)} tensors in all)" if len(missing) > 1 else ""))
     if problems:
         raise CheckpointError(problems[0], problems=problems)
     if out is not None:
