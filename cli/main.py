@@ -16,6 +16,8 @@ import typer
 
 from mergekit_lite import __version__
 
+from .common import setup_logging
+
 app = typer.Typer(
     name="mlite",
     help="Merge, patch and edit model checkpoints, tensor by tensor.",
@@ -49,6 +51,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """mergekit_lite: streaming, exact model merging."""
+    setup_logging(0)  # every command prints warnings as `warning: ...`; -v/-vv (where offered) say more
 
 
 def _register_commands() -> None:
