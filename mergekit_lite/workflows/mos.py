@@ -354,6 +354,7 @@ def retrieve(
         raise UsageError("retrieve needs at least one task adapter (adapters= or bank=)")
     if c2t is None:
         raise UsageError("retrieve needs class_to_task (or a bank that records it)")
+    by_prototypes = classifier is None
     if classifier is None:
         if prototypes is None:
             raise UsageError("retrieve needs prototypes or a classifier")
@@ -366,7 +367,7 @@ def retrieve(
         raise UsageError(f"max_rounds must be a positive integer, got {max_rounds!r}")
 
     first_features = feature_fn(inputs, None)
-    if prototypes is not None and first_features.shape[-1] != prototypes.shape[1]:
+    if by_prototypes and prototypes is not None and first_features.shape[-1] != prototypes.shape[1]:
         raise UsageError(f"features have width {first_features.shape[-1]} but the prototypes "
                          f"{list(prototypes.shape)} have {prototypes.shape[1]}")
     first_logits = classifier(first_features)
