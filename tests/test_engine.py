@@ -685,6 +685,18 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     assert res.exit_code == 3 and "broken.yaml:" in res.output
 
 
+def _interrupt_after(n: int):
+    """A tensor hook that stops the run (as Ctrl-C does) once n tensors have been computed."""
+    calls = []
+
+    def hook(name, job, out):
+        calls.append(name)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+
+    return hook
+
+
 @pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
 def test_interrupted_run_resumes_where_it_stopped(tmp_path, model_set, monkeypatch, direct):
     """Ctrl-C keeps the partial output; --resume computes only what is missing, same bytes."""
@@ -700,15 +712,8 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, model_set, monkeypat
         "output": {"path": str(tmp_path / "out"), "shard_size": 3000},
     }
     reference = mlite.run_recipe({**recipe, "output": {"path": str(tmp_path / "ref"), "shard_size": 3000}})
-    calls = []
-
-    def interrupt_after_eight(name, job, out):
-        calls.append(name)
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        mlite.run_recipe(recipe, tensor_hook=interrupt_after_eight)
+        mlite.run_recipe(recipe, tensor_hook=_interrupt_after(8))
     partial = CheckpointWriter.partial_dir(tmp_path / "out")
     assert partial.is_dir() and not (tmp_path / "out").exists()
 
@@ -735,15 +740,8 @@ def test_resume_rewrites_the_tensors_of_a_shard_of_the_wrong_size(tmp_path, mode
         "output": {"path": str(tmp_path / "out"), "shard_size": 3000},
     }
     reference = mlite.run_recipe({**recipe, "output": {"path": str(tmp_path / "ref"), "shard_size": 3000}})
-    calls = []
-
-    def interrupt(name, job, out):
-        calls.append(name)
-        if len(calls) == 10:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        mlite.run_recipe(recipe, tensor_hook=interrupt)
+        mlite.run_recipe(recipe, tensor_hook=_interrupt_after(10))
     partial = CheckpointWriter.partial_dir(tmp_path / "out")
     first = sorted(partial.glob("*.safetensors"))[0]
     with open(first, "ab") as f:
@@ -761,15 +759,8 @@ def test_resume_with_changed_recipe_starts_afresh(tmp_path, model_set):
         "steps": [{"id": "m", "method": "task_arithmetic", "base": "base", "models": ["a"]}],
         "output": {"path": str(tmp_path / "out")},
     }
-    calls = []
-
-    def stop(name, job, out):
-        calls.append(name)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        mlite.run_recipe(recipe, tensor_hook=stop)
+        mlite.run_recipe(recipe, tensor_hook=_interrupt_after(5))
     changed = {**recipe, "steps": [{**recipe["steps"][0], "parameters": {"lambda": 0.5}}]}
     result = mlite.run_recipe(changed, resume=True)
     assert result.resumed == 0
