@@ -12,8 +12,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from mergekit_lite.errors import MliteError
 
@@ -21,6 +23,10 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# The click that typer runs on: recent typer releases carry their own copy as typer._click (and
+# raise its exceptions), older ones use the click package.
+_click: Any = getattr(typer.core, "_click", None) or typer.core.click
 
 
 def setup_logging(verbose: int) -> None:
@@ -65,3 +71,45 @@ def guarded(fn: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class OneLineErrorsGroup(TyperGroup):
+    """The root command group: command-line mistakes get the same one-line `error:` as every other
+    user mistake, instead of click's usage block in a rich frame (five lines or more).
+
+    Runs the command in click's non-standalone mode, so that usage errors come here as exceptions,
+    and does what standalone mode would do with everything else. `mlite` alone (or a command
+    group alone) still prints its help.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click.exceptions.ClickException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                # The help was the answer; typer's rich help has already printed it.
+                message = exc.format_message()
+                if message and message != "None":
+                    typer.echo(message)
+            else:
+                err.print(f"[bold red]error:[/] {escape(usage_error_line(exc))}", markup=True, highlight=False)
+            code = exc.exit_code
+        except typer.Abort:
+            err.print("aborted")
+            code = 1
+        # Non-standalone mode returns what the command returned, or the code of typer.Exit; every
+        # command returns None on success.
+        code = code if isinstance(code, int) and not isinstance(code, bool) else 0
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
+def usage_error_line(exc: Any) -> str:
+    """`mlite merge: Missing argument 'recipe'. (see 'mlite merge --help')`: one line, naming the command."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return message
+    return f"{ctx.command_path}: {message} (see '{ctx.command_path} --help')"

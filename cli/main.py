@@ -16,10 +16,11 @@ import typer
 
 from mergekit_lite import __version__
 
-from .common import setup_logging
+from .common import OneLineErrorsGroup, setup_logging
 
 app = typer.Typer(
     name="mlite",
+    cls=OneLineErrorsGroup,
     help="Merge, patch and edit model checkpoints, tensor by tensor.",
     no_args_is_help=True,
     add_completion=False,

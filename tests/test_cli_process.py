@@ -24,12 +24,25 @@ def test_version_and_success_code():
 @pytest.mark.parametrize(("args", "code", "message"), [
     (("merge", "/nonexistent/recipe.yaml"), 2, "recipe file not found: /nonexistent/recipe.yaml"),
     (("inspect", "/nonexistent"), 5, "/nonexistent: no such file or directory"),
-    (("no-such-command",), 2, "No such command"),
+    (("no-such-command",), 2, "error: mlite: No such command 'no-such-command'. (see 'mlite --help')"),
+    (("merge",), 2, "error: mlite merge: Missing argument 'recipe'. (see 'mlite merge --help')"),
+    (("merge", "r.yaml", "--bogus"), 2, "error: mlite merge: No such option: --bogus"),
+    (("merge", "r.yaml", "--threads", "two"), 2, "error: mlite merge: Invalid value for '--threads'"),
+    (("merge", "r.yaml", "--threads", "0"), 2, "error: mlite merge: Invalid value for '--threads'"),
+    (("patch", "--delta", "d"), 2, "error: mlite patch: Missing option '--base'."),
+    (("mos", "merge"), 2, "error: mlite mos merge: Missing argument 'bank'."),
 ])
 def test_user_errors_keep_their_code_and_one_line(args, code, message):
     res = _mlite(*args)
     assert res.returncode == code
-    assert message in res.stderr + res.stdout and "Traceback" not in res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # click's framed usage block was 5+ lines
+
+
+@pytest.mark.parametrize("args", [(), ("mos",), ("bank",), ("probe",)])
+def test_a_command_group_alone_prints_its_help(args):
+    res = _mlite(*args)
+    assert res.returncode == 2 and "Usage:" in res.stdout and "error" not in res.stderr
 
 
 def test_long_output_into_a_pipe_is_flushed_whole():
