@@ -161,3 +161,56 @@ def test_collect_features_from_a_local_model(tmp_path: Path) -> None:
     # Mean pooling ignores padding: a text's features do not depend on its batch-mates.
     alone = collect_features(model, ["bad people"], ["kind good people"], tmp_path / "g.safetensors", batch_size=1)
     assert torch.allclose(load_file(str(alone))["features"][0], data["features"][1], atol=1e-5)
+
+
+def _tiny_lm_with_tokenizer(tmp_path: Path, words: list[str], pad: str | None = "[PAD]") -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mergekit_lite.synthetic import LlamaShape, make_base, save_checkpoint
+
+    shape = LlamaShape()
+    model = save_checkpoint(make_base(shape, seed=1), tmp_path / "lm", shape=shape)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[1] if pad else None))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    kwargs = {"pad_token": pad, "unk_token": words[1]} if pad else {}
+    PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs).save_pretrained(str(model))
+    (tmp_path / "pos.txt").write_text("a b\n")
+    (tmp_path / "neg.txt").write_text("b a a\n")
+    return model
+
+
+def _error_lines(output: str) -> int:
+    """Lines of the error (transformers' own progress bar for loading weights may precede it)."""
+    lines = output.replace("\r", "\n").strip().splitlines()
+    assert lines[-1].startswith("error: "), output
+    return sum(not line.startswith("Loading weights") for line in lines)
+
+
+def _collect(tmp_path: Path, model: Path, *extra: str):
+    return CliRunner().invoke(_cli_app(), ["probe", "collect", "--model", str(model), "--positive",
+                                           str(tmp_path / "pos.txt"), "--negative", str(tmp_path / "neg.txt"), *extra])
+
+
+def test_collect_errors_are_one_line_and_write_nothing(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from mergekit_lite.synthetic import LlamaShape
+
+    # A tokenizer whose ids run past the model's vocabulary is not this model's.
+    big = ["[PAD]", "[UNK]", "a", "b"] + [f"w{i}" for i in range(LlamaShape().vocab_size + 10)]
+    model = _tiny_lm_with_tokenizer(tmp_path, big)
+    (tmp_path / "pos.txt").write_text(f"a w{LlamaShape().vocab_size + 5}\n")
+    r = _collect(tmp_path, model, "--out", str(tmp_path / "f.safetensors"))
+    assert r.exit_code == 4 and "running the model on text 1 failed" in r.output and "Traceback" not in r.output
+    assert _error_lines(r.output) == 1 and not (tmp_path / "f.safetensors").exists()
+    # A directory transformers cannot load: one line, naming it.
+    (tmp_path / "lm" / "config.json").write_text("{not json")
+    r = _collect(tmp_path, model, "--out", str(tmp_path / "f.safetensors"))
+    assert r.exit_code == 4 and "cannot load model or tokenizer" in r.output and _error_lines(r.output) == 1
+    # An unknown device, and an output over an input, are refused before anything is loaded.
+    r = _collect(tmp_path, model, "--out", str(tmp_path / "f.safetensors"), "--device", "tpu")
+    assert r.exit_code == 2 and "unknown device 'tpu'" in r.output
+    r = _collect(tmp_path, model, "--out", str(tmp_path / "pos.txt"), "--force")
+    assert r.exit_code == 2 and "is input file" in r.output and (tmp_path / "pos.txt").read_text() == f"a w{LlamaShape().vocab_size + 5}\n"
+    r = _collect(tmp_path, model, "--out", str(tmp_path / "lm" / "config.json"), "--force")
+    assert r.exit_code == 2 and "is input file" in r.output

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..dtypes import to_torch
+from ..engine.plan import resolve_device
 from ..errors import CheckpointError, MliteError, UsageError
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.safetensors_format import PlannedTensor
@@ -378,6 +380,18 @@ def _atomic_save(tensors: dict[str, torch.Tensor], dest: Path, metadata: dict[st
         tmp.unlink(missing_ok=True)
 
 
+def _version_at_least(version: str, wanted: tuple[int, ...]) -> bool:
+    """`"4.57.0.dev0"` ≥ (4, 56): the leading digits of each dotted part, compared as numbers."""
+    parts = tuple(int(m.group()) if (m := re.match(r"\d+", piece)) else 0 for piece in version.split("."))
+    return parts[: len(wanted)] >= wanted
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """A third-party exception's message on one line (transformers' span several), cut to `limit`."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def read_texts(path: str | os.PathLike) -> list[str]:
     """One example per non-empty line."""
     p = Path(path).expanduser()
@@ -407,36 +421,48 @@ def collect_features(
     over non-padding tokens. Needs the optional `probe` extra (transformers).
     """
     try:
-        import transformers  # noqa: F401
+        import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise UsageError("mlite probe collect needs transformers (install the optional 'probe' extra: pip install transformers)") from None
     dest = Path(out).expanduser()
     if dest.exists() and not force:
         raise UsageError(f"{dest}: exists (use --force to replace it)")
+    src = Path(model_dir).expanduser()
+    if not src.is_dir():
+        raise UsageError(f"{src}: not a local model directory")
+    text_files = [Path(t) for t in (pos_texts, neg_texts) if isinstance(t, (str, os.PathLike))]
+    refuse_over_inputs(dest, [*(f for f in src.iterdir() if f.is_file()), *text_files])
+    dev = resolve_device(device)
     pos = read_texts(pos_texts) if isinstance(pos_texts, (str, os.PathLike)) else list(pos_texts)
     neg = read_texts(neg_texts) if isinstance(neg_texts, (str, os.PathLike)) else list(neg_texts)
     if not pos or not neg:
         raise UsageError("collect_features needs at least one positive and one negative text")
-    src = Path(model_dir).expanduser()
-    if not src.is_dir():
-        raise UsageError(f"{src}: not a local model directory")
     try:
         tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
-        lm = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, torch_dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{src}: cannot load model or tokenizer with transformers ({exc})") from None
+        # transformers ≥ 4.56 names the dtype argument `dtype` and warns about `torch_dtype`
+        dtype_arg = "dtype" if _version_at_least(transformers.__version__, (4, 56)) else "torch_dtype"
+        lm = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, **{dtype_arg: torch.float32})
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{src}: cannot load model or tokenizer with transformers ({_one_line(exc)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-    lm.to(device).eval()
+    if tok.pad_token is None and batch_size > 1:
+        raise CheckpointError(f"{src}: the tokenizer has no pad, end-of-sequence or unknown token to pad a batch "
+                              "with; use --batch-size 1")
+    lm.to(dev).eval()
     feats: list[torch.Tensor] = []
     texts = pos + neg
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            batch = tok(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            hidden = lm(**batch, output_hidden_states=True).hidden_states[-1].float()
+            try:
+                batch = tok(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_length)
+                batch = {k: v.to(dev) for k, v in batch.items()}
+                hidden = lm(**batch, output_hidden_states=True).hidden_states[-1].float()
+            except (ValueError, IndexError, RuntimeError) as exc:
+                # e.g. a token id beyond the model's vocabulary: the tokenizer is not this model's
+                raise CheckpointError(f"{src}: running the model on text {start + 1} failed ({_one_line(exc)})") from None
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             feats.append(((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)).cpu())
     features = torch.cat(feats).contiguous()
