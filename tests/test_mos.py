@@ -244,6 +244,19 @@ def test_delta_space_full_rank_is_exact(lora_bank: Path) -> None:
             assert torch.allclose(_dense(merged.members[f"t{i}"], mod, s16), want[i], atol=1e-6)
 
 
+def test_delta_space_keeps_the_factors_of_unchanged_tasks(lora_bank: Path) -> None:
+    """A'₀ = A₀, and every A'ₜ = Aₜ at momentum 0: the stored factors, bit for bit, not an SVD of them."""
+    b = load_bank(lora_bank)
+    for momentum, unchanged in ((0.0, ("t0", "t1", "t2")), (0.5, ("t0",))):
+        merged = mos_merge(lora_bank, momentum=momentum, space="delta")
+        for task in b.members:
+            same = all(torch.equal(merged.members[task].tensors[k], v) for k, v in b.members[task].tensors.items())
+            assert same == (task in unchanged), (momentum, task)
+    # At another rank the factors must change shape, so they are re-factored even when unchanged.
+    merged = mos_merge(lora_bank, momentum=0.0, space="delta", rank=2)
+    assert all(v.shape[0] == 2 for k, v in merged.members["t0"].tensors.items() if "lora_A" in k)
+
+
 def test_delta_space_default_rank_is_the_best_truncation(lora_bank: Path) -> None:
     b = load_bank(lora_bank)
     s = lora_scaling(8.0, 4)

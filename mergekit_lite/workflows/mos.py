@@ -231,8 +231,15 @@ def _merge_delta(
         ]
         merged = mos_tensors(deltas, momentum, mode)  # type: ignore[arg-type]
         for t, (m, cfg, dw) in enumerate(zip(members, configs, merged, strict=True)):
-            r = rank if rank is not None else m.tensors[a_name].shape[0]
-            new_b, new_a = refactor_lowrank(dw, r, _module_scaling(cfg, mod))
+            own_rank = m.tensors[a_name].shape[0]
+            r = rank if rank is not None else own_rank
+            scaling = _module_scaling(cfg, mod)
+            if r == own_rank and scaling == _module_scaling(m.adapter_config or {}, mod) and torch.equal(dw, deltas[t]):
+                # A'ₜ = Aₜ (the first task, or momentum 0): the stored factors already are the answer,
+                # and an SVD would only rotate them and add rounding.
+                out[t][a_name], out[t][b_name] = m.tensors[a_name], m.tensors[b_name]
+                continue
+            new_b, new_a = refactor_lowrank(dw, r, scaling)
             out[t][a_name] = new_a.to(m.tensors[a_name].dtype)
             out[t][b_name] = new_b.to(m.tensors[b_name].dtype)
     return out, configs
