@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import pytest
 import torch
 
 from mergekit_lite.methods.draws import uniforms
@@ -183,6 +184,29 @@ def test_task_arithmetic_is_mergekit_task_arithmetic(rng: torch.Generator) -> No
         got = ours("task_arithmetic", base, models, weight=(1.0, -0.5, 0.25), normalize=normalize, **{"lambda": 0.8})
         torch.testing.assert_close(got, mk_gta(base, deltas, [1.0, -0.5, 0.25], consensus=False,
                                                normalize=normalize, lam=0.8))
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_weighted_sums_round_each_product_as_mergekit_does(method: str) -> None:
+    """Bit for bit, on any CPU: wᵢτᵢ is rounded before it is added (an FMA would skip that rounding)."""
+    rng = torch.Generator().manual_seed(11)
+    base = torch.randn(64, 256, generator=rng)
+    models = [base + torch.randn(64, 256, generator=rng) for _ in range(3)]
+    weights = [0.3, 0.7, -0.45]
+    params = {"density": 1.0} if method == "ties" else {}
+    got = ours(method, base, models, weight=tuple(weights), normalize=True, **params)
+    want = mk_gta(base, [m - base for m in models], weights, consensus=method == "ties", normalize=True, lam=1.0)
+    assert torch.equal(got, want)
+
+
+def test_ties_election_of_exactly_cancelling_weighted_deltas_is_plus() -> None:
+    """0.3·τ + 0.3·(−τ) is exactly 0 once each product is rounded, so + is elected everywhere
+    (the documented rule); a fused multiply-add leaves ±1e-10 and elected a random sign."""
+    rng = torch.Generator().manual_seed(5)
+    tau = torch.randn(128, 128, generator=rng)
+    base = torch.zeros(128, 128)
+    got = ours("ties", base, [base + tau, base - tau], weight=(0.3, 0.3), density=(1.0, 1.0), normalize=True)
+    torch.testing.assert_close(got, tau.abs(), rtol=1e-6, atol=0)
 
 
 def test_ties_tensor_scope_is_mergekit_ties_without_ties_in_magnitude(rng: torch.Generator) -> None:

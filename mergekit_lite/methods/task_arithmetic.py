@@ -134,29 +134,41 @@ def combine(
     weights that counted there (by 1 where none did, so dropped entries stay at the base).
     Works in the deltas' dtype, accumulating model by model (no n-fold stack); the deltas are
     not modified.
+
+    Each product wᵢτ̂ᵢ is rounded before it is added, as mergekit's `(deltas * weights).sum(0)`
+    does. torch's `add_(d, alpha=w)` would be shorter, but on CPUs with FMA (and on GPUs) it
+    fuses the product into the add, skipping that rounding: the bits then depend on the machine,
+    and where rounded products cancel exactly (0.3·τ − 0.3·τ) a leftover of 1e-10 would decide
+    TIES' sign election instead of the documented "a zero sum elects +".
     """
     ref = deltas[0]
+    scratch = torch.empty_like(ref) if any(w != 1 for w in weights) else None
+
+    def weighted(d: torch.Tensor, w: float) -> torch.Tensor:
+        """wᵢτ̂ᵢ, rounded before it is added (see above); d itself when w is 1."""
+        return d if w == 1 else torch.mul(d, w, out=scratch)
+
     if elect:
         mixed = torch.zeros_like(ref)
         for d, w in zip(deltas, weights, strict=True):
-            mixed.add_(d, alpha=w)
+            mixed.add_(weighted(d, w))
         gamma = elect_signs(mixed)
         mixed.zero_()
         divisor = torch.zeros_like(ref) if normalize else None
         for d, w in zip(deltas, weights, strict=True):
-            weighted = d * w
-            agree = weighted * gamma
+            wd = weighted(d, w)
+            agree = wd * gamma
             agree.gt_(0)  # in place, in the float dtype: 1 where wᵢτ̂ᵢ has the elected sign, else 0
-            mixed.addcmul_(weighted, agree)  # + wᵢτ̂ᵢ·1 or + 0: the same bits as a masked add
+            mixed.addcmul_(wd, agree)  # + wᵢτ̂ᵢ·1 or + 0: the same bits as a masked add
             if divisor is not None:
-                divisor.add_(agree, alpha=w)
+                divisor.add_(agree, alpha=w)  # agree·w is 0 or w exactly: no rounding to fuse away
         if divisor is not None:
             divisor.add_(divisor.clone().eq_(0))  # 0 → 1 where no model counted (float ops, see elect_signs)
             mixed /= divisor
         return _normalize_and_scale(mixed, weights, False, lam)  # the divisor did the normalising
     mixed = weighted_first(ref, weights[0], in_place=False)
     for d, w in zip(deltas[1:], weights[1:], strict=True):
-        mixed.add_(d, alpha=w)
+        mixed.add_(weighted(d, w))
     return _normalize_and_scale(mixed, weights, normalize, lam)
 
 
@@ -208,7 +220,7 @@ def merge_task_arithmetic(job: TensorJob) -> torch.Tensor:
             # The first term needs a buffer of its own unless it already is the model's.
             mixed = weighted_first(delta, w, in_place=own)
         else:
-            mixed.add_(delta, alpha=w)
+            mixed.add_(delta if w == 1 else delta.mul_(w))  # rounded product, then add: see combine
     assert mixed is not None  # min_models = 1
     _normalize_and_scale(mixed, weights, bool(job.params["normalize"]), float(job.params["lambda"]))
     return mixed.add_(base)
