@@ -31,6 +31,14 @@ def test_golden_diagonal() -> None:
     assert truncated_svd(d, energy=1.0).rank == 3 and truncated_svd(d, energy=1.0).rel_error < 1e-6
     assert truncated_svd(d, rank=10).rank == 3
     assert rank_for_energy(torch.tensor([4.0, 2.0, 1.0]), 21.0, 16 / 21) == 1
+    # No tolerance: energy 1 keeps a component holding 1e-8 of the energy, and a fraction a hair
+    # under the target is not enough (both were decided by a 1e-6 slack).
+    tiny = truncated_svd(torch.diag(torch.tensor([1.0, 1e-4])), energy=1.0)
+    assert tiny.rank == 2 and tiny.rel_error < 1e-7
+    s0 = math.sqrt(0.8999995)
+    near = torch.diag(torch.tensor([s0, math.sqrt(1 - 0.8999995)]))
+    assert truncated_svd(near, energy=0.9).rank == 2 and truncated_svd(near, energy=0.8999).rank == 1
+    assert rank_for_energy(torch.tensor([3.0, 1.0]), None, 0.9) == 1 and rank_for_energy(torch.tensor([3.0, 1.0]), None, 0.91) == 2
     zero = truncated_svd(torch.zeros(3, 2), rank=2)
     assert zero.rank == 0 and zero.a.shape == (0, 2) and zero.b.shape == (3, 0)
 

@@ -18,7 +18,6 @@ import torch
 EXACT_MAX_DIM = 1024
 OVERSAMPLE = 10
 POWER_ITERS = 4
-_ENERGY_TOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -33,12 +32,20 @@ class LowRank:
     exact: bool  # True when the exact SVD was used
 
 
-def rank_for_energy(sigma: torch.Tensor, total: float, energy: float) -> int:
-    """The smallest k whose top-k singular values hold `energy` of the total squared norm."""
-    if total <= 0:
+def rank_for_energy(sigma: torch.Tensor, total: float | None, energy: float) -> int:
+    """The smallest k whose top-k singular values hold `energy` of the total squared norm.
+
+    `total` None means that `sigma` is the whole spectrum: the total is then Σσ² itself, so the
+    fractions end at exactly 1 and `energy` 1 keeps every nonzero singular value. (‖Δ‖²_F summed
+    from the matrix differs from Σσ² of a float32 SVD by about 1e-7 relative, which would need a
+    tolerance, and any tolerance drops real components: diag(1, 1e-4) at energy 1 kept rank 1.)
+    Otherwise `sigma` is the top of a spectrum whose squares sum to `total`.
+    """
+    cum = torch.cumsum(sigma.double() ** 2, 0)
+    denominator = float(cum[-1]) if total is None and len(cum) else total
+    if not denominator or denominator <= 0:
         return 0
-    cum = torch.cumsum(sigma.double() ** 2, 0) / total
-    reached = torch.nonzero(cum >= energy - _ENERGY_TOL)
+    reached = torch.nonzero(cum / denominator >= energy)
     return int(reached[0]) + 1 if len(reached) else len(sigma)
 
 
@@ -85,7 +92,7 @@ def truncated_svd(
     exact = small <= exact_max_dim
     if exact:
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        k = min(rank, small) if rank is not None else rank_for_energy(s, total, float(energy))  # type: ignore[arg-type]
+        k = min(rank, small) if rank is not None else rank_for_energy(s, None, float(energy))  # type: ignore[arg-type]
     elif rank is not None:
         k = min(rank, small)
         u, s, vh = randomized_svd(m, k, seed=seed)
@@ -109,11 +116,11 @@ def _energy_randomized(
     while width < small // 2:
         u, s, vh = randomized_svd(m, width, seed=seed)
         k = rank_for_energy(s, total, energy)
-        if k < len(s) or float((s.double() ** 2).sum()) / total >= energy - _ENERGY_TOL:
+        if k < len(s):  # reached inside the sketch; else it may lie beyond it: grow
             return u, s, vh, k, False
         width *= 2
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    return u, s, vh, rank_for_energy(s, total, energy), True
+    return u, s, vh, rank_for_energy(s, None, energy), True
 
 
 def relative_error(delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
