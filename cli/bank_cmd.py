@@ -50,9 +50,17 @@ def list_cmd(
             f"{row['parameters']:>12,} params  {row['dtype']}{extra}",
             highlight=False,
         )
-    if info["merge"] is not None:
-        m = info["merge"]
-        out.print(f"merged: momentum={m['momentum']} mode={m['mode']} space={m['space']} rank={m['rank']}", highlight=False)
+    record, label = info["merge"], "merged"
+    while isinstance(record, dict):
+        covered = record.get("tasks")
+        scope = "" if covered is None else f" (tasks {', '.join(covered)})"
+        out.print(f"{label}: momentum={record.get('momentum')} mode={record.get('mode')} space={record.get('space')} "
+                  f"rank={record.get('rank')}{scope}", highlight=False)
+        if covered is not None and [row["task"] for row in info["tasks"]][: len(covered)] == covered:
+            later = [row["task"] for row in info["tasks"]][len(covered) :]
+            if later and label == "merged":
+                out.print(f"  not merged: {', '.join(later)} (added after the merge)", highlight=False)
+        record, label = record.get("previous"), "  from an earlier merge"
     if info["scale"] is not None:
         out.print(f"adapter scale: {info['scale']}", highlight=False)
     if info["classes"] is not None:

@@ -266,3 +266,90 @@ def test_export_refusals_and_force(tmp_path: Path) -> None:
     r = mlite("bank", "export", bank, "--task", "a", "--out", out, "--force")
     assert r.exit_code == 0 and load_file(str(out)).keys() == load_file(str(src)).keys()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _rewrite(bank: Path, out: Path, *, tensors=None, **meta_changes) -> Path:
+    """A copy of `bank` with header fields replaced (JSON-encoded) and tensors edited by `tensors`."""
+    with safe_open(str(bank), framework="pt") as f:
+        meta = dict(f.metadata())
+        data = {k: f.get_tensor(k) for k in f.keys()}
+    for key, value in meta_changes.items():
+        meta[key] = value if isinstance(value, str) and key == "mlite_bank" else json.dumps(value)
+    if tensors is not None:
+        tensors(data)
+    save_file(data, str(out), metadata=meta)
+    return out
+
+
+def test_a_malformed_bank_is_refused_on_load_with_one_line(tmp_path: Path) -> None:
+    """A bank edited by hand (or written by another tool) is checked as `bank add` checks members:
+    the merge, export and retrieval never see mismatched tasks (they crashed with tracebacks)."""
+    bank = tmp_path / "bank.safetensors"
+    for i in range(2):
+        bank_add(bank, f"t{i}", raw_adapter(tmp_path / f"a{i}.safetensors", seed=i))
+    bank_set_prototypes(bank, torch.eye(2), ["t0", "t1"])
+    key = "adapters.t1.blocks.0.down.weight"
+
+    def reshaped(d):
+        d[key] = torch.ones(3, 4)
+
+    def dropped(d):
+        del d[key]
+
+    def as_int(d):
+        d[key] = torch.ones(2, 4, dtype=torch.int64)
+
+    cases = [
+        (_rewrite(bank, tmp_path / "b1.safetensors", tensors=reshaped), "has shape [3, 4], task 't0' has [2, 4]"),
+        (_rewrite(bank, tmp_path / "b2.safetensors", tensors=dropped), "of task 't0' is missing"),
+        (_rewrite(bank, tmp_path / "b3.safetensors", tensors=as_int), "integer and float parameters"),
+        (_rewrite(bank, tmp_path / "b4.safetensors", mlite_bank="99"), "format version '99'"),
+        (_rewrite(bank, tmp_path / "b5.safetensors", tasks=["t0", "t1", "t1"]), "listed twice"),
+        (_rewrite(bank, tmp_path / "b6.safetensors", tasks=["t0", "t1", "t2"],
+                  members={t: {"kind": "raw"} for t in ("t0", "t1", "t2")}), "task 't2' holds no tensors"),
+        (_rewrite(bank, tmp_path / "b7.safetensors", class_to_task=["t0", "zz"]), "names task 'zz'"),
+        (_rewrite(bank, tmp_path / "b8.safetensors", members={"t0": {"kind": "lora"}, "t1": {"kind": "lora"}}),
+         "LoRA task 't0' has no adapter_config"),
+        (_rewrite(bank, tmp_path / "b9.safetensors", momentum="fast"), "'momentum' must be a number"),
+        (_rewrite(bank, tmp_path / "b10.safetensors", class_to_task=["t0"]), "2 prototype rows but class_to_task has 1"),
+    ]
+    for path, message in cases:
+        with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            load_bank(path)
+        for args in (("mos", "merge", path, "--out", tmp_path / "m.safetensors", "--force"),
+                     ("bank", "export", path, "--task", "t1", "--out", tmp_path / "e.safetensors", "--force")):
+            r = mlite(*args)
+            assert r.exit_code == 4 and message in r.output and "Traceback" not in r.output, (path, r.output)
+            assert len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "e.safetensors").exists()
+
+
+def test_an_integer_parameter_where_the_bank_has_a_float_one_is_refused(tmp_path: Path) -> None:
+    bank = tmp_path / "bank.safetensors"
+    bank_add(bank, "t0", raw_adapter(tmp_path / "a0.safetensors", seed=0))
+    ints = tmp_path / "ints.safetensors"
+    save_file({"blocks.0.down.weight": torch.ones(2, 4, dtype=torch.int32), "blocks.0.down.bias": torch.ones(2),
+               "blocks.0.up.weight": torch.ones(4, 2)}, str(ints))
+    with pytest.raises(CheckpointError, match="'blocks.0.down.weight' is int32, task 't0' has float32"):
+        bank_add(bank, "t1", ints)
+    assert load_bank(bank).tasks == ["t0"]
+
+
+def test_merge_records_say_which_tasks_they_covered(tmp_path: Path) -> None:
+    bank = tmp_path / "bank.safetensors"
+    for i in range(2):
+        bank_add(bank, f"t{i}", raw_adapter(tmp_path / f"a{i}.safetensors", seed=i))
+    merged = tmp_path / "merged.safetensors"
+    mos_merge(bank, momentum=0.3, out=merged)
+    bank_add(merged, "t2", raw_adapter(tmp_path / "a2.safetensors", seed=2))
+    assert load_bank(merged).merge["tasks"] == ["t0", "t1"]
+    r = mlite("bank", "list", merged)
+    assert r.exit_code == 0, r.output
+    assert "merged: momentum=0.3 mode=stored space=factors rank=None (tasks t0, t1)" in r.output
+    assert "not merged: t2 (added after the merge)" in r.output
+    again = tmp_path / "again.safetensors"
+    mos_merge(merged, momentum=0.5, out=again)
+    record = load_bank(again).merge
+    assert record["tasks"] == ["t0", "t1", "t2"] and record["previous"]["momentum"] == 0.3
+    r = mlite("bank", "list", again)
+    assert "from an earlier merge: momentum=0.3" in r.output and "not merged" not in r.output

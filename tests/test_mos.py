@@ -153,7 +153,8 @@ def test_cli_merge_equals_hand_merge(tmp_path: Path, mode: str) -> None:
     r = mlite("mos", "merge", bank, "--momentum", "0.3", "--mode", mode, "--out", out)
     assert r.exit_code == 0, r.output
     merged = load_bank(out)
-    assert merged.tasks == ["t0", "t1", "t2"] and merged.merge == {"momentum": 0.3, "mode": mode, "space": "factors", "rank": None}
+    assert merged.tasks == ["t0", "t1", "t2"] and merged.merge == {"momentum": 0.3, "mode": mode, "space": "factors", "rank": None,
+                                                         "tasks": ["t0", "t1", "t2"]}
     m = 0.3
     for name in a0:
         h1 = (1 - m) * a1[name] + m * a0[name]
@@ -340,7 +341,7 @@ def test_retrieval_refines_then_ensembles() -> None:
     x = T([[1.0, 0.2, 0.0, 0.0], [0.0, 0.0, 0.1, 1.0]])
     shifts = [T([0.0, 0.0, 3.0, 0.0]), T([0.0, 0.0, 0.0, 5.0])]
     calls: list[object] = []
-    r = retrieve(x, _features(shifts, calls), PROTOS, C2T, adapters)
+    r = retrieve(x, _features(shifts, calls), PROTOS, C2T, adapters, first_adapter=None)
     assert r.first_predictions.tolist() == [0, 3]
     assert r.tasks.tolist() == [1, 1] and r.rounds.tolist() == [2, 1]
     assert sorted(calls, key=str) == [0, 1, None]  # each adapter's features computed once
@@ -349,7 +350,7 @@ def test_retrieval_refines_then_ensembles() -> None:
     want = final0.softmax(0) + (2 * cos(x[0], dim=0)).softmax(0)
     assert torch.allclose(r.scores[0], want, atol=1e-6)
     assert r.predictions.tolist() == r.scores.argmax(1).tolist()
-    plain = retrieve(x, _features(shifts, []), PROTOS, C2T, adapters, ensemble=False)
+    plain = retrieve(x, _features(shifts, []), PROTOS, C2T, adapters, ensemble=False, first_adapter=None)
     assert torch.allclose(plain.scores[0], final0, atol=1e-6)
 
 
@@ -358,9 +359,9 @@ def test_retrieval_stops_after_max_rounds() -> None:
     # adapter 0 points to task 1 and adapter 1 back to task 0: it never settles
     shifts = [T([0.0, 0.0, 5.0, 0.0]), T([5.0, 0.0, 0.0, 0.0])]
     x = T([[1.0, 0.0, 0.0, 0.0]])
-    r = retrieve(x, _features(shifts, []), PROTOS, C2T, adapters)
+    r = retrieve(x, _features(shifts, []), PROTOS, C2T, adapters, first_adapter=None)
     assert r.rounds.tolist() == [4] and r.tasks.tolist() == [1]  # tasks visited: 0, 1, 0, 1
-    r = retrieve(x, _features(shifts, []), PROTOS, C2T, adapters, max_rounds=1)
+    r = retrieve(x, _features(shifts, []), PROTOS, C2T, adapters, max_rounds=1, first_adapter=None)
     assert r.rounds.tolist() == [1] and r.tasks.tolist() == [0]
     with pytest.raises(UsageError, match="max_rounds"):
         retrieve(x, _features(shifts, []), PROTOS, C2T, adapters, max_rounds=0)
@@ -382,10 +383,57 @@ def test_retrieval_from_a_bank(tmp_path: Path) -> None:
     def fn(x: torch.Tensor, adapter):
         return x if adapter is None else x + adapter["shift"]
 
-    r = retrieve(T([[1.0, 0.2, 0.0, 0.0]]), fn, bank=bank, ensemble=False)
+    r = retrieve(T([[1.0, 0.2, 0.0, 0.0]]), fn, bank=bank, ensemble=False, first_adapter=None)
     assert r.tasks.tolist() == [1] and r.rounds.tolist() == [2] and r.predictions.tolist() == [3]
     # the ensemble sharpens the first prediction by T = 2, which wins here (as in the reference)
-    assert retrieve(T([[1.0, 0.2, 0.0, 0.0]]), fn, bank=bank).predictions.tolist() == [0]
+    assert retrieve(T([[1.0, 0.2, 0.0, 0.0]]), fn, bank=bank, first_adapter=None).predictions.tolist() == [0]
+
+
+def test_retrieval_follows_the_reference_evaluation() -> None:
+    """As MOS's `_eval_cnn`: the first logits are the prototype classifier on the FIRST TASK's
+    adapter features (`forward_orig`), every refinement round uses the trained head, and the
+    ensemble adds softmax(T · first logits)."""
+    g = torch.Generator().manual_seed(3)
+    n, d, classes = 32, 6, 4
+    x = torch.randn(n, d, generator=g)
+    shifts = [torch.randn(d, generator=g) for _ in range(2)]
+    adapters = [{"id": torch.tensor(i)} for i in range(2)]
+    protos = torch.randn(classes, d, generator=g)
+    head_w, head_b = torch.randn(classes, d, generator=g), torch.randn(classes, generator=g)
+
+    def head(f: torch.Tensor) -> torch.Tensor:
+        return f @ head_w.T + head_b
+
+    feats = [x + shifts[i] for i in range(2)]
+    # the reference, re-stated sample by sample
+    cos = torch.nn.functional.normalize
+    orig = cos(feats[0], dim=-1) @ cos(protos, dim=-1).T
+    want_final, want_tasks = [], []
+    for i in range(n):
+        task = C2T[int(orig[i].argmax())]
+        for loop in range(1, 5):
+            logits = head(feats[task][i : i + 1])
+            new = C2T[int(logits.argmax())]
+            if loop >= 4 or new == task:
+                break
+            task = new
+        want_final.append(logits)
+        want_tasks.append(task)
+    want = torch.cat(want_final).softmax(1) + (orig / (1 / 2)).softmax(1)
+
+    calls: list[object] = []
+    r = retrieve(x, _features(shifts, calls), protos, C2T, adapters, classifier=head)
+    assert r.first_predictions.tolist() == orig.argmax(1).tolist()
+    assert r.tasks.tolist() == want_tasks
+    torch.testing.assert_close(r.scores, want, rtol=1e-6, atol=1e-6)
+    assert None not in calls  # the bare backbone is never asked for
+    # without a head, the prototypes score the rounds too; with only a head, it scores everything
+    r2 = retrieve(x, _features(shifts, []), protos, C2T, adapters)
+    assert r2.first_predictions.tolist() == orig.argmax(1).tolist()
+    r3 = retrieve(x, _features(shifts, []), None, C2T, adapters, classifier=head)
+    assert r3.first_predictions.tolist() == head(feats[0]).argmax(1).tolist()
+    with pytest.raises(UsageError, match="first_adapter"):
+        retrieve(x, _features(shifts, []), protos, C2T, adapters, first_adapter=2)
 
 
 def test_recipe_step_merges_the_last_task(tmp_path: Path) -> None:

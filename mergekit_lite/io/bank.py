@@ -137,11 +137,22 @@ def check_compatible(task: str, member: Member, reference: tuple[str, Member]) -
     for name, t in ref.tensors.items():
         if name not in member.tensors:
             raise CheckpointError(f"task {task!r}: tensor {name!r} of task {ref_task!r} is missing")
-        got = tuple(member.tensors[name].shape)
+        mine_t = member.tensors[name]
+        got = tuple(mine_t.shape)
         if got != tuple(t.shape):
             raise CheckpointError(
                 f"task {task!r}: tensor {name!r} has shape {list(got)}, task {ref_task!r} has {list(t.shape)}"
             )
+        if mine_t.is_floating_point() != t.is_floating_point():
+            # the merge copies integer parameters and averages float ones: a mix has no right answer
+            raise CheckpointError(
+                f"task {task!r}: tensor {name!r} is {_dtype_name(mine_t)}, task {ref_task!r} has "
+                f"{_dtype_name(t)} (integer and float parameters cannot be merged together)"
+            )
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,8 +217,9 @@ def load_bank(path: str | Path) -> Bank:
         raise CheckpointError(f"{path} is not an adapter bank (no mlite_bank metadata)")
     tasks = _json_field(path, metadata, "tasks", [])
     members_meta = _json_field(path, metadata, "members", {})
-    if not isinstance(tasks, list) or not isinstance(members_meta, dict):
-        raise CheckpointError(f"bank {path}: metadata 'tasks' must be a list and 'members' an object")
+    _check_header(path, metadata, tasks)
+    if not isinstance(members_meta, dict):
+        raise CheckpointError(f"bank {path}: metadata 'members' must be an object")
     grouped: dict[str, dict[str, torch.Tensor]] = {t: {} for t in tasks}
     prototypes = None
     for key, tensor in tensors.items():
@@ -230,8 +242,58 @@ def load_bank(path: str | Path) -> Bank:
         meta = members_meta.get(task)
         if not isinstance(meta, dict) or meta.get("kind") not in ("lora", "raw"):
             raise CheckpointError(f"bank {path}: task {task!r} has no valid member description")
-        bank.members[task] = Member(meta["kind"], dict(sorted(grouped[task].items())), meta.get("adapter_config"))
+        config = meta.get("adapter_config")
+        if meta["kind"] == "lora" and not isinstance(config, dict):
+            raise CheckpointError(f"bank {path}: LoRA task {task!r} has no adapter_config")
+        if not grouped[task]:
+            raise CheckpointError(f"bank {path}: task {task!r} holds no tensors")
+        member = Member(meta["kind"], dict(sorted(grouped[task].items())), config)
+        if bank.members:
+            try:
+                check_compatible(task, member, next(iter(bank.members.items())))
+            except CheckpointError as exc:
+                raise CheckpointError(f"bank {path}: {exc}") from None
+        bank.members[task] = member
+    _check_bank_fields(bank, path)
     return bank
+
+
+def _check_header(path: Path, metadata: Mapping[str, str], tasks: Any) -> None:
+    """The header fields every reader relies on, checked before any tensor is grouped."""
+    if metadata["mlite_bank"] != BANK_FORMAT:
+        raise CheckpointError(f"bank {path}: format version {metadata['mlite_bank']!r} is not one this mlite "
+                              f"reads ({BANK_FORMAT!r}); upgrade mlite")
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise CheckpointError(f"bank {path}: metadata 'tasks' must be a list of task names")
+    seen: set[str] = set()
+    for t in tasks:
+        if not _TASK_NAME.fullmatch(t):
+            raise CheckpointError(f"bank {path}: task name {t!r} is invalid")
+        if t in seen:
+            raise CheckpointError(f"bank {path}: task {t!r} is listed twice")
+        seen.add(t)
+
+
+def _check_bank_fields(bank: Bank, path: Path) -> None:
+    """Momentum, scale, merge record, prototypes and class map: the types the rest of mlite assumes."""
+    for name in ("momentum", "scale"):
+        value = getattr(bank, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise CheckpointError(f"bank {path}: metadata {name!r} must be a number or null, got {value!r}")
+    if bank.merge is not None and not isinstance(bank.merge, dict):
+        raise CheckpointError(f"bank {path}: metadata 'merge' must be an object or null")
+    protos, c2t = bank.prototypes, bank.class_to_task
+    if protos is not None and (protos.dim() != 2 or not protos.is_floating_point()):
+        raise CheckpointError(f"bank {path}: prototypes must be a float matrix [classes, features], "
+                              f"got {_dtype_name(protos)} {list(protos.shape)}")
+    if c2t is not None:
+        if not isinstance(c2t, list) or not all(isinstance(t, str) for t in c2t):
+            raise CheckpointError(f"bank {path}: metadata 'class_to_task' must be a list of task names")
+        unknown = [t for t in c2t if t not in bank.members]
+        if unknown:
+            raise CheckpointError(f"bank {path}: class_to_task names task {unknown[0]!r}, which the bank does not hold")
+        if protos is not None and protos.shape[0] != len(c2t):
+            raise CheckpointError(f"bank {path}: {protos.shape[0]} prototype rows but class_to_task has {len(c2t)} classes")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -279,7 +279,9 @@ def mos_merge(
         scale=b.scale,
         class_to_task=list(b.class_to_task) if b.class_to_task is not None else None,
         prototypes=b.prototypes,
-        merge={"momentum": float(momentum), "mode": mode, "space": space, "rank": rank},
+        # The tasks it covered (a task added later is not merged) and any earlier merge it was made from.
+        merge={"momentum": float(momentum), "mode": mode, "space": space, "rank": rank, "tasks": b.tasks,
+               **({"previous": b.merge} if b.merge is not None else {})},
     )
     for (task, m), params, cfg in zip(b.members.items(), tensors, configs, strict=True):
         result.members[task] = Member(m.kind, params, copy.deepcopy(cfg))
@@ -302,7 +304,7 @@ class Retrieval:
     scores: torch.Tensor  # [N, C] ensembled probabilities (or the chosen adapter's logits)
     predictions: torch.Tensor  # [N] argmax of scores
     tasks: torch.Tensor  # [N] index of the adapter whose features gave the final logits
-    first_predictions: torch.Tensor  # [N] prediction from the adapter-free features
+    first_predictions: torch.Tensor  # [N] prediction from the first features (adapter first_adapter)
     rounds: torch.Tensor  # [N] adapter evaluations used (1 … max_rounds)
 
 
@@ -345,39 +347,59 @@ def retrieve(
     max_rounds: int = 4,
     ensemble: bool = True,
     classifier: Classifier | None = None,
+    first_classifier: Classifier | None = None,
+    first_adapter: int | None = 0,
 ) -> Retrieval:
-    """MOS's training-free, self-refined adapter retrieval for one batch.
+    """MOS's training-free, self-refined adapter retrieval for one batch, as the reference's
+    evaluation computes it.
 
     `feature_fn(inputs, adapter)` returns [N, D] features with `adapter` applied (None: the bare
-    backbone). The first prediction comes from the bare backbone's features; its class picks a
-    task (`class_to_task`), that task's adapter gives new logits, whose class picks a task again,
-    until the task is stable or `max_rounds` adapter evaluations were made. With `ensemble`, the
-    scores are softmax(final logits) + softmax(T · first logits) for T tasks, as the reference
-    code computes them. Logits default to cosine similarity with `prototypes`; pass `classifier`
-    to use a trained head instead. Missing arguments are taken from `bank` when given.
+    backbone). The first prediction comes from the features of adapter `first_adapter` (the
+    first task's, as the reference's `forward_orig`; None for the bare backbone), scored by
+    `first_classifier` (default: cosine similarity with `prototypes`, the reference's prototype
+    classifier). Its class picks a task (`class_to_task`); that task's adapter gives features
+    scored by `classifier` (the reference's trained head; default: the prototypes too), whose
+    class picks a task again, until the task is stable or `max_rounds` adapter evaluations were
+    made. With `ensemble`, the scores are softmax(final logits) + softmax(T · first logits) for
+    T tasks. Missing arguments are taken from `bank` when given.
     """
     prototypes, c2t, adapter_list = _retrieval_inputs(bank, prototypes, class_to_task, adapters)
     if not adapter_list:
         raise UsageError("retrieve needs at least one task adapter (adapters= or bank=)")
     if c2t is None:
         raise UsageError("retrieve needs class_to_task (or a bank that records it)")
-    by_prototypes = classifier is None
-    if classifier is None:
-        if prototypes is None:
-            raise UsageError("retrieve needs prototypes or a classifier")
-        if prototypes.dim() != 2 or prototypes.shape[0] != c2t.numel():
-            raise UsageError(f"prototypes {list(prototypes.shape)} do not match {c2t.numel()} classes of class_to_task")
-        classifier = _cosine_classifier(prototypes)
+    if prototypes is not None and (prototypes.dim() != 2 or prototypes.shape[0] != c2t.numel()):
+        raise UsageError(f"prototypes {list(prototypes.shape)} do not match {c2t.numel()} classes of class_to_task")
+    by_prototypes = prototypes is not None and (first_classifier is None)
+    if classifier is None and first_classifier is None and prototypes is None:
+        raise UsageError("retrieve needs prototypes or a classifier")
+    if prototypes is not None:
+        cosine = _cosine_classifier(prototypes)
+        first_classifier = first_classifier or cosine
+        classifier = classifier or cosine
+    first_classifier = first_classifier or classifier
+    classifier = classifier or first_classifier
+    assert classifier is not None and first_classifier is not None
     if c2t.numel() and (int(c2t.min()) < 0 or int(c2t.max()) >= len(adapter_list)):
         raise UsageError(f"class_to_task names a task outside 0..{len(adapter_list) - 1}")
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
         raise UsageError(f"max_rounds must be a positive integer, got {max_rounds!r}")
+    if first_adapter is not None and (
+        isinstance(first_adapter, bool) or not isinstance(first_adapter, int)
+        or not 0 <= first_adapter < len(adapter_list)
+    ):
+        raise UsageError(f"first_adapter must be None or a task index in 0..{len(adapter_list) - 1}, "
+                         f"got {first_adapter!r}")
 
-    first_features = feature_fn(inputs, None)
+    cache: dict[int, torch.Tensor] = {}  # features of the whole batch per adapter, computed once
+    if first_adapter is None:
+        first_features = feature_fn(inputs, None)
+    else:
+        first_features = cache[first_adapter] = feature_fn(inputs, adapter_list[first_adapter])
     if by_prototypes and prototypes is not None and first_features.shape[-1] != prototypes.shape[1]:
         raise UsageError(f"features have width {first_features.shape[-1]} but the prototypes "
                          f"{list(prototypes.shape)} have {prototypes.shape[1]}")
-    first_logits = classifier(first_features)
+    first_logits = first_classifier(first_features)
     c2t = c2t.to(first_logits.device)
     first_pred = first_logits.argmax(dim=-1)
     task = c2t[first_pred]
@@ -385,7 +407,6 @@ def retrieve(
     used = task.clone()
     rounds = torch.zeros_like(task)
     active = torch.ones_like(task, dtype=torch.bool)
-    cache: dict[int, torch.Tensor] = {}  # features of the whole batch per adapter, computed once
 
     for r in range(1, max_rounds + 1):
         idx = active.nonzero().flatten()
