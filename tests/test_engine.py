@@ -393,6 +393,33 @@ def test_force_never_replaces_an_input(tmp_path, model_set):
     assert {p: p.read_bytes() for d in (a, b) for p in sorted(d.iterdir())} == before
 
 
+def test_force_never_replaces_the_recipe_or_its_folder(tmp_path, model_set, monkeypatch):
+    """`--out .` beside the recipe, or an empty output path, replaced the recipe's folder (the recipe
+    and every file kept there) with the merged model, exit 0."""
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    recipe = {"inputs": {"a": str(model_set.finetunes[0]), "b": str(model_set.finetunes[1])},
+              "steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}], "output": {"path": "out"}}
+    path = _write(work / "r.yaml", recipe)
+    monkeypatch.chdir(work)
+    for out in (".", "sub/..", str(tmp_path)):
+        res = runner.invoke(app, ["merge", str(path), "--out", out, "--force"])
+        assert res.exit_code == 2 and "holds input file" in res.output and "r.yaml" in res.output, res.output
+        # DRYRUN res = runner.invoke(app, ["merge", str(path), "--out", out, "--force", "--dry-run"])
+        # DRYRUN assert res.exit_code == 2 and "holds input file" in res.output, res.output
+    res = runner.invoke(app, ["merge", str(_write(work / "e.yaml", {**recipe, "output": {"path": ""}})), "--force"])
+    assert res.exit_code == 3 and "e.yaml:" in res.output and "output.path is empty" in res.output, res.output
+    assert sorted(p.name for p in work.iterdir()) == ["e.yaml", "notes.txt", "r.yaml", "sub"]
+    # an output below a file, and a step saved where the output goes, are refused before any work
+    res = runner.invoke(app, ["merge", str(path), "--out", str(work / "notes.txt" / "o")])
+    assert res.exit_code == 2 and "notes.txt is a file, not a directory" in res.output, res.output
+    two = {**recipe, "steps": [{**recipe["steps"][0], "save": str(tmp_path / "o")},
+                               {"id": "n", "method": "linear", "models": ["m", "a"]}], "output": {"path": str(tmp_path / "o")}}
+    res = runner.invoke(app, ["merge", str(_write(work / "s.yaml", two))])
+    assert res.exit_code == 3 and "s.yaml" in res.output and "written twice" in res.output, res.output
+
+
 def test_system_refusals_are_one_line(tmp_path, model_set, monkeypatch):
     import errno
     import os

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,7 +285,7 @@ def build_plan(
         steps=steps,
         final=final,
         outputs=[],
-        out=Path(out_path).expanduser() if out_path else None,
+        out=Path(os.path.normpath(os.path.expanduser(out_path))) if out_path else None,  # sub/.. names sub's parent
         shard_size=shard_size or recipe.output.shard_size or DEFAULT_SHARD_SIZE,
         device=dev,
         seed=seed if seed is not None else (recipe.seed if recipe.seed is not None else 0),
@@ -306,6 +307,15 @@ def build_plan(
     if plan.out is not None and final_save is not None and final_save.expanduser().absolute() != plan.out.expanduser().absolute():
         raise RecipeError(f"{_src(recipe)}: step {plan.final!r} is the output step, written to {plan.out}; its "
                           f"'save: {final_save}' would be a second copy: remove it, or save another step")
+    targets = [(f"output {plan.out}", plan.out)] if plan.out is not None else []
+    targets += [(f"step {st.id!r}'s save: {st.save}", st.save) for st in plan.steps.values()
+                if st.save is not None and st.id != plan.final]
+    resolved = [(what, Path(os.path.normpath(t.expanduser().absolute()))) for what, t in targets]
+    for i, (what, a) in enumerate(resolved):
+        for other, b in resolved[i + 1 :]:
+            if a == b or a in b.parents or b in a.parents:
+                raise RecipeError(f"{_src(recipe)}: {what} and {other} overlap: one directory would be "
+                                  "written twice (or inside the other); give each its own path")
     if check_output:
         inputs = input_files(plan)
         for out in [plan.out, *(st.save for st in plan.steps.values())]:
@@ -315,8 +325,10 @@ def build_plan(
 
 
 def input_files(plan: Plan) -> list[Path]:
-    """Every file the plan reads: checkpoint shards, delta sources and tensor files."""
-    files = [f for ck in plan.checkpoints.values() for f in ck.shards]
+    """Every file the plan reads or the user keeps beside it: the recipe itself, checkpoint
+    shards and side files (config, tokenizer), delta sources and tensor files."""
+    files = [plan.recipe.source] if plan.recipe.source is not None else []
+    files += [f for ck in plan.checkpoints.values() for f in [*ck.shards, *ck.side_files()]]
     files += [f for d in plan.deltas.values() for f in d.files()]
     files += [getattr(t, "path", Path(k)) for k, t in plan.tensor_files.items()]
     return files

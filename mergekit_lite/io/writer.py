@@ -103,7 +103,9 @@ def check_output_dir(out: Path, force: bool, inputs: Iterable[Path] = ()) -> Non
     # part of it that exists) must be writable. Found now, not after a global method's passes.
     parent = out.expanduser().absolute().parent
     existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
-    if existing is not None and existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+    if existing is not None and not existing.is_dir():
+        raise UsageError(f"{out}: cannot create it ({existing} is a file, not a directory)")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{out}: cannot write there ({existing} is not writable)")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a directory")

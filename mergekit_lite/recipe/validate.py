@@ -89,6 +89,8 @@ def validate(raw: RawRecipe, base_dir: Path, problems: Problems) -> Recipe | Non
         refs = [m.ref.value for m in step.models]
         params: dict[str, Any] = {}
         model_params: dict[str, dict[str, Any]] = {}
+        if step.save is not None and not str(step.save.value).strip():
+            problems.add(step.save.loc, "save: the path is empty (it would mean the recipe's own folder)", step.save.key)
         if spec is not None:
             checker = _ParamChecker(spec, refs, ref_alias, base_dir, problems, notes, mergekit=raw.shape == "mergekit")
             params = checker.step_params(step)
@@ -401,7 +403,11 @@ def _output(raw: RawRecipe, inputs: dict[str, str], ids: dict[str, RawStep], bas
     elif raw.steps:
         out.step = raw.steps[-1].id.value
     if "path" in o:
-        out.path = _local_path(o["path"].value, base_dir)
+        if not str(o["path"].value).strip():
+            problems.add(o["path"].loc, "output.path is empty (it would mean the recipe's own folder); "
+                         "name the output directory", o["path"].key)
+        else:
+            out.path = _local_path(o["path"].value, base_dir)
     if "dtype" in o:
         try:
             out.dtype = parse_user_dtype(o["dtype"].value)
