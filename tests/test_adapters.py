@@ -281,10 +281,20 @@ def test_rank_mismatch_with_config_is_refused(tmp_path: Path) -> None:
     ("rank_pattern", {"q_proj": 0}, "rank_pattern['q_proj'] must be a positive integer"),
     ("alpha_pattern", {"q_proj": "big"}, "alpha_pattern['q_proj'] must be a finite number"),
     ("alpha_pattern", {"q_proj(": 4}, "alpha_pattern['q_proj('] is not a valid regular expression"),
+    # PEFT's LoraConfig types: a NaN/inf alpha filled the output with NaN/inf, the string "false"
+    # switched rsLoRA on (2x the delta), r 4.7 became 4, alpha true became 1.
+    ("lora_alpha", float("nan"), "'lora_alpha' must be a finite number, got nan"),
+    ("lora_alpha", float("inf"), "'lora_alpha' must be a finite number, got inf"),
+    ("lora_alpha", "inf", "'lora_alpha' must be a finite number, got 'inf'"),
+    ("lora_alpha", True, "'lora_alpha' must be a finite number, got True"),
+    ("r", 4.7, "'r' must be a positive integer, got 4.7"),
+    ("r", "4", "'r' must be a positive integer, got '4'"),
+    ("use_rslora", "false", "'use_rslora' must be true or false, got 'false'"),
+    ("fan_in_fan_out", 0, "'fan_in_fan_out' must be true or false, got 0"),
 ])
 def test_bad_patterns_are_one_line_errors(field: str, value: Any, needle: str, tmp_path: Path) -> None:
     path = tmp_path / "adapter_config.json"
-    path.write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, field: value}))
+    path.write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, field: value}))  # NaN → JSON NaN
     with pytest.raises(CheckpointError) as e:
         read_settings(path)
     assert str(e.value).startswith(f"{path}: ") and needle in str(e.value) and "\n" not in str(e.value)
@@ -295,6 +305,13 @@ def test_missing_lora_alpha_is_peft_default(tmp_path: Path) -> None:
     path.write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     settings, _ = read_settings(path)
     assert settings.alpha == peft.LoraConfig().lora_alpha == 8 and settings.scaling_for("q_proj") == 2.0
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "adapter_config.json"
+    path.write_bytes(b'{"peft_type": "LORA", "r": 4, "x": "\xff\xfe"}')
+    with pytest.raises(CheckpointError, match="unreadable adapter config"):
+        read_settings(path)
 
 
 def test_full_delta(bases: tuple[Path, Path]) -> None:

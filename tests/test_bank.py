@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from mergekit_lite.errors import CheckpointError, ResolveError, UsageError
+from mergekit_lite.errors import CheckpointError, UsageError
 from mergekit_lite.io.bank import load_bank
 from mergekit_lite.synthetic import LlamaShape, make_base, make_lora_adapter
 from mergekit_lite.workflows.mos import bank_add, bank_export, bank_list, bank_set_prototypes, mos_merge
@@ -236,9 +236,9 @@ def test_empty_bank_is_refused(tmp_path: Path) -> None:
 
 def test_missing_and_foreign_files(tmp_path: Path) -> None:
     r = mlite("bank", "list", tmp_path / "nope.safetensors")
-    assert r.exit_code == 5 and "does not exist" in r.output
+    assert r.exit_code == 2 and "does not exist" in r.output
     r = mlite("bank", "add", tmp_path / "bank.safetensors", "--task", "a", tmp_path / "nope")
-    assert r.exit_code == 5 and not (tmp_path / "bank.safetensors").exists()
+    assert r.exit_code == 2 and not (tmp_path / "bank.safetensors").exists()
     plain = raw_adapter(tmp_path / "plain.safetensors", 0)
     r = mlite("bank", "list", plain)
     assert r.exit_code == 4 and "not an adapter bank" in r.output
@@ -248,8 +248,14 @@ def test_missing_and_foreign_files(tmp_path: Path) -> None:
     (tmp_path / "notpeft").mkdir()
     with pytest.raises(CheckpointError, match="adapter_config.json"):
         bank_add(tmp_path / "b2.safetensors", "a", tmp_path / "notpeft")
-    with pytest.raises(ResolveError):
+    with pytest.raises(UsageError, match="does not exist"):  # a missing file argument: exit 2, as docs/cli.md says
         bank_export(tmp_path / "nope.safetensors", "a", tmp_path / "x")
+    with pytest.raises(UsageError, match="does not exist"):
+        bank_add(tmp_path / "b2.safetensors", "a", tmp_path / "nope")
+    (tmp_path / "strpeft").mkdir()
+    (tmp_path / "strpeft" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 0}')
+    with pytest.raises(CheckpointError, match="'r' must be a positive integer, got 0"):
+        bank_add(tmp_path / "b2.safetensors", "a", tmp_path / "strpeft")
     assert not (tmp_path / "b2.safetensors").exists()
 
 

@@ -205,7 +205,7 @@ def test_cli_merge_refusals(tmp_path: Path) -> None:
         assert r.exit_code == 2 and msg in r.output, (args, r.output)
         assert not out.exists()
     r = mlite("mos", "merge", tmp_path / "missing.safetensors", "--out", out)
-    assert r.exit_code == 5 and not out.exists()
+    assert r.exit_code == 2 and not out.exists()
     out.write_bytes(b"old")
     r = mlite("mos", "merge", bank, "--out", out)
     assert r.exit_code == 2 and "already exists" in r.output and out.read_bytes() == b"old"

@@ -106,7 +106,7 @@ class LoraSettings:
         return a / math.sqrt(r) if self.use_rslora else a / r
 
 
-def _pattern(config_path: Path, raw: Mapping[str, Any], name: str, convert: type[int] | type[float]) -> dict[str, Any]:
+def _pattern(config_path: str, raw: Mapping[str, Any], name: str, convert: type[int] | type[float]) -> dict[str, Any]:
     """`rank_pattern` / `alpha_pattern` vetted now ({regex: rank > 0} / {regex: finite alpha}), so a bad entry is a
     one-line error naming the file and the key instead of a failure in the middle of a merge."""
     value = raw.get(name) or {}
@@ -133,9 +133,15 @@ def _pattern(config_path: Path, raw: Mapping[str, Any], name: str, convert: type
 def read_settings(config_path: Path) -> tuple[LoraSettings, dict[str, Any]]:
     """Parse and vet adapter_config.json; returns the settings and the raw dict."""
     try:
-        raw = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{config_path}: unreadable adapter config ({exc.__class__.__name__})") from None
+    return settings_from_config(raw, str(config_path)), raw
+
+
+def settings_from_config(raw: Any, config_path: str) -> LoraSettings:
+    """An adapter config (the JSON object) vetted as PEFT's LoraConfig types it; `config_path`
+    names it in errors (a file, or a bank member)."""
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_path}: adapter config is not a JSON object")
     peft_type = str(raw.get("peft_type", "LORA")).upper()
@@ -150,27 +156,37 @@ def read_settings(config_path: Path) -> tuple[LoraSettings, dict[str, Any]]:
             f"{config_path}: init_lora_weights={init!r} modifies the base weights; save the adapter with "
             "path_initial_model_for_weight_conversion to convert it to plain LoRA first"
         )
-    try:
-        r = int(raw["r"])
-        alpha = float(raw.get("lora_alpha", PEFT_DEFAULT_ALPHA))
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{config_path}: adapter config needs an integer 'r' and a numeric 'lora_alpha'") from None
-    if r <= 0:
-        raise CheckpointError(f"{config_path}: r must be positive, got {r}")
+    if "r" not in raw:
+        raise CheckpointError(f"{config_path}: adapter config has no rank 'r'")
+    r, alpha = raw["r"], raw.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    # PEFT's LoraConfig types: r an int, lora_alpha a number, the switches JSON booleans. A string
+    # "false" is truthy in Python, and a NaN or infinite alpha would fill the output with NaN/inf.
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise CheckpointError(f"{config_path}: 'r' must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise CheckpointError(f"{config_path}: 'lora_alpha' must be a finite number, got {alpha!r}")
+    switches = {}
+    for name in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
+        value = raw.get(name, False)
+        if value is None:
+            value = False
+        if not isinstance(value, bool):
+            raise CheckpointError(f"{config_path}: {name!r} must be true or false, got {value!r}")
+        switches[name] = value
     mts = raw.get("modules_to_save") or ()
     settings = LoraSettings(
         r=r,
-        alpha=alpha,
-        use_rslora=bool(raw.get("use_rslora", False)),
-        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+        alpha=float(alpha),
+        use_rslora=switches["use_rslora"],
+        fan_in_fan_out=switches["fan_in_fan_out"],
         rank_pattern=_pattern(config_path, raw, "rank_pattern", int),
         alpha_pattern=_pattern(config_path, raw, "alpha_pattern", float),
-        use_dora=bool(raw.get("use_dora", False)),
+        use_dora=switches["use_dora"],
         bias=str(raw.get("bias", "none")),
-        lora_bias=bool(raw.get("lora_bias", False)),
+        lora_bias=switches["lora_bias"],
         modules_to_save=tuple(mts) if isinstance(mts, (list, tuple)) else (str(mts),),
     )
-    return settings, raw
+    return settings
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mergekit_lite.errors import CheckpointError, ResolveError, UsageError
+from mergekit_lite.errors import CheckpointError, UsageError
+from mergekit_lite.io.adapters import settings_from_config
 
 BANK_FORMAT = "1"
 ADAPTER_PREFIX = "adapters."
@@ -173,15 +174,16 @@ def read_source(source: str | Path) -> Member:
     """A bank member from a PEFT LoRA directory or a safetensors file of raw adapter parameters."""
     path = Path(source)
     if not path.exists():
-        raise ResolveError(f"adapter source {path} does not exist")
+        raise UsageError(f"adapter source {path} does not exist")
     if path.is_dir():
         cfg_path = path / PEFT_CONFIG
         if not cfg_path.is_file():
             raise CheckpointError(f"{path}: not a PEFT adapter directory (no {PEFT_CONFIG})")
         try:
-            config = json.loads(cfg_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{cfg_path}: invalid JSON ({exc})") from None
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+            raise CheckpointError(f"{cfg_path}: invalid JSON ({exc.__class__.__name__})") from None
+        settings_from_config(config, str(cfg_path))
         if str(config.get("peft_type", "")).upper() != "LORA":
             raise CheckpointError(f"{cfg_path}: peft_type {config.get('peft_type')!r} is not LORA")
         weights = path / PEFT_WEIGHTS
@@ -211,7 +213,7 @@ def load_bank(path: str | Path) -> Bank:
     if path.is_dir():
         raise UsageError(f"bank {path} is a directory; a bank is one .safetensors file")
     if not path.is_file():
-        raise ResolveError(f"bank {path} does not exist")
+        raise UsageError(f"bank {path} does not exist")
     tensors, metadata = _read_safetensors(path)
     if "mlite_bank" not in metadata:
         raise CheckpointError(f"{path} is not an adapter bank (no mlite_bank metadata)")
@@ -243,8 +245,10 @@ def load_bank(path: str | Path) -> Bank:
         if not isinstance(meta, dict) or meta.get("kind") not in ("lora", "raw"):
             raise CheckpointError(f"bank {path}: task {task!r} has no valid member description")
         config = meta.get("adapter_config")
-        if meta["kind"] == "lora" and not isinstance(config, dict):
-            raise CheckpointError(f"bank {path}: LoRA task {task!r} has no adapter_config")
+        if meta["kind"] == "lora":
+            if not isinstance(config, dict):
+                raise CheckpointError(f"bank {path}: LoRA task {task!r} has no adapter_config")
+            settings_from_config(config, f"bank {path}: task {task!r}")
         if not grouped[task]:
             raise CheckpointError(f"bank {path}: task {task!r} holds no tensors")
         member = Member(meta["kind"], dict(sorted(grouped[task].items())), config)
