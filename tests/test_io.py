@@ -138,6 +138,39 @@ def test_absurd_header_length(tmp_path):
         open_checkpoint(f)
 
 
+def _raw_shard(path: Path, header_text: str, data_len: int) -> Path:
+    """A shard with a hand-written header (padded to 8 bytes) and `data_len` bytes of data."""
+    raw = header_text.encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(range(256)) * (data_len // 256) + bytes(data_len % 256))
+    return path
+
+
+@pytest.mark.parametrize(("header", "data_len", "message"), [
+    # two tensors reading the same bytes (the safetensors library refuses this file)
+    ('{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},'
+     ' "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', 8, "overlaps the tensor before it"),
+    ('{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},'
+     ' "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}}', 16, "leaves 4 unused bytes before it"),
+    ('{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},'
+     ' "a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}', 16, "tensor 'a' listed twice"),
+    ('{"a": {"dtype": "F32", "shape": [2.9], "data_offsets": [0, 8]}}', 8, "expected lists of non-negative integers"),
+    ('{"a": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}', 8, "expected lists of non-negative integers"),
+    ('{"a": {"dtype": "F32", "shape": [true, 2], "data_offsets": [0, 8]}}', 8, "expected lists of non-negative integers"),
+    ('{"a": {"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}}', 8, "expected lists of non-negative integers"),
+    ('{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 9]}}', 8, "expected lists of non-negative integers"),
+    ('{"__metadata__": ["x"], "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', 8, "__metadata__"),
+    ('{"__metadata__": {"k": {"n": 1}}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', 8, "__metadata__"),
+    ('{"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}', 8, "unsupported dtype"),
+    ("[" * 100000 + "]" * 100000, 0, "corrupt safetensors header"),
+])
+def test_headers_the_safetensors_library_refuses_are_refused(tmp_path, header, data_len, message):
+    shard = _raw_shard(tmp_path / "m.safetensors", header, data_len)
+    with pytest.raises(CheckpointError, match=message) as e:
+        open_checkpoint(shard)
+    assert "m.safetensors" in str(e.value)
+
+
 def test_missing_shard_named_by_index(model_set):
     shard = sorted(model_set.base.glob("model-*.safetensors"))[2]
     os.remove(shard)

@@ -69,26 +69,33 @@ def read_header(path: Path) -> ShardHeader:
     except IsADirectoryError:
         raise CheckpointError(f"{path}: is a directory, expected a .safetensors file") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors header (tensor {exc.args[0]!r} listed twice)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: corrupt safetensors header ({exc.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_start = 8 + n
     data_len = size - data_start
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     entries: list[HeaderEntry] = []
     for name, desc in header.items():
         try:
-            dtype = desc["dtype"]
-            shape = tuple(int(d) for d in desc["shape"])
-            begin, end = (int(x) for x in desc["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+            dtype, shape_list, offsets = desc["dtype"], desc["shape"], desc["data_offsets"]
+        except (KeyError, TypeError):
             raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
-        if dtype not in ITEMSIZE:
+        if not _int_list(shape_list) or not _int_list(offsets) or len(offsets) != 2:
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r} (shape {shape_list!r}, "
+                                  f"data_offsets {offsets!r}: expected lists of non-negative integers)")
+        shape = tuple(shape_list)
+        begin, end = offsets
+        if not isinstance(dtype, str) or dtype not in ITEMSIZE:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
         expected = math.prod(shape) * ITEMSIZE[dtype]
-        if end - begin != expected or begin < 0:
+        if end - begin != expected:
             raise CheckpointError(
                 f"{path}: tensor {name!r} spans {end - begin} bytes but {dtype}{list(shape)} needs {expected}"
             )
@@ -97,8 +104,33 @@ def read_header(path: Path) -> ShardHeader:
                 f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, file has {size} bytes"
             )
         entries.append(HeaderEntry(name, dtype, shape, data_start + begin, data_start + end))
-    entries.sort(key=lambda e: e.begin)
+    entries.sort(key=lambda e: (e.begin, e.end))
+    # As the safetensors library requires: the tensors tile the data exactly, in offset order. An
+    # overlap would make two tensors read the same bytes; a gap means the header and data disagree.
+    at = data_start
+    for e in entries:
+        if e.begin != at:
+            what = "overlaps the tensor before it" if e.begin < at else f"leaves {e.begin - at} unused bytes before it"
+            raise CheckpointError(f"{path}: corrupt safetensors header (tensor {e.name!r} {what})")
+        at = e.end
     return ShardHeader(path, tuple(entries), metadata, data_start, size)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
 @dataclass(frozen=True)
