@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import mergekit_lite as mlite
 from mergekit_lite.engine.plan import build_plan
 from mergekit_lite.engine.run import PREFETCH_DEPTH, execute
-from mergekit_lite.errors import CheckpointError
+from mergekit_lite.errors import CheckpointError, UsageError
 from mergekit_lite.recipe.model import load_recipe
 from mergekit_lite.synthetic import LlamaShape, build_model_set, make_base, make_finetune, save_checkpoint
 
@@ -777,6 +777,33 @@ def test_resume_rewrites_the_tensors_of_a_shard_of_the_wrong_size(tmp_path, mode
     assert 0 < result.resumed < reference.tensors
     got, want = load_dir(tmp_path / "out"), load_dir(tmp_path / "ref")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_resume_with_a_damaged_log_rewrites_what_it_cannot_read(tmp_path, model_set):
+    from mergekit_lite.io.writer import RESUME_LOG, CheckpointWriter
+
+    ms = model_set
+    recipe = {
+        "inputs": {"a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])},
+        "steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}],
+        "output": {"path": str(tmp_path / "out")},
+    }
+    reference = mlite.run_recipe({**recipe, "output": {"path": str(tmp_path / "ref")}})
+    with pytest.raises(KeyboardInterrupt):
+        mlite.run_recipe(recipe, tensor_hook=_interrupt_after(10))
+    with open(CheckpointWriter.partial_dir(tmp_path / "out") / RESUME_LOG, "ab") as f:
+        f.write(b"\xff\xfe garbage\n")
+    result = mlite.run_recipe(recipe, resume=True)
+    assert 0 < result.resumed < reference.tensors
+    got, want = load_dir(tmp_path / "out"), load_dir(tmp_path / "ref")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_too_many_threads_are_refused(tmp_path, model_set):
+    recipe = {"inputs": {"a": str(model_set.finetunes[0]), "b": str(model_set.finetunes[1])},
+              "steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}], "output": {"path": str(tmp_path / "o")}}
+    with pytest.raises(UsageError, match="threads must be at most"):
+        mlite.run_recipe(recipe, threads=100_000)  # OpenMP would start them all and crash
 
 
 def test_resume_with_changed_recipe_starts_afresh(tmp_path, model_set):

@@ -188,6 +188,35 @@ def test_bin_refused_without_opt_in(tmp_path):
     assert torch.equal(ck.load("w"), torch.ones(2))
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (torch.ones(2), "holds a Tensor, not a state dict"),
+    ([torch.ones(2)], "holds a list, not a state dict"),
+    ({"w": 3}, "entry 'w' is a int, not a tensor"),
+    ({"w": {"inner": torch.ones(2)}}, "entry 'w' is a dict, not a tensor"),
+])
+def test_bin_that_is_not_a_flat_state_dict_is_refused(tmp_path, content, message):
+    d = tmp_path / "bin"
+    d.mkdir()
+    torch.save(content, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(d, allow_bin=True)
+
+
+@pytest.mark.parametrize("weight_map", [{"w": 3}, {"w": None}, {"w": ["a.safetensors"]}, {"w": "../x.safetensors"}])
+def test_index_whose_weight_map_is_not_file_names_is_refused(tmp_path, weight_map):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="corrupt index file"):
+        open_checkpoint(d)
+
+
+def test_config_that_is_not_utf8_is_a_checkpoint_error(model_set):
+    (model_set.base / "config.json").write_bytes(b'{"x": "\xff"}')
+    with pytest.raises(CheckpointError, match="unreadable config.json"):
+        open_checkpoint(model_set.base)
+
+
 def test_loads_are_the_callers_to_modify(tmp_path, model_set):
     """A .bin checkpoint is held whole in memory; what `load` returns must not be that memory."""
     d = tmp_path / "bin"

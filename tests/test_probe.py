@@ -214,3 +214,11 @@ def test_collect_errors_are_one_line_and_write_nothing(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "is input file" in r.output and (tmp_path / "pos.txt").read_text() == f"a w{LlamaShape().vocab_size + 5}\n"
     r = _collect(tmp_path, model, "--out", str(tmp_path / "lm" / "config.json"), "--force")
     assert r.exit_code == 2 and "is input file" in r.output
+
+
+def test_text_files_that_are_not_utf8_are_usage_errors(tmp_path: Path) -> None:
+    from mergekit_lite.workflows.surgery import read_texts
+
+    (tmp_path / "t.txt").write_bytes(b"fine\n\xff\xfe\n")
+    with pytest.raises(UsageError, match=r"t\.txt: not UTF-8 text \(byte 5\)"):
+        read_texts(tmp_path / "t.txt")

@@ -402,6 +402,15 @@ def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
     assert msg.startswith(f"{tmp_path / 'recipe.yaml'}:2: YAML syntax error")
 
 
+def test_control_characters_and_deep_nesting_are_yaml_errors(tmp_path: Path) -> None:
+    nul = tmp_path / "nul.yaml"
+    nul.write_text("inputs:\n  a: x\x00\nsteps: []\n")
+    assert one_problem(nul) == f"{nul}:2: YAML syntax error: control character U+0000 is not allowed in YAML"
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert one_problem(deep) == f"{deep}: YAML syntax error: nested too deeply"
+
+
 def test_duplicate_yaml_key(tmp_path: Path) -> None:
     found = problems(write(tmp_path, "inputs:\n  a: ./a\n  a: ./b\nsteps: []\n"))
     assert f"{tmp_path / 'recipe.yaml'}:3: duplicate key 'a' (first written at line 2) (a)" in found

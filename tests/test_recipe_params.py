@@ -249,3 +249,9 @@ def test_lookup_cost_is_bounded_by_rules() -> None:
     values = [r.for_tensor(n)["lambda"] for n in names]
     assert values[0] == 0.0 and values[20 * 49] == 0.49 and values[20 * 50] == 1.0
     assert len(r._cache) == len(names)
+
+
+def test_an_integer_too_big_for_a_float_is_a_problem_not_an_overflow() -> None:
+    from mergekit_lite.methods.registry import Param
+
+    assert Param("lambda", "float", 1.0, "").check(10**400) == "must be a finite number, got an integer of 401 digits"

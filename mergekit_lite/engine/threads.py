@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 
 import torch
@@ -28,6 +29,11 @@ from ..errors import UsageError
 from .plan import Plan
 
 log = logging.getLogger(__name__)
+
+
+def max_threads() -> int:
+    """The most intra-op threads worth asking for: beyond a few per core they only cost."""
+    return 4 * (os.cpu_count() or 1)
 
 
 def is_light(plan: Plan) -> bool:
@@ -52,6 +58,9 @@ def torch_threads(plan: Plan, requested: int | None = None) -> Iterator[int]:
     """
     if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < 1):
         raise UsageError(f"threads must be a positive integer, got {requested!r}")
+    if requested is not None and requested > max_threads():
+        # OpenMP starts every thread it is asked for: 100000 of them crash the process.
+        raise UsageError(f"threads must be at most {max_threads()} (4 per core on this machine), got {requested}")
     before = torch.get_num_threads()
     n = compute_threads(plan, requested, before)
     if n != before:

@@ -274,20 +274,24 @@ def _read_config(directory: Path) -> dict | None:
     if not cfg.is_file():
         return None
     try:
-        data = json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{cfg}: unreadable config.json ({exc})") from None
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{cfg}: unreadable config.json ({' '.join(str(exc).split())})") from None
     return data if isinstance(data, dict) else None
 
 
 def _from_index(label: str, directory: Path, index: Path) -> Checkpoint:
     try:
-        data = json.loads(index.read_text())
+        data = json.loads(index.read_text(encoding="utf-8"))
         weight_map: dict[str, str] = data["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{index}: corrupt index file (expected a 'weight_map' object)") from None
+    bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or not v or "/" in v or v in (".", "..")), None)
+    if bad is not None:
+        raise CheckpointError(f"{index}: corrupt index file (tensor {bad!r} maps to {weight_map[bad]!r}, "
+                              "not a shard file name)")
     shard_names = sorted(set(weight_map.values()))  # HF shard names sort in file order
     missing = [s for s in shard_names if not (directory / s).is_file()]
     if missing:
@@ -331,7 +335,12 @@ def _from_bin(label: str, path: Path, files: list[Path], source_dir: Path, allow
             part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # torch raises many types for bad pickles
             raise CheckpointError(f"{f}: cannot load with weights_only=True ({exc.__class__.__name__})") from None
+        if not isinstance(part, dict):
+            raise CheckpointError(f"{f}: holds a {type(part).__name__}, not a state dict of named tensors")
         for name, t in part.items():
+            if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+                raise CheckpointError(f"{f}: entry {name!r} is a {type(t).__name__}, not a tensor "
+                                      "(expected a flat state dict of named tensors)")
             st = from_torch(t.dtype)
             nbytes = t.numel() * ITEMSIZE[st]
             state[name] = t

@@ -178,10 +178,12 @@ class CheckpointWriter:
         if self.tmp_dir.exists():
             self._hold(self.tmp_dir)  # another run still writing this output keeps it: refuse
         key_file = self.tmp_dir / RESUME_KEY
-        same = key_file.is_file() and key_file.read_text() == key
+        # Damaged bytes (a crash mid-append, a disk error) decode to names no plan holds: the key
+        # then differs and the run starts afresh, or the damaged lines' tensors are written again.
+        same = key_file.is_file() and key_file.read_bytes().decode("utf-8", "replace") == key
         if resume and same:
             log_file = self.tmp_dir / RESUME_LOG
-            names = log_file.read_text().splitlines() if log_file.is_file() else []
+            names = log_file.read_bytes().decode("utf-8", "replace").splitlines() if log_file.is_file() else []
             # A logged tensor counts only if its shard is there at its planned size: a shard that
             # is not (killed between a direct write's padded last block and the truncate, or
             # removed by hand) is started afresh, so its tensors must be written again.

@@ -63,9 +63,12 @@ class Param:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"expected a number, got {value!r}"
-        if self.kind == "int" and not float(value).is_integer():
+        try:
+            v = float(value)
+        except OverflowError:  # an integer with hundreds of digits
+            return f"must be a finite number, got an integer of {len(str(abs(value)))} digits"
+        if self.kind == "int" and not v.is_integer():
             return f"expected an integer, got {value!r}"
-        v = float(value)
         if v != v:
             return "NaN is not allowed"
         if v in (math.inf, -math.inf):

@@ -109,6 +109,15 @@ def is_hub_reference(ref: str) -> bool:
     return _HUB_REF.fullmatch(ref) is not None
 
 
+def absolute_path(path: Path) -> str:
+    """`path` resolved, or only made absolute when it cannot be (a symlink loop: Python 3.11 raises
+    RuntimeError there), so that opening it later reports the problem as a user error."""
+    try:
+        return str(path.resolve())
+    except (RuntimeError, OSError):
+        return os.path.abspath(path)
+
+
 def resolve_input_path(ref: str, base_dir: str | Path) -> str:
     """Where an input lives: an absolute local path, or the Hub reference unchanged.
 
@@ -125,7 +134,7 @@ def resolve_input_path(ref: str, base_dir: str | Path) -> str:
     # `models/base` next to a recipe whose `models/` folder exists is local even before `base`
     # is written: a clear "not found" beats a Hub lookup of a repo called models/base.
     if local.exists() or not is_hub_reference(ref) or (Path(base_dir) / path.parts[0]).is_dir():
-        return str(local.resolve())
+        return absolute_path(local)
     return ref
 
 

@@ -16,7 +16,7 @@ from ..dtypes import parse_user_dtype
 from ..errors import UsageError
 from ..methods.registry import MethodSpec, Param, get_method, method_names
 from ..units import parse_size
-from .model import Loc, OutputSpec, Recipe, StepSpec, resolve_input_path
+from .model import Loc, OutputSpec, Recipe, StepSpec, absolute_path, resolve_input_path
 from .problems import Problems, choices_hint, did_you_mean
 from .raw import Item, RawRecipe, RawStep
 from .settings import SettingError, has_gradient, is_rule_mapping, leaves, parse_setting, varies
@@ -126,7 +126,7 @@ def validate(raw: RawRecipe, base_dir: Path, problems: Problems) -> Recipe | Non
 
 def _local_path(value: str, base_dir: Path) -> str:
     p = Path(os.path.expanduser(value))
-    return str(p if p.is_absolute() else (base_dir / p).resolve())
+    return str(p) if p.is_absolute() else absolute_path(base_dir / p)
 
 
 def _method(step: RawStep, problems: Problems) -> MethodSpec | None:

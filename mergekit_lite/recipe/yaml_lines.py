@@ -92,20 +92,41 @@ class YamlSyntaxError(Exception):
 
 def parse_yaml(text: str) -> tuple[Any, list[DuplicateKey]]:
     """Parse one YAML document into LineDict/LineList trees; raise YamlSyntaxError."""
-    loader = _LineLoader(text)
+    try:
+        # The reader checks the characters as it is made: NUL and other control characters fail here.
+        loader = _LineLoader(text)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        char = exc.character
+        code = ord(char) if isinstance(char, str) else int(char)
+        raise YamlSyntaxError(f"YAML syntax error: control character U+{code:04X} is not allowed in YAML", line) from None
+    except yaml.YAMLError as exc:
+        raise YamlSyntaxError(f"YAML syntax error: {_one_line(exc)}", _error_line(exc)) from None
     loader.duplicates = []
     try:
         data = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else None
         what = " ".join(s for s in (exc.context, exc.problem) if s)
-        raise YamlSyntaxError(f"YAML syntax error: {what or exc}", line) from None
+        raise YamlSyntaxError(f"YAML syntax error: {what or _one_line(exc)}", _error_line(exc)) from None
     except yaml.YAMLError as exc:
-        raise YamlSyntaxError(f"YAML syntax error: {exc}", None) from None
+        raise YamlSyntaxError(f"YAML syntax error: {_one_line(exc)}", _error_line(exc)) from None
+    except RecursionError:
+        raise YamlSyntaxError("YAML syntax error: nested too deeply", None) from None
     finally:
         loader.dispose()
     return data, loader.duplicates
+
+
+def _error_line(exc: yaml.YAMLError) -> int | None:
+    """The 1-based line of a YAML error, when PyYAML knows it."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is not None:
+        return mark.line + 1
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def line_of(container: Any, key: Any) -> int | None:

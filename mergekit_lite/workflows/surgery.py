@@ -397,7 +397,11 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise UsageError(f"{p}: text file not found")
-    texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        content = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{p}: not UTF-8 text (byte {exc.start})") from None
+    texts = [line.strip() for line in content.splitlines() if line.strip()]
     if not texts:
         raise UsageError(f"{p}: no text lines")
     return texts
