@@ -406,8 +406,8 @@ def test_force_never_replaces_the_recipe_or_its_folder(tmp_path, model_set, monk
     for out in (".", "sub/..", str(tmp_path)):
         res = runner.invoke(app, ["merge", str(path), "--out", out, "--force"])
         assert res.exit_code == 2 and "holds input file" in res.output and "r.yaml" in res.output, res.output
-        # DRYRUN res = runner.invoke(app, ["merge", str(path), "--out", out, "--force", "--dry-run"])
-        # DRYRUN assert res.exit_code == 2 and "holds input file" in res.output, res.output
+        res = runner.invoke(app, ["merge", str(path), "--out", out, "--force", "--dry-run"])  # as the run would
+        assert res.exit_code == 2 and "holds input file" in res.output, res.output
     res = runner.invoke(app, ["merge", str(_write(work / "e.yaml", {**recipe, "output": {"path": ""}})), "--force"])
     assert res.exit_code == 3 and "e.yaml:" in res.output and "output.path is empty" in res.output, res.output
     assert sorted(p.name for p in work.iterdir()) == ["e.yaml", "notes.txt", "r.yaml", "sub"]
