@@ -36,7 +36,7 @@ def merge(
 ) -> None:
     """Run a merge recipe and write the output checkpoint."""
     setup_logging(verbose)
-    size = parse_size(shard_size) if shard_size else None
+    size = parse_size(shard_size) if shard_size is not None else None
     overrides = dict(out=out_path, device=device, dtype=dtype, shard_size=size, seed=seed, allow_bin=allow_bin)
     if dry_run:
         plan = api.dry_run(recipe, **overrides)

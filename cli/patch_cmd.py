@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import typer
 from rich.table import Table
 
 from mergekit_lite import api
+from mergekit_lite.errors import UsageError
 from mergekit_lite.units import format_size
 
 from .common import err, guarded, out, setup_logging
@@ -37,6 +39,8 @@ def patch(
 ) -> None:
     """Apply an old fine-tune's patch to a new base: θ_new + λ·Δ."""
     setup_logging(verbose)
+    if not math.isfinite(lam):  # typer reads "nan" and "inf" as floats
+        raise UsageError(f"--lambda must be a finite number, got {lam}")
     result = api.patch(base, delta, old_base=old_base, lam=lam, out=out_path, as_adapter=as_adapter, rank=rank,
                        energy=energy, allow_vocab_growth=allow_vocab_growth, device=device, dtype=dtype,
                        shard_size=shard_size, force=force, progress=not as_json and err.is_terminal)

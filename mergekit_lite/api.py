@@ -164,6 +164,8 @@ _TORCH_DTYPES: dict[torch.dtype, str] = {getattr(torch, name): name for name in 
 def _dtype(value: Any, what: str) -> str:
     """A dtype name ('bfloat16', 'bf16': checked by the engine) or one of the float torch dtypes."""
     if isinstance(value, str):
+        if not value.strip():
+            raise UsageError(f"{what} is empty; name a dtype such as 'bfloat16'")
         return value
     if isinstance(value, torch.dtype):
         if value not in _TORCH_DTYPES:
@@ -179,6 +181,8 @@ def _device(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise UsageError(f"{what} must be a device name such as 'cpu' or 'cuda' (or a torch.device), "
                          f"got {type(value).__name__}")
+    if not value.strip():
+        raise UsageError(f"{what} is empty; name a device such as 'cpu' or 'cuda'")
     return value
 
 

@@ -843,3 +843,43 @@ def test_cli_merge_needs_an_output(tmp_path, model_set):
     res = runner.invoke(app, ["merge", str(recipe)])
     assert res.exit_code == 2 and "--out" in res.output
     assert runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "o")]).exit_code == 0
+
+
+def test_recipe_mistakes_found_before_any_work(tmp_path, model_set):
+    """Each was found only mid-run (a traceback, or exit 2 naming a CLI flag) or silently ignored."""
+    ms = model_set
+    base = {"inputs": {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])},
+            "output": {"path": str(tmp_path / "out")}}
+    cases = [
+        ({"steps": [{"id": "p", "method": "portllm", "base": "base", "delta": "a"}]}, (), 3,
+         "step 'p': delta 'a' is a full checkpoint, so the step needs 'old_base: <input>'"),
+        ({"steps": [{"id": "m", "method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}},
+                                                              {"model": "b", "parameters": {"weight": -1.0}}]}]},
+         (), 3, "the weights sum to 0"),
+        ({"steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}]}, ("--device", ""), 2, "device is empty"),
+        ({"steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}]}, ("--dtype", ""), 2, "dtype is empty"),
+        ({"steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}]}, ("--shard-size", ""), 2,
+         "cannot read size ''"),
+        ({"steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}]}, ("--seed", "-1"), 2, "seed"),
+    ]
+    for i, (steps, args, code, needle) in enumerate(cases):
+        recipe = _write(tmp_path / f"r{i}.yaml", {**base, **steps})
+        for dry in ((), ("--dry-run",)):
+            res = runner.invoke(app, ["merge", str(recipe), *args, *dry])
+            assert res.exit_code == code and needle in res.output, (i, dry, res.output)
+            assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1, res.output
+    assert not (tmp_path / "out").exists()
+    res = runner.invoke(app, ["merge", str(tmp_path)])
+    assert res.exit_code == 2 and "is a directory; give the recipe's YAML file" in res.output
+
+
+def test_a_config_that_contradicts_its_tensors_is_a_checkpoint_error(tmp_path, model_set):
+    import json
+
+    cfg = model_set.finetunes[0] / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "num_hidden_layers": 1}))
+    recipe = _write(tmp_path / "r.yaml", {"inputs": {"a": str(model_set.finetunes[0]), "b": str(model_set.finetunes[1])},
+                                          "steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}],
+                                          "output": {"path": str(tmp_path / "out")}})
+    res = runner.invoke(app, ["merge", str(recipe)])
+    assert res.exit_code == 4 and f"{cfg}: num_hidden_layers is 1 but the tensors hold" in res.output, res.output

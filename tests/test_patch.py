@@ -235,3 +235,19 @@ def test_as_adapter_full_delta_within_reported_error(bases: tuple[Path, Path], t
             assert r.rank == 4 and err <= r.rel_error * (1 + 1e-4) + 1e-6, r.name
         else:
             assert r.kind == "full" and err < 1e-5, r.name
+
+
+def test_patch_usage_mistakes_are_one_line_exit_2(bases: tuple[Path, Path], tmp_path: Path) -> None:
+    old, new = bases
+    ft = save_llama(tmp_path / "ft", 3)
+    adapter = save_lora(old, tmp_path / "lora", seed=16, target_modules=["q_proj"])
+    for args, needle in (
+        (["--delta", str(ft)], "a full fine-tuned checkpoint as delta needs its old base (--old-base)"),
+        (["--delta", str(adapter), "--lambda", "nan"], "--lambda must be a finite number, got nan"),
+        (["--delta", str(adapter), "--lambda", "inf"], "--lambda must be a finite number, got inf"),
+        (["--delta", str(adapter), "--rank", "4"], "--rank and --energy compress the patch into an adapter"),
+    ):
+        res = runner.invoke(app, ["patch", "--base", str(new), *args, "--out", str(tmp_path / "o")])
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], (args, res.output)
+        assert not (tmp_path / "o").exists()

@@ -222,3 +222,10 @@ def test_text_files_that_are_not_utf8_are_usage_errors(tmp_path: Path) -> None:
     (tmp_path / "t.txt").write_bytes(b"fine\n\xff\xfe\n")
     with pytest.raises(UsageError, match=r"t\.txt: not UTF-8 text \(byte 5\)"):
         read_texts(tmp_path / "t.txt")
+
+
+def test_features_of_width_zero_are_refused(tmp_path: Path) -> None:
+    save_file({"features": torch.ones(6, 0), "labels": torch.tensor([0, 1, 0, 1, 0, 1])}, str(tmp_path / "f.safetensors"))
+    with pytest.raises(UsageError, match=r"shape \(N, d\) with d >= 1, got \(6, 0\)"):
+        train_probe_file(tmp_path / "f.safetensors", tmp_path / "p.safetensors")
+    assert not (tmp_path / "p.safetensors").exists()

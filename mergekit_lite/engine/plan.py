@@ -22,6 +22,7 @@ import torch
 
 from ..dtypes import is_float, parse_user_dtype
 from ..errors import CheckpointError, MliteError, RecipeError, UsageError, combine
+from ..io.adapters import is_adapter_dir
 from ..io.checkpoint import TIED_HEAD, Checkpoint, open_checkpoint
 from ..io.deltas import is_vocab_tensor
 from ..io.safetensors_format import PlannedTensor
@@ -219,6 +220,13 @@ def build_plan(
                     continue  # it failed to open, which is reported above: say nothing more about it
                 else:
                     recipe_problems.append(RecipeError(f"step {step.id!r}: old_base {step.old_base!r} is not a checkpoint input"))
+            ref = recipe.inputs[key]
+            if old is None and not step.old_base and Path(ref).expanduser().exists() and not is_adapter_dir(ref):
+                # a full checkpoint as delta is (fine-tune − old base): the recipe must name that base
+                recipe_problems.append(RecipeError(
+                    f"{step.loc}: step {step.id!r}: delta {key!r} is a full checkpoint, so the step needs "
+                    "'old_base: <input>' (the base it was fine-tuned from)"))
+                continue
             try:
                 deltas[key] = _open_delta(recipe.inputs[key], old)
             except MliteError as exc:
@@ -371,8 +379,14 @@ def resolve_device(name: str) -> torch.device:
 def _num_layers(checkpoints: Mapping[str, Checkpoint]) -> int | None:
     """Layer count for gradients: config.json's num_hidden_layers, else from tensor names."""
     for ck in checkpoints.values():
-        if ck.config and isinstance(ck.config.get("num_hidden_layers"), int):
-            return ck.config["num_hidden_layers"]
+        value = ck.config.get("num_hidden_layers") if ck.config else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            held = count_layers(ck.names())
+            if value < 1 or (held is not None and value < held):
+                where = ck.source_dir / "config.json" if ck.source_dir is not None else ck.label
+                raise CheckpointError(f"{where}: num_hidden_layers is {value} but the tensors hold "
+                                      f"{held if held is not None else 'no'} layers")
+            return value
     counts = [n for ck in checkpoints.values() if (n := count_layers(ck.names())) is not None]
     return max(counts) if counts else None
 

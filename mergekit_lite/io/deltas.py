@@ -257,7 +257,8 @@ class FullDelta:
                 continue
             old_shape = self.old_base.info(name).shape
             if old_shape != shape:
-                problems.append(f"{where} has shape {list(shape)} but the old base's is {list(old_shape)}")
+                problems.append(f"{where} has shape {list(shape)} but in {self.old_base.label}, the base it is "
+                                f"taken from, it has {list(old_shape)}")
                 continue
             problem = _shape_problem(where, name, shape, base_shapes, allow_vocab_growth)
             if problem is not None:

@@ -7,6 +7,9 @@ include it, as in mergekit).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from ..errors import RecipeError
@@ -34,6 +37,14 @@ def merge_linear(job: TensorJob) -> torch.Tensor:
 
 PARAMS: tuple[Param, ...] = (WEIGHT, normalize_param(True))
 
+
+def weights_sum_problem(params: Mapping[str, Any], n: int) -> str | None:
+    """The plan's check before a run: normalising by weights that sum to 0 has no answer."""
+    if params["normalize"] and weight_sum(per_model(params, "weight", n)) == 0:
+        return ("the weights sum to 0, so a weighted average is undefined "
+                "(set normalize: false or change the weights)")
+    return None
+
 SPEC = register(
     MethodSpec(
         name="linear",
@@ -46,5 +57,6 @@ SPEC = register(
         doc="methods/linear.md",
         row_local=lambda params: True,
         light=True,
+        check=weights_sum_problem,
     )
 )

@@ -91,8 +91,8 @@ def train_probe(
 
     `seed` fixes the split (and Adam's shuffling); the same inputs give the same probe.
     """
-    if features.dim() != 2:
-        raise UsageError(f"features must have shape (N, d), got {tuple(features.shape)}")
+    if features.dim() != 2 or features.shape[1] == 0:
+        raise UsageError(f"features must have shape (N, d) with d >= 1, got {tuple(features.shape)}")
     if not features.is_floating_point():
         raise UsageError(f"features must be floating point, got {features.dtype}")
     if not bool(torch.isfinite(features).all()):

@@ -29,13 +29,17 @@ def load(source: str | Path | Mapping[str, Any]) -> Recipe:
     else:
         path = Path(source)
         file = str(source)
+        if path.is_dir():
+            raise UsageError(f"{source}: is a directory; give the recipe's YAML file")
         if not path.is_file():
             raise UsageError(f"recipe file not found: {source}")
         base_dir = path.resolve().parent
         try:
             text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read recipe {source}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"cannot read recipe {source}: not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise UsageError(f"cannot read recipe {source}: {exc.strerror or exc}") from None
         try:
             raw, duplicates = parse_yaml(text)
         except YamlSyntaxError as exc:

@@ -11,6 +11,7 @@ The report lists every patched tensor with ‖Δ‖ and, when the old base is kn
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ import torch
 from ..dtypes import parse_user_dtype, to_torch
 from ..engine.plan import resolve_device
 from ..errors import CheckpointError, UsageError
-from ..io.adapters import copy_adapter, write_adapter
+from ..io.adapters import copy_adapter, is_adapter_dir, write_adapter
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.deltas import DeltaSource, LoraDelta, Patch, open_delta, pad_rows
 from ..io.hub import looks_like_hub_ref
@@ -140,6 +141,12 @@ def patch(
             raise UsageError("--as-adapter needs an output directory (--out)")
         return _as_adapter(base, delta, old_base=old_base, lam=lam, out=out, rank=rank, energy=energy,
                            allow_vocab_growth=allow_vocab_growth, device=device, dtype=dtype, seed=seed, force=force)
+    if rank is not None or energy is not None:
+        raise UsageError("--rank and --energy compress the patch into an adapter: they need --as-adapter")
+    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam):
+        raise UsageError(f"--lambda must be a finite number, got {lam!r}")
+    if old_base is None and Path(delta).expanduser().exists() and not is_adapter_dir(delta):
+        raise UsageError(f"{delta}: a full fine-tuned checkpoint as delta needs its old base (--old-base)")
     from ..api import plan_recipe
     from ..engine.run import execute
     from ..recipe.model import load_recipe
