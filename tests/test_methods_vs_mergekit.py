@@ -320,3 +320,18 @@ def test_slerp_is_mergekit_slerp(rng: torch.Generator) -> None:
         torch.testing.assert_close(ours("slerp", None, [a, b], t=t), mk_slerp(t, a, b))
     near = a + 1e-3 * b  # colinear branch: lerp
     torch.testing.assert_close(ours("slerp", a, [near], t=0.4), mk_slerp(0.4, a, near))
+
+
+def test_ties_election_does_not_depend_on_the_models_order() -> None:
+    """bf16-like deltas whose weighted products cancel: a float32 fold in model order rounds the
+    sum to 0 in one order and to ±2e-10 in another (mergekit's election does this); ours sums
+    the float32 products in float64, where they add exactly."""
+    base = torch.tensor([-0.0390625])
+    taus = [-0.00341796875, -0.005126953125, -0.01025390625]
+    weights = [0.3, 0.7, -0.45]
+    results = set()
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0], [2, 1, 0]):
+        got = ours("ties", base, [base + taus[i] for i in order], weight=tuple(weights[i] for i in order),
+                   density=(1.0,) * 3, normalize=True)
+        results.add(float(got[0]))
+    assert len(results) == 1

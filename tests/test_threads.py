@@ -94,3 +94,38 @@ def test_cli_threads_reaches_the_engine(tmp_path, model_set, four_threads, monke
     assert res.exit_code == 0, res.output
     assert seen == [2]
     assert torch.get_num_threads() == 4  # the CLI no longer changes the process-wide count itself
+
+
+@pytest.mark.parametrize(("method", "params"), [
+    ("model_stock", {}),
+    ("model_stock", {"filter_wise": True}),
+    ("dare_linear", {"density": 0.5, "rescale": "l1", "weight": 0.7}),
+    ("della", {"density": 0.5, "epsilon": 0.1, "rescale": "l1", "weight": 0.3}),
+    ("slerp", {"t": 0.3}),
+])
+def test_whole_tensor_reductions_do_not_depend_on_threads(method, params):
+    """Model Stock's cosines, the L1 rescale and slerp's dot products sum whole tensors: torch's
+    own whole-tensor sum splits by thread count (1M entries: 1.05M outputs differed at 1 vs 2
+    threads for model_stock); the fixed-order float64 sums make the bits thread-independent."""
+    from mergekit_lite.methods.registry import TensorJob
+
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(1024, 1024, generator=g)
+    models = [base + 0.01 * torch.randn(1024, 1024, generator=g) for _ in range(3 if method != "slerp" else 2)]
+    spec = get_method(method)
+    resolved = spec.defaults()
+    resolved.update(params)
+    for p in spec.params:
+        if p.per_model and not isinstance(resolved[p.name], tuple):
+            resolved[p.name] = (resolved[p.name],) * len(models)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            job = TensorJob(name="model.layers.0.mlp.up_proj.weight", base=base,
+                            models=[m.clone() for m in models], params=resolved, seed=0)
+            outs.append(spec.merge(job))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])

@@ -1,4 +1,4 @@
-"""exp and tanh whose float32 result for an element does not depend on its neighbours.
+"""exp, tanh and sums whose float32 results do not depend on chunking, threads or neighbours.
 
 Why this module exists: an exact streaming method (PCB global scope) computes the same
 elementwise score once over a whole model row in memory and once tensor by tensor in
@@ -124,3 +124,39 @@ def exp_f32_reference(x: torch.Tensor) -> torch.Tensor:
 def tanh_f32_reference(x: torch.Tensor) -> torch.Tensor:
     """tanh via basic operations only, for every element (slow): what `tanh_f32` must equal."""
     return _blockwise(_tanh64, x)
+
+
+# Elements per partial sum in `fixed_order_sum`; below torch's parallel grain (32768), so each
+# partial sum is always computed by one thread, in one order.
+_SUM_BLOCK = 4096
+
+
+def fixed_order_sum(x: torch.Tensor) -> float:
+    """Σ x over every element, accumulated in float64 in an order set by the shape alone.
+
+    torch reduces a tensor to a single value in two passes whose split follows the number of
+    threads, so `x.sum()` differs in its last bits between a 1-thread and a 2-thread run (and
+    between machines with other core counts), and a float32 result computed from it (an L1
+    rescale factor, Model Stock's cosine) can change by an ulp. Reductions with several outputs
+    give each output to one thread: summing rows of 4096 elements, then rows of those sums, and
+    so on, makes every partial sum's order a function of the shape only.
+    """
+    flat = x.reshape(-1)
+    while flat.numel() > _SUM_BLOCK:
+        full = flat.numel() // _SUM_BLOCK * _SUM_BLOCK
+        parts = flat[:full].reshape(-1, _SUM_BLOCK).sum(dim=1, dtype=torch.float64)
+        if full < flat.numel():  # the tail: fewer than 4096 elements, one thread
+            parts = torch.cat([parts, flat[full:].sum(dim=0, keepdim=True, dtype=torch.float64)])
+        flat = parts
+    return float(flat.sum(dtype=torch.float64))
+
+
+def fixed_order_row_sums(x: torch.Tensor) -> torch.Tensor:
+    """Σ over the last dimension for each row of a 2-D tensor, in float64, independent of threads.
+
+    With two rows or more torch gives each row to one thread already; a single row is summed
+    with `fixed_order_sum`.
+    """
+    if x.shape[0] == 1:
+        return torch.tensor([fixed_order_sum(x)], dtype=torch.float64, device=x.device)
+    return x.sum(dim=-1, dtype=torch.float64)

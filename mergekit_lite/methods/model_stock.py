@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import RecipeError
+from .detmath import fixed_order_row_sums
 from .registry import MethodSpec, Param, TensorJob, register
 from .task_arithmetic import check_shapes, require_base, task_vectors
 
@@ -37,12 +38,17 @@ def _rows(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:
 
 
 def mean_pairwise_cos(taus: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over pairs of row-wise cosines; rows are the last dim of each [rows, cols] input."""
+    """Mean over pairs of row-wise cosines; rows are the last dim of each [rows, cols] input.
+
+    Norms and dot products are float64 sums in a fixed order (`fixed_order_row_sums`), then
+    rounded to float32: a whole-tensor float32 sum would change with the thread count.
+    """
+    norms = [fixed_order_row_sums(t * t).sqrt() for t in taus]
     cosines = []
     for i in range(len(taus)):
         for j in range(i + 1, len(taus)):
-            norms = (taus[i].norm(dim=-1) * taus[j].norm(dim=-1)).clamp(min=NORM_PRODUCT_MIN)
-            cosines.append(((taus[i] * taus[j]).sum(dim=-1) / norms).clamp(-1, 1))
+            product = (norms[i] * norms[j]).clamp(min=NORM_PRODUCT_MIN)
+            cosines.append((fixed_order_row_sums(taus[i] * taus[j]) / product).clamp(-1, 1).to(taus[i].dtype))
     return torch.stack(cosines).mean(dim=0)
 
 

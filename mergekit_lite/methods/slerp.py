@@ -17,6 +17,7 @@ import math
 import torch
 
 from ..errors import RecipeError
+from .detmath import fixed_order_sum
 from .registry import MethodSpec, Param, TensorJob, register
 from .task_arithmetic import check_shapes
 
@@ -45,16 +46,17 @@ SUM_CHUNK = 1 << 20
 
 
 def _float64_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
-    """‖a‖², ‖b‖², a·b accumulated in float64, chunk by chunk of the flattened tensors (always
-    the same chunks for the same shape, so the same bits)."""
+    """‖a‖², ‖b‖², a·b accumulated in float64, chunk by chunk of the flattened tensors, each
+    chunk's sum in a fixed order (`fixed_order_sum`; a BLAS dot product's order follows the
+    thread count), so the same shape always gives the same bits."""
     a, b = a.reshape(-1), b.reshape(-1)
     aa = bb = ab = 0.0
     for start in range(0, a.numel(), SUM_CHUNK):
         x = a[start : start + SUM_CHUNK].to(torch.float64)
         y = b[start : start + SUM_CHUNK].to(torch.float64)
-        aa += float(x @ x)
-        bb += float(y @ y)
-        ab += float(x @ y)
+        aa += fixed_order_sum(x * x)
+        bb += fixed_order_sum(y * y)
+        ab += fixed_order_sum(x * y)
     return aa, bb, ab
 
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .detmath import fixed_order_sum
 from .ranks import magnitude_orders
 from .select import kth_largest, kth_smallest, kth_smallest_many  # noqa: F401  (re-exported)
 
@@ -143,9 +144,10 @@ def rescale_l1(original: torch.Tensor, masked: torch.Tensor, eps: float = L1_EPS
     Skipped (masked returned as is) when either norm is below `eps`, as mergekit does; this is
     also what keeps all-zero task vectors free of 0/0.
     """
-    before = original.abs().sum()
-    after = masked.abs().sum()
-    if float(before) < eps or float(after) < eps:
+    # float64 sums in a fixed order: torch's own whole-tensor sum changes with the thread count
+    before = fixed_order_sum(original.abs())
+    after = fixed_order_sum(masked.abs())
+    if before < eps or after < eps:
         return masked
     return masked * (before / after)
 

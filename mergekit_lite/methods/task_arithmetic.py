@@ -132,8 +132,8 @@ def combine(
     With election (TIES): γ = sign(Σ wᵢτ̂ᵢ) (0 elects +); only entries whose weighted value
     wᵢτ̂ᵢ has sign γ count (zeros never do); normalising divides each entry by the sum of the
     weights that counted there (by 1 where none did, so dropped entries stay at the base).
-    Works in the deltas' dtype, accumulating model by model (no n-fold stack); the deltas are
-    not modified.
+    Works in the deltas' dtype (the election's sum in float64), accumulating model by model (no
+    n-fold stack); the deltas are not modified.
 
     Each product wᵢτ̂ᵢ is rounded before it is added, as mergekit's `(deltas * weights).sum(0)`
     does. torch's `add_(d, alpha=w)` would be shorter, but on CPUs with FMA (and on GPUs) it
@@ -149,11 +149,15 @@ def combine(
         return d if w == 1 else torch.mul(d, w, out=scratch)
 
     if elect:
-        mixed = torch.zeros_like(ref)
+        # The election's sum in float64: the float32 products add exactly there, so its sign is
+        # that of the true sum whatever the models' order. A float32 fold rounds cancelling
+        # products to 0 in one order and to −2e-10 in another, electing opposite signs.
+        total = torch.zeros_like(ref, dtype=torch.float64)
         for d, w in zip(deltas, weights, strict=True):
-            mixed.add_(weighted(d, w))
-        gamma = elect_signs(mixed)
-        mixed.zero_()
+            total.add_(weighted(d, w))
+        gamma = elect_signs(total).to(ref.dtype)
+        del total
+        mixed = torch.zeros_like(ref)
         divisor = torch.zeros_like(ref) if normalize else None
         for d, w in zip(deltas, weights, strict=True):
             wd = weighted(d, w)
