@@ -5,9 +5,10 @@ Model Surgery needs a direction w in the model's hidden space: the weight row of
 mean-pooled final hidden states. Training is a convex problem, so we start from zeros and
 solve it in float64 — by default with full-batch L-BFGS (the same answer on every run and
 machine up to float rounding), or with seeded mini-batch Adam as the reference code does
-(lr 1e-4, 10 epochs, batch 64). Features are standardised for the optimiser and the weights
-are mapped back, so the returned probe acts on raw features. A small L2 penalty keeps
-separable data from driving the weights to infinity.
+(lr 1e-4; its argparse defaults are 10 epochs at batch 64). The objective is cross-entropy plus
+a small L2 penalty on the raw-feature weights (it keeps separable data from driving them to
+infinity); features are rescaled only to condition the optimiser, and the weights mapped back,
+so the returned probe acts on raw features.
 """
 
 from __future__ import annotations
@@ -107,16 +108,21 @@ def train_probe(
     tr, ho = split_indices(y, holdout, seed)
     x_tr, y_tr = x[tr], y[tr]
 
+    # The L2 penalty is on the raw-feature weights, so the fit is the L2-regularised logistic
+    # regression on raw features whatever the scaling below. Penalising the standardised weights
+    # instead let a near-constant, label-free feature (std 1e-4) take ~100% of ‖w‖² once mapped
+    # back (its weight divided by its std). The scaling only conditions the optimiser:
+    # √(σ² + 8·l2) balances each coordinate's data curvature (~σ²/4) against the penalty's (2·l2).
     mu = x_tr.mean(dim=0)
-    sigma = x_tr.std(dim=0, unbiased=False)
-    sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+    std = x_tr.std(dim=0, unbiased=False)
+    sigma = torch.sqrt(std * std + 8.0 * l2) if l2 > 0 else torch.where(std > 0, std, torch.ones_like(std))
     z_tr = (x_tr - mu) / sigma
 
     w = torch.zeros(2, d, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(2, dtype=torch.float64, requires_grad=True)
 
     def loss_of(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(z @ w.T + b, t) + l2 * (w * w).sum()
+        return F.cross_entropy(z @ w.T + b, t) + l2 * ((w / sigma) ** 2).sum()
 
     if optimizer == "lbfgs":
         opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10,

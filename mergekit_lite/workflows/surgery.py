@@ -449,6 +449,9 @@ def collect_features(
         lm = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, **{dtype_arg: torch.float32})
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{src}: cannot load model or tokenizer with transformers ({_one_line(exc)})") from None
+    if len(tok) == 0:  # transformers builds an empty tokenizer for a directory without tokenizer files
+        raise CheckpointError(f"{src}: has no tokenizer files (tokenizer.json, vocab files); "
+                              "save the model's tokenizer there")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     if tok.pad_token is None and batch_size > 1:
