@@ -4,30 +4,26 @@ Every function validates exactly as `mlite` does and raises the same `MliteError
 same messages) instead of exiting. `merge` and `run_recipe` return an in-memory state dict
 when no output path is given, which is handy for small models.
 
-Arguments are checked here, at the door, so a wrong type (`out=5`, `models="a/path"`,
-`dtype=16`) is a one-line `UsageError` naming the argument instead of a `TypeError` from deep
-inside pathlib or torch. The workflow functions re-exported below get the same checks through
-`_checked`, which keeps their signatures and docstrings.
+Arguments are checked here, at the door (`arguments.py`), so a wrong type is a one-line
+`UsageError` naming the argument; the workflow functions re-exported below get the same checks
+through `arguments.checked`, which keeps their signatures and docstrings.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import numbers
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from inspect import signature
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
-from .dtypes import CONFIG_NAMES
+from . import arguments as arg
+from .arguments import Check
 from .engine.plan import Plan, build_plan
 from .engine.run import PublishHook, RunResult, TensorHook, execute
 from .errors import UsageError
-from .io.bank import Bank
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .methods.registry import all_methods
 from .methods.registry import get_method as _get_method
@@ -35,7 +31,6 @@ from .methods.registry import method_aliases as _method_aliases
 from .methods.surgery import DEFAULT_FRACTION as SURGERY_DEFAULT_FRACTION
 from .methods.surgery import DEFAULT_TARGET as SURGERY_DEFAULT_TARGET
 from .recipe.model import Recipe, load_recipe
-from .units import parse_size
 from .workflows import demo as _demo
 from .workflows import extract as _extract
 from .workflows import mos as _mos
@@ -50,220 +45,12 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike
-F = TypeVar("F", bound=Callable[..., Any])
-Check = Callable[[Any, str], Any]
-
-
-# ---------------------------------------------------------------------------------------------
-# Argument checks: each takes (value, argument name) and returns the value to pass on, or raises
-# a UsageError naming the argument. Small and pure, so every public function shares them.
-
-
-def _path(value: Any, what: str) -> Path:
-    """`value` as a Path; only str and os.PathLike are paths (bytes and None are not)."""
-    if isinstance(value, (str, os.PathLike)) and isinstance(os.fspath(value), str):
-        return Path(value)
-    raise UsageError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__}")
-
-
-def _path_arg(value: Any, what: str) -> Any:
-    """A path argument, passed on as given: a string may also be a Hub reference ('org/name')."""
-    _path(value, what)
-    return value
-
-
-def _optional(check: Check) -> Check:
-    """`check`, but None passes (the argument's documented 'not given')."""
-
-    def optional_check(value: Any, what: str) -> Any:
-        return None if value is None else check(value, what)
-
-    return optional_check
-
-
-def _bank_arg(value: Any, what: str) -> Any:
-    """A bank: a bank file's path or an in-memory `Bank` (what `mos_merge(out=None)` returns)."""
-    if isinstance(value, Bank):
-        return value
-    if isinstance(value, (str, os.PathLike)) and isinstance(os.fspath(value), str):
-        return value
-    raise UsageError(f"{what} must be a path (str or os.PathLike) or a Bank, got {type(value).__name__}")
-
-
-def _str_arg(value: Any, what: str) -> str:
-    """A name (method, task, module): strings only, so lookups never hash a list."""
-    if not isinstance(value, str):
-        raise UsageError(f"{what} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _integer(value: Any, what: str, minimum: int, words: str) -> int:
-    """An integer ≥ `minimum`; bools and floats are refused (1.5 or True as a seed is a slip)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise UsageError(f"{what} must be {words}, got {value!r}")
-    return int(value)
-
-
-def _positive_int(value: Any, what: str) -> int:
-    return _integer(value, what, 1, "a positive integer")
-
-
-def _real(value: Any, what: str, rule: str = "a finite number") -> float:
-    """A finite real number (not bool, not a numeric string); `rule` words the message."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise UsageError(f"{what} must be {rule}, got {value!r}")
-    return float(value)
-
-
-def _finite(value: Any, what: str) -> float:
-    return _real(value, what)
-
-
-def _positive(value: Any, what: str) -> float:
-    """A finite number > 0 (an adapter's output scale)."""
-    if _real(value, what, "a finite positive number") <= 0:
-        raise UsageError(f"{what} must be a finite positive number, got {value!r}")
-    return float(value)
-
-
-def _holdout(value: Any, what: str) -> float:
-    """The held-out share of a probe's samples, in [0, 1) as `fit_probe` requires."""
-    if not 0.0 <= _real(value, what, "a number in [0, 1)") < 1.0:
-        raise UsageError(f"{what} must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
-def _fraction(value: Any, what: str) -> float:
-    """A share of rows, in (0, 1]."""
-    if not 0.0 < _real(value, what, "a number in (0, 1]") <= 1.0:
-        raise UsageError(f"{what} must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
-def _seed(value: Any, what: str) -> int:
-    """A seed: an integer ≥ 0, as a recipe's `seed:` must be."""
-    return _integer(value, what, 0, "an integer >= 0")
-
-
-def _shard_size(value: Any, what: str) -> int:
-    """Bytes per shard: a positive int, or a size string as `--shard-size` takes ('5GB', '500M')."""
-    if isinstance(value, str):
-        try:
-            return parse_size(value)
-        except UsageError as exc:  # "cannot read size 'abc'" alone would not say which argument
-            raise UsageError(f"{what}: {exc}") from None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise UsageError(f"{what} must be a positive integer or a size such as '5GB', got {value!r}")
-    return int(value)
-
-
-# Output dtypes by name; a torch.dtype among them is accepted and passed on by name.
-_TORCH_DTYPES: dict[torch.dtype, str] = {getattr(torch, name): name for name in CONFIG_NAMES.values()}
-
-
-def _dtype(value: Any, what: str) -> str:
-    """A dtype name ('bfloat16', 'bf16': checked by the engine) or one of the float torch dtypes."""
-    if isinstance(value, str):
-        if not value.strip():
-            raise UsageError(f"{what} is empty; name a dtype such as 'bfloat16'")
-        return value
-    if isinstance(value, torch.dtype):
-        if value not in _TORCH_DTYPES:
-            raise UsageError(f"{what} must be one of {', '.join(_TORCH_DTYPES.values())}, got {value}")
-        return _TORCH_DTYPES[value]
-    raise UsageError(f"{what} must be a dtype name such as 'bfloat16' or a torch dtype, got {type(value).__name__}")
-
-
-def _device(value: Any, what: str) -> str:
-    """A device name ('cpu', 'cuda:1', 'auto': checked by the engine) or a torch.device."""
-    if isinstance(value, torch.device):
-        return str(value)
-    if not isinstance(value, str):
-        raise UsageError(f"{what} must be a device name such as 'cpu' or 'cuda' (or a torch.device), "
-                         f"got {type(value).__name__}")
-    if not value.strip():
-        raise UsageError(f"{what} is empty; name a device such as 'cpu' or 'cuda'")
-    return value
-
-
-def _callable(value: Any, what: str) -> Any:
-    if not callable(value):
-        raise UsageError(f"{what} must be callable, got {type(value).__name__}")
-    return value
-
-
-def _mapping(value: Any, what: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise UsageError(f"{what} must be a mapping (dict), got {type(value).__name__}")
-    return value
-
-
-def _sequence(value: Any, what: str) -> list[Any]:
-    """An ordered collection as a list; a string is refused, not taken as its characters."""
-    if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Sequence):
-        raise UsageError(f"{what} must be a list, got {type(value).__name__}")
-    return list(value)
-
-
-def _tensor(value: Any, what: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise UsageError(f"{what} must be a torch.Tensor, got {type(value).__name__}")
-    return value
-
-
-def _class_to_task(value: Any, what: str) -> Any:
-    """The task of each class: a list of task names or indices, or an index tensor."""
-    return value if isinstance(value, torch.Tensor) else _sequence(value, what)
-
-
-def _adapters(value: Any, what: str) -> list[Mapping[str, torch.Tensor]]:
-    """One state dict (name → tensor) per task."""
-    return [_mapping(a, f"{what}[{i}]") for i, a in enumerate(_sequence(value, what))]
-
-
-def _texts(value: Any, what: str) -> Any:
-    """A text file (one example per line) or a list of strings."""
-    if isinstance(value, (str, os.PathLike)):
-        return _path_arg(value, what)
-    texts = _sequence(value, what)
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise UsageError(f"{what}[{i}] must be a string, got {type(text).__name__}")
-    return texts
-
-
-def _checked(fn: F, **checks: Check) -> F:
-    """`fn` with its arguments checked first (by name, in signature order), same signature and docs.
-
-    A call that does not fit the signature at all (an unknown keyword, a missing argument) goes
-    to `fn` unchanged, so Python's own TypeError names `fn` and the argument.
-    """
-    sig = signature(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            bound = sig.bind(*args, **kwargs)
-        except TypeError:
-            return fn(*args, **kwargs)
-        for name, value in bound.arguments.items():
-            if name in checks:
-                bound.arguments[name] = checks[name](value, name)
-        return fn(*bound.args, **bound.kwargs)
-
-    wrapper.checked_arguments = tuple(checks)  # type: ignore[attr-defined]  # tests hold them to the signature
-    return wrapper  # type: ignore[return-value]
-
-
-_opt_path = _optional(_path_arg)
-_opt_device = _optional(_device)
-_opt_dtype = _optional(_dtype)
 
 # What plan_recipe/dry_run take as **overrides (build_plan's options), and how each is checked.
 _PLAN_OPTIONS: tuple[str, ...] = tuple(p for p in signature(build_plan).parameters if p != "recipe")
 _OVERRIDE_CHECKS: dict[str, Check] = {
-    "out": _opt_path, "device": _opt_device, "dtype": _opt_dtype,
-    "shard_size": _optional(_shard_size), "seed": _optional(_seed),
+    "out": arg.optional_path, "device": arg.optional_device, "dtype": arg.optional_dtype,
+    "shard_size": arg.optional(arg.shard_size), "seed": arg.optional(arg.seed),
 }
 
 
@@ -331,8 +118,8 @@ def run_recipe(
     inputs are unchanged; otherwise the run starts afresh. `threads` fixes torch's CPU threads
     for the run (restored after); by default light methods on the CPU leave one core to I/O.
     """
-    _optional(_callable)(publish_hook, "publish_hook")
-    _optional(_callable)(tensor_hook, "tensor_hook")
+    arg.optional(arg.function)(publish_hook, "publish_hook")
+    arg.optional(arg.function)(tensor_hook, "tensor_hook")
     plan = plan_recipe(recipe, out=out, device=device, dtype=dtype, seed=seed, force=force, allow_bin=allow_bin,
                        shard_size=shard_size)
     if require_output and plan.out is None:
@@ -365,17 +152,17 @@ def merge(
     becomes the first model of an ordered method (mergekit's slerp shape) and is refused
     otherwise.
     """
-    _str_arg(method, "method")
-    _opt_path(base, "base")
-    models = _sequence(models, "models")
+    arg.string(method, "method")
+    arg.optional_path(base, "base")
+    models = arg.sequence(models, "models")
     for i, m in enumerate(models):
-        _path(m, f"models[{i}]")
-    parameters = _optional(_mapping)(parameters, "parameters")
+        arg.as_path(m, f"models[{i}]")
+    parameters = arg.optional(arg.mapping)(parameters, "parameters")
     if model_parameters is not None:
-        model_parameters = _sequence(model_parameters, "model_parameters")
+        model_parameters = arg.sequence(model_parameters, "model_parameters")
         for i, params in enumerate(model_parameters):
-            _mapping(params, f"model_parameters[{i}]")
-    _opt_path(out, "out")
+            arg.mapping(params, f"model_parameters[{i}]")
+    arg.optional_path(out, "out")
     # device, dtype, shard_size and seed are checked by run_recipe before anything is read
 
     spec = _get_method(method)
@@ -415,44 +202,44 @@ def merge(
 
 def inspect(path: PathLike, *, allow_bin: bool = False) -> Checkpoint:
     """Open a checkpoint (headers only) to look at its tensors."""
-    return open_checkpoint(_path_arg(path, "path"), allow_bin=allow_bin)
+    return open_checkpoint(arg.path_arg(path, "path"), allow_bin=allow_bin)
 
 
 # ---------------------------------------------------------------------------------------------
 # The workflows, re-exported with their arguments checked first (same signatures and docs).
 
-get_method = _checked(_get_method, name=_str_arg)
-method_aliases = _checked(_method_aliases, name=_str_arg)
-run_demo = _checked(_demo.run_demo, folder=_path_arg, report=_callable)
+get_method = arg.checked(_get_method, name=arg.string)
+method_aliases = arg.checked(_method_aliases, name=arg.string)
+run_demo = arg.checked(_demo.run_demo, folder=arg.path_arg, report=arg.function)
 
-patch = _checked(
-    _patch.patch, base=_path_arg, delta=_path_arg, old_base=_opt_path, lam=_finite, out=_opt_path,
-    device=_device, dtype=_opt_dtype, shard_size=_optional(_shard_size), seed=_seed,
+patch = arg.checked(
+    _patch.patch, base=arg.path_arg, delta=arg.path_arg, old_base=arg.optional_path, lam=arg.finite, out=arg.optional_path,
+    device=arg.device, dtype=arg.optional_dtype, shard_size=arg.optional(arg.shard_size), seed=arg.seed,
 )
-extract = _checked(
-    _extract.extract, model=_path_arg, base=_path_arg, out=_opt_path, seed=_seed, device=_device,
-    dtype=_opt_dtype, on_tensor=_optional(_callable),
-)
-
-bank_add = _checked(_mos.bank_add, bank=_path_arg, task=_str_arg, source=_path_arg, scale=_optional(_positive))
-bank_list = _checked(_mos.bank_list, bank=_path_arg)
-bank_export = _checked(_mos.bank_export, bank=_bank_arg, task=_str_arg, out=_path_arg)
-bank_set_prototypes = _checked(_mos.bank_set_prototypes, bank=_path_arg, prototypes=_tensor,
-                               class_to_task=_class_to_task)
-mos_merge = _checked(_mos.mos_merge, bank=_bank_arg, out=_opt_path)
-retrieve = _checked(
-    _mos.retrieve, feature_fn=_callable, prototypes=_optional(_tensor), class_to_task=_optional(_class_to_task),
-    adapters=_optional(_adapters), bank=_optional(_bank_arg), classifier=_optional(_callable),
-    first_classifier=_optional(_callable),
+extract = arg.checked(
+    _extract.extract, model=arg.path_arg, base=arg.path_arg, out=arg.optional_path, seed=arg.seed, device=arg.device,
+    dtype=arg.optional_dtype, on_tensor=arg.optional(arg.function),
 )
 
-surgery = _checked(
-    _surgery.surgery, model=_path_arg, probe=_path_arg, top_k=_optional(_positive_int),
-    fraction=_optional(_fraction), target=_str_arg, out=_opt_path, device=_opt_device,
+bank_add = arg.checked(_mos.bank_add, bank=arg.path_arg, task=arg.string, source=arg.path_arg, scale=arg.optional(arg.positive))
+bank_list = arg.checked(_mos.bank_list, bank=arg.path_arg)
+bank_export = arg.checked(_mos.bank_export, bank=arg.bank_arg, task=arg.string, out=arg.path_arg)
+bank_set_prototypes = arg.checked(_mos.bank_set_prototypes, bank=arg.path_arg, prototypes=arg.tensor,
+                               class_to_task=arg.class_to_task)
+mos_merge = arg.checked(_mos.mos_merge, bank=arg.bank_arg, out=arg.optional_path)
+retrieve = arg.checked(
+    _mos.retrieve, feature_fn=arg.function, prototypes=arg.optional(arg.tensor), class_to_task=arg.optional(arg.class_to_task),
+    adapters=arg.optional(arg.adapters), bank=arg.optional(arg.bank_arg), classifier=arg.optional(arg.function),
+    first_classifier=arg.optional(arg.function),
 )
-undo_surgery = _checked(_surgery.undo_surgery, edited_model=_path_arg, out=_path_arg)
-train_probe = _checked(_surgery.train_probe, features_path=_path_arg, out=_path_arg, seed=_seed, holdout=_holdout)
-collect_features = _checked(
-    _surgery.collect_features, model_dir=_path_arg, pos_texts=_texts, neg_texts=_texts, out=_path_arg,
-    batch_size=_positive_int, max_length=_positive_int, device=_device,
+
+surgery = arg.checked(
+    _surgery.surgery, model=arg.path_arg, probe=arg.path_arg, top_k=arg.optional(arg.positive_int),
+    fraction=arg.optional(arg.fraction), target=arg.string, out=arg.optional_path, device=arg.optional_device,
+)
+undo_surgery = arg.checked(_surgery.undo_surgery, edited_model=arg.path_arg, out=arg.path_arg)
+train_probe = arg.checked(_surgery.train_probe, features_path=arg.path_arg, out=arg.path_arg, seed=arg.seed, holdout=arg.holdout)
+collect_features = arg.checked(
+    _surgery.collect_features, model_dir=arg.path_arg, pos_texts=arg.texts, neg_texts=arg.texts, out=arg.path_arg,
+    batch_size=arg.positive_int, max_length=arg.positive_int, device=arg.device,
 )
