@@ -374,6 +374,10 @@ def test_non_empty_output_refused_via_cli(tmp_path, model_set):
     res = runner.invoke(app, ["merge", str(recipe)])
     assert res.exit_code == 2 and "not empty" in res.output
     assert sorted(p.name for p in out.iterdir()) == ["x"] and leftovers(tmp_path) == []
+    # a dry run says what the run would: refused without --force, planned with it
+    assert runner.invoke(app, ["merge", str(recipe), "--dry-run"]).exit_code == 2
+    assert runner.invoke(app, ["merge", str(recipe), "--dry-run", "--force"]).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["x"]
     assert runner.invoke(app, ["merge", str(recipe), "--force"]).exit_code == 0
     assert (out / "model.safetensors").is_file() and not (out / "x").exists()
 
