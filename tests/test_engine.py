@@ -887,3 +887,20 @@ def test_a_config_that_contradicts_its_tensors_is_a_checkpoint_error(tmp_path, m
                                           "output": {"path": str(tmp_path / "out")}})
     res = runner.invoke(app, ["merge", str(recipe)])
     assert res.exit_code == 4 and f"{cfg}: num_hidden_layers is 1 but the tensors hold" in res.output, res.output
+
+
+def test_an_output_that_overflows_is_refused_and_not_published(tmp_path, model_set):
+    from mergekit_lite.errors import RecipeError
+
+    ms = model_set
+    recipe = {"inputs": {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])},
+              "steps": [{"id": "t", "method": "task_arithmetic", "base": "base", "models": ["a", "b"],
+                         "parameters": {"lambda": 1e300}}],
+              "output": {"path": str(tmp_path / "out")}}
+    with pytest.raises(RecipeError, match="values are inf or NaN"):
+        mlite.run_recipe(recipe)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    with pytest.raises(RecipeError, match="values are inf or NaN"):  # in memory too
+        mlite.run_recipe({**recipe, "output": {}})
+    res = runner.invoke(app, ["merge", str(_write(tmp_path / "r.yaml", recipe))])
+    assert res.exit_code == 3 and "the weights or lambda overflow it" in res.output

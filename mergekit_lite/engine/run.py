@@ -23,7 +23,7 @@ import torch
 from ..dtypes import to_torch
 from ..io.model_card import model_card
 from ..io.safetensors_format import PlannedTensor
-from ..io.writer import CheckpointWriter, config_dtype_update
+from ..io.writer import CheckpointWriter, config_dtype_update, require_finite
 from ..methods.registry import TensorJob
 from .memory import limit_heap_growth
 from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, fingerprint
@@ -416,6 +416,7 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
                 if write_it:
                     background[sid].put(name, value, rows[0] if rows else None)
                 if sid == plan.final and state is not None:
+                    require_finite(name, value)
                     if rows is None:
                         state[name] = value.cpu()
                     else:
