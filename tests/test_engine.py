@@ -904,3 +904,23 @@ def test_an_output_that_overflows_is_refused_and_not_published(tmp_path, model_s
         mlite.run_recipe({**recipe, "output": {}})
     res = runner.invoke(app, ["merge", str(_write(tmp_path / "r.yaml", recipe))])
     assert res.exit_code == 3 and "the weights or lambda overflow it" in res.output
+
+
+def test_a_model_without_the_head_its_config_promises_is_refused_in_either_order(tmp_path, model_set):
+    import json
+
+    from safetensors.torch import save_file
+
+    ms = model_set
+    headless = tmp_path / "headless"
+    headless.mkdir()
+    state = {k: v for k, v in load_dir(ms.finetunes[0]).items() if k != "lm_head.weight"}
+    save_file(state, str(headless / "model.safetensors"))
+    config = json.loads((ms.finetunes[0] / "config.json").read_text())
+    (headless / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    for order in (["x", "b"], ["b", "x"]):
+        recipe = {"inputs": {"x": str(headless), "b": str(ms.finetunes[1])},
+                  "steps": [{"id": "m", "method": "linear", "models": order}], "output": {"path": str(tmp_path / "o")}}
+        res = runner.invoke(app, ["merge", str(_write(tmp_path / "r.yaml", recipe))])
+        assert res.exit_code == 4 and "lm_head.weight" in res.output and str(headless) in res.output, (order, res.output)
+        assert not (tmp_path / "o").exists()

@@ -453,12 +453,37 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
         outputs.append(OutputTensor(name, shape, od, info.is_float))
     if not outputs:
         problems.append(CheckpointError(f"{ref_ck.label}: no tensors to write"))
+    _check_extra_tensors(plan, ref_ck, set(names), problems)
     plan.outputs = outputs
     base_shapes = {o.name: o.shape for o in outputs}
     allow_growth = bool(plan.recipe.options.get("allow_vocab_growth", False))
     for delta in plan.deltas.values():
         for problem in delta.check(base_shapes, allow_vocab_growth=allow_growth):
             problems.append(CheckpointError(problem))
+
+
+def _check_extra_tensors(plan: Plan, ref_ck: Checkpoint, written: set[str], problems: list[MliteError]) -> None:
+    """Float tensors that a merged model has and the output (shaped like `ref_ck`) would not.
+
+    The output holds the reference model's tensors, so another model's extra tensor is not
+    merged. For lm_head that loses the model's output head: a reference without one whose
+    config says the embeddings are untied is broken, and refused. Other extras (buffers such
+    as rotary inv_freq that some exports keep) are reported, not refused.
+    """
+    extras: dict[str, str] = {}
+    for key, ck in plan.checkpoints.items():
+        if ck is ref_ck or not _is_operand(plan, key):
+            continue
+        for name in ck.tensors:
+            if name not in written and name not in extras and ck.info(name).is_float:
+                extras[name] = ck.label
+    if TIED_HEAD in extras:
+        problems.append(CheckpointError(
+            f"{ref_ck.label}: has no tensor {TIED_HEAD!r} and its config does not tie it to the embeddings, "
+            f"while {extras.pop(TIED_HEAD)} has one: the merged output head would be lost"))
+    if extras:
+        shown = ", ".join(sorted(extras)[:3]) + (f" and {len(extras) - 3} more" if len(extras) > 3 else "")
+        log.warning("%s is not in %s, the model whose tensors the output holds: not merged", shown, ref_ck.label)
 
 
 def _check_parameters(plan: Plan, problems: list[MliteError]) -> None:

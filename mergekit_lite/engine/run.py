@@ -390,7 +390,7 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
         # Tensors every writer already holds (a resumed run) are not computed again.
         skip = set.intersection(*(w.done for w in writers.values())) if writers and state is None else set()
         result.resumed = len(skip)
-        background = {sid: BackgroundWriter(w.write, clock=clock) for sid, w in writers.items()}
+        background = {sid: BackgroundWriter(_finite_writes(w), clock=clock) for sid, w in writers.items()}
         evaluator = _Evaluator(plan, stats, tensor_hook)
         task = bar.add_task("writing" if writers else "merging", total=len(plan.outputs), rate="") if bar else None
         t_start = time.perf_counter()
@@ -485,6 +485,16 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
                 result.output = path
             else:
                 result.saved[sid] = path
+
+
+def _finite_writes(writer: CheckpointWriter) -> Callable[[str, torch.Tensor, int | None], None]:
+    """`writer.write`, refusing inf/NaN first (`require_finite`), for the writer thread to run."""
+
+    def write(name: str, tensor: torch.Tensor, row_start: int | None = None) -> None:
+        require_finite(name, tensor)
+        writer.write(name, tensor, row_start)
+
+    return write
 
 
 def _config_dtype(plan: Plan) -> dict[str, Any]:

@@ -119,7 +119,7 @@ def require_finite(name: str, t: torch.Tensor) -> None:
 
     A float sum is finite only if every element is (it could overflow on its own, so a
     non-finite sum is confirmed element by element): ~30 µs per 512K-element block, where
-    `isfinite().all()` takes ~1 ms. Runs in the writer thread, off the merge's critical path.
+    `isfinite().all()` takes ~1 ms. The engine runs it in the writer thread, off the critical path.
     """
     if not t.is_floating_point() or t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float32))):
         return
@@ -239,7 +239,6 @@ class CheckpointWriter:
         if t.device.type != "cpu":
             t = t.cpu()
         t = t.contiguous()
-        require_finite(name, t)
         # A flat byte view: len() must count bytes, not rows, for short-write handling.
         data = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
         with self._lock:
