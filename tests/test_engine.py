@@ -924,3 +924,26 @@ def test_a_model_without_the_head_its_config_promises_is_refused_in_either_order
         res = runner.invoke(app, ["merge", str(_write(tmp_path / "r.yaml", recipe))])
         assert res.exit_code == 4 and "lm_head.weight" in res.output and str(headless) in res.output, (order, res.output)
         assert not (tmp_path / "o").exists()
+
+
+def test_a_copied_config_describes_the_tensors_written(tmp_path, model_set):
+    """copy_tokenizer_from another model: its config's tie flag and vocab size are fixed up to the
+    output (a tied config over a stored lm_head would make transformers drop the merged head)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    ms = model_set
+    src = tmp_path / "tied"
+    src.mkdir()
+    save_file({k: v for k, v in load_dir(ms.finetunes[0]).items() if k != "lm_head.weight"}, str(src / "model.safetensors"))
+    config = json.loads((ms.finetunes[0] / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True, "vocab_size": 999}))
+    recipe = {"inputs": {"a": str(ms.finetunes[0]), "b": str(ms.finetunes[1]), "tok": str(src)},
+              "steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}],
+              "output": {"path": str(tmp_path / "out"), "copy_tokenizer_from": "tok"}}
+    mlite.run_recipe(recipe)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    rows = load_dir(tmp_path / "out")["model.embed_tokens.weight"].shape[0]
+    assert written["tie_word_embeddings"] is False and written["vocab_size"] == rows
+    assert "lm_head.weight" in load_dir(tmp_path / "out")

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from ..dtypes import to_torch
+from ..io.checkpoint import TIED_HEAD
+from ..io.deltas import is_vocab_tensor
 from ..io.model_card import model_card
 from ..io.safetensors_format import PlannedTensor
 from ..io.writer import CheckpointWriter, config_dtype_update, require_finite
@@ -498,11 +500,20 @@ def _finite_writes(writer: CheckpointWriter) -> Callable[[str, torch.Tensor, int
 
 
 def _config_dtype(plan: Plan) -> dict[str, Any]:
-    """config.json updates: the output's dtype, and untying when the output stores an lm_head."""
+    """config.json updates, so that the copied config describes the tensors written: the output's
+    dtype; untied embeddings when the output stores an lm_head (a tied config would make
+    transformers drop it); the vocabulary size of the written embedding (merging shared rows, or
+    copying the config of another model than the reference, may change it)."""
     floats = [o.dtype for o in plan.outputs if o.is_float]
     update: dict[str, Any] = config_dtype_update(max(set(floats), key=floats.count)) if floats else {}
-    if plan.untied_head:
+    config = plan.copy_from.config if plan.copy_from is not None else None
+    stores_head = any(o.name == TIED_HEAD for o in plan.outputs)
+    if plan.untied_head or (stores_head and config is not None and config.get("tie_word_embeddings") is True):
         update["tie_word_embeddings"] = False
+    embedding = next((o for o in plan.outputs if is_vocab_tensor(o.name) and o.name != TIED_HEAD), None)
+    rows = embedding.shape[0] if embedding is not None else None
+    if config is not None and isinstance(config.get("vocab_size"), int) and rows is not None and config["vocab_size"] != rows:
+        update["vocab_size"] = rows
     return update
 
 
