@@ -31,6 +31,12 @@ def surgery_cmd(
     if undo is not None:
         if model is not None or probe is not None:
             raise UsageError("--undo takes the edited model itself; do not combine it with --model or --probe")
+        edit_options = {"--alpha": alpha != 1.0, "--top-k": top_k is not None, "--fraction": fraction is not None,
+                        "--target": target != api.SURGERY_DEFAULT_TARGET, "--direction": direction != "suppress",
+                        "--device": device is not None, "--allow-pt": allow_pt}
+        given = [flag for flag, on in edit_options.items() if on]
+        if given:
+            raise UsageError(f"--undo restores the rows the sidecar lists; {given[0]} has no effect there")
         if out_path is None:
             raise UsageError("--undo needs --out PATH for the restored model")
         path = api.undo_surgery(undo, out_path, force=force)

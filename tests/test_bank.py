@@ -359,3 +359,10 @@ def test_merge_records_say_which_tasks_they_covered(tmp_path: Path) -> None:
     assert record["tasks"] == ["t0", "t1", "t2"] and record["previous"]["momentum"] == 0.3
     r = mlite("bank", "list", again)
     assert "from an earlier merge: momentum=0.3" in r.output and "not merged" not in r.output
+
+
+def test_a_bank_is_not_added_as_a_task_of_another(tmp_path: Path) -> None:
+    bank = tmp_path / "bank.safetensors"
+    bank_add(bank, "t0", raw_adapter(tmp_path / "a0.safetensors", seed=0))
+    with pytest.raises(UsageError, match="is an adapter bank, not one adapter"):
+        bank_add(tmp_path / "other.safetensors", "t0", bank)

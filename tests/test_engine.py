@@ -887,6 +887,9 @@ def test_a_config_that_contradicts_its_tensors_is_a_checkpoint_error(tmp_path, m
                                           "output": {"path": str(tmp_path / "out")}})
     res = runner.invoke(app, ["merge", str(recipe)])
     assert res.exit_code == 4 and f"{cfg}: num_hidden_layers is 1 but the tensors hold" in res.output, res.output
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "num_hidden_layers": "two"}))
+    res = runner.invoke(app, ["merge", str(recipe)])
+    assert res.exit_code == 4 and f"{cfg}: num_hidden_layers must be an integer, got 'two'" in res.output, res.output
 
 
 def test_an_output_that_overflows_is_refused_and_not_published(tmp_path, model_set):

@@ -251,3 +251,11 @@ def test_patch_usage_mistakes_are_one_line_exit_2(bases: tuple[Path, Path], tmp_
         lines = [ln for ln in res.output.splitlines() if ln.strip()]
         assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], (args, res.output)
         assert not (tmp_path / "o").exists()
+
+
+def test_as_adapter_refuses_a_shard_size(bases: tuple[Path, Path], tmp_path: Path) -> None:
+    old, new = bases
+    adapter = save_lora(old, tmp_path / "lora", seed=16, target_modules=["q_proj"])
+    res = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(adapter), "--as-adapter",
+                              "--shard-size", "1k", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--shard-size does not apply to --as-adapter" in res.output

@@ -548,3 +548,30 @@ def test_recipe_probe_size_error_names_the_probe_file(tmp_path: Path) -> None:
         "parameters: {probe: wide.safetensors, top_k: 2}}\n")
     with pytest.raises(RecipeError, match=rf"probe {tmp_path / 'wide.safetensors'} has hidden size {SHAPE.hidden_size + 1}"):
         run_recipe(tmp_path / "recipe.yaml")
+
+
+def test_undo_refuses_a_damaged_sidecar_and_edit_options(tmp_path: Path) -> None:
+    from safetensors.torch import load_file as load_st
+    from safetensors.torch import save_file as save_st
+
+    model, _ = _model(tmp_path)
+    res = surgery(model, _probe(tmp_path, _w(7)), alpha=3.0, top_k=4, out=tmp_path / "edited")
+    runner = CliRunner()
+    r = runner.invoke(_cli_app(), ["surgery", "--undo", str(res.output), "--out", str(tmp_path / "r"), "--alpha", "3"])
+    assert r.exit_code == 2 and "--alpha has no effect" in r.output
+    rows_file = res.output / SIDECAR_ROWS
+    rows = load_st(str(rows_file))
+    key = next(k for k in rows if k.endswith("::rows"))
+    rows[key] = rows[key].float()
+    save_st(rows, str(rows_file))
+    r = runner.invoke(_cli_app(), ["surgery", "--undo", str(res.output), "--out", str(tmp_path / "r")])
+    assert r.exit_code == 4 and "must be int64" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_editing_an_edited_model_warns_that_undo_goes_back_one_edit(tmp_path: Path, caplog) -> None:
+    model, _ = _model(tmp_path)
+    once = surgery(model, _probe(tmp_path, _w(7)), alpha=3.0, top_k=4, out=tmp_path / "once").output
+    with caplog.at_level("WARNING"):
+        surgery(once, _probe(tmp_path, _w(8), "p2.safetensors"), alpha=1.0, top_k=4, out=tmp_path / "twice")
+    assert "edited by mlite surgery already" in caplog.text

@@ -380,7 +380,10 @@ def _num_layers(checkpoints: Mapping[str, Checkpoint]) -> int | None:
     """Layer count for gradients: config.json's num_hidden_layers, else from tensor names."""
     for ck in checkpoints.values():
         value = ck.config.get("num_hidden_layers") if ck.config else None
-        if isinstance(value, int) and not isinstance(value, bool):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            where = ck.source_dir / "config.json" if ck.source_dir is not None else ck.label
+            raise CheckpointError(f"{where}: num_hidden_layers must be an integer, got {value!r}")
+        if value is not None:
             held = count_layers(ck.names())
             if value < 1 or (held is not None and value < held):
                 where = ck.source_dir / "config.json" if ck.source_dir is not None else ck.label

@@ -194,7 +194,10 @@ def read_source(source: str | Path) -> Member:
         if not member.modules():
             raise CheckpointError(f"{weights}: no lora_A/lora_B tensors")
         return member
-    tensors, _ = _read_safetensors(path)
+    tensors, metadata = _read_safetensors(path)
+    if "mlite_bank" in metadata:
+        raise UsageError(f"{path} is an adapter bank, not one adapter; export a task from it (mlite bank export) "
+                         "and add that")
     return Member("raw", tensors, None)
 
 

@@ -108,12 +108,13 @@ def _shape_problem(where: str, name: str, shape: tuple[int, ...], base_shapes: M
     base_shape = tuple(base_shape)
     if base_shape == shape:
         return None
+    subject = where if where.endswith(repr(name)) else f"{where}: {name!r}"  # name the tensor once
     if vocab_growth(name, shape, base_shape):
         if allow_vocab_growth:
             return None
-        return (f"{where}: {name!r} has {shape[0]} rows but the base has {base_shape[0]} "
+        return (f"{subject} has {shape[0]} rows but the base has {base_shape[0]} "
                 "(vocabulary grew; pass --allow-vocab-growth to patch the old rows only)")
-    return f"{where}: {name!r} has shape {list(shape)} but the base's is {list(base_shape)}"
+    return f"{subject} has shape {list(shape)} but the base's is {list(base_shape)}"
 
 
 class LoraDelta:

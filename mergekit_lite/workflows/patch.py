@@ -139,6 +139,8 @@ def patch(
     if as_adapter:
         if out is None:
             raise UsageError("--as-adapter needs an output directory (--out)")
+        if shard_size is not None:
+            raise UsageError("--shard-size does not apply to --as-adapter (an adapter is written as one file)")
         return _as_adapter(base, delta, old_base=old_base, lam=lam, out=out, rank=rank, energy=energy,
                            allow_vocab_growth=allow_vocab_growth, device=device, dtype=dtype, seed=seed, force=force)
     if rank is not None or energy is not None:

@@ -10,6 +10,7 @@ puts those rows back. `train_probe()` and `collect_features()` produce the probe
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -46,6 +47,8 @@ SIDECAR_FORMAT = "mlite-surgery/1"
 STEP_ID = "surgery"
 _ROWS_SUFFIX = "::rows"
 PT_SUFFIXES = (".pt", ".pth")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -190,6 +193,10 @@ def surgery(
     probe_path = Path(probe).expanduser().absolute()
     w = probe_vector(probe_path, allow_pt=allow_pt)
     ckpt = open_checkpoint(model)
+    if ckpt.source_dir is not None and (ckpt.source_dir / SIDECAR_JSON).is_file():
+        log.warning("%s was edited by mlite surgery already; this edit's sidecar replaces that one, so --undo of "
+                    "the output restores that edited model, not the original (undo it first to edit the original)",
+                    model)
     cands = find_candidates(ckpt, w.numel(), str(probe), target=target, top_k=top_k, fraction=fraction)
     out_path = Path(out).expanduser().absolute() if out is not None else None
     if out_path is not None:
@@ -269,19 +276,27 @@ def read_sidecar(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     if not rows_file.is_file():
         raise CheckpointError(f"{directory}: {SIDECAR_ROWS} is missing; cannot restore the original rows")
     try:
-        record = json.loads(meta.read_text())
+        record = json.loads(meta.read_text(encoding="utf-8"))
         selected = record["selected"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        if not isinstance(selected, list) or not all(isinstance(e, list) and len(e) >= 3 for e in selected):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{meta}: unreadable surgery record") from None
     try:
         rows = load_file(str(rows_file))
     except Exception as exc:
         raise CheckpointError(f"{rows_file}: unreadable ({exc.__class__.__name__})") from None
     expected: dict[str, list[int]] = {}
-    for entry in selected:
-        expected.setdefault(entry[0], []).append(int(entry[2]))
+    try:
+        for entry in selected:
+            expected.setdefault(str(entry[0]), []).append(int(entry[2]))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{meta}: unreadable surgery record (a selected row is not [tensor, layer, row, score])") from None
     for name, r in expected.items():
         idx = rows.get(name + _ROWS_SUFFIX)
+        if idx is not None and (idx.dtype != torch.int64 or idx.dim() != 1):
+            raise CheckpointError(f"{rows_file}: row indices of {name} must be int64 [rows], got {idx.dtype} "
+                                  f"{list(idx.shape)}")
         if idx is None or name not in rows or idx.tolist() != sorted(r):
             raise CheckpointError(f"{rows_file}: rows of {name} do not match {SIDECAR_JSON}")
     return record, rows
