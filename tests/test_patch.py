@@ -259,3 +259,18 @@ def test_as_adapter_refuses_a_shard_size(bases: tuple[Path, Path], tmp_path: Pat
     res = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(adapter), "--as-adapter",
                               "--shard-size", "1k", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--shard-size does not apply to --as-adapter" in res.output
+
+
+def test_a_full_fine_tune_patches_a_tied_base_and_unties_it(bases: tuple[Path, Path], tmp_path: Path) -> None:
+    """The fine-tune's lm_head delta lands on the tied base's head, which is its embedding: the
+    output stores lm_head = E_new + (head_ft − head_old) and says it is untied."""
+    old, _ = bases
+    tied = save_llama(tmp_path / "tied", 21, tie_word_embeddings=True)
+    ft = save_llama(tmp_path / "ft", 22)
+    res = api.patch(tied, ft, old_base=old, out=tmp_path / "out")
+    out = load_file(str(next((tmp_path / "out").glob("*.safetensors"))))
+    new, f, o = (load_file(str(next(p.glob("*.safetensors")))) for p in (tied, ft, old))
+    want = new["model.embed_tokens.weight"] + (f["lm_head.weight"] - o["lm_head.weight"])
+    torch.testing.assert_close(out["lm_head.weight"], want, rtol=0, atol=1e-6)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert res.output == tmp_path / "out"

@@ -417,10 +417,12 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
     vocab_mode = str(plan.recipe.options.get("vocab", "strict"))
     outputs: list[OutputTensor] = []
     names = ref_ck.names()
-    if TIED_HEAD not in ref_ck.tensors and TIED_HEAD in ref_ck and any(
-            TIED_HEAD in ck.tensors for k, ck in plan.checkpoints.items() if _is_operand(plan, k)):
-        # A tied reference merged with an untied model: the merged lm_head is no longer the
-        # merged embedding, so the output stores it (as mergekit does), and says so in config.
+    if TIED_HEAD not in ref_ck.tensors and TIED_HEAD in ref_ck and (
+            any(TIED_HEAD in ck.tensors for k, ck in plan.checkpoints.items() if _is_operand(plan, k))
+            or any(TIED_HEAD in d.targets() for d in plan.deltas.values())):
+        # A tied reference merged with an untied model (or patched by a delta of lm_head): the
+        # merged lm_head is no longer the merged embedding, so the output stores it (as mergekit
+        # does), and says so in config.
         names = [*names, TIED_HEAD]
         plan.untied_head = True
     for name in names:
