@@ -950,3 +950,13 @@ def test_a_copied_config_describes_the_tensors_written(tmp_path, model_set):
     rows = load_dir(tmp_path / "out")["model.embed_tokens.weight"].shape[0]
     assert written["tie_word_embeddings"] is False and written["vocab_size"] == rows
     assert "lm_head.weight" in load_dir(tmp_path / "out")
+
+
+def test_a_step_that_feeds_nothing_is_reported(tmp_path, model_set, caplog):
+    recipe = {"inputs": {"a": str(model_set.finetunes[0]), "b": str(model_set.finetunes[1])},
+              "steps": [{"id": "x", "method": "linear", "models": ["a", "b"]},
+                        {"id": "y", "method": "linear", "models": ["a"]}],
+              "output": {"path": str(tmp_path / "o"), "step": "y"}}
+    with caplog.at_level("WARNING"):
+        mlite.dry_run(recipe)
+    assert "step 'x' feeds neither the output step 'y' nor a save: path" in caplog.text

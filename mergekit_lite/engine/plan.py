@@ -324,6 +324,12 @@ def build_plan(
             if a == b or a in b.parents or b in a.parents:
                 raise RecipeError(f"{_src(recipe)}: {what} and {other} overlap: one directory would be "
                                   "written twice (or inside the other); give each its own path")
+    from .run import _closure
+
+    used = {st.id for st in _closure(plan, plan.output_step_ids)}
+    for sid in plan.steps:
+        if sid not in used:
+            log.warning("step %r feeds neither the output step %r nor a save: path, so it is not run", sid, plan.final)
     if check_output:
         inputs = input_files(plan)
         for out in [plan.out, *(st.save for st in plan.steps.values())]:
