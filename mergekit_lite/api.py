@@ -213,24 +213,28 @@ method_aliases = arg.checked(_method_aliases, name=arg.string)
 run_demo = arg.checked(_demo.run_demo, folder=arg.path_arg, report=arg.function)
 
 patch = arg.checked(
-    _patch.patch, base=arg.path_arg, delta=arg.path_arg, old_base=arg.optional_path, lam=arg.finite, out=arg.optional_path,
-    device=arg.device, dtype=arg.optional_dtype, shard_size=arg.optional(arg.shard_size), seed=arg.seed,
+    _patch.patch, base=arg.path_arg, delta=arg.path_arg, old_base=arg.optional_path, lam=arg.finite,
+    out=arg.optional_path, device=arg.device, dtype=arg.optional_dtype, shard_size=arg.optional(arg.shard_size),
+    seed=arg.seed,
 )
 extract = arg.checked(
-    _extract.extract, model=arg.path_arg, base=arg.path_arg, out=arg.optional_path, seed=arg.seed, device=arg.device,
-    dtype=arg.optional_dtype, on_tensor=arg.optional(arg.function),
+    _extract.extract, model=arg.path_arg, base=arg.path_arg, out=arg.optional_path, seed=arg.seed,
+    device=arg.device, dtype=arg.optional_dtype, on_tensor=arg.optional(arg.function),
 )
 
-bank_add = arg.checked(_mos.bank_add, bank=arg.path_arg, task=arg.string, source=arg.path_arg, scale=arg.optional(arg.positive))
+bank_add = arg.checked(
+    _mos.bank_add, bank=arg.path_arg, task=arg.string, source=arg.path_arg, scale=arg.optional(arg.positive),
+)
 bank_list = arg.checked(_mos.bank_list, bank=arg.path_arg)
 bank_export = arg.checked(_mos.bank_export, bank=arg.bank_arg, task=arg.string, out=arg.path_arg)
-bank_set_prototypes = arg.checked(_mos.bank_set_prototypes, bank=arg.path_arg, prototypes=arg.tensor,
-                               class_to_task=arg.class_to_task)
+bank_set_prototypes = arg.checked(
+    _mos.bank_set_prototypes, bank=arg.path_arg, prototypes=arg.tensor, class_to_task=arg.class_to_task,
+)
 mos_merge = arg.checked(_mos.mos_merge, bank=arg.bank_arg, out=arg.optional_path)
 retrieve = arg.checked(
-    _mos.retrieve, feature_fn=arg.function, prototypes=arg.optional(arg.tensor), class_to_task=arg.optional(arg.class_to_task),
-    adapters=arg.optional(arg.adapters), bank=arg.optional(arg.bank_arg), classifier=arg.optional(arg.function),
-    first_classifier=arg.optional(arg.function),
+    _mos.retrieve, feature_fn=arg.function, prototypes=arg.optional(arg.tensor),
+    class_to_task=arg.optional(arg.class_to_task), adapters=arg.optional(arg.adapters),
+    bank=arg.optional(arg.bank_arg), classifier=arg.optional(arg.function), first_classifier=arg.optional(arg.function),
 )
 
 surgery = arg.checked(
@@ -238,7 +242,9 @@ surgery = arg.checked(
     fraction=arg.optional(arg.fraction), target=arg.string, out=arg.optional_path, device=arg.optional_device,
 )
 undo_surgery = arg.checked(_surgery.undo_surgery, edited_model=arg.path_arg, out=arg.path_arg)
-train_probe = arg.checked(_surgery.train_probe, features_path=arg.path_arg, out=arg.path_arg, seed=arg.seed, holdout=arg.holdout)
+train_probe = arg.checked(
+    _surgery.train_probe, features_path=arg.path_arg, out=arg.path_arg, seed=arg.seed, holdout=arg.holdout,
+)
 collect_features = arg.checked(
     _surgery.collect_features, model_dir=arg.path_arg, pos_texts=arg.texts, neg_texts=arg.texts, out=arg.path_arg,
     batch_size=arg.positive_int, max_length=arg.positive_int, device=arg.device,

@@ -10,7 +10,7 @@ the weights that contributed, then multiply by λ (after normalising).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -149,14 +149,7 @@ def combine(
         return d if w == 1 else torch.mul(d, w, out=scratch)
 
     if elect:
-        # The election's sum in float64: the float32 products add exactly there, so its sign is
-        # that of the true sum whatever the models' order. A float32 fold rounds cancelling
-        # products to 0 in one order and to −2e-10 in another, electing opposite signs.
-        total = torch.zeros_like(ref, dtype=torch.float64)
-        for d, w in zip(deltas, weights, strict=True):
-            total.add_(weighted(d, w))
-        gamma = elect_signs(total).to(ref.dtype)
-        del total
+        gamma = _elect(deltas, weights, weighted)
         mixed = torch.zeros_like(ref)
         divisor = torch.zeros_like(ref) if normalize else None
         for d, w in zip(deltas, weights, strict=True):
@@ -174,6 +167,32 @@ def combine(
     for d, w in zip(deltas[1:], weights[1:], strict=True):
         mixed.add_(weighted(d, w))
     return _normalize_and_scale(mixed, weights, normalize, lam)
+
+
+def _elect(deltas: Sequence[torch.Tensor], weights: Sequence[float],
+           weighted: Callable[[torch.Tensor, float], torch.Tensor]) -> torch.Tensor:
+    """γ = sign(Σ wᵢτ̂ᵢ) (a zero sum elects +), the exact sum's sign whatever the models' order.
+
+    Each product is rounded to float32 first, as in mergekit. Two rounded products sum to 0 in
+    float32 only when they cancel exactly, and their sum is commutative: float32 gives the exact
+    sign. From three on a float32 fold depends on the order (cancelling products round to 0 in
+    one order and to −2e-10 in another, electing opposite signs), so the sum is taken in
+    float64, where float32 products add exactly. `weighted` may return one reused buffer: each
+    product is consumed before the next is made.
+    """
+    if len(deltas) <= 2:
+        total = torch.zeros_like(deltas[0])
+        for d, w in zip(deltas, weights, strict=True):
+            total.add_(weighted(d, w))
+        return elect_signs(total)
+    total = torch.empty(deltas[0].shape, dtype=torch.float64, device=deltas[0].device)
+    part = torch.empty_like(total)
+    for i, (d, w) in enumerate(zip(deltas, weights, strict=True)):
+        if i == 0:
+            total.copy_(weighted(d, w))
+        else:
+            total.add_(part.copy_(weighted(d, w)))  # a float64 add: mixed-dtype adds are 2x slower
+    return total.ge_(0).to(deltas[0].dtype).mul_(2).sub_(1)  # as elect_signs, on our own buffer
 
 
 def _normalize_and_scale(mixed: torch.Tensor, weights: Sequence[float], normalize: bool, lam: float) -> torch.Tensor:
