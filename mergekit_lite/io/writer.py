@@ -113,21 +113,25 @@ def check_output_dir(out: Path, force: bool, inputs: Iterable[Path] = ()) -> Non
         raise UsageError(f"{out}: output directory exists and is not empty (use --force to replace it)")
 
 
-def require_finite(name: str, t: torch.Tensor) -> None:
-    """Refuse an output tensor (or row block) holding inf or NaN: weights or a lambda that
-    overflow the output dtype (1e300, or 1e5 in float16) would otherwise be written, exit 0.
+def require_finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    """`t`, after refusing it if it holds inf or NaN: weights or a lambda that overflow the
+    output dtype (1e300, or 1e5 in float16) would otherwise be written, exit 0.
 
-    A float sum is finite only if every element is (it could overflow on its own, so a
-    non-finite sum is confirmed element by element): ~30 µs per 512K-element block, where
-    `isfinite().all()` takes ~1 ms. The engine runs it in the writer thread, off the critical path.
+    A sum is finite only if every element is (it can overflow on its own, so a non-finite sum
+    is confirmed element by element): ~30 µs per 512K-element block, where `isfinite().all()`
+    takes ~1 ms. float16 is summed in float32, where its values cannot overflow the sum.
     """
-    if not t.is_floating_point() or t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float32))):
-        return
+    if not t.is_floating_point() or t.numel() == 0:
+        return t
+    total = t.sum(dtype=torch.float32) if t.dtype == torch.float16 else t.sum()
+    if bool(torch.isfinite(total)):
+        return t
     bad = int((~torch.isfinite(t)).sum())
     if bad:
         raise RecipeError(f"output tensor {name!r}: {bad} of {t.numel()} values are inf or NaN in "
                           f"{str(t.dtype).replace('torch.', '')}; the weights or lambda overflow it (or an "
                           "input holds inf/NaN)")
+    return t
 
 
 RESUME_KEY = "mlite-resume.key"
