@@ -960,3 +960,32 @@ def test_a_step_that_feeds_nothing_is_reported(tmp_path, model_set, caplog):
     with caplog.at_level("WARNING"):
         mlite.dry_run(recipe)
     assert "step 'x' feeds neither the output step 'y' nor a save: path" in caplog.text
+
+
+def test_a_saved_step_with_another_vocabulary_is_refused_before_any_work(tmp_path, model_set):
+    """With options.vocab: shared, a saved step whose reference has fewer vocabulary rows than the
+    output was only refused mid-run ("has shape [V1, d], planned [V2, d]")."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    ms = model_set
+    v = tmp_path / "v"
+    v.mkdir()
+    state = load_dir(ms.finetunes[1])
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[key] = torch.cat([state[key], torch.zeros(8, state[key].shape[1], dtype=state[key].dtype)])
+    save_file(state, str(v / "model.safetensors"))
+    config = json.loads((ms.finetunes[1] / "config.json").read_text())
+    (v / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
+    recipe = {"inputs": {"ft1": str(ms.finetunes[0]), "v": str(v)},
+              "steps": [{"id": "a", "method": "linear", "models": ["ft1", "v"], "save": str(tmp_path / "sa")},
+                        {"id": "b", "method": "task_arithmetic", "base": "v", "models": ["a"]}],
+              "output": {"path": str(tmp_path / "out")}, "options": {"vocab": "shared"}}
+    res = runner.invoke(app, ["merge", str(_write(tmp_path / "r.yaml", recipe))])
+    assert res.exit_code == 3 and "step 'a' is saved, but its tensor" in res.output, res.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "sa").exists()
+    recipe["steps"][0].pop("save")
+    assert runner.invoke(app, ["merge", str(_write(tmp_path / "r.yaml", recipe))]).exit_code == 0
+    shutil.rmtree(tmp_path / "out")

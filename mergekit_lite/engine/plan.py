@@ -460,6 +460,15 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
                     hint = " (different vocabulary sizes: set options.vocab: shared to merge the shared rows)" if rows_differ else ""
                     problems.append(CheckpointError(
                         f"{label}: tensor {name!r} has shape {list(oshape)}, expected {list(shape)} (step {st.id!r}){hint}"))
+        for st in plan.steps.values():
+            # A saved step is written with the output's tensor list and shapes: with shared
+            # vocabularies its own reference may have fewer rows than the output's.
+            saved = _shape_of(plan, StepRef(st.id), name) if st.save is not None and st.id != plan.final else None
+            if saved is not None and saved[0] != shape:
+                problems.append(RecipeError(
+                    f"{_src(plan.recipe)}: step {st.id!r} is saved, but its tensor {name!r} has shape "
+                    f"{list(saved[0])} where the output's has {list(shape)} (different vocabularies); "
+                    "save a step whose reference model has the output's vocabulary"))
         od = (out_dtype if out_dtype and info.is_float else dtype)
         outputs.append(OutputTensor(name, shape, od, info.is_float))
     if not outputs:
