@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from mergekit_lite.errors import MliteError
+from mergekit_lite.errors import MliteError, one_line
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -108,7 +108,7 @@ class OneLineErrorsGroup(TyperGroup):
 
 def usage_error_line(exc: Any) -> str:
     """`mlite merge: Missing argument 'recipe'. (see 'mlite merge --help')`: one line, naming the command."""
-    message = " ".join(exc.format_message().split())
+    message = one_line(exc.format_message())
     ctx = getattr(exc, "ctx", None)
     if ctx is None:
         return message

@@ -56,3 +56,10 @@ def combine(errors: list[MliteError]) -> MliteError:
     first = errors[0]
     merged = type(first)("\n".join(problems), problems=problems)
     return merged
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """`text` (a third-party message: transformers', PyYAML's, click's) with its whitespace runs,
+    newlines included, made single spaces, cut to `limit` characters: user errors are one line."""
+    flat = " ".join(str(text).split())
+    return flat if limit is None or len(flat) <= limit else flat[: limit - 1] + "…"

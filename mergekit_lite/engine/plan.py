@@ -324,9 +324,7 @@ def build_plan(
             if a == b or a in b.parents or b in a.parents:
                 raise RecipeError(f"{_src(recipe)}: {what} and {other} overlap: one directory would be "
                                   "written twice (or inside the other); give each its own path")
-    from .run import _closure
-
-    used = {st.id for st in _closure(plan, plan.output_step_ids)}
+    used = {st.id for st in step_closure(plan, plan.output_step_ids)}
     for sid in plan.steps:
         if sid not in used:
             log.warning("step %r feeds neither the output step %r nor a save: path, so it is not run", sid, plan.final)
@@ -336,6 +334,26 @@ def build_plan(
             if out is not None:
                 check_output_dir(out, force, inputs)
     return plan
+
+
+def step_closure(plan: Plan, step_ids: list[str]) -> list[StepPlan]:
+    """Every step the given steps depend on (themselves included), in topological order."""
+    seen: set[str] = set()
+
+    def visit(sid: str) -> None:
+        if sid in seen:
+            return
+        seen.add(sid)
+        st = plan.steps[sid]
+        for op in [st.base, *st.models]:
+            while isinstance(op, Patched):
+                op = op.base
+            if isinstance(op, StepRef):
+                visit(op.step_id)
+
+    for sid in step_ids:
+        visit(sid)
+    return [st for st in plan.steps.values() if st.id in seen]
 
 
 def input_files(plan: Plan) -> list[Path]:
@@ -386,16 +404,16 @@ def _num_layers(checkpoints: Mapping[str, Checkpoint]) -> int | None:
     """Layer count for gradients: config.json's num_hidden_layers, else from tensor names."""
     for ck in checkpoints.values():
         value = ck.config.get("num_hidden_layers") if ck.config else None
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            where = ck.source_dir / "config.json" if ck.source_dir is not None else ck.label
+        if value is None:
+            continue
+        where = ck.source_dir / "config.json" if ck.source_dir is not None else ck.label
+        if isinstance(value, bool) or not isinstance(value, int):
             raise CheckpointError(f"{where}: num_hidden_layers must be an integer, got {value!r}")
-        if value is not None:
-            held = count_layers(ck.names())
-            if value < 1 or (held is not None and value < held):
-                where = ck.source_dir / "config.json" if ck.source_dir is not None else ck.label
-                raise CheckpointError(f"{where}: num_hidden_layers is {value} but the tensors hold "
-                                      f"{held if held is not None else 'no'} layers")
-            return value
+        held = count_layers(ck.names())
+        if value < 1 or (held is not None and value < held):
+            raise CheckpointError(f"{where}: num_hidden_layers is {value} but the tensors hold "
+                                  f"{held if held is not None else 'no'} layers")
+        return value
     counts = [n for ck in checkpoints.values() if (n := count_layers(ck.names())) is not None]
     return max(counts) if counts else None
 
@@ -683,7 +701,7 @@ def _tensor_statistics_passes(plan: Plan, out_ids: list[str]) -> list[dict[str, 
     """The reads of per-tensor statistics: a tensor too big to compute whole, for a method that
     needs statistics of the whole tensor (TIES' top-k), is read once per statistics pass before
     its output blocks (engine/run.py, `emit_with_local_stats`)."""
-    from .run import _block_mode, _closure, _with_tensor_files
+    from .run import _block_mode, _with_tensor_files
     from .stream import whole_tensor_limit
 
     mode = _block_mode(plan, out_ids, local_stats=True)
@@ -691,7 +709,7 @@ def _tensor_statistics_passes(plan: Plan, out_ids: list[str]) -> list[dict[str, 
     for o in plan.outputs:
         if not o.is_float or _numel(o.shape) <= whole_tensor_limit() or mode(o.name) != "local":
             continue
-        for st in _closure(plan, out_ids):
+        for st in step_closure(plan, out_ids):
             params = st.resolver.for_tensor(o.name)
             if st.spec.row_local(params) or st.spec.tensor_reducer is None:
                 continue

@@ -28,7 +28,7 @@ from ..io.safetensors_format import PlannedTensor
 from ..io.writer import CheckpointWriter, config_dtype_update, require_finite
 from ..methods.registry import TensorJob
 from .memory import limit_heap_growth
-from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, fingerprint
+from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, fingerprint, step_closure
 from .stream import (
     BackgroundWriter,
     Bundle,
@@ -204,26 +204,6 @@ def _loader(plan: Plan, ck_keys: set[str], delta_keys: set[str], copy_keys: set[
     return load
 
 
-def _closure(plan: Plan, step_ids: list[str]) -> list[StepPlan]:
-    """Every step the given steps depend on (themselves included), in topological order."""
-    seen: set[str] = set()
-
-    def visit(sid: str) -> None:
-        if sid in seen:
-            return
-        seen.add(sid)
-        st = plan.steps[sid]
-        for op in [st.base, *st.models]:
-            while isinstance(op, Patched):
-                op = op.base
-            if isinstance(op, StepRef):
-                visit(op.step_id)
-
-    for sid in step_ids:
-        visit(sid)
-    return [st for st in plan.steps.values() if st.id in seen]
-
-
 def _block_mode(plan: Plan, step_ids: list[str], *, local_stats: bool) -> Callable[[str], str]:
     """How a tensor may be streamed: "whole", in row "blocks", or in blocks after "local" stats.
 
@@ -231,7 +211,7 @@ def _block_mode(plan: Plan, step_ids: list[str], *, local_stats: bool) -> Callab
     With `local_stats`, a step that is not row-local but offers a `tensor_reducer` (TIES'
     per-tensor top-k) is also fine: its statistics are first gathered over the tensor's blocks.
     """
-    closure = _closure(plan, step_ids)
+    closure = step_closure(plan, step_ids)
     uses_delta = any(plan.leaves_of(sid)[1] for sid in step_ids)
     float_names = {o.name for o in plan.outputs if o.is_float}
 
@@ -435,7 +415,7 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
         def emit_with_local_stats(name: str) -> None:
             """A big tensor of a per-tensor-statistics method: stats over its blocks, then blocks."""
             local = dict(stats)
-            for st in _closure(plan, out_ids):
+            for st in step_closure(plan, out_ids):
                 params = st.resolver.for_tensor(name)
                 if st.spec.row_local(params):
                     continue

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from ..errors import one_line
+
 
 class LineDict(dict):
     """A dict that knows its own start line and the line of each key."""
@@ -101,15 +103,15 @@ def parse_yaml(text: str) -> tuple[Any, list[DuplicateKey]]:
         code = ord(char) if isinstance(char, str) else int(char)
         raise YamlSyntaxError(f"YAML syntax error: control character U+{code:04X} is not allowed in YAML", line) from None
     except yaml.YAMLError as exc:
-        raise YamlSyntaxError(f"YAML syntax error: {_one_line(exc)}", _error_line(exc)) from None
+        raise YamlSyntaxError(f"YAML syntax error: {one_line(exc)}", _error_line(exc)) from None
     loader.duplicates = []
     try:
         data = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         what = " ".join(s for s in (exc.context, exc.problem) if s)
-        raise YamlSyntaxError(f"YAML syntax error: {what or _one_line(exc)}", _error_line(exc)) from None
+        raise YamlSyntaxError(f"YAML syntax error: {what or one_line(exc)}", _error_line(exc)) from None
     except yaml.YAMLError as exc:
-        raise YamlSyntaxError(f"YAML syntax error: {_one_line(exc)}", _error_line(exc)) from None
+        raise YamlSyntaxError(f"YAML syntax error: {one_line(exc)}", _error_line(exc)) from None
     except RecursionError:
         raise YamlSyntaxError("YAML syntax error: nested too deeply", None) from None
     finally:
@@ -123,10 +125,6 @@ def _error_line(exc: yaml.YAMLError) -> int | None:
     if mark is not None:
         return mark.line + 1
     return None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 def line_of(container: Any, key: Any) -> int | None:

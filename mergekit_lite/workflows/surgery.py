@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from ..dtypes import to_torch
 from ..engine.plan import resolve_device
-from ..errors import CheckpointError, MliteError, UsageError
+from ..errors import CheckpointError, MliteError, UsageError, one_line
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.safetensors_format import PlannedTensor
 from ..io.writer import CheckpointWriter, check_output_dir, refuse_over_inputs
@@ -401,12 +401,6 @@ def _version_at_least(version: str, wanted: tuple[int, ...]) -> bool:
     return parts[: len(wanted)] >= wanted
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """A third-party exception's message on one line (transformers' span several), cut to `limit`."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def read_texts(path: str | os.PathLike) -> list[str]:
     """One example per non-empty line."""
     p = Path(path).expanduser()
@@ -463,7 +457,8 @@ def collect_features(
         dtype_arg = "dtype" if _version_at_least(transformers.__version__, (4, 56)) else "torch_dtype"
         lm = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, **{dtype_arg: torch.float32})
     except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{src}: cannot load model or tokenizer with transformers ({_one_line(exc)})") from None
+        why = one_line(exc, 300) or type(exc).__name__
+        raise CheckpointError(f"{src}: cannot load model or tokenizer with transformers ({why})") from None
     if len(tok) == 0:  # transformers builds an empty tokenizer for a directory without tokenizer files
         raise CheckpointError(f"{src}: has no tokenizer files (tokenizer.json, vocab files); "
                               "save the model's tokenizer there")
@@ -484,7 +479,8 @@ def collect_features(
                 hidden = lm(**batch, output_hidden_states=True).hidden_states[-1].float()
             except (ValueError, IndexError, RuntimeError) as exc:
                 # e.g. a token id beyond the model's vocabulary: the tokenizer is not this model's
-                raise CheckpointError(f"{src}: running the model on text {start + 1} failed ({_one_line(exc)})") from None
+                why = one_line(exc, 300) or type(exc).__name__
+                raise CheckpointError(f"{src}: running the model on text {start + 1} failed ({why})") from None
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             feats.append(((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)).cpu())
     features = torch.cat(feats).contiguous()
