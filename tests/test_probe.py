@@ -246,3 +246,18 @@ def test_a_quiet_label_free_feature_does_not_take_over_the_direction() -> None:
         w = train_probe(x, y, optimizer=optimizer).weight[1]
         assert float(w[0] ** 2 / (w**2).sum()) < 0.01, optimizer  # was 0.93-1.0; an even share is 1/64
         assert float(torch.nn.functional.cosine_similarity(w, u, dim=0)) > 0.9, optimizer
+
+
+def test_collect_out_of_memory_is_a_one_line_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An out-of-memory error (a RuntimeError) names the fix, not a tokenizer mismatch."""
+    transformers = pytest.importorskip("transformers")
+
+    model = _tiny_lm_with_tokenizer(tmp_path, ["[PAD]", "[UNK]", "a", "b"])
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "forward", out_of_memory)
+    r = _collect(tmp_path, model, "--out", str(tmp_path / "f.safetensors"))
+    assert r.exit_code == 2 and "out of cpu memory on text 1; lower --batch-size or --max-length" in r.output
+    assert _error_lines(r.output) == 1 and not (tmp_path / "f.safetensors").exists()

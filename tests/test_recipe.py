@@ -598,7 +598,7 @@ def test_options_errors(models: Path) -> None:
 
 def test_device_error(models: Path) -> None:
     msg = one_problem(write(models, NATIVE + "device: gpu\n"))
-    assert msg == f"{models / 'recipe.yaml'}:15: unknown device 'gpu' (use cpu, cuda, cuda:N, mps or auto) (device)"
+    assert msg == f"{models / 'recipe.yaml'}:15: unknown device 'gpu' (use cpu, cuda, cuda:N or auto) (device)"
 
 
 def test_all_problems_reported_at_once_in_line_order(models: Path) -> None:

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
+from ..precision import full_float32_matmul
 from .checkpoint import Checkpoint, open_checkpoint
 from .writer import check_output_dir
 
@@ -240,6 +241,7 @@ class LoraAdapter:
     def load(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
         return self.weights.load(key, device=device, dtype=torch.float32)
 
+    @full_float32_matmul()
     def delta_weight(self, mod: LoraModule, device: torch.device | str = "cpu") -> torch.Tensor:
         """ΔW = s·B·A in float32, in the base weight's layout ((B·A)ᵀ for embeddings and Conv1D)."""
         a = self.load(mod.a_key, device)

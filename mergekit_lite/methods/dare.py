@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .detmath import exact_divisor
 from .draws import keep_mask
 from .registry import MethodSpec, TensorJob, register
 from .sparsify import apply_mask, rescale_l1
@@ -41,7 +42,7 @@ def drop_and_rescale(job: TensorJob, taus: list[torch.Tensor], densities: tuple[
             continue
         kept = apply_mask(tau, keep_mask(job, i, tau.shape, density, tau.device))
         if mode == "paper":
-            kept.div_(density)
+            kept.div_(exact_divisor(density, kept))
         elif mode == "l1":
             kept = rescale_l1(tau, kept)
         out.append(kept)

@@ -160,3 +160,14 @@ def fixed_order_row_sums(x: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 1:
         return torch.tensor([fixed_order_sum(x)], dtype=torch.float64, device=x.device)
     return x.sum(dim=-1, dtype=torch.float64)
+
+
+def exact_divisor(divisor: float, like: torch.Tensor) -> torch.Tensor:
+    """`divisor` as a 0-d tensor of `like`'s dtype and device, for a division that is exact on any device.
+
+    CUDA computes `t / s` for a Python number `s` (any CPU scalar) as `t · (1/s)`, which is an
+    ulp off in part of the entries unless `s` is a power of two; the CPU divides. Dividing by a
+    0-d tensor on the device takes the true-division kernel on both, with the same float32
+    divisor the CPU rounds a Python number to, so CPU and GPU give the same bits.
+    """
+    return torch.tensor(float(divisor), dtype=like.dtype, device=like.device)

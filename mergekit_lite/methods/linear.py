@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import RecipeError
+from .detmath import exact_divisor
 from .registry import MethodSpec, Param, TensorJob, register
 from .task_arithmetic import WEIGHT, check_shapes, normalize_param, per_model, weight_sum, weighted_first
 
@@ -31,7 +32,7 @@ def merge_linear(job: TensorJob) -> torch.Tensor:
                 f"linear: the weights sum to 0 for tensor {job.name}; "
                 "a weighted average is undefined (set normalize: false or change the weights)"
             )
-        out /= total
+        out /= exact_divisor(total, out)
     return out
 
 

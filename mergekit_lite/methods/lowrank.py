@@ -6,9 +6,10 @@ reported relative error ‖Δ − B·A‖_F / ‖Δ‖_F is the smallest any ran
 Small matrices get an exact SVD; large ones a randomized SVD (Halko, Martinsson & Tropp 2011)
 whose Gaussian sketch comes from numpy's seeded generator, the same numbers on every machine
 (torch's CPU `randn` takes another code path on CPUs without AVX2). The SVD and QR themselves
-are LAPACK's: the same machine, BLAS build and thread count give the same bits on every run;
-another CPU, BLAS or thread count moves the factors at float32 rounding of the SVD (singular
-vectors by up to ~1e-4 relative where singular values are close), not the error reached.
+are LAPACK's (cuSOLVER's on CUDA): the same machine, BLAS build and thread count give the same
+bits on every run; another CPU, BLAS, thread count or device moves the factors at float32
+rounding of the SVD (singular vectors by up to ~1e-4 relative where singular values are
+close), not the error reached.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ..precision import full_float32_matmul
 
 # Matrices whose smaller side is at most this use the exact SVD.
 EXACT_MAX_DIM = 1024
@@ -53,6 +56,7 @@ def rank_for_energy(sigma: torch.Tensor, total: float | None, energy: float) -> 
     return int(reached[0]) + 1 if len(reached) else len(sigma)
 
 
+@full_float32_matmul()
 def randomized_svd(
     m: torch.Tensor, k: int, *, seed: int = 0, oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

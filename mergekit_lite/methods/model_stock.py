@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import RecipeError
-from .detmath import fixed_order_row_sums
+from .detmath import exact_divisor, fixed_order_row_sums
 from .registry import MethodSpec, Param, TensorJob, register
 from .task_arithmetic import check_shapes, require_base, task_vectors
 
@@ -49,7 +49,7 @@ def mean_pairwise_cos(taus: list[torch.Tensor]) -> torch.Tensor:
         for j in range(i + 1, len(taus)):
             product = (norms[i] * norms[j]).clamp(min=NORM_PRODUCT_MIN)
             cosines.append((fixed_order_row_sums(taus[i] * taus[j]) / product).clamp(-1, 1).to(taus[i].dtype))
-    return torch.stack(cosines).mean(dim=0)
+    return torch.stack(cosines).mean(dim=0)  # as mergekit; on CUDA a mean multiplies by 1/N (docs/cli.md)
 
 
 def stock_ratio(cos: torch.Tensor, n: int) -> torch.Tensor:
@@ -67,7 +67,7 @@ def merge_model_stock(job: TensorJob) -> torch.Tensor:
     mean = torch.zeros_like(base)
     for m in job.models:  # before the task vectors, which may be computed in the models' buffers
         mean += _rows(m, filter_wise)
-    mean /= len(job.models)
+    mean /= exact_divisor(len(job.models), mean)
     taus = task_vectors(job, "model_stock")
     rows = [_rows(t, filter_wise) for t in taus]
     t = stock_ratio(mean_pairwise_cos(rows), len(taus)).unsqueeze(-1)  # [rows, 1]

@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from .detmath import exact_divisor
 from .lowrank import truncated_svd
 from .registry import MethodSpec, Param, TensorJob, register
 
@@ -47,7 +48,7 @@ def mos_stored_tensors(tensors: Sequence[torch.Tensor], momentum: float) -> list
     out: list[torch.Tensor] = []
     running: torch.Tensor | None = None
     for t, a in enumerate(tensors):
-        out.append(a.clone() if t == 0 else (1.0 - momentum) * a + momentum * (running / t))
+        out.append(a.clone() if t == 0 else (1.0 - momentum) * a + momentum * (running / exact_divisor(t, running)))
         running = a.clone() if running is None else running + a
     return out
 
@@ -58,7 +59,7 @@ def mos_sequential_tensors(tensors: Sequence[torch.Tensor], momentum: float) -> 
     out: list[torch.Tensor] = []
     running: torch.Tensor | None = None
     for t, a in enumerate(tensors):
-        merged = a.clone() if t == 0 else (1.0 - momentum) * a + momentum * (running / t)
+        merged = a.clone() if t == 0 else (1.0 - momentum) * a + momentum * (running / exact_divisor(t, running))
         out.append(merged)
         running = merged.clone() if running is None else running + merged
     return out

@@ -88,7 +88,7 @@ def train_probe(
     lr: float = 1e-4,
     batch_size: int = 64,
 ) -> ProbeFit:
-    """Fit Linear(d, 2) with cross-entropy (+ `l2`·‖W‖² on the standardised weights).
+    """Fit Linear(d, 2) with cross-entropy (+ `l2`·‖W‖² on the raw-feature weights).
 
     `seed` fixes the split (and Adam's shuffling); the same inputs give the same probe.
     """
@@ -103,7 +103,7 @@ def train_probe(
     if optimizer not in ("lbfgs", "adam"):
         raise UsageError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
     n, d = features.shape
-    y = check_labels(labels, n)
+    y = check_labels(labels.detach().cpu(), n)  # the fit runs on the CPU, with the features
     x = features.detach().to(device="cpu", dtype=torch.float64)
     tr, ho = split_indices(y, holdout, seed)
     x_tr, y_tr = x[tr], y[tr]

@@ -122,17 +122,6 @@ class TensorJob:
     models_disposable: bool = False
 
 
-    def generator(self) -> torch.Generator:
-        """A CPU generator seeded from (recipe seed, tensor name).
-
-        Random draws are made on the CPU and moved to the device afterwards, so the same seed
-        gives the same result on CPU and GPU, whatever the traversal order or worker count.
-        """
-        g = torch.Generator(device="cpu")
-        g.manual_seed(tensor_seed(self.seed, self.name))
-        return g
-
-
 def tensor_seed(seed: int, name: str) -> int:
     """A stable 63-bit seed for one tensor, independent of visiting order."""
     digest = hashlib.blake2b(f"{seed}\x00{name}".encode(), digest_size=8).digest()

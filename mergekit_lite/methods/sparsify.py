@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .detmath import fixed_order_sum
+from .detmath import exact_divisor, fixed_order_sum
 from .ranks import magnitude_orders
 from .select import kth_largest, kth_smallest, kth_smallest_many  # noqa: F401  (re-exported)
 
@@ -130,7 +130,8 @@ def della_probabilities_many(
             continue
         order = orders[i].to(tau.device)
         n = order.shape[1]
-        fraction = torch.arange(n, dtype=torch.float32, device=tau.device) / float(n - 1)
+        ranks = torch.arange(n, dtype=torch.float32, device=tau.device)
+        fraction = ranks / exact_divisor(n - 1, ranks)
         line = (float(density) - float(epsilon)) + fraction * (2.0 * float(epsilon))
         probs = torch.empty(order.shape, dtype=torch.float32, device=tau.device)
         probs.scatter_(1, order, line.expand_as(order))  # rank r's probability to the entry of rank r

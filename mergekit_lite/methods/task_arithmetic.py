@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, RecipeError
+from .detmath import exact_divisor
 from .registry import MethodSpec, Param, TensorJob, register
 from .sparsify import elect_signs
 
@@ -177,8 +178,11 @@ def _elect(deltas: Sequence[torch.Tensor], weights: Sequence[float],
     float32 only when they cancel exactly, and their sum is commutative: float32 gives the exact
     sign. From three on a float32 fold depends on the order (cancelling products round to 0 in
     one order and to −2e-10 in another, electing opposite signs), so the sum is taken in
-    float64, where float32 products add exactly. `weighted` may return one reused buffer: each
-    product is consumed before the next is made.
+    float64, where n float32 products add exactly while their magnitudes at one position lie
+    within a factor 2^(29 − ⌈log₂ n⌉) of each other (2^27 for three or four models), and an
+    exact sum has the exact sign in any order; beyond that spread the sign can only be wrong
+    where large products cancel to within the smallest one. `weighted` may return one reused
+    buffer: each product is consumed before the next is made.
     """
     if len(deltas) <= 2:
         total = torch.zeros_like(deltas[0])
@@ -199,7 +203,8 @@ def _normalize_and_scale(mixed: torch.Tensor, weights: Sequence[float], normaliz
     """In place: Σ wᵢτ̂ᵢ → λ · Σ wᵢτ̂ᵢ / Σ wᵢ (no division when not normalising, or |Σ wᵢ| < 1e-8)."""
     if normalize:
         s = weight_sum(weights)
-        mixed /= 1.0 if abs(s) < WEIGHT_SUM_EPS else s
+        if abs(s) >= WEIGHT_SUM_EPS:  # below it mergekit divides by 1: nothing to do
+            mixed /= exact_divisor(s, mixed)
     if lam != 1:
         mixed *= lam
     return mixed

@@ -50,7 +50,10 @@ BOOL_SPELLINGS: dict[str, dict[bool, str]] = {
     "rescale": {True: "l1", False: "none"},  # mergekit rescales DARE/DELLA to the L1 norm
 }
 
-_DEVICE = re.compile(r"cpu|auto|mps|cuda(:\d+)?")
+_DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
+# Refused up front rather than run untested: a run would fail on its first float64 buffer.
+MPS_UNSUPPORTED = ("device 'mps' is not supported: TIES' sign election, model_stock, slerp, PCB and the l1 "
+                   "rescale compute in float64, which Apple's MPS lacks; use cpu")
 
 
 def validate(raw: RawRecipe, base_dir: Path, problems: Problems) -> Recipe | None:
@@ -115,8 +118,10 @@ def validate(raw: RawRecipe, base_dir: Path, problems: Problems) -> Recipe | Non
     device = None
     if raw.device is not None:
         device = raw.device.value
-        if not _DEVICE.fullmatch(device):
-            problems.add(raw.device.loc, f"unknown device {device!r} (use cpu, cuda, cuda:N, mps or auto)", "device")
+        if device == "mps":
+            problems.add(raw.device.loc, MPS_UNSUPPORTED, "device")
+        elif not _DEVICE.fullmatch(device):
+            problems.add(raw.device.loc, f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)", "device")
     if problems or ordered is None or output is None:
         return None
     options = {**raw.options, "notes": notes}

@@ -29,6 +29,7 @@ from mergekit_lite.io.bank import (
 )
 from mergekit_lite.io.writer import refuse_over_inputs
 from mergekit_lite.methods.mos import MODES, lora_scaling, mos_tensors, refactor_lowrank
+from mergekit_lite.precision import full_float32_matmul
 
 SPACES: tuple[str, ...] = ("factors", "delta")
 
@@ -196,6 +197,7 @@ def _merge_factors(b: Bank, momentum: float, mode: str) -> list[dict[str, torch.
     return out
 
 
+@full_float32_matmul()
 def _merge_delta(
     b: Bank, momentum: float, mode: str, rank: int | None
 ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, Any]]]:
@@ -311,6 +313,7 @@ class Retrieval:
 def _cosine_classifier(prototypes: torch.Tensor) -> Classifier:
     protos = F.normalize(prototypes.float(), dim=-1)
 
+    @full_float32_matmul()
     def classify(features: torch.Tensor) -> torch.Tensor:
         return F.normalize(features.float(), dim=-1) @ protos.to(features.device).T
 

@@ -204,6 +204,7 @@ def _as_adapter(base: PathLike, delta_ref: PathLike, *, old_base: PathLike | Non
     import time
 
     t0 = time.perf_counter()
+    dev = resolve_device(device)  # also when a LoRA's factors are only copied: a bad --device is an error
     new = open_checkpoint(base)
     old = open_checkpoint(old_base) if old_base is not None else None
     src = open_delta(delta_ref, old_base=old)
@@ -222,7 +223,7 @@ def _as_adapter(base: PathLike, delta_ref: PathLike, *, old_base: PathLike | Non
         check_rank_args(rank, energy)
         factor_dtype = to_torch(parse_user_dtype(dtype)) if dtype else torch.float32
         factors, full, reports = dense_to_adapter(new, src, lam=lam, rank=rank, energy=energy, seed=seed,
-                                                  device=str(resolve_device(device)), factor_dtype=factor_dtype)
+                                                  device=str(dev), factor_dtype=factor_dtype)
         require_factors(factors, reports, str(delta_ref))
         write_adapter(out_path, factors, full, base_model_name_or_path=str(base), dtype=factor_dtype, force=force,
                       extra_files={REPORT_FILE: json.dumps([asdict(r) for r in reports], indent=2).encode()})

@@ -477,12 +477,17 @@ def collect_features(
                             max_length=max_length)
                 batch = {k: v.to(dev) for k, v in batch.items()}
                 hidden = lm(**batch, output_hidden_states=True).hidden_states[-1].float()
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                # .cpu() inside the try: CUDA reports a kernel's error (a device-side assert on a
+                # token id beyond the vocabulary) at the next synchronising call, which is this one
+                feats.append(((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)).cpu())
+            except torch.cuda.OutOfMemoryError:
+                raise UsageError(f"{src}: out of {dev} memory on text {start + 1}; lower --batch-size or "
+                                 "--max-length") from None
             except (ValueError, IndexError, RuntimeError) as exc:
                 # e.g. a token id beyond the model's vocabulary: the tokenizer is not this model's
                 why = one_line(exc, 300) or type(exc).__name__
                 raise CheckpointError(f"{src}: running the model on text {start + 1} failed ({why})") from None
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            feats.append(((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)).cpu())
     features = torch.cat(feats).contiguous()
     labels = torch.tensor([1] * len(pos) + [0] * len(neg), dtype=torch.int64)
     _atomic_save({"features": features, "labels": labels}, dest,
