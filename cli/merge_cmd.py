@@ -97,3 +97,5 @@ def _print_plan(plan: dict) -> None:
         out.print(f"  {s['file']}: {s['tensors']} tensors, {format_size(s['bytes'])}")
     out.print(f"  output: {plan['output']}; device: {plan['device']}; "
               f"peak memory estimate: {format_size(plan['peak_memory_estimate'])}")
+    for s in plan["saves"]:
+        out.print(f"  step {s['step']!r} saved to {s['path']} (the same shards)")

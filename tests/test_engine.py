@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -451,13 +452,11 @@ def test_system_refusals_are_one_line(tmp_path, model_set, monkeypatch):
 
 
 @pytest.mark.parametrize(("device", "needle"), [
-    ("mps", "MPS (Apple GPU) is not available"),
+    ("mps", "device 'mps' is not supported"),
     ("cuda:7", "CUDA"),
     ("xla", "unknown device 'xla'"),
 ])
 def test_unavailable_devices_are_one_line_exit_2(tmp_path, model_set, device, needle):
-    if device == "mps" and torch.backends.mps.is_available():
-        pytest.skip("this machine has MPS")
     if device == "cuda:7" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has 8 GPUs")
     recipe = _write(tmp_path / "r.yaml", {
@@ -989,3 +988,57 @@ def test_a_saved_step_with_another_vocabulary_is_refused_before_any_work(tmp_pat
     recipe["steps"][0].pop("save")
     assert runner.invoke(app, ["merge", str(_write(tmp_path / "r.yaml", recipe))]).exit_code == 0
     shutil.rmtree(tmp_path / "out")
+
+
+def test_resume_notices_an_input_rewritten_with_its_old_size_and_mtime(tmp_path, model_set):
+    """`cp -p`/`touch -r` put size and mtime back; the change time still tells the run to start afresh."""
+    import shutil
+
+    ms = model_set
+    a = tmp_path / "a"
+    shutil.copytree(ms.finetunes[0], a)
+    recipe = {
+        "inputs": {"base": str(ms.base), "a": str(a)},
+        "steps": [{"id": "m", "method": "task_arithmetic", "base": "base", "models": ["a"]}],
+        "output": {"path": str(tmp_path / "out")},
+    }
+    with pytest.raises(KeyboardInterrupt):
+        mlite.run_recipe(recipe, tensor_hook=_interrupt_after(5))
+    # Same length, other values, the old mtime restored: only the ctime (and contents) differ.
+    shard = sorted(a.glob("*.safetensors"))[0]
+    before = shard.stat()
+    other = sorted(Path(ms.finetunes[1]).glob("*.safetensors"))[0].read_bytes()
+    assert len(other) == before.st_size
+    shard.write_bytes(other)
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert shard.stat().st_size == before.st_size and shard.stat().st_mtime_ns == before.st_mtime_ns
+    result = mlite.run_recipe(recipe, resume=True)
+    assert result.resumed == 0
+    fresh = mlite.run_recipe({**recipe, "output": {"path": str(tmp_path / "ref")}})
+    got, want = load_dir(tmp_path / "out"), load_dir(tmp_path / "ref")
+    assert fresh.tensors == len(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_dry_run_json_counts_saved_steps_as_the_run_writes_them(tmp_path, model_set):
+    """Each `save:` target gets the output's shards: the dry run lists it and counts its bytes once."""
+    ms = model_set
+    recipe = _write(tmp_path / "r.yaml", {
+        "inputs": {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])},
+        "steps": [{"id": "m", "method": "task_arithmetic", "base": "base", "models": ["a", "b"],
+                   "save": str(tmp_path / "mid")},
+                  {"id": "n", "method": "linear", "models": ["m", "a"], "save": str(tmp_path / "out")}],
+        "output": {"path": str(tmp_path / "out"), "shard_size": "2000"},
+    })
+    dry = runner.invoke(app, ["merge", str(recipe), "--dry-run", "--json"])
+    assert dry.exit_code == 0, dry.output
+    plan = json.loads(dry.stdout)
+    assert plan["saves"] == [{"step": "m", "path": str(tmp_path / "mid")}]  # n's save is the output itself
+    real = runner.invoke(app, ["merge", str(recipe), "--json"])
+    assert real.exit_code == 0, real.output
+    done = json.loads(real.stdout)
+    assert plan["bytes_written"] == done["bytes_written"]
+    for target in ("out", "mid"):
+        shards = sorted((tmp_path / target).glob("*.safetensors"))
+        assert [s.name for s in shards] == [s["file"] for s in plan["output_shards"]]
+    text = runner.invoke(app, ["merge", str(recipe), "--dry-run", "--force"]).output
+    assert "step 'm' saved to" in text and str(tmp_path / "mid") in text.replace("\n", "")

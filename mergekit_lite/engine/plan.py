@@ -31,6 +31,7 @@ from ..methods.registry import MethodSpec, get_method
 from ..recipe.model import Recipe, StepSpec
 from ..recipe.params import ParamResolver
 from ..recipe.settings import count_layers
+from ..recipe.validate import MPS_UNSUPPORTED
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,17 @@ class Plan:
     def output_step_ids(self) -> list[str]:
         """The steps whose results the output pass writes: the final one, then those with `save`."""
         return [self.final] + [s.id for s in self.steps.values() if s.save is not None and s.id != self.final]
+
+    def write_targets(self) -> dict[str, Path]:
+        """Where the output pass writes: the final step to the output, each saved step to its save.
+
+        A final step whose `save:` is the output itself is written there once.
+        """
+        targets = {self.final: self.out} if self.out is not None else {}
+        for s in self.steps.values():
+            if s.save is not None:
+                targets[s.id] = s.save
+        return targets
 
     def inputs_of(self, step_ids: list[str]) -> tuple[set[str], set[str], set[str]]:
         """(checkpoint keys, delta keys, copy keys) the given steps read; copy keys feed non-float tensors."""
@@ -388,15 +400,15 @@ def resolve_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"unknown device {name!r} (use cpu, cuda, cuda:N, mps or auto)") from None
+        raise UsageError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} requested but CUDA is not available")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         raise UsageError(f"device {name!r} requested but there are {torch.cuda.device_count()} CUDA devices")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise UsageError(f"device {name!r} requested but MPS (Apple GPU) is not available")
+    if dev.type == "mps":
+        raise UsageError(MPS_UNSUPPORTED)
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"unknown device {name!r} (use cpu, cuda, cuda:N, mps or auto)")
+        raise UsageError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)")
     return dev
 
 
@@ -652,11 +664,10 @@ def estimate(plan: Plan) -> dict[str, Any]:
     passes += _tensor_statistics_passes(plan, out_ids)
     read_out = _output_pass_bytes(plan, out_ids)
     passes.append({"step": plan.final, "kind": "output", "passes": 1, "bytes_read": read_out})
+    # every target gets the same layout: the output's tensors, dtypes and shard size
     layouts = plan_shards([PlannedTensor(o.name, o.dtype, o.shape) for o in plan.outputs], plan.shard_size)
-    written = sum(lay.size for lay in layouts) if plan.out is not None else 0
-    for st in plan.steps.values():
-        if st.save is not None:
-            written += sum(lay.size for lay in layouts)
+    targets = plan.write_targets()
+    written = sum(lay.size for lay in layouts) * len(targets)
     biggest = max((o for o in plan.outputs), key=lambda o: _numel(o.shape))
     n_inputs = sum(len(plan.leaves_of(s)[0]) for s in out_ids) + 1
     from .run import PREFETCH_DEPTH
@@ -669,8 +680,10 @@ def estimate(plan: Plan) -> dict[str, Any]:
         "bytes_read": sum(p["bytes_read"] for p in passes),
         "bytes_written": written,
         "output_shards": [{"file": lay.file_name, "tensors": len(lay.tensors), "bytes": lay.size} for lay in layouts]
-        if plan.out is not None else [],
+        if targets else [],
         "output": str(plan.out) if plan.out else None,
+        "saves": [{"step": sid, "path": str(path)} for sid, path in targets.items()
+                  if not (sid == plan.final and plan.out is not None)],
         "device": str(plan.device),
         "peak_memory_estimate": peak,
     }
@@ -749,24 +762,24 @@ def _numel(shape: tuple[int, ...]) -> int:
 def fingerprint(plan: Plan) -> str:
     """A digest of everything that decides the output's bytes, so a resume never mixes runs.
 
-    Inputs are identified by their files' names, sizes and modification times (not contents:
-    hashing terabytes to resume would defeat the purpose); steps by method and parameters as
-    written; the output by its tensors, dtypes, shard size and seed.
+    Inputs are identified by their files' names and `file_identity` (not contents: hashing
+    terabytes to resume would defeat the purpose); steps by method and parameters as written;
+    the output by its tensors, dtypes, shard size and seed; the kind of device.
     """
     from .. import __version__
 
-    def files_of(path: Path) -> list[tuple[str, int, int]]:
+    def files_of(path: Path) -> list[tuple[str, tuple[int, ...]]]:
         if path.is_file():
             paths = [path]
         elif path.is_dir():
             paths = sorted(p for p in path.iterdir() if p.is_file())
         else:
             return []
-        return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+        return [(p.name, file_identity(p)) for p in paths]
 
     data: dict[str, Any] = {
         "version": __version__,
-        "inputs": {k: [ck.label, [(s.name, s.stat().st_size, s.stat().st_mtime_ns) for s in ck.shards]]
+        "inputs": {k: [ck.label, [(s.name, file_identity(s)) for s in ck.shards]]
                    for k, ck in sorted(plan.checkpoints.items())},
         "deltas": {k: [d.label, files_of(Path(str(d.label)))] for k, d in sorted(plan.deltas.items())},
         "steps": [[s.id, s.spec.name, s.spec_step.base, s.spec_step.models, s.spec_step.delta,
@@ -777,6 +790,20 @@ def fingerprint(plan: Plan) -> str:
         "shard_size": plan.shard_size,
         "seed": plan.seed,
         "vocab_rows": sorted(plan.vocab_rows.items()),
+        # CPU and CUDA may round reductions differently: a resume on another kind of device starts afresh
+        "device": plan.device.type,
     }
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_identity(path: Path) -> tuple[int, ...]:
+    """Size, device, inode and the modification and change times of `path` (links followed).
+
+    The change time (ctime) is the one a user cannot set: a file rewritten in place with its old
+    mtime put back (`cp -p`, `touch -r`, `rsync -t` onto the same inode) keeps size and mtime but
+    gets a new ctime, and one replaced by another file gets a new inode. A chmod or a hard link
+    also moves ctime; the run then starts afresh, the safe side of a false alarm.
+    """
+    st = path.stat()
+    return (st.st_size, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)

@@ -145,7 +145,12 @@ class _Evaluator:
         if key in memo:
             return memo[key]
         if isinstance(op, Leaf):
-            value = bundle.leaves[op.key].to(self.plan.device, torch.float32)
+            value = bundle.leaves[op.key]
+            if value.device != self.plan.device:
+                # upload the stored bytes, then cast on the device: `.to(cuda, float32)` would cast
+                # on the CPU first and send twice the bytes of a bf16 input
+                value = value.to(self.plan.device)
+            value = value.to(torch.float32)
         else:
             assert isinstance(op, Patched)
             base = self._value(op.base, bundle, memo)
@@ -355,12 +360,7 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
     float_names = {o.name for o in plan.outputs if o.is_float}
 
     writers: dict[str, CheckpointWriter] = {}
-    targets: dict[str, Path] = {}
-    if plan.out is not None:
-        targets[plan.final] = plan.out
-    for st in plan.steps.values():
-        if st.save is not None:
-            targets[st.id] = st.save
+    targets = plan.write_targets()
     keep_sd = keep if keep is not None else plan.out is None
     state: dict[str, torch.Tensor] | None = {} if keep_sd else None
     key = fingerprint(plan) if targets else None

@@ -1,0 +1,99 @@
+"""What keeps CPU and GPU outputs alike, checked on the CPU (CI has no GPU).
+
+The CUDA-only behaviours these guard against (a division by a Python number computed as a
+multiplication by its reciprocal, TF32 matrix products) cannot run here; the tests pin down
+that the CPU bits did not move with the guards, that session settings are restored, and
+that devices mlite cannot serve are refused in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mergekit_lite.cli.main import app
+from typer.testing import CliRunner
+
+import mergekit_lite as mlite
+from mergekit_lite.engine.plan import fingerprint
+from mergekit_lite.methods.detmath import exact_divisor
+from mergekit_lite.precision import full_float32_matmul
+
+runner = CliRunner()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(min_value=1e-6, max_value=1e6, allow_nan=False), st.integers(0, 2**31 - 1))
+def test_dividing_by_a_0d_tensor_gives_the_bits_of_dividing_by_the_number(divisor, seed):
+    """On the CPU both take true division by float32(divisor): the guard changes nothing here."""
+    t = torch.randn(1000, generator=torch.Generator().manual_seed(seed)) * 100
+    d = exact_divisor(divisor, t)
+    assert d.dim() == 0 and d.dtype == t.dtype and d.device == t.device
+    assert torch.equal(t / d, t / divisor)
+    assert torch.equal(t.clone().div_(d), t.clone().div_(divisor))
+
+
+@pytest.mark.parametrize("session", ["high", "medium"])
+def test_matmul_precision_is_ieee_inside_and_restored_after(session):
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(session)
+    try:
+        saved = [torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision]
+        with full_float32_matmul():
+            assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+            assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        assert [torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision] == saved
+        assert torch.get_float32_matmul_precision() == session
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_a_lora_merge_in_a_tf32_session_gives_the_bits_of_a_plain_one(tmp_path, model_set):
+    recipe = {"inputs": {"base": str(model_set.base), "lora": str(model_set.adapter)},
+              "steps": [{"id": "p", "method": "portllm", "base": "base", "delta": "lora"}]}
+    plain = mlite.run_recipe(recipe).state_dict  # no output path: the merged tensors come back
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        session = mlite.run_recipe(recipe).state_dict
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert plain.keys() == session.keys() and all(torch.equal(plain[k], session[k]) for k in plain)
+
+
+def test_mps_is_refused_in_one_line_from_the_flag_and_the_recipe(tmp_path, model_set):
+    recipe = {"inputs": {"a": str(model_set.finetunes[0]), "b": str(model_set.finetunes[1])},
+              "steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = runner.invoke(app, ["merge", str(path), "--out", str(tmp_path / "o"), "--device", "mps"])
+    assert res.exit_code == 2 and "device 'mps' is not supported" in res.output and res.output.count("\n") == 1
+    path.write_text(yaml.safe_dump({**recipe, "device": "mps"}))
+    res = runner.invoke(app, ["merge", str(path), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 3 and f"{path}:" in res.output and "device 'mps' is not supported" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_resume_on_another_kind_of_device_starts_afresh(model_set, tmp_path):
+    """The fingerprint names the device kind: CPU and CUDA may round reductions differently."""
+    plan = mlite.plan_recipe({"inputs": {"a": str(model_set.finetunes[0]), "b": str(model_set.finetunes[1])},
+                              "steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}],
+                              "output": {"path": str(tmp_path / "o")}})
+    on_gpu = dataclasses.replace(plan, device=torch.device("cuda", 1))
+    on_other_gpu = dataclasses.replace(plan, device=torch.device("cuda", 0))
+    assert fingerprint(plan) != fingerprint(on_gpu)
+    assert fingerprint(on_gpu) == fingerprint(on_other_gpu)  # the index does not change the bits
+
+
+def test_patch_as_adapter_with_a_lora_checks_the_device(tmp_path, model_set):
+    """Copying a LoRA's factors needs no device, but a bad --device is still a usage error."""
+    res = runner.invoke(app, ["patch", "--base", str(model_set.base), "--delta", str(model_set.adapter),
+                              "--as-adapter", "--device", "tpu", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "unknown device 'tpu'" in res.output and res.output.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
