@@ -199,6 +199,26 @@ def test_task_arithmetic_in_place_equals_the_generic_combination(
 
 
 @SETTINGS
+@given(data=tensors(n_models=(2, 4)), weights=st.lists(st.sampled_from([-1.0, -0.3, 0.0, 0.3, 1.0, 1.7]),
+                                                       min_size=4, max_size=4),
+       elect=st.booleans(), normalize=st.booleans(), lam=st.sampled_from([1.0, 0.5]))
+def test_combining_owned_deltas_gives_the_bits_of_untouched_ones(
+        data: Any, weights: list[float], elect: bool, normalize: bool, lam: float) -> None:
+    """`owned` lets combine overwrite the deltas with their weighted products; the bits (signed
+    zeros included) are those of the path that leaves them untouched, which it does."""
+    from mergekit_lite.methods.task_arithmetic import combine
+
+    base, models = data
+    deltas = [m - base for m in models]
+    w = weights[: len(deltas)]
+    before = [d.clone() for d in deltas]
+    want = combine(deltas, w, elect=elect, normalize=normalize, lam=lam)
+    assert all(torch.equal(a, b) and torch.equal(a.signbit(), b.signbit()) for a, b in zip(deltas, before, strict=True))
+    got = combine([d.clone() for d in deltas], w, elect=elect, normalize=normalize, lam=lam, owned=True)
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+
+
+@SETTINGS
 @given(method=st.sampled_from([*ALL_METHODS, "mos", "pcb"]), data=tensors(n_models=(2, 4)),
        weights=st.lists(st.sampled_from([-1.0, -0.3, 0.0, 0.3, 1.0, 1.7]), min_size=4, max_size=4),
        signs=st.lists(st.booleans(), min_size=60, max_size=60), density=st.sampled_from([1.0, 0.5]))

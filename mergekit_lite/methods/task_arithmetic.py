@@ -125,7 +125,8 @@ def weighted_first(t: torch.Tensor, w: float, *, in_place: bool) -> torch.Tensor
 
 
 def combine(
-    deltas: Sequence[torch.Tensor], weights: Sequence[float], *, elect: bool, normalize: bool, lam: float
+    deltas: Sequence[torch.Tensor], weights: Sequence[float], *, elect: bool, normalize: bool, lam: float,
+    owned: bool = False,
 ) -> torch.Tensor:
     """λ · combine(wᵢ τ̂ᵢ): the shared final step of every task-vector method.
 
@@ -134,7 +135,10 @@ def combine(
     wᵢτ̂ᵢ has sign γ count (zeros never do); normalising divides each entry by the sum of the
     weights that counted there (by 1 where none did, so dropped entries stay at the base).
     Works in the deltas' dtype (the election's sum in float64), accumulating model by model (no
-    n-fold stack); the deltas are not modified.
+    n-fold stack). The deltas are not modified unless `owned` (distinct tensors the caller
+    drops afterwards): an election then turns each into wᵢτ̂ᵢ in place, once, where it would
+    otherwise compute every product twice, for the vote and for the sum (ties and dare_ties
+    with three models: about 10% of the merging step).
 
     Each product wᵢτ̂ᵢ is rounded before it is added, as mergekit's `(deltas * weights).sum(0)`
     does. torch's `add_(d, alpha=w)` would be shorter, but on CPUs with FMA (and on GPUs) it
@@ -143,19 +147,23 @@ def combine(
     TIES' sign election instead of the documented "a zero sum elects +".
     """
     ref = deltas[0]
-    scratch = torch.empty_like(ref) if any(w != 1 for w in weights) else None
+    scratch = torch.empty_like(ref) if any(w != 1 for w in weights) and not (elect and owned) else None
 
     def weighted(d: torch.Tensor, w: float) -> torch.Tensor:
         """wᵢτ̂ᵢ, rounded before it is added (see above); d itself when w is 1."""
         return d if w == 1 else torch.mul(d, w, out=scratch)
 
     if elect:
-        gamma = _elect(deltas, weights, weighted)
+        if owned:  # each product made once, in its delta (the same bits as in the scratch buffer)
+            deltas = [d if w == 1 else d.mul_(w) for d, w in zip(deltas, weights, strict=True)]
+        pending = [1.0] * len(deltas) if owned else weights  # the weights `weighted` still applies
+        gamma = _elect(deltas, pending, weighted)
         mixed = torch.zeros_like(ref)
         divisor = torch.zeros_like(ref) if normalize else None
-        for d, w in zip(deltas, weights, strict=True):
-            wd = weighted(d, w)
-            agree = wd * gamma
+        agree = torch.empty_like(ref)
+        for d, w, p in zip(deltas, weights, pending, strict=True):
+            wd = weighted(d, p)
+            torch.mul(wd, gamma, out=agree)
             agree.gt_(0)  # in place, in the float dtype: 1 where wᵢτ̂ᵢ has the elected sign, else 0
             mixed.addcmul_(wd, agree)  # + wᵢτ̂ᵢ·1 or + 0: the same bits as a masked add
             if divisor is not None:
@@ -164,7 +172,7 @@ def combine(
             divisor.add_(divisor.clone().eq_(0))  # 0 → 1 where no model counted (float ops, see elect_signs)
             mixed /= divisor
         return _normalize_and_scale(mixed, weights, False, lam)  # the divisor did the normalising
-    mixed = weighted_first(ref, weights[0], in_place=False)
+    mixed = weighted_first(ref, weights[0], in_place=owned)
     for d, w in zip(deltas[1:], weights[1:], strict=True):
         mixed.add_(weighted(d, w))
     return _normalize_and_scale(mixed, weights, normalize, lam)
@@ -216,13 +224,17 @@ def row_local_unless_l1(params: Mapping[str, Any]) -> bool:
 
 
 def add_to_base(job: TensorJob, deltas: Sequence[torch.Tensor], *, elect: bool) -> torch.Tensor:
-    """θ₀ + combine(τ̂ᵢ) with the step's weight, normalize and lambda: every task-vector method's end."""
+    """θ₀ + combine(τ̂ᵢ) with the step's weight, normalize and lambda: every task-vector method's end.
+
+    The deltas are consumed (`owned`): callers pass distinct tensors of their own.
+    """
     mixed = combine(
         deltas,
         per_model(job.params, "weight", len(deltas)),
         elect=elect,
         normalize=bool(job.params["normalize"]),
         lam=float(job.params["lambda"]),
+        owned=True,  # every caller hands over its thinned task vectors, fresh or disposable
     )
     return mixed.add_(require_base(job, "add_to_base"))  # mixed is ours: θ₀ + x == x + θ₀, bit for bit
 
