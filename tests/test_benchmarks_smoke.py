@@ -157,3 +157,32 @@ def test_cpu_line_is_parsed_from_the_log(bench_modules):
           "CPU time: reading 2.9 s · computing 14.4 s · writing 1.1 s\n"
     assert report.parse_cpu_line(log) == {"reading": 2.9, "computing": 14.4, "writing": 1.1}
     assert report.parse_cpu_line("mergekit output only") is None
+
+
+def test_device_check_compares_every_method_and_flags_a_difference(tmp_path, monkeypatch, capsys):
+    """CPU against itself: every method gives the same bits, exit 0. A device whose results differ
+    for a method the docs say matches makes the check fail."""
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        device_check = importlib.import_module("device_check")
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    from mergekit_lite.synthetic import LlamaShape
+
+    report = tmp_path / "r.json"
+    assert device_check.main(["--device", "cpu", "--json", str(report)], shape=LlamaShape()) == 0
+    rows = json.loads(report.read_text())["rows"]
+    assert len(rows) == len(device_check.cases()) and all(r["differing"] == 0 and r["values"] > 0 for r in rows)
+
+    real_run = device_check.mlite.run_recipe
+
+    def off_by_one_ulp_on_the_other_device(recipe, device):
+        result = real_run(recipe, device="cpu")
+        if device != "cpu" and recipe["steps"][0]["method"] == "ties":
+            name = next(iter(result.state_dict))
+            result.state_dict[name] = torch.nextafter(result.state_dict[name], torch.tensor(float("inf")))
+        return result
+
+    monkeypatch.setattr(device_check.mlite, "run_recipe", off_by_one_ulp_on_the_other_device)
+    assert device_check.main(["--device", "meta"], shape=LlamaShape()) == 1
+    assert "UNEXPECTED" in capsys.readouterr().out
