@@ -39,7 +39,7 @@ def merge(
     size = parse_size(shard_size) if shard_size is not None else None
     overrides = dict(out=out_path, device=device, dtype=dtype, shard_size=size, seed=seed, allow_bin=allow_bin)
     if dry_run:
-        plan = api.dry_run(recipe, force=force, **overrides)
+        plan = api.dry_run(recipe, force=force, require_output=True, **overrides)
         if as_json:
             out.print_json(json.dumps(plan))
         else:

@@ -22,7 +22,7 @@ def surgery_cmd(
     target: str = typer.Option(api.SURGERY_DEFAULT_TARGET, "--target", help="Module whose weight rows are candidates (up_proj, fc1, ...)."),
     direction: str = typer.Option("suppress", "--direction", help="suppress (score −cos, add α·w) | promote (score +cos, add −α·w)."),
     out_path: Path | None = typer.Option(None, "--out", help="Output directory (default ./<model name>-surgery; required with --undo)."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps ..."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     allow_pt: bool = typer.Option(False, "--allow-pt", help="Accept a pickle (.pt) probe, loaded with weights_only=True."),
     undo: Path | None = typer.Option(None, "--undo", help="Restore the original rows of an edited model (needs --out)."),

@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike
+NO_OUTPUT = "the recipe names no output.path; pass --out PATH"
 
 # What plan_recipe/dry_run take as **overrides (build_plan's options), and how each is checked.
 _PLAN_OPTIONS: tuple[str, ...] = tuple(p for p in signature(build_plan).parameters if p != "recipe")
@@ -86,11 +87,16 @@ def plan_recipe(recipe: PathLike | Mapping[str, Any] | Recipe, **overrides: Any)
     return _plan("plan_recipe", recipe, overrides, _PLAN_OPTIONS)
 
 
-def dry_run(recipe: PathLike | Mapping[str, Any] | Recipe, **overrides: Any) -> dict[str, Any]:
+def dry_run(recipe: PathLike | Mapping[str, Any] | Recipe, *, require_output: bool = False,
+            **overrides: Any) -> dict[str, Any]:
     """What a run would read and write, its passes, shards and a peak-memory estimate; an output
-    the run would refuse (not empty without force, or holding an input) is refused here too."""
+    the run would refuse (not empty without force, or holding an input) is refused here too, and
+    with `require_output` (as `run_recipe`'s) a recipe that names no output."""
     allowed = [p for p in _PLAN_OPTIONS if p != "check_output"]  # it refuses what the run would refuse
-    return _plan("dry_run", recipe, overrides, allowed, check_output=True).estimate()
+    plan = _plan("dry_run", recipe, overrides, allowed, check_output=True)
+    if require_output and plan.out is None:
+        raise UsageError(NO_OUTPUT)
+    return plan.estimate()
 
 
 def run_recipe(
@@ -123,7 +129,7 @@ def run_recipe(
     plan = plan_recipe(recipe, out=out, device=device, dtype=dtype, seed=seed, force=force, allow_bin=allow_bin,
                        shard_size=shard_size)
     if require_output and plan.out is None:
-        raise UsageError("the recipe names no output.path; pass --out PATH")
+        raise UsageError(NO_OUTPUT)
     return execute(plan, progress=progress, publish_hook=publish_hook, tensor_hook=tensor_hook, resume=resume,
                    threads=threads)
 

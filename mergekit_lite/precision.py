@@ -1,40 +1,61 @@
 """float32 matrix products at full float32 precision, whatever the session asked torch for.
 
 A notebook (or a library imported into it) may have called
-`torch.set_float32_matmul_precision("high")` or set `torch.backends.cuda.matmul.fp32_precision =
-"tf32"`. Then CUDA multiplies float32 matrices in TF32 (a 10-bit mantissa) and oneDNN on the CPU
-may use bfloat16 ("medium"): a LoRA ΔW = B·A or a randomized SVD would carry ~1e-3 relative
-error, and outputs would depend on the session. mlite's products run with these settings at
-IEEE float32 and put the session's settings back afterwards.
+`torch.set_float32_matmul_precision("high")`, set `torch.backends.cuda.matmul.allow_tf32`, or
+set the per-backend knobs of torch >= 2.9 (`torch.backends.cuda.matmul.fp32_precision = "tf32"`).
+Then CUDA multiplies float32 matrices in TF32 (a 10-bit mantissa) and oneDNN on the CPU may use
+bfloat16 ("medium"): a LoRA ΔW = B·A or a randomized SVD would carry ~1e-3 relative error, and
+outputs would depend on the session. mlite's products run at IEEE float32 and put the
+session's settings back afterwards.
+
+torch >= 2.9 keeps the legacy setting and the per-backend knobs side by side, and before every
+cuBLAS call checks that they agree (a "mix of the legacy and new APIs" is a RuntimeError). So
+the block changes them the way the session did: through the legacy setter when the session's
+state reads through it (it then moves both), through the per-backend knobs when it does not.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 
+def _matmul_knobs() -> list[Any]:
+    """torch >= 2.9's per-backend matmul settings (CUDA, oneDNN); none on older torch."""
+    knobs = [getattr(getattr(torch.backends, name, None), "matmul", None) for name in ("cuda", "mkldnn")]
+    return knobs if all(hasattr(k, "fp32_precision") for k in knobs) else []
+
+
+def _legacy_precision() -> str | None:
+    """The legacy setting, or None where per-backend knobs set directly disagree with it."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
+
+
 @contextlib.contextmanager
 def full_float32_matmul() -> Iterator[None]:
-    """The block's float32 matmuls in IEEE float32; the previous settings restored after (also a decorator)."""
-    backends = [getattr(getattr(torch.backends, name, None), "matmul", None) for name in ("cuda", "mkldnn")]
-    if all(hasattr(b, "fp32_precision") for b in backends):
-        # torch >= 2.9: per-backend settings. The legacy getter raises once these were set
-        # directly, so they are saved and restored as they are.
-        saved = [b.fp32_precision for b in backends]
-        try:
-            for b in backends:
-                b.fp32_precision = "ieee"
-            yield
-        finally:
-            for b, value in zip(backends, saved, strict=True):
-                b.fp32_precision = value
-        return
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    """The block's float32 matmuls in IEEE float32; the session's settings restored after (also a decorator)."""
+    knobs = _matmul_knobs()
+    saved = [k.fp32_precision for k in knobs]  # effective values: an inherited one reads as its parent's
+    generic = getattr(torch.backends, "fp32_precision", None) if knobs else None
+    legacy = _legacy_precision()
     try:
+        if legacy is not None:
+            torch.set_float32_matmul_precision("highest")
+        else:
+            for k in knobs:
+                k.fp32_precision = "ieee"
         yield
     finally:
-        torch.set_float32_matmul_precision(before)
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        for k, value in zip(knobs, saved, strict=True):
+            if k.fp32_precision != value:
+                # a value equal to the generic knob's was (most likely) inherited: inherit it again,
+                # so that a later change of the generic knob still reaches this backend
+                k.fp32_precision = "none" if value == generic else value

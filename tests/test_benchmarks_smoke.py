@@ -176,13 +176,23 @@ def test_device_check_compares_every_method_and_flags_a_difference(tmp_path, mon
 
     real_run = device_check.mlite.run_recipe
 
-    def off_by_one_ulp_on_the_other_device(recipe, device):
+    def other_bits_on_the_other_device(recipe, device):
         result = real_run(recipe, device="cpu")
-        if device != "cpu" and recipe["steps"][0]["method"] == "ties":
+        method = recipe["steps"][0]["method"]
+        if device != "cpu" and method in ("ties", "breadcrumbs"):
             name = next(iter(result.state_dict))
-            result.state_dict[name] = torch.nextafter(result.state_dict[name], torch.tensor(float("inf")))
+            t = result.state_dict[name]
+            # ties: one ulp up; breadcrumbs: a zero of the other sign, equal as a value, not as bits
+            result.state_dict[name] = (torch.nextafter(t, torch.tensor(float("inf"))) if method == "ties"
+                                       else torch.where(t == 0, -t, t))
+        if device != "cpu" and method == "della":
+            raise RuntimeError("no kernel for this device")
         return result
 
-    monkeypatch.setattr(device_check.mlite, "run_recipe", off_by_one_ulp_on_the_other_device)
-    assert device_check.main(["--device", "meta"], shape=LlamaShape()) == 1
-    assert "UNEXPECTED" in capsys.readouterr().out
+    monkeypatch.setattr(device_check.mlite, "run_recipe", other_bits_on_the_other_device)
+    assert device_check.main(["--device", "meta", "--json", str(report)], shape=LlamaShape()) == 1
+    out = capsys.readouterr().out
+    assert out.count("UNEXPECTED") >= 1 and "della" in out and "RuntimeError: no kernel" in out
+    rows = {r["method"]: r for r in json.loads(report.read_text())["rows"]}
+    assert not rows["ties"]["ok"] and not rows["della"]["ok"] and "error" in rows["della"]
+    assert rows["linear (normalize)"]["ok"] and rows["linear (normalize)"]["differing"] == 0

@@ -21,7 +21,6 @@ from typer.testing import CliRunner
 import mergekit_lite as mlite
 from mergekit_lite.engine.plan import fingerprint
 from mergekit_lite.methods.detmath import exact_divisor
-from mergekit_lite.precision import full_float32_matmul
 
 runner = CliRunner()
 
@@ -37,19 +36,68 @@ def test_dividing_by_a_0d_tensor_gives_the_bits_of_dividing_by_the_number(diviso
     assert torch.equal(t.clone().div_(d), t.clone().div_(divisor))
 
 
-@pytest.mark.parametrize("session", ["high", "medium"])
-def test_matmul_precision_is_ieee_inside_and_restored_after(session):
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(session)
-    try:
-        saved = [torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision]
-        with full_float32_matmul():
-            assert torch.backends.cuda.matmul.fp32_precision == "ieee"
-            assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
-        assert [torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision] == saved
-        assert torch.get_float32_matmul_precision() == session
-    finally:
-        torch.set_float32_matmul_precision(before)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_dtypes_keep_dividing_by_the_number(dtype):
+    """The CPU divides float16/bfloat16 in float32 by the unrounded number; a 0-d tensor of their
+    dtype would round it first (257 becomes 256 in bfloat16), so they keep the number."""
+    t = (torch.arange(1, 1001, dtype=torch.float32) * 3.7).to(dtype)
+    for divisor in (257, 0.3):
+        assert exact_divisor(divisor, t) == divisor
+        assert torch.equal(t / exact_divisor(divisor, t), t / divisor)
+    assert not torch.equal(t / torch.tensor(0.3, dtype=dtype), t / 0.3)  # what the guard avoids
+
+
+_SESSIONS = {  # how a notebook may have asked for TF32 / bf16 products, legacy and per-backend APIs
+    "default": "",
+    "legacy high": "torch.set_float32_matmul_precision('high')",
+    "legacy medium": "torch.set_float32_matmul_precision('medium')",
+    "allow_tf32": "torch.backends.cuda.matmul.allow_tf32 = True",
+    "cuda knob": "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
+    "generic knob": "torch.backends.fp32_precision = 'tf32'",
+    "mkldnn knob": "torch.backends.mkldnn.matmul.fp32_precision = 'bf16'",
+    "legacy then knob": "torch.set_float32_matmul_precision('high'); torch.backends.cuda.matmul.fp32_precision = 'ieee'",
+}
+_PROBE = """
+import json, sys, torch
+from mergekit_lite.precision import full_float32_matmul
+def state():
+    out = {}
+    for key, read in (("legacy", torch.get_float32_matmul_precision),
+                      ("allow_tf32", lambda: torch.backends.cuda.matmul.allow_tf32)):
+        try:
+            out[key] = read()
+        except RuntimeError:  # torch's own "mix of the legacy and new APIs" check, as before a cuBLAS call
+            out[key] = "raises"
+    for key in ("cuda", "mkldnn"):
+        out[key] = getattr(torch.backends, key).matmul.fp32_precision
+    return out
+exec(sys.argv[1])
+before = state()
+with full_float32_matmul():
+    inside = state()
+after = state()
+torch.backends.fp32_precision = "ieee"  # inherited settings must still follow the generic knob
+print(json.dumps({"before": before, "inside": inside, "after": after, "later": state()}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9")
+@pytest.mark.parametrize("session", list(_SESSIONS))
+def test_matmul_precision_is_ieee_inside_and_the_session_is_restored(session):
+    """Inside: IEEE products, and the legacy and per-backend settings agree (cuBLAS raises before
+    every call where they do not). After: the session's settings as they were. One process per
+    session: these settings are process-wide."""
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _PROBE, _SESSIONS[session]], capture_output=True, text=True,
+                         check=True)
+    got = json.loads(res.stdout)
+    assert got["inside"] == {"legacy": "highest", "allow_tf32": False, "cuda": "ieee", "mkldnn": "ieee"}
+    assert got["after"] == got["before"]
+    if session == "generic knob":  # inherited, not pinned: a later generic change reaches the backends
+        assert got["later"]["cuda"] == got["later"]["mkldnn"] == "ieee"
 
 
 def test_a_lora_merge_in_a_tf32_session_gives_the_bits_of_a_plain_one(tmp_path, model_set):
@@ -97,3 +145,16 @@ def test_patch_as_adapter_with_a_lora_checks_the_device(tmp_path, model_set):
     assert res.exit_code == 2 and "unknown device 'tpu'" in res.output and res.output.count("\n") == 1
     assert not (tmp_path / "o").exists()
 
+
+
+def test_a_dry_run_of_a_recipe_without_output_is_refused_like_the_run(tmp_path, model_set):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "inputs": {"a": str(model_set.finetunes[0]), "b": str(model_set.finetunes[1])},
+        "steps": [{"id": "m", "method": "linear", "models": ["a", "b"], "save": str(tmp_path / "s")},
+                  {"id": "n", "method": "linear", "models": ["m", "a"]}]}))
+    for extra in ([], ["--dry-run"]):
+        res = runner.invoke(app, ["merge", str(recipe), *extra])
+        assert res.exit_code == 2 and "names no output.path; pass --out PATH" in res.output, (extra, res.output)
+    assert not (tmp_path / "s").exists()
+    assert mlite.dry_run(str(recipe))["saves"] == [{"step": "m", "path": str(tmp_path / "s")}]  # the API may

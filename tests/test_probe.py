@@ -261,3 +261,6 @@ def test_collect_out_of_memory_is_a_one_line_usage_error(tmp_path: Path, monkeyp
     r = _collect(tmp_path, model, "--out", str(tmp_path / "f.safetensors"))
     assert r.exit_code == 2 and "out of cpu memory on text 1; lower --batch-size or --max-length" in r.output
     assert _error_lines(r.output) == 1 and not (tmp_path / "f.safetensors").exists()
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "to", out_of_memory)  # the model itself does not fit
+    r = _collect(tmp_path, model, "--out", str(tmp_path / "f.safetensors"))
+    assert r.exit_code == 2 and "the model does not fit in cpu memory" in r.output and _error_lines(r.output) == 1

@@ -162,12 +162,17 @@ def fixed_order_row_sums(x: torch.Tensor) -> torch.Tensor:
     return x.sum(dim=-1, dtype=torch.float64)
 
 
-def exact_divisor(divisor: float, like: torch.Tensor) -> torch.Tensor:
+def exact_divisor(divisor: float, like: torch.Tensor) -> torch.Tensor | float:
     """`divisor` as a 0-d tensor of `like`'s dtype and device, for a division that is exact on any device.
 
     CUDA computes `t / s` for a Python number `s` (any CPU scalar) as `t · (1/s)`, which is an
     ulp off in part of the entries unless `s` is a power of two; the CPU divides. Dividing by a
     0-d tensor on the device takes the true-division kernel on both, with the same float32
-    divisor the CPU rounds a Python number to, so CPU and GPU give the same bits.
+    (float64) divisor the CPU rounds a Python number to, so CPU and GPU give the same bits.
+    For float16/bfloat16 (the engine computes in float32; only direct calls meet them) the
+    number itself comes back: the CPU divides those in float32 by the unrounded number, which
+    a 0-d tensor of their dtype would round first.
     """
+    if like.dtype not in (torch.float32, torch.float64):
+        return float(divisor)
     return torch.tensor(float(divisor), dtype=like.dtype, device=like.device)

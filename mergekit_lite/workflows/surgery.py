@@ -467,7 +467,10 @@ def collect_features(
     if tok.pad_token is None and batch_size > 1:
         raise CheckpointError(f"{src}: the tokenizer has no pad, end-of-sequence or unknown token to pad a batch "
                               "with; use --batch-size 1")
-    lm.to(dev).eval()
+    try:
+        lm.to(dev).eval()
+    except torch.cuda.OutOfMemoryError:
+        raise UsageError(f"{src}: the model does not fit in {dev} memory (it is loaded in float32)") from None
     feats: list[torch.Tensor] = []
     texts = pos + neg
     with torch.no_grad():
