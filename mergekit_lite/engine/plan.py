@@ -798,12 +798,14 @@ def fingerprint(plan: Plan) -> str:
 
 
 def file_identity(path: Path) -> tuple[int, ...]:
-    """Size, device, inode and the modification and change times of `path` (links followed).
+    """Size, inode and the modification and change times of `path` (links followed).
 
     The change time (ctime) is the one a user cannot set: a file rewritten in place with its old
     mtime put back (`cp -p`, `touch -r`, `rsync -t` onto the same inode) keeps size and mtime but
     gets a new ctime, and one replaced by another file gets a new inode. A chmod or a hard link
-    also moves ctime; the run then starts afresh, the safe side of a false alarm.
+    also moves ctime; the run then starts afresh, the safe side of a false alarm. The device
+    number is left out: network and FUSE file systems may get another one at each mount, which
+    would discard a resumable run after a reboot.
     """
     st = path.stat()
-    return (st.st_size, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    return (st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
