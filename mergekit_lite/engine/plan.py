@@ -407,7 +407,7 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"device {name!r} requested but there are {torch.cuda.device_count()} CUDA devices")
     if dev.type == "mps":
         raise UsageError(MPS_UNSUPPORTED)
-    if dev.type not in ("cpu", "cuda", "mps"):
+    if dev.type not in ("cpu", "cuda"):
         raise UsageError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)")
     return dev
 
