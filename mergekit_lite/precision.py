@@ -17,7 +17,8 @@ state reads through it (it then moves both), through the per-backend knobs when 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -37,21 +38,19 @@ def _legacy_precision() -> str | None:
         return None
 
 
-@contextlib.contextmanager
-def full_float32_matmul() -> Iterator[None]:
-    """The block's float32 matmuls in IEEE float32; the session's settings restored after (also a decorator)."""
+def _pin_ieee() -> Callable[[], None]:
+    """Set IEEE float32 matmuls; return what puts the session's settings back."""
     knobs = _matmul_knobs()
     saved = [k.fp32_precision for k in knobs]  # effective values: an inherited one reads as its parent's
     generic = getattr(torch.backends, "fp32_precision", None) if knobs else None
     legacy = _legacy_precision()
-    try:
-        if legacy is not None:
-            torch.set_float32_matmul_precision("highest")
-        else:
-            for k in knobs:
-                k.fp32_precision = "ieee"
-        yield
-    finally:
+    if legacy is not None:
+        torch.set_float32_matmul_precision("highest")
+    else:
+        for k in knobs:
+            k.fp32_precision = "ieee"
+
+    def restore() -> None:
         if legacy is not None:
             torch.set_float32_matmul_precision(legacy)
         for k, value in zip(knobs, saved, strict=True):
@@ -59,3 +58,31 @@ def full_float32_matmul() -> Iterator[None]:
                 # a value equal to the generic knob's was (most likely) inherited: inherit it again,
                 # so that a later change of the generic knob still reaches this backend
                 k.fp32_precision = "none" if value == generic else value
+
+    return restore
+
+
+# The settings are process-wide, and the engine's reader thread builds LoRA products while the
+# main thread may factor others: the first block to enter pins them, the last to leave restores
+# them (a second block saving the first one's pinned values would otherwise "restore" those).
+_lock = threading.Lock()
+_active = 0
+_restore: Callable[[], None] | None = None
+
+
+@contextlib.contextmanager
+def full_float32_matmul() -> Iterator[None]:
+    """The block's float32 matmuls in IEEE float32; the session's settings restored after (also a decorator)."""
+    global _active, _restore
+    with _lock:
+        if _active == 0:
+            _restore = _pin_ieee()
+        _active += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _active -= 1
+            if _active == 0 and _restore is not None:
+                _restore()
+                _restore = None

@@ -158,3 +158,51 @@ def test_a_dry_run_of_a_recipe_without_output_is_refused_like_the_run(tmp_path, 
         assert res.exit_code == 2 and "names no output.path; pass --out PATH" in res.output, (extra, res.output)
     assert not (tmp_path / "s").exists()
     assert mlite.dry_run(str(recipe))["saves"] == [{"step": "m", "path": str(tmp_path / "s")}]  # the API may
+
+
+_OVERLAP = """
+import json, sys, threading, torch
+from mergekit_lite.precision import full_float32_matmul
+exec(sys.argv[1])
+def knobs():
+    return [torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision]
+before = knobs()
+a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+seen = {}
+def a():
+    with full_float32_matmul():
+        a_in.set(); b_in.wait()
+    a_out.set()
+def b():
+    a_in.wait()
+    with full_float32_matmul():
+        b_in.set(); a_out.wait()
+        seen["b after a left"] = knobs()  # still pinned: b's block is not over
+        with full_float32_matmul():  # nested, as a decorated function calling another
+            pass
+        seen["b after nesting"] = knobs()
+threads = [threading.Thread(target=a), threading.Thread(target=b)]
+for t in threads: t.start()
+for t in threads: t.join()
+after = knobs()
+torch.backends.fp32_precision = "ieee"
+print(json.dumps({"before": before, "after": after, "seen": seen, "later": knobs()}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9")
+@pytest.mark.parametrize("session", ["default", "legacy high", "generic knob"])
+def test_overlapping_blocks_in_two_threads_pin_until_the_last_leaves(session):
+    """The engine's reader thread builds LoRA products while the main thread may factor others:
+    the settings stay IEEE until the last block ends, then come back as they were."""
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _OVERLAP, _SESSIONS[session]], capture_output=True, text=True,
+                         check=True)
+    got = json.loads(res.stdout)
+    assert got["seen"] == {"b after a left": ["ieee", "ieee"], "b after nesting": ["ieee", "ieee"]}
+    assert got["after"] == got["before"]
+    if session != "legacy high":  # nothing pinned by the session: the generic knob still reaches both
+        assert got["later"] == ["ieee", "ieee"]
