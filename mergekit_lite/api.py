@@ -61,7 +61,7 @@ def _recipe(value: Any) -> Recipe:
         return value
     if isinstance(value, Mapping):
         return load_recipe(value)
-    if isinstance(value, (str, os.PathLike)) and isinstance(os.fspath(value), str):
+    if arg.is_path(value):
         return load_recipe(Path(value))
     raise UsageError(f"recipe must be a path (str or os.PathLike), a mapping or a Recipe, got {type(value).__name__}")
 

@@ -28,9 +28,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 Check = Callable[[Any, str], Any]
 
 
+def is_path(value: Any) -> bool:
+    """Only str and os.PathLike naming a str are paths (bytes, bytes-paths and None are not)."""
+    return isinstance(value, (str, os.PathLike)) and isinstance(os.fspath(value), str)
+
+
 def as_path(value: Any, what: str) -> Path:
-    """`value` as a Path; only str and os.PathLike are paths (bytes and None are not)."""
-    if isinstance(value, (str, os.PathLike)) and isinstance(os.fspath(value), str):
+    """`value` as a Path, or a UsageError naming the argument."""
+    if is_path(value):
         return Path(value)
     raise UsageError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__}")
 
@@ -52,9 +57,7 @@ def optional(check: Check) -> Check:
 
 def bank_arg(value: Any, what: str) -> Any:
     """A bank: a bank file's path or an in-memory `Bank` (what `mos_merge(out=None)` returns)."""
-    if isinstance(value, Bank):
-        return value
-    if isinstance(value, (str, os.PathLike)) and isinstance(os.fspath(value), str):
+    if isinstance(value, Bank) or is_path(value):
         return value
     raise UsageError(f"{what} must be a path (str or os.PathLike) or a Bank, got {type(value).__name__}")
 

@@ -72,6 +72,11 @@ def from_torch(dtype: torch.dtype) -> str:
         raise UsageError(f"unsupported torch dtype {dtype}") from None
 
 
+def torch_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: how messages and config files name a torch dtype."""
+    return str(dtype).replace("torch.", "")
+
+
 def parse_user_dtype(name: str) -> str:
     """Parse a dtype a user wrote ("bfloat16", "bf16", "BF16") into a safetensors string."""
     key = name.strip()

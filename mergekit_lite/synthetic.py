@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 from safetensors.torch import save_file
 
+from .dtypes import torch_name
+
 DeltaKind = Literal["lowrank", "sparse", "dense", "mixed"]
 
 
@@ -72,7 +74,7 @@ class LlamaShape:
                 "max_position_embeddings": 128,
                 "rms_norm_eps": 1e-6,
                 "rope_theta": 10000.0,
-                "torch_dtype": str(dtype).replace("torch.", ""),
+                "torch_dtype": torch_name(dtype),
                 "bos_token_id": 1,
                 "eos_token_id": 2,
             }

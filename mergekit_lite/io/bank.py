@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mergekit_lite.dtypes import torch_name
 from mergekit_lite.errors import CheckpointError, UsageError
 from mergekit_lite.io.adapters import settings_from_config
 
@@ -147,13 +148,9 @@ def check_compatible(task: str, member: Member, reference: tuple[str, Member]) -
         if mine_t.is_floating_point() != t.is_floating_point():
             # the merge copies integer parameters and averages float ones: a mix has no right answer
             raise CheckpointError(
-                f"task {task!r}: tensor {name!r} is {_dtype_name(mine_t)}, task {ref_task!r} has "
-                f"{_dtype_name(t)} (integer and float parameters cannot be merged together)"
+                f"task {task!r}: tensor {name!r} is {torch_name(mine_t.dtype)}, task {ref_task!r} has "
+                f"{torch_name(t.dtype)} (integer and float parameters cannot be merged together)"
             )
-
-
-def _dtype_name(t: torch.Tensor) -> str:
-    return str(t.dtype).replace("torch.", "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +289,7 @@ def _check_bank_fields(bank: Bank, path: Path) -> None:
     protos, c2t = bank.prototypes, bank.class_to_task
     if protos is not None and (protos.dim() != 2 or not protos.is_floating_point()):
         raise CheckpointError(f"bank {path}: prototypes must be a float matrix [classes, features], "
-                              f"got {_dtype_name(protos)} {list(protos.shape)}")
+                              f"got {torch_name(protos.dtype)} {list(protos.shape)}")
     if c2t is not None:
         if not isinstance(c2t, list) or not all(isinstance(t, str) for t in c2t):
             raise CheckpointError(f"bank {path}: metadata 'class_to_task' must be a list of task names")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..dtypes import CONFIG_NAMES, ITEMSIZE, to_torch
+from ..dtypes import CONFIG_NAMES, ITEMSIZE, to_torch, torch_name
 from ..errors import CheckpointError, RecipeError, UsageError
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from .safetensors_format import PlannedTensor, layout_header
@@ -129,7 +129,7 @@ def require_finite(name: str, t: torch.Tensor) -> torch.Tensor:
     bad = int((~torch.isfinite(t)).sum())
     if bad:
         raise RecipeError(f"output tensor {name!r}: {bad} of {t.numel()} values are inf or NaN in "
-                          f"{str(t.dtype).replace('torch.', '')}; the weights or lambda overflow it (or an "
+                          f"{torch_name(t.dtype)}; the weights or lambda overflow it (or an "
                           "input holds inf/NaN)")
     return t
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mergekit_lite.dtypes import torch_name
 from mergekit_lite.errors import UsageError
 from mergekit_lite.io.adapters import pattern_key
 from mergekit_lite.io.bank import (
@@ -67,7 +68,7 @@ def bank_add(bank: str | Path, task: str, source: str | Path, *, scale: float | 
 
 
 def _member_summary(task: str, m: Member) -> dict[str, Any]:
-    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in m.tensors.values()})
+    dtypes = sorted({torch_name(t.dtype) for t in m.tensors.values()})
     row: dict[str, Any] = {
         "task": task,
         "kind": m.kind,
