@@ -677,6 +677,48 @@ def test_row_blocks_equal_whole_tensors(tmp_path, model_set, monkeypatch, method
         assert torch.equal(whole[k], blocked[k]), k
 
 
+@pytest.mark.parametrize("upstream", [
+    {"method": "model_stock", "base": "base", "models": ["a", "b"]},
+    {"method": "slerp", "models": ["a", "b"], "parameters": {"t": 0.3}},
+])
+def test_global_statistics_see_whole_tensors_where_a_step_needs_them(tmp_path, model_set, monkeypatch, upstream):
+    """A global step's statistics pass streams row blocks only where every step feeding it is
+    row-local: model_stock's cosines and slerp's angle are taken over the whole tensor, so
+    blocks there gave other statistics, and every output tensor moved."""
+    from mergekit_lite.engine import stream
+
+    ms = model_set
+    recipe = {
+        "inputs": {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])},
+        "steps": [{"id": "u", **upstream},
+                  {"id": "g", "method": "ties", "base": "base", "models": ["u", "a"],
+                   "parameters": {"density": 0.3, "scope": "global"}}],
+    }
+    whole = mlite.run_recipe(recipe).state_dict
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 100)
+    blocked = mlite.run_recipe(recipe).state_dict
+    assert [k for k in whole if not torch.equal(whole[k], blocked[k])] == []
+
+
+@pytest.mark.parametrize(("method", "params"), [("ties", {"density": 0.3, "scope": "global"}),
+                                                ("pcb", {"scope": "global"})])
+def test_global_statistics_with_shared_vocabularies(tmp_path, monkeypatch, method, params):
+    """With options.vocab: shared, the statistics count the shared rows of the vocabulary
+    tensors once, in blocks or not (row blocks of the base's longer embedding did not line up
+    with the trimming)."""
+    from mergekit_lite.engine import stream
+
+    small, big = LlamaShape(vocab_size=64), LlamaShape(vocab_size=72)
+    b = save_checkpoint(make_base(big), tmp_path / "b", shape=big)
+    s = [save_checkpoint(make_finetune(make_base(small), seed=i), tmp_path / f"s{i}", shape=small) for i in (2, 3)]
+    recipe = {"inputs": {"b": str(b), "s": str(s[0]), "t": str(s[1])}, "options": {"vocab": "shared"},
+              "steps": [{"id": "m", "method": method, "base": "b", "models": ["s", "t"], "parameters": params}]}
+    whole = mlite.run_recipe(recipe).state_dict
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 100)
+    blocked = mlite.run_recipe(recipe).state_dict
+    assert [k for k in whole if not torch.equal(whole[k], blocked[k])] == []
+
+
 def test_recipe_errors_via_cli_all_at_once(tmp_path, model_set):
     """Every recipe problem is reported at once, with file:line and key, exit 3, nothing written."""
     recipe = tmp_path / "bad.yaml"

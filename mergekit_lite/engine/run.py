@@ -317,12 +317,18 @@ def _execute(plan: Plan, progress: bool, publish_hook: PublishHook | None, tenso
             ck_keys, dkeys = plan.leaves_of(st.id)
             shapes = {o.name: o.shape for o in plan.outputs}
             mode = _block_mode(plan, [st.id], local_stats=False)
+
+            def blockable(name: str, mode: Callable[[str], str] = mode) -> bool:
+                # A "whole" tensor (vocabulary-trimmed, LoRA-patched, or fed by a step that is
+                # not row-local, like slerp) must reach the reducer whole, as in the output pass.
+                return mode(name) == "blocks"
+
             n = 0
             while True:
                 n += 1
                 task = bar.add_task(f"{st.id}: statistics pass {n}", total=len(float_names), rate="") if bar else None
                 before = _bytes(plan)
-                items = work_items(float_names, shapes, mode)
+                items = work_items(float_names, shapes, blockable)
                 for bundle in prefetch(items, _loader(plan, ck_keys, dkeys, set()), PREFETCH_DEPTH, live, clock):
                     reducer.observe(evaluator.job(st, bundle, {}, with_stats=False))
                     if bar and (bundle.rows is None or bundle.rows[1] == shapes[bundle.name][0]):
@@ -419,7 +425,10 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
                 params = st.resolver.for_tensor(name)
                 if st.spec.row_local(params):
                     continue
-                reducer = st.spec.tensor_reducer(_with_tensor_files(plan, st, params), len(st.models))
+                make = st.spec.tensor_reducer
+                reducer = make(_with_tensor_files(plan, st, params), len(st.models)) if make is not None else None
+                # _block_mode calls a tensor "local" only when every such step has a reducer
+                assert reducer is not None, f"step {st.id}: tensor {name} has no per-tensor reducer"
                 ev = _Evaluator(plan, local, None)
                 st_keys = plan.leaves_of(st.id)[0]
                 while True:
