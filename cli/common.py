@@ -26,7 +26,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # The click that typer runs on: recent typer releases carry their own copy as typer._click (and
 # raise its exceptions), older ones use the click package.
-_click: Any = getattr(typer.core, "_click", None) or typer.core.click
+_click: Any = getattr(typer.core, "_click", None) or typer.core.click  # type: ignore[attr-defined]
 
 
 def setup_logging(verbose: int) -> None:
@@ -82,7 +82,7 @@ class OneLineErrorsGroup(TyperGroup):
     group alone) still prints its help.
     """
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,  # type: ignore[override]
              standalone_mode: bool = True, **extra: Any) -> Any:
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)

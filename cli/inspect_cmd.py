@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -25,11 +26,11 @@ def inspect(
 ) -> None:
     """List tensors with shape, dtype and shard; totals of parameters and bytes."""
     ckpt = api.inspect(path, allow_bin=allow_bin)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "shard": t.shard.name, "bytes": t.nbytes}
         for t in ckpt.tensors.values()
     ]
-    summary = {
+    summary: dict[str, Any] = {
         "path": str(ckpt.path),
         "tensors": len(rows),
         "parameters": ckpt.num_parameters,

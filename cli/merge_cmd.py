@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -37,7 +38,8 @@ def merge(
     """Run a merge recipe and write the output checkpoint."""
     setup_logging(verbose)
     size = parse_size(shard_size) if shard_size is not None else None
-    overrides = dict(out=out_path, device=device, dtype=dtype, shard_size=size, seed=seed, allow_bin=allow_bin)
+    overrides: dict[str, Any] = dict(out=out_path, device=device, dtype=dtype, shard_size=size, seed=seed,
+                                     allow_bin=allow_bin)
     if dry_run:
         plan = api.dry_run(recipe, force=force, require_output=True, **overrides)
         if as_json:

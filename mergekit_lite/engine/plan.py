@@ -268,8 +268,9 @@ def build_plan(
             return None
 
         base_op = operand(s.base, None) if s.base else None
-        models = [operand(m, base_op) for m in s.models]
-        if any(m is None for m in models) or (s.base and base_op is None):
+        maybe_models = [operand(m, base_op) for m in s.models]
+        models = [m for m in maybe_models if m is not None]
+        if len(models) < len(maybe_models) or (s.base and base_op is None):
             continue
         seen_paths: dict[Path, str] = {}
         for op in models:
@@ -297,7 +298,8 @@ def build_plan(
 
     dev = resolve_device(device or recipe.device or "cpu")
     out_path = out if out is not None else recipe.output.path
-    out_dtype = parse_user_dtype(dtype or recipe.output.dtype) if (dtype or recipe.output.dtype) else None
+    wanted_dtype = dtype or recipe.output.dtype
+    out_dtype = parse_user_dtype(wanted_dtype) if wanted_dtype else None
     plan = Plan(
         recipe=recipe,
         checkpoints=checkpoints,

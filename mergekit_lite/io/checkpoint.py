@@ -184,7 +184,7 @@ class Checkpoint:
         else:
             buf = torch.empty(nbytes, dtype=torch.uint8)
             if nbytes:
-                pread_exact(self._fd(info.shard), memoryview(buf.numpy()), begin, info.shard)
+                pread_exact(self._fd(info.shard), buf.numpy().data, begin, info.shard)
             with self._lock:
                 self.bytes_read += nbytes
                 self.reads.append((name, nbytes))

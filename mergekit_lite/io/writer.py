@@ -244,7 +244,7 @@ class CheckpointWriter:
             t = t.cpu()
         t = t.contiguous()
         # A flat byte view: len() must count bytes, not rows, for short-write handling.
-        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+        data = t.reshape(-1).view(torch.uint8).numpy().data.cast("B") if t.numel() else memoryview(b"")
         with self._lock:
             if name not in self._remaining[layout.file_name]:
                 raise UsageError(f"output tensor {name!r} written twice")

@@ -95,10 +95,11 @@ def _bounded_mask(tau: torch.Tensor, bounds: OutlierBounds, i: int) -> torch.Ten
         return torch.zeros_like(tau, dtype=torch.bool)
     magnitude = tau.abs()
     keep = torch.ones_like(tau, dtype=torch.bool)
-    if bounds.lo[i] is not None:
-        keep &= magnitude >= bounds.lo[i]
-    if bounds.hi[i] is not None:
-        keep &= magnitude <= bounds.hi[i]
+    lo, hi = bounds.lo[i], bounds.hi[i]
+    if lo is not None:
+        keep &= magnitude >= lo
+    if hi is not None:
+        keep &= magnitude <= hi
     return keep
 
 

@@ -45,23 +45,25 @@ def mos_stored_tensors(tensors: Sequence[torch.Tensor], momentum: float) -> list
     tensor operations rather than O(T²).
     """
     _check_momentum(momentum)
-    out: list[torch.Tensor] = []
-    running: torch.Tensor | None = None
-    for t, a in enumerate(tensors):
-        out.append(a.clone() if t == 0 else (1.0 - momentum) * a + momentum * (running / exact_divisor(t, running)))
-        running = a.clone() if running is None else running + a
+    if not tensors:
+        return []
+    out, running = [tensors[0].clone()], tensors[0].clone()
+    for t, a in enumerate(tensors[1:], start=1):
+        out.append((1.0 - momentum) * a + momentum * (running / exact_divisor(t, running)))
+        running = running + a
     return out
 
 
 def mos_sequential_tensors(tensors: Sequence[torch.Tensor], momentum: float) -> list[torch.Tensor]:
     """Merged adapters of every task, the mean taken over the earlier *merged* adapters."""
     _check_momentum(momentum)
-    out: list[torch.Tensor] = []
-    running: torch.Tensor | None = None
-    for t, a in enumerate(tensors):
-        merged = a.clone() if t == 0 else (1.0 - momentum) * a + momentum * (running / exact_divisor(t, running))
+    if not tensors:
+        return []
+    out, running = [tensors[0].clone()], tensors[0].clone()
+    for t, a in enumerate(tensors[1:], start=1):
+        merged = (1.0 - momentum) * a + momentum * (running / exact_divisor(t, running))
         out.append(merged)
-        running = merged.clone() if running is None else running + merged
+        running = running + merged
     return out
 
 

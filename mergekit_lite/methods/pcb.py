@@ -185,7 +185,7 @@ def row_stats(T: torch.Tensor, ratio: float, clamp_ratio: float) -> PcbStats:
         empty = (0.0,) * n
         return PcbStats(0, empty, empty, empty, empty)
     lo, hi, _, _, t, m = _scored(T, ratio, clamp_ratio)
-    return PcbStats(count, *(tuple(v.tolist()) for v in (lo, hi, t, m)))
+    return PcbStats(count, tuple(lo.tolist()), tuple(hi.tolist()), tuple(t.tolist()), tuple(m.tolist()))
 
 
 def pcb_from_stats(

@@ -13,7 +13,7 @@ rule falls through to the next level.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from ..errors import RecipeError
 from ..methods.registry import MethodSpec, Param
@@ -123,10 +123,10 @@ class ParamResolver:
 
     def _resolve(self, p: Param, name: str, t: Any) -> Any:
         chains = self._chains[p.name]
-        if p.per_model:
+        if p.per_model:  # one chain per model (see _build)
             return tuple(self._value(p, chain, name, t, f" (model '{ref}')")
-                         for ref, chain in zip(self.model_refs, chains, strict=True))
-        return self._value(p, chains, name, t, "")  # type: ignore[arg-type]
+                         for ref, chain in zip(self.model_refs, cast("list[list[Setting]]", chains), strict=True))
+        return self._value(p, cast("list[Setting]", chains), name, t, "")
 
     def _position(self, name: str) -> float:
         try:

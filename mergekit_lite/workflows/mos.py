@@ -272,7 +272,7 @@ def mos_merge(
         raise UsageError(f"{out} already exists; pass --force (force=True) to replace it")
     b = bank if isinstance(bank, Bank) else load_bank(bank)
     b.require_tasks()
-    configs = [m.adapter_config for m in b.members.values()]
+    configs: Sequence[dict[str, Any] | None] = [m.adapter_config for m in b.members.values()]
     if space == "factors":
         tensors = _merge_factors(b, float(momentum), mode)
     else:

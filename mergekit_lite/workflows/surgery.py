@@ -468,7 +468,7 @@ def collect_features(
         raise CheckpointError(f"{src}: the tokenizer has no pad, end-of-sequence or unknown token to pad a batch "
                               "with; use --batch-size 1")
     try:
-        lm.to(dev).eval()
+        lm.to(dev).eval()  # type: ignore[arg-type]  # (transformers types .to as a decorated wrapper)
     except torch.cuda.OutOfMemoryError:
         raise UsageError(f"{src}: the model does not fit in {dev} memory (it is loaded in float32)") from None
     feats: list[torch.Tensor] = []
