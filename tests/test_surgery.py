@@ -521,6 +521,35 @@ def test_e2e_row_blocked_run_is_identical(tmp_path: Path, monkeypatch: pytest.Mo
     assert all(_bits(got[n]) == _bits(t) for n, t in whole.state_dict.items())
 
 
+@pytest.mark.parametrize("out_dtype", ["bfloat16", "float32"])
+def test_scoring_reads_the_targets_and_untouched_tensors_keep_their_values(tmp_path: Path, out_dtype: str) -> None:
+    """The scoring pass reads the target tensors only; every other tensor is written as stored
+    (bf16 output) or as its exact float32 value (float32 output), with the edit the same."""
+    from mergekit_lite.api import run_recipe
+    from mergekit_lite.io.checkpoint import open_checkpoint
+
+    model, state = _model(tmp_path)
+    w = _w(23)
+    _probe(tmp_path, w)
+    recipe = {"inputs": {"model": str(model)},
+              "steps": [{"id": "s", "method": "surgery", "base": "model",
+                         "parameters": {"probe": str(tmp_path / "probe.safetensors"), "top_k": 7}}],
+              "output": {"path": str(tmp_path / "out"), "dtype": out_dtype}}
+    res = run_recipe(recipe)
+    ck = open_checkpoint(model)
+    targets = [n for n in ck.names() if target_layer(n, "mlp.gate_proj") is not None]
+    assert [p["bytes_read"] for p in res.passes if p["kind"] == "statistics"] == [
+        sum(ck.info(n).nbytes for n in targets)]
+    sel = res.stats["s"]
+    got = _tensors(tmp_path / "out")
+    for name, t in state.items():
+        want = t.float()
+        if name in sel.rows:
+            want[sel.rows[name]] += w
+        want = want.to(getattr(torch, out_dtype))
+        assert got[name].dtype == want.dtype and _bits(got[name]) == _bits(want), name
+
+
 @pytest.mark.parametrize(("params", "needle"), [
     ("{probe: probe.safetensors, alpha: .inf}", "recipe.yaml:3: parameter 'alpha' of method 'surgery': must be a finite number"),
     ("{probe: probe.safetensors, top_k: 5, fraction: 0.5}", "recipe.yaml:3: method 'surgery' takes 'top_k' or 'fraction', not both"),

@@ -26,7 +26,7 @@ from ..io.deltas import is_vocab_tensor
 from ..io.model_card import model_card
 from ..io.safetensors_format import PlannedTensor
 from ..io.writer import CheckpointWriter, config_dtype_update, require_finite
-from ..methods.registry import TensorJob
+from ..methods.registry import TensorJob, reducer_reads
 from .memory import limit_heap_growth
 from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, fingerprint, step_closure
 from .stream import (
@@ -107,6 +107,20 @@ class _Evaluator:
         return TensorJob(name=name, base=base, models=models, params=params, seed=self.plan.seed,
                          stats=self.stats.get(st.id) if with_stats else None, delta=delta, rows=bundle.rows,
                          models_disposable=disposable and self._disposable(st, bundle))
+
+    def stored_base(self, step_id: str, bundle: Bundle, dtype: torch.dtype) -> torch.Tensor | None:
+        """The base as the checkpoint stores it, when the step keeps it as it is and the output
+        dtype is the stored one: writing those bytes is what a float32 round trip would write.
+
+        Not with a tensor hook (it expects a job), a patch or a trimmed vocabulary.
+        """
+        st = self.plan.steps[step_id]
+        keeps = st.spec.keeps_base
+        if (keeps is None or self.hook is not None or not isinstance(st.base, Leaf) or st.delta_key is not None
+                or bundle.name in self.plan.vocab_rows or not keeps(bundle.name, self.stats.get(step_id))):
+            return None
+        stored = bundle.leaves.get(st.base.key)
+        return stored if stored is not None and stored.dtype == dtype else None
 
     def _disposable(self, st: StepPlan, bundle: Bundle) -> bool:
         """Whether every model tensor is a float copy that nothing reads after this step.
@@ -315,6 +329,7 @@ def _execute(plan: Plan, progress: bool, publish_hook: PublishHook | None, tenso
             reducer = st.spec.reducer(_with_tensor_files(plan, st, st.resolver.scalar_values()), len(st.models))
             evaluator = _Evaluator(plan, stats, None)
             ck_keys, dkeys = plan.leaves_of(st.id)
+            names = [n for n in float_names if reducer_reads(reducer)(n)]
             shapes = {o.name: o.shape for o in plan.outputs}
             mode = _block_mode(plan, [st.id], local_stats=False)
 
@@ -326,9 +341,9 @@ def _execute(plan: Plan, progress: bool, publish_hook: PublishHook | None, tenso
             n = 0
             while True:
                 n += 1
-                task = bar.add_task(f"{st.id}: statistics pass {n}", total=len(float_names), rate="") if bar else None
+                task = bar.add_task(f"{st.id}: statistics pass {n}", total=len(names), rate="") if bar else None
                 before = _bytes(plan)
-                items = work_items(float_names, shapes, blockable)
+                items = work_items(names, shapes, blockable)
                 for bundle in prefetch(items, _loader(plan, ck_keys, dkeys, set()), PREFETCH_DEPTH, live, clock):
                     reducer.observe(evaluator.job(st, bundle, {}, with_stats=False))
                     if bar and (bundle.rows is None or bundle.rows[1] == shapes[bundle.name][0]):
@@ -394,11 +409,15 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
                 if not write_it and not (sid == plan.final and state is not None):
                     continue  # already written by the interrupted run being resumed
                 if name in float_names:
-                    value = ev.run(sid, bundle, memo)
-                    if write_it:
-                        value = writers[sid].prepare(name, value, rows[0] if rows else None)
+                    stored = ev.stored_base(sid, bundle, out_dtype[name])
+                    if stored is not None:
+                        value = stored
                     else:
-                        value = value.to(out_dtype[name])
+                        value = ev.run(sid, bundle, memo)
+                        if write_it:
+                            value = writers[sid].prepare(name, value, rows[0] if rows else None)
+                        else:
+                            value = value.to(out_dtype[name])
                     # In the output dtype (a float16 cast overflows at 65504), and on this thread:
                     # the writer thread's torch reductions would start a second OpenMP team next
                     # to the computing one (ties at 100M: +15% wall).

@@ -143,6 +143,14 @@ class Reducer(Protocol):
     def result(self) -> Any: ...
 
 
+def reducer_reads(reducer: Reducer) -> Callable[[str], bool]:
+    """Which float tensors a statistics pass must load for `reducer`: every one, unless the
+    reducer has a `wants(name)` saying otherwise (surgery scores its target tensors only, a
+    fifth of a Llama model's bytes, and need not read the rest)."""
+    wants = getattr(reducer, "wants", None)
+    return wants if callable(wants) else lambda _name: True
+
+
 MergeFn = Callable[[TensorJob], torch.Tensor]
 ReducerFactory = Callable[[Mapping[str, Any], int], Reducer]  # (params, n_models) -> reducer
 
@@ -194,6 +202,11 @@ class MethodSpec:
     # matmul): on a CPU such a merge is bound by copying bytes in and out, and the engine gives
     # torch one thread fewer so the I/O threads keep a core (engine/threads.py).
     light: bool = False
+    # For a method whose statistics leave some tensors as they are (surgery edits the rows it
+    # selected): (tensor name, the step's statistics) -> True when the step's output for that
+    # tensor is its base, bit for bit. The engine then writes the stored bytes where the output
+    # dtype is the stored one, without reading them into float32 and back.
+    keeps_base: Callable[[str, Any], bool] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

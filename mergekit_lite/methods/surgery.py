@@ -224,6 +224,10 @@ class SurgeryReducer:
         elif required:
             raise RecipeError("surgery: parameter 'probe' must name a probe file (safetensors with 'weight')")
 
+    def wants(self, name: str) -> bool:
+        """Only target tensors are scored: the engine need not read the others."""
+        return target_layer(name, self.target) is not None
+
     def observe(self, job: TensorJob) -> None:
         """Score one target tensor, or one row block of it (`job.rows` = (start, stop))."""
         layer = target_layer(job.name, self.target)
@@ -329,6 +333,11 @@ def _make_reducer(params: Mapping[str, Any], n_models: int) -> SurgeryReducer:
     return SurgeryReducer(params)
 
 
+def _keeps_base(name: str, selection: Any) -> bool:
+    """A tensor with no selected row is written as the model stores it (see surgery_merge)."""
+    return isinstance(selection, SurgerySelection) and name not in selection.rows
+
+
 SPEC = register(
     MethodSpec(
         name="surgery",
@@ -353,6 +362,7 @@ SPEC = register(
         exclusive=(("top_k", "fraction"),),
         scope=lambda params: "global",
         reducer=_make_reducer,
+        keeps_base=_keeps_base,
         row_local=lambda params: True,  # row-wise: rows of a block are scored and edited alone
         paper="https://arxiv.org/abs/2407.08770",
         doc="methods/surgery.md",
