@@ -477,7 +477,7 @@ def test_della_probability_range_fails_before_any_tensor_is_read(tmp_path, model
     for extra in (["--dry-run"], []):
         res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "out"), *extra])
         assert res.exit_code == 3, res.output
-        assert f"{recipe}: step 'd' (della), tensor " in res.output and "density ± epsilon must lie in (0, 1]" in res.output
+        assert f"{recipe}:5: step 'd' (della), tensor " in res.output and "density ± epsilon must lie in (0, 1]" in res.output
     assert not (tmp_path / "out").exists()
 
 
@@ -490,7 +490,7 @@ def test_global_ties_with_per_tensor_density_fails_before_the_run(tmp_path, mode
     })
     res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "out"), "--dry-run"])
     assert res.exit_code == 3, res.output
-    assert f"{recipe}: step 't': ties: with scope: global, density must be the same for every tensor" in res.output
+    assert f"{recipe}:6: step 't': ties: with scope: global, density must be the same for every tensor" in res.output
 
 
 def test_api_refuses_what_the_cli_refuses(tmp_path, model_set):
@@ -1084,3 +1084,22 @@ def test_dry_run_json_counts_saved_steps_as_the_run_writes_them(tmp_path, model_
         assert [s.name for s in shards] == [s["file"] for s in plan["output_shards"]]
     text = runner.invoke(app, ["merge", str(recipe), "--dry-run", "--force"]).output
     assert "step 'm' saved to" in text and str(tmp_path / "mid") in text.replace("\n", "")
+
+
+def test_input_and_warning_messages_name_the_recipe_line(tmp_path, model_set, caplog):
+    """A missing model path and a mergekit knob with no effect are reported at their line."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""merge_method: ties
+base_model: {model_set.base}
+models:
+  - model: {model_set.finetunes[0]}
+    parameters: {{weight: 1.0, density: 0.5, lambda: 2}}
+  - model: {tmp_path / 'missing'}
+dtype: float32
+""")
+    res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 5
+    assert f"error: {recipe}:6: input 'missing': {tmp_path / 'missing'}: no such file or directory" in res.output
+    assert f"warning: {recipe}:5: 'lambda' given for model" in res.output
+    assert f"warning: {recipe}:7: mergekit's 'dtype' is the compute dtype there" in res.output
+    assert not (tmp_path / "out").exists()

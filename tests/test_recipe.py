@@ -359,7 +359,7 @@ def test_mergekit_rescale_on_ties_is_refused_when_it_would_change_the_result(mod
 
     text = MERGEKIT_TIES.replace("fties", "ties")
     msg = one_problem(write(models, text.replace("normalize: true", "normalize: true\n  rescale: true")))
-    assert "'rescale: True' is not supported for method 'ties'" in msg and "L1-rescales" in msg
+    assert "'rescale: true' is not supported for method 'ties'" in msg and "L1-rescales" in msg
     recipe = load_recipe(write(models, text.replace("normalize: true", "normalize: true\n  rescale: false")))
     assert "rescale" not in recipe.steps[0].parameters  # the default: nothing changes
 

@@ -219,7 +219,7 @@ def build_plan(
         try:
             checkpoints[key] = open_checkpoint(ref, allow_bin=allow_bin)
         except MliteError as exc:
-            ckpt_problems.append(type(exc)(f"input {key!r}: {exc}"))
+            ckpt_problems.append(type(exc)(f"{_input_src(recipe, key)}input {key!r}: {exc}"))
     for step in recipe.steps:
         for key in ([step.delta] if step.delta else []) + [m for m in step.models if m in used_as_delta]:
             if key in deltas or key not in recipe.inputs:
@@ -242,7 +242,7 @@ def build_plan(
             try:
                 deltas[key] = _open_delta(recipe.inputs[key], old)
             except MliteError as exc:
-                ckpt_problems.append(type(exc)(f"input {key!r}: {exc}"))
+                ckpt_problems.append(type(exc)(f"{_input_src(recipe, key)}input {key!r}: {exc}"))
 
     # Step plans.
     steps: dict[str, StepPlan] = {}
@@ -384,6 +384,18 @@ def _src(recipe: Recipe) -> str:
     return str(recipe.source) if recipe.source else "recipe"
 
 
+def _input_src(recipe: Recipe, key: str) -> str:
+    """"file:line: " where input `key` was written, or nothing when the recipe is not a file."""
+    loc = recipe.input_locs.get(key)
+    return loc.prefix() if loc is not None else ""
+
+
+def _step_src(plan: Plan, st: StepPlan) -> str:
+    """file:line of the step's entry in its recipe, where known (the recipe file otherwise)."""
+    loc = st.spec_step.loc
+    return str(loc) if loc.line is not None and loc.file is not None else _src(plan.recipe)
+
+
 def _is_adapter(ref: str) -> bool:
     p = Path(ref).expanduser()
     return p.is_dir() and (p / "adapter_config.json").is_file()
@@ -498,7 +510,7 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
             saved = _shape_of(plan, StepRef(st.id), name) if st.save is not None and st.id != plan.final else None
             if saved is not None and saved[0] != shape:
                 problems.append(RecipeError(
-                    f"{_src(plan.recipe)}: step {st.id!r} is saved, but its tensor {name!r} has shape "
+                    f"{_step_src(plan, st)}: step {st.id!r} is saved, but its tensor {name!r} has shape "
                     f"{list(saved[0])} where the output's has {list(shape)} (different vocabularies); "
                     "save a step whose reference model has the output's vocabulary"))
         od = (out_dtype if out_dtype and info.is_float else dtype)
@@ -553,7 +565,7 @@ def _check_parameters(plan: Plan, problems: list[MliteError]) -> None:
         try:
             st.spec.reducer(params, len(st.models))
         except MliteError as exc:
-            problems.append(RecipeError(f"{_src(plan.recipe)}: step {st.id!r}: {exc}"))
+            problems.append(RecipeError(f"{_step_src(plan, st)}: step {st.id!r}: {exc}"))
     for st in plan.steps.values():
         if st.spec.check is None:
             continue
@@ -562,7 +574,7 @@ def _check_parameters(plan: Plan, problems: list[MliteError]) -> None:
                 continue
             problem = st.spec.check(st.resolver.for_tensor(o.name), len(st.models))
             if problem is not None:
-                problems.append(RecipeError(f"{_src(plan.recipe)}: step {st.id!r} ({st.spec.name}), "
+                problems.append(RecipeError(f"{_step_src(plan, st)}: step {st.id!r} ({st.spec.name}), "
                                             f"tensor {o.name}: {problem}"))
                 break
 

@@ -211,8 +211,10 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
         listed = [m for m in models if m.ref.value == base_name]
         if spec is None or spec.needs_base:
             # mergekit lists the base among the models; it is θ₀, not a task vector.
-            if any(m.parameters for m in listed):
-                notes.append(f"the parameters given to base model '{model.base_model}' are ignored, as in mergekit")
+            with_params = [m for m in listed if m.parameters]
+            if with_params:
+                notes.append(f"{with_params[0].ref.loc.prefix()}the parameters given to base model '{model.base_model}' are ignored, "
+                             "as in mergekit")
             models = [m for m in models if m.ref.value != base_name]
             step_base = base_ref
         elif listed:
@@ -247,8 +249,8 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
                          "output.dtype")
         output["dtype"] = _item(raw, key, model.out_dtype or model.dtype, key, file)
         if model.dtype is not None:
-            notes.append("mergekit's 'dtype' is the compute dtype there; mlite computes in float32 and "
-                         "writes the output in out_dtype, else dtype")
+            notes.append(f"{Loc(file, line_of(raw, 'dtype')).prefix()}mergekit's 'dtype' is the compute dtype there; "
+                         "mlite computes in float32 and writes the output in out_dtype, else dtype")
     if model.tokenizer_source is not None:
         src = model.tokenizer_source
         tok_item = _item(raw, "tokenizer_source", src, "tokenizer_source", file)

@@ -26,6 +26,10 @@ class Loc:
         name = self.file if self.file is not None else "<recipe>"
         return f"{name}:{self.line}" if self.line is not None else name
 
+    def prefix(self) -> str:
+        """"file:line: " to put before a warning, or "" when the recipe is not a file."""
+        return f"{self}: " if self.file is not None and self.line is not None else ""
+
 
 @dataclass
 class StepSpec:
@@ -87,6 +91,7 @@ class Recipe:
     options: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
     base_dir: Path = field(default_factory=Path.cwd)
+    input_locs: dict[str, Loc] = field(default_factory=dict)  # where each input was written
 
     def step(self, step_id: str) -> StepSpec:
         for s in self.steps:

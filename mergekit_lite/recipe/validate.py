@@ -126,7 +126,8 @@ def validate(raw: RawRecipe, base_dir: Path, problems: Problems) -> Recipe | Non
         return None
     options = {**raw.options, "notes": notes}
     return Recipe(inputs=inputs, steps=ordered, output=output, device=device, seed=raw.seed,
-                  options=options, base_dir=base_dir)
+                  options=options, base_dir=base_dir,
+                  input_locs={name: item.loc for name, item in raw.inputs.items() if name in inputs})
 
 
 def _local_path(value: str, base_dir: Path) -> str:
@@ -210,29 +211,33 @@ class _ParamChecker:
         p = self.spec.param(name)
         if p is None:
             if name in NO_EFFECT_PARAMS:
-                self._note(NO_EFFECT_PARAMS[name])
+                self._note(NO_EFFECT_PARAMS[name], item.loc)
                 return None
             why = MERGEKIT_UNSUPPORTED.get(self.spec.name, {}).get(name)
             if self.mergekit and why is not None and item.value not in (False, None):
-                self.problems.add(item.loc, f"'{name}: {item.value}' is not supported for method "
+                shown = str(item.value).lower() if isinstance(item.value, bool) else item.value  # as YAML spells it
+                self.problems.add(item.loc, f"'{name}: {shown}' is not supported for method "
                                   f"'{self.spec.name}' ({why})", item.key)
                 return None
             if self.mergekit and name in MERGEKIT_PARAM_NAMES:
-                self._note(f"'{name}' is not a parameter of '{self.spec.name}'; ignored, as mergekit ignores it")
+                self._note(f"'{name}' is not a parameter of '{self.spec.name}'; ignored, as mergekit ignores it",
+                           item.loc)
                 return None
             hint = did_you_mean(name, self.names) or choices_hint(self.names)
             self.problems.add(item.loc, f"unknown parameter '{name}' for method '{self.spec.name}'{hint}", item.key)
         return p
 
-    def _note(self, note: str) -> None:
-        if note not in self.notes:
-            self.notes.append(note)
+    def _note(self, note: str, loc: Loc) -> None:
+        """A warning for a setting that does not do what it seems to, with its file:line."""
+        text = loc.prefix() + note
+        if text not in self.notes:
+            self.notes.append(text)
 
     def _setting(self, p: Param, value: Any, raw: Any, key: str, loc: Loc) -> Any:
         """Check one setting; return it (file paths resolved) or None when it has problems."""
         spelled = BOOL_SPELLINGS.get(p.name, {})
         if isinstance(value, bool) and p.kind == "str" and p.choices and spelled.get(value) in p.choices:
-            self._note(f"mergekit's '{p.name}: {str(value).lower()}' is read as '{p.name}: {spelled[value]}'")
+            self._note(f"mergekit's '{p.name}: {str(value).lower()}' is read as '{p.name}: {spelled[value]}'", loc)
             value = spelled[value]
         try:
             setting = parse_setting(value)
@@ -320,7 +325,7 @@ class _ParamChecker:
                     # mergekit reads a step-wide parameter (lambda, normalize, t) only under
                     # `parameters:`; one given for a model has no effect there, nor here.
                     self._note(f"'{p.name}' given for model '{m.ref.value}' is ignored, as in mergekit: "
-                               "it is read only under the step's 'parameters'")
+                               "it is read only under the step's 'parameters'", item.loc)
                     continue
                 checked = self._setting(p, item.value, item.raw, item.key, item.loc)
                 if checked is None:
