@@ -523,9 +523,9 @@ def test_e2e_row_blocked_run_is_identical(tmp_path: Path, monkeypatch: pytest.Mo
 
 @pytest.mark.parametrize("out_dtype", ["bfloat16", "float32"])
 def test_scoring_reads_the_targets_and_untouched_tensors_keep_their_values(tmp_path: Path, out_dtype: str) -> None:
-    """The scoring pass reads the target tensors only; every other tensor is written as stored
-    (bf16 output) or as its exact float32 value (float32 output), with the edit the same."""
-    from mergekit_lite.api import run_recipe
+    """The scoring pass reads the target tensors only (and the dry run says so); every other
+    tensor is written as stored (bf16 output) or as its exact float32 value (float32 output)."""
+    from mergekit_lite.api import dry_run, run_recipe
     from mergekit_lite.io.checkpoint import open_checkpoint
 
     model, state = _model(tmp_path)
@@ -535,11 +535,13 @@ def test_scoring_reads_the_targets_and_untouched_tensors_keep_their_values(tmp_p
               "steps": [{"id": "s", "method": "surgery", "base": "model",
                          "parameters": {"probe": str(tmp_path / "probe.safetensors"), "top_k": 7}}],
               "output": {"path": str(tmp_path / "out"), "dtype": out_dtype}}
+    planned = dry_run(recipe)["passes"]
     res = run_recipe(recipe)
     ck = open_checkpoint(model)
     targets = [n for n in ck.names() if target_layer(n, "mlp.gate_proj") is not None]
-    assert [p["bytes_read"] for p in res.passes if p["kind"] == "statistics"] == [
-        sum(ck.info(n).nbytes for n in targets)]
+    target_bytes = sum(ck.info(n).nbytes for n in targets)
+    assert [p["bytes_read"] for p in res.passes if p["kind"] == "statistics"] == [target_bytes]
+    assert [p["bytes_read"] for p in planned if p["kind"] == "statistics"] == [target_bytes]
     sel = res.stats["s"]
     got = _tensors(tmp_path / "out")
     for name, t in state.items():

@@ -27,7 +27,7 @@ from ..io.checkpoint import TIED_HEAD, Checkpoint, open_checkpoint
 from ..io.deltas import is_vocab_tensor
 from ..io.safetensors_format import PlannedTensor
 from ..io.writer import DEFAULT_SHARD_SIZE, check_output_dir, plan_shards
-from ..methods.registry import MethodSpec, get_method
+from ..methods.registry import MethodSpec, Reducer, get_method, reducer_reads
 from ..recipe.model import Recipe, StepSpec
 from ..recipe.params import ParamResolver
 from ..recipe.settings import count_layers
@@ -558,12 +558,8 @@ def _check_parameters(plan: Plan, problems: list[MliteError]) -> None:
     for st in plan.global_steps:
         if st.spec.reducer is None:
             continue
-        params = dict(st.resolver.scalar_values())
-        for p in st.spec.params:  # tensor files are loaded after this check; reducers take them later
-            if p.kind == "tensor_file":
-                params[p.name] = None
         try:
-            st.spec.reducer(params, len(st.models))
+            _header_reducer(st)
         except MliteError as exc:
             problems.append(RecipeError(f"{_step_src(plan, st)}: step {st.id!r}: {exc}"))
     for st in plan.steps.values():
@@ -671,8 +667,13 @@ def estimate(plan: Plan) -> dict[str, Any]:
     scope_numel = sum(plan.vocab_rows.get(o.name, o.shape[0] if o.shape else 1) * _numel(o.shape[1:])
                       for o in plan.outputs if o.is_float)
     for st in plan.global_steps:
-        n_passes = _expected_passes(st, scope_numel)
-        per = leaf_bytes(st.id, float_names)
+        try:
+            reducer = _header_reducer(st) if st.spec.reducer is not None else None
+        except Exception:  # a reducer that needs real inputs to be built cannot say how it will run
+            reducer = None
+        n_passes = _expected_passes(reducer, scope_numel)
+        read = reducer_reads(reducer) if reducer is not None else lambda _name: True
+        per = leaf_bytes(st.id, [n for n in float_names if read(n)])
         passes.append({"step": st.id, "kind": "statistics", "passes": n_passes, "bytes_read": per * n_passes})
     out_ids = plan.output_step_ids
     passes += _tensor_statistics_passes(plan, out_ids)
@@ -703,21 +704,24 @@ def estimate(plan: Plan) -> dict[str, Any]:
     }
 
 
-def _expected_passes(st: StepPlan, scope_numel: int) -> int:
+def _header_reducer(st: StepPlan) -> Reducer:
+    """The step's reducer from its step-wide parameters, before any tensor file is loaded
+    (reducers take those from the first job): to check and estimate a run from headers alone."""
+    assert st.spec.reducer is not None
+    params = dict(st.resolver.scalar_values())
+    for p in st.spec.params:
+        if p.kind == "tensor_file":
+            params[p.name] = None
+    return st.spec.reducer(params, len(st.models))
+
+
+def _expected_passes(reducer: Reducer | None, scope_numel: int) -> int:
     """Passes the step's reducer announces, 1 when it does not say.
 
     A reducer whose pass count depends on the size of its scope (PCB holds the task vectors in
     memory when they fit its budget) answers `passes_for(numel)`; others `expected_passes`.
     """
-    if st.spec.reducer is None:
-        return 1
-    params = dict(st.resolver.scalar_values())
-    for p in st.spec.params:  # tensor files are loaded only at run time; reducers may not need them to count
-        if p.kind == "tensor_file":
-            params[p.name] = {}
-    try:
-        reducer = st.spec.reducer(params, len(st.models))
-    except Exception:  # a reducer that needs real inputs to be built cannot announce its passes
+    if reducer is None:
         return 1
     if hasattr(reducer, "passes_for"):
         return int(reducer.passes_for(scope_numel))
