@@ -52,6 +52,7 @@ _PLAN_OPTIONS: tuple[str, ...] = tuple(p for p in signature(build_plan).paramete
 _OVERRIDE_CHECKS: dict[str, Check] = {
     "out": arg.optional_path, "device": arg.optional_device, "dtype": arg.optional_dtype,
     "shard_size": arg.optional(arg.shard_size), "seed": arg.optional(arg.seed),
+    "force": arg.flag, "allow_bin": arg.flag,
 }
 
 
@@ -92,6 +93,7 @@ def dry_run(recipe: PathLike | Mapping[str, Any] | Recipe, *, require_output: bo
     """What a run would read and write, its passes, shards and a peak-memory estimate; an output
     the run would refuse (not empty without force, or holding an input) is refused here too, and
     with `require_output` (as `run_recipe`'s) a recipe that names no output."""
+    arg.flag(require_output, "require_output")
     allowed = [p for p in _PLAN_OPTIONS if p != "check_output"]  # it refuses what the run would refuse
     plan = _plan("dry_run", recipe, overrides, allowed, check_output=True)
     if require_output and plan.out is None:
@@ -126,6 +128,8 @@ def run_recipe(
     """
     arg.optional(arg.function)(publish_hook, "publish_hook")
     arg.optional(arg.function)(tensor_hook, "tensor_hook")
+    for name, value in (("resume", resume), ("progress", progress), ("require_output", require_output)):
+        arg.flag(value, name)  # force and allow_bin: plan_recipe's checks
     plan = plan_recipe(recipe, out=out, device=device, dtype=dtype, seed=seed, force=force, allow_bin=allow_bin,
                        shard_size=shard_size)
     if require_output and plan.out is None:
@@ -169,7 +173,7 @@ def merge(
         for i, params in enumerate(model_parameters):
             arg.mapping(params, f"model_parameters[{i}]")
     arg.optional_path(out, "out")
-    # device, dtype, shard_size and seed are checked by run_recipe before anything is read
+    # device, dtype, shard_size, seed, force and progress are checked by run_recipe before anything is read
 
     spec = _get_method(method)
     if spec is not None and base is not None and not spec.needs_base:
@@ -208,7 +212,7 @@ def merge(
 
 def inspect(path: PathLike, *, allow_bin: bool = False) -> Checkpoint:
     """Open a checkpoint (headers only) to look at its tensors."""
-    return open_checkpoint(arg.path_arg(path, "path"), allow_bin=allow_bin)
+    return open_checkpoint(arg.path_arg(path, "path"), allow_bin=arg.flag(allow_bin, "allow_bin"))
 
 
 # ---------------------------------------------------------------------------------------------

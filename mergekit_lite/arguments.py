@@ -62,6 +62,14 @@ def bank_arg(value: Any, what: str) -> Any:
     raise UsageError(f"{what} must be a path (str or os.PathLike) or a Bank, got {type(value).__name__}")
 
 
+def flag(value: Any, what: str) -> bool:
+    """An on/off switch: True or False only. A string such as "false" is truthy, so taking it
+    would turn on what the caller meant to turn off (force=\"false\" replacing an output)."""
+    if not isinstance(value, bool):
+        raise UsageError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
 def string(value: Any, what: str) -> str:
     """A name (method, task, module): strings only, so lookups never hash a list."""
     if not isinstance(value, str):
@@ -207,10 +215,12 @@ def texts(value: Any, what: str) -> Any:
 def checked(fn: F, **checks: Check) -> F:
     """`fn` with its arguments checked first (by name, in signature order), same signature and docs.
 
-    A call that does not fit the signature at all (an unknown keyword, a missing argument) goes
-    to `fn` unchanged, so Python's own TypeError names `fn` and the argument.
+    Every argument annotated `bool` is held to `flag` unless `checks` says otherwise. A call
+    that does not fit the signature at all (an unknown keyword, a missing argument) goes to
+    `fn` unchanged, so Python's own TypeError names `fn` and the argument.
     """
     sig = signature(fn)
+    checks = {**{name: flag for name, p in sig.parameters.items() if p.annotation in ("bool", bool)}, **checks}
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -228,6 +228,28 @@ CASES: list[tuple[str, Call, str]] = [
     ("method_aliases-name-None", lambda i, t: api.method_aliases(None), "name"),
     ("run_demo-folder-int", lambda i, t: api.run_demo(5), "folder"),
     ("run_demo-report-str", lambda i, t: api.run_demo(t / "demo", report="print"), "report"),
+    # on/off switches: True or False only ("false" is truthy, 1 is a slip)
+    ("merge-force-str", _merge(force="false"), "force"),
+    ("merge-progress-int", _merge(progress=1), "progress"),
+    ("run_recipe-force-str", _run(force="false"), "force"),
+    ("run_recipe-allow_bin-str", _run(allow_bin="no"), "allow_bin"),
+    ("run_recipe-resume-str", _run(resume="no"), "resume"),
+    ("run_recipe-require_output-None", _run(require_output=None), "require_output"),
+    ("dry_run-force-str", _dry(force="false"), "force"),
+    ("dry_run-allow_bin-int", _dry(allow_bin=1), "allow_bin"),
+    ("dry_run-require_output-str", _dry(require_output="yes"), "require_output"),
+    ("inspect-allow_bin-str", lambda i, t: api.inspect(i.base, allow_bin="no"), "allow_bin"),
+    ("patch-force-str", _patch(force="false"), "force"),
+    ("patch-as_adapter-str", _patch(as_adapter="no"), "as_adapter"),
+    ("patch-allow_vocab_growth-str", _patch(allow_vocab_growth="no"), "allow_vocab_growth"),
+    ("extract-full_tensors-str", _extract(full_tensors="no"), "full_tensors"),
+    ("surgery-allow_pt-str", _surgery(allow_pt="no"), "allow_pt"),
+    ("surgery-progress-str", _surgery(progress="no"), "progress"),
+    ("undo_surgery-force-str", lambda i, t: api.undo_surgery(i.ft1, out=t / "o", force="false"), "force"),
+    ("train_probe-force-str", _train(force="false"), "force"),
+    ("mos_merge-force-str", lambda i, t: api.mos_merge(i.bank, out=t / "m.safetensors", force="false"), "force"),
+    ("bank_export-force-int", lambda i, t: api.bank_export(i.bank, "t0", t / "o", force=0), "force"),
+    ("retrieve-ensemble-str", _retrieve(ensemble="no"), "ensemble"),
 ]
 
 
@@ -288,3 +310,13 @@ def test_every_public_function_is_covered() -> None:
     covered = {case_id.split("-")[0] for case_id, _, _ in CASES}
     callables = {n for n in api.__all__ if callable(getattr(api, n))}
     assert callables - covered == {"all_methods"}
+
+
+def test_force_as_a_string_leaves_an_existing_output_alone(inputs: Inputs, tmp_path: Path) -> None:
+    """force="false" was truthy and replaced the directory; now it is refused before anything."""
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "precious.txt").write_text("x")
+    with pytest.raises(UsageError, match="force must be True or False"):
+        api.run_recipe(inputs.recipe, out=out, force="false")
+    assert (out / "precious.txt").read_text() == "x"
