@@ -119,14 +119,16 @@ def require_finite(name: str, t: torch.Tensor) -> torch.Tensor:
 
     A sum is finite only if every element is (it can overflow on its own, so a non-finite sum
     is confirmed element by element): ~30 µs per 512K-element block, where `isfinite().all()`
-    takes ~1 ms. float16 is summed in float32, where its values cannot overflow the sum.
+    takes ~1 ms. float16 and the float8 formats are summed in float32, where their values cannot
+    overflow the sum (and torch has no float8 sum or isfinite on the CPU).
     """
     if not t.is_floating_point() or t.numel() == 0:
         return t
-    total = t.sum(dtype=torch.float32) if t.dtype == torch.float16 else t.sum()
+    narrow = t.dtype == torch.float16 or t.element_size() == 1
+    total = t.sum(dtype=torch.float32) if narrow else t.sum()
     if bool(torch.isfinite(total)):
         return t
-    bad = int((~torch.isfinite(t)).sum())
+    bad = int((~torch.isfinite(t.float() if t.element_size() == 1 else t)).sum())
     if bad:
         raise RecipeError(f"output tensor {name!r}: {bad} of {t.numel()} values are inf or NaN in "
                           f"{torch_name(t.dtype)}; the weights or lambda overflow it (or an "
