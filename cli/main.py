@@ -10,13 +10,29 @@ import gc
 import importlib
 import logging
 import os
+import signal
 import sys
+from types import FrameType
+from typing import Any
 
-import typer
 
-from mergekit_lite import __version__
+def _interrupted_while_loading(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C in the second or so the imports take: nothing has started, so say so and leave
+    (a KeyboardInterrupt there would print a traceback through importlib)."""
+    sys.stderr.write("interrupted: nothing was started\n")
+    os._exit(130)
 
-from .common import OneLineErrorsGroup, setup_logging
+
+try:  # until the commands are registered (the end of this module); only the main thread may
+    _SIGINT_BEFORE: Any = signal.signal(signal.SIGINT, _interrupted_while_loading)
+except ValueError:
+    _SIGINT_BEFORE = None
+
+import typer  # noqa: E402  (after the handler: typer, rich and torch are the slow imports)
+
+from mergekit_lite import __version__  # noqa: E402
+
+from .common import OneLineErrorsGroup, setup_logging  # noqa: E402
 
 app = typer.Typer(
     name="mlite",
@@ -77,6 +93,8 @@ def _register_commands() -> None:
 
 
 _register_commands()
+if _SIGINT_BEFORE is not None:  # commands handle Ctrl-C themselves from here on
+    signal.signal(signal.SIGINT, _SIGINT_BEFORE)
 
 
 def main() -> None:

@@ -48,3 +48,20 @@ def test_a_command_group_alone_prints_its_help(args):
 def test_long_output_into_a_pipe_is_flushed_whole():
     res = _mlite("methods")
     assert res.returncode == 0 and "ties" in res.stdout and "slerp" in res.stdout
+
+
+def test_ctrl_c_while_loading_is_one_line_and_130():
+    """Ctrl-C during the second of imports (here: sent as torch's import starts) exits 130 with
+    one line; it used to print a KeyboardInterrupt traceback through importlib."""
+    entry = ("import builtins, os, signal, sys\n"
+             "real = builtins.__import__\n"
+             "def hook(name, *args, **kwargs):\n"
+             "    if name == 'torch':\n"
+             "        os.kill(os.getpid(), signal.SIGINT)\n"
+             "    return real(name, *args, **kwargs)\n"
+             "builtins.__import__ = hook\n"
+             "from mergekit_lite.cli.main import main\n"
+             "sys.argv[0] = 'mlite'\n"
+             "main()\n")
+    res = subprocess.run([sys.executable, "-c", entry, "methods"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 130 and res.stderr == "interrupted: nothing was started\n", res.stderr
