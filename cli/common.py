@@ -66,8 +66,9 @@ def guarded(fn: F) -> F:
                       highlight=False)
             raise typer.Exit(SYSTEM_ERROR_EXIT) from None
         except KeyboardInterrupt:
-            err.print("interrupted: nothing was published; `mlite merge --resume` continues a merge "
-                      "from where it stopped")
+            # only a merge can be resumed; the other commands start again
+            resume = "; `mlite merge --resume` continues it from where it stopped" if fn.__name__ == "merge" else ""
+            err.print(f"interrupted: nothing was published{resume}")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

@@ -65,3 +65,20 @@ def test_ctrl_c_while_loading_is_one_line_and_130():
              "main()\n")
     res = subprocess.run([sys.executable, "-c", entry, "methods"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 130 and res.stderr == "interrupted: nothing was started\n", res.stderr
+
+
+@pytest.mark.parametrize(("command", "resume"), [("merge", True), ("patch", False), ("extract", False)])
+def test_ctrl_c_message_offers_resume_only_for_merge(capsys, command, resume):
+    import typer
+
+    from mergekit_lite.cli.common import guarded
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    interrupted.__name__ = command
+    with pytest.raises(typer.Exit) as exc:
+        guarded(interrupted)()
+    assert exc.value.exit_code == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: nothing was published") and ("--resume" in err) == resume
