@@ -1127,3 +1127,22 @@ def test_float8_checkpoints_merge_and_overflow_cleanly(tmp_path, dtype):
         res = runner.invoke(app, ["merge", str(_write(tmp_path / "r.yaml", overflow))])
         assert res.exit_code == 3 and "values are inf or NaN in float8_e5m2" in res.output, res.output
         assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize(("keys", "want"), [
+    (("torch_dtype",), {"torch_dtype": "bfloat16"}),
+    (("dtype",), {"dtype": "bfloat16"}),  # transformers >= 4.56 writes and reads `dtype`
+    (("torch_dtype", "dtype"), {"torch_dtype": "bfloat16", "dtype": "bfloat16"}),
+    ((), {"torch_dtype": "bfloat16"}),
+])
+def test_config_dtype_follows_the_output_under_either_name(tmp_path, model_set, keys, want):
+    """A float32 base's config said "dtype": "float32" after a bfloat16 merge (only torch_dtype
+    was updated), and transformers 5 loaded the output as float32."""
+    ms = model_set
+    cfg_path = ms.finetunes[0] / "config.json"
+    cfg = {k: v for k, v in json.loads(cfg_path.read_text()).items() if k not in ("torch_dtype", "dtype")}
+    cfg.update({k: "float32" for k in keys})
+    cfg_path.write_text(json.dumps(cfg))
+    out = mlite.merge("linear", models=list(ms.finetunes), out=tmp_path / "o", dtype="bfloat16")
+    written = json.loads((out / "config.json").read_text())
+    assert {k: written[k] for k in ("torch_dtype", "dtype") if k in written} == want

@@ -506,8 +506,8 @@ def _config_dtype(plan: Plan) -> dict[str, Any]:
     transformers drop it); the vocabulary size of the written embedding (merging shared rows, or
     copying the config of another model than the reference, may change it)."""
     floats = [o.dtype for o in plan.outputs if o.is_float]
-    update: dict[str, Any] = config_dtype_update(max(set(floats), key=floats.count)) if floats else {}
     config = plan.copy_from.config if plan.copy_from is not None else None
+    update: dict[str, Any] = config_dtype_update(max(set(floats), key=floats.count), config) if floats else {}
     stores_head = any(o.name == TIED_HEAD for o in plan.outputs)
     if plan.untied_head or (stores_head and config is not None and config.get("tie_word_embeddings") is True):
         update["tie_word_embeddings"] = False

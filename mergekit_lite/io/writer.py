@@ -25,6 +25,7 @@ except ImportError:  # Windows
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -443,6 +444,15 @@ class CheckpointWriter:
             self.abort(keep_partial=exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
 
 
-def config_dtype_update(dtype: str) -> dict[str, str]:
-    """config.json's `torch_dtype` for an output dtype (only floats have a name there)."""
-    return {"torch_dtype": CONFIG_NAMES[dtype]} if dtype in CONFIG_NAMES else {}
+def config_dtype_update(dtype: str, config: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """config.json's dtype entries for an output dtype (only floats have a name there).
+
+    transformers up to 4.55 writes and reads `torch_dtype`; later releases write `dtype` and
+    read it first, so a config that has `dtype` gets it updated too (a stale "float32" there
+    loads a bfloat16 output as float32, at twice the memory). A config with neither gets
+    `torch_dtype`, which every release reads.
+    """
+    if dtype not in CONFIG_NAMES:
+        return {}
+    keys = [k for k in ("torch_dtype", "dtype") if config is not None and k in config] or ["torch_dtype"]
+    return {k: CONFIG_NAMES[dtype] for k in keys}
