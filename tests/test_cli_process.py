@@ -70,7 +70,6 @@ def test_ctrl_c_while_loading_is_one_line_and_130():
 @pytest.mark.parametrize(("command", "resume"), [("merge", True), ("patch", False), ("extract", False)])
 def test_ctrl_c_message_offers_resume_only_for_merge(capsys, command, resume):
     import typer
-
     from mergekit_lite.cli.common import guarded
 
     def interrupted() -> None:
