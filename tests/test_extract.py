@@ -172,3 +172,68 @@ def test_extract_refuses_a_fine_tune_missing_a_tensor(pair: tuple[Path, Path], t
     save_file(tensors, str(part / "model.safetensors"))
     res = runner.invoke(app, ["extract", "--model", str(part), "--base", str(base), "--rank", "2", "--out", str(tmp_path / "x")])
     assert res.exit_code == 4 and "tensor 'model.norm.weight' of the base is missing" in res.output, res.output
+
+
+def _perturbed(model: object, seed: int) -> object:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _unmerged_logits(base_dir: Path, adapter: Path, auto_class: type) -> torch.Tensor:
+    """What peft computes with the adapter on top (not merged), for a fixed input."""
+    import peft
+
+    model = peft.PeftModel.from_pretrained(auto_class.from_pretrained(base_dir), adapter).eval()
+    with torch.no_grad():
+        return model(torch.arange(12).reshape(1, 12)).logits
+
+
+def test_extract_of_gpt2_conv1d_loads_in_peft(tmp_path: Path) -> None:
+    """GPT-2's Conv1D weights are [in, out]: factored as ΔWᵀ with fan_in_fan_out (and wpe as an
+    embedding); they were factored as [out, in] and peft refused the shapes. The LayerNorms go
+    whole with their unchanged biases (peft's modules_to_save loads every parameter). (The
+    fine-tune keeps the base's biases and token embedding: a LoRA-adapted module's bias delta
+    is not written, and peft 0.21 does not tie GPT-2's head to an adapted wte unless merged;
+    see docs/adapters.md.)"""
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    model = _perturbed(transformers.GPT2LMHeadModel(cfg), 1)
+    model.save_pretrained(tmp_path / "base")
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and "wte" not in name:
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "ft")
+    res = runner.invoke(app, ["extract", "--model", str(tmp_path / "ft"), "--base", str(tmp_path / "base"),
+                              "--rank", "16", "--out", str(tmp_path / "ad")])
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True and config["task_type"] == "CAUSAL_LM"
+    got = _unmerged_logits(tmp_path / "base", tmp_path / "ad", transformers.AutoModelForCausalLM)
+    with torch.no_grad():
+        want = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ft").eval()(
+            torch.arange(12).reshape(1, 12)).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_extract_with_tied_embeddings_ties_the_head_in_peft(tmp_path: Path) -> None:
+    """A tied base's embedding delta reaches the head in peft too (ensure_weight_tying), as in
+    the fine-tune; without it peft left the head at the base's embedding (logits off by 0.2)."""
+    import transformers
+
+    for seed, name in ((1, "base"), (2, "ft")):
+        save_llama(tmp_path / name, seed, tie_word_embeddings=True)
+    res = runner.invoke(app, ["extract", "--model", str(tmp_path / "ft"), "--base", str(tmp_path / "base"),
+                              "--rank", "16", "--out", str(tmp_path / "ad")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    got = _unmerged_logits(tmp_path / "base", tmp_path / "ad", transformers.AutoModelForCausalLM)
+    with torch.no_grad():
+        want = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ft").eval()(
+            torch.arange(12).reshape(1, 12)).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

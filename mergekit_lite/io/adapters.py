@@ -392,6 +392,7 @@ class Factors:
     a: torch.Tensor  # [r, in]   (embeddings: [r, vocab])
     b: torch.Tensor  # [out, r]  (embeddings: [dim, r])
     embedding: bool = False
+    fan_in_fan_out: bool = False  # a Conv1D layer: B·A is ΔWᵀ of the stored [in, out] weight
 
     @property
     def rank(self) -> int:
@@ -403,18 +404,32 @@ def adapter_config(
     full_modules: Sequence[str],
     *,
     base_model_name_or_path: str | None,
+    base: Checkpoint | None = None,
 ) -> dict[str, Any]:
     """An adapter_config.json where every module has scaling 1 (α = r per module).
 
     The most common rank becomes `r`; other modules get exact-name `rank_pattern` and
     `alpha_pattern` entries (escaped, so peft's end-anchored regex matches only that module).
+    From the base: `task_type` CAUSAL_LM for a causal LM (what AutoPeftModelForCausalLM needs),
+    and `ensure_weight_tying` when the base ties its head to an embedding the adapter changes
+    (peft then applies the change to the head too, as the merged model has it; releases before
+    0.18 ignore the key with a warning).
     """
+    linear = {f.fan_in_fan_out for f in factors if not f.embedding}
+    if len(linear) > 1:
+        raise CheckpointError("an adapter cannot mix Conv1D ([in, out]) and Linear factors: PEFT's "
+                              "fan_in_fan_out applies to every module")
+    config = base.config if base is not None and isinstance(base.config, dict) else {}
+    architectures = config.get("architectures") or []
+    causal = any(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    tied = base.tied_head_source if base is not None else None
+    touched = {f.module for f in factors} | set(full_modules)
     ranks = [f.rank for f in factors]
     common = max(set(ranks), key=lambda r: (ranks.count(r), -r)) if ranks else 1
     rank_pattern = {re.escape(f.module): f.rank for f in factors if f.rank != common}
     return {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": "CAUSAL_LM" if causal else None,
         "base_model_name_or_path": base_model_name_or_path,
         "r": common,
         "lora_alpha": common,
@@ -424,13 +439,14 @@ def adapter_config(
         "modules_to_save": sorted(full_modules) or None,
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": linear == {True},
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
         "layers_to_transform": None,
         "layers_pattern": None,
+        **({"ensure_weight_tying": True} if tied is not None and tied.rsplit(".", 1)[0] in touched else {}),
     }
 
 
@@ -443,6 +459,7 @@ def write_adapter(
     dtype: torch.dtype = torch.float32,
     force: bool = False,
     extra_files: Mapping[str, bytes] | None = None,
+    base: Checkpoint | None = None,
 ) -> Path:
     """Write a PEFT LoRA adapter (config + safetensors), published atomically.
 
@@ -470,7 +487,7 @@ def write_adapter(
         full_modules.add(module)
         tensors[f"{PREFIX}{name}"] = value
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
-    config = adapter_config(factors, sorted(full_modules), base_model_name_or_path=base_model_name_or_path)
+    config = adapter_config(factors, sorted(full_modules), base_model_name_or_path=base_model_name_or_path, base=base)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.mlite-tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 EMBEDDING_MODULES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
 # The output projection a tied checkpoint does not store: it reads the input embedding instead.
 TIED_HEAD = "lm_head.weight"
+# Architectures whose linear layers are transformers' Conv1D, stored [in, out] (GPT-2's c_attn,
+# c_proj, c_fc): a LoRA for them is written with PEFT's fan_in_fan_out.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -151,6 +154,11 @@ class Checkpoint:
         if self.config and "tie_word_embeddings" in self.config:
             return bool(self.config["tie_word_embeddings"])
         return "lm_head.weight" not in self.tensors and any(n.endswith("embed_tokens.weight") for n in self.tensors)
+
+    @property
+    def conv1d_weights(self) -> bool:
+        """True when the config's model type stores its linear layers as Conv1D ([in, out])."""
+        return bool(self.config) and self.config.get("model_type") in CONV1D_MODEL_TYPES
 
     def side_files(self) -> list[Path]:
         """config, generation config and tokenizer files that travel with the weights."""

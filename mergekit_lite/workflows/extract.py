@@ -58,9 +58,14 @@ class ExtractResult:
                 "tensors": [asdict(t) for t in self.tensors]}
 
 
+# Every nn.Embedding a LoRA may target, beyond the input embeddings: position and token-type
+# tables (GPT-2's wpe, BERT's position_embeddings), whose LoRA is lora_embedding_A/B too.
+OTHER_EMBEDDINGS = ("wpe", "position_embeddings", "token_type_embeddings", "embed_positions")
+
+
 def is_embedding(name: str) -> bool:
     module = name.rsplit(".", 1)[0]
-    return module.rsplit(".", 1)[-1] in EMBEDDING_MODULES
+    return module.rsplit(".", 1)[-1] in (*EMBEDDING_MODULES, *OTHER_EMBEDDINGS)
 
 
 def check_rank_args(rank: int | None, energy: float | None) -> None:
@@ -102,6 +107,7 @@ def dense_to_adapter(
     reports: list[TensorReport] = []
     targets = delta.targets()
     lora_modules = {n.rsplit(".", 1)[0] for n, s in targets.items() if len(s) == 2 and n.endswith(".weight")}
+    conv1d = base.conv1d_weights
     for name in base.names():
         if name not in targets:
             continue
@@ -116,10 +122,11 @@ def dense_to_adapter(
             rep = TensorReport(name, info.shape, "skipped", 0.0, note="zero delta")
         elif len(info.shape) == 2 and name.endswith(".weight"):
             emb = is_embedding(name)
-            # PEFT stores an embedding's ΔE [vocab, dim] as (B·A)ᵀ, so factor ΔEᵀ = B·A.
-            m = d.T if emb else d
+            # PEFT stores an embedding's ΔE [vocab, dim] and a Conv1D's ΔW [in, out] as (B·A)ᵀ,
+            # so factor the transpose.
+            m = d.T if emb or conv1d else d
             lr = truncated_svd(m, rank=rank, energy=energy, seed=tensor_seed(seed, name), exact_max_dim=exact_max_dim)
-            factors.append(Factors(module, lr.a.cpu(), lr.b.cpu(), embedding=emb))
+            factors.append(Factors(module, lr.a.cpu(), lr.b.cpu(), embedding=emb, fan_in_fan_out=conv1d and not emb))
             rel = lr.rel_error
             if factor_dtype != torch.float32:  # the error of what is written, not of the float32 factors
                 approx = lr.b.to(factor_dtype).double() @ lr.a.to(factor_dtype).double()
@@ -129,7 +136,7 @@ def dense_to_adapter(
             rep = TensorReport(name, info.shape, "skipped", norm, note="not a matrix (full tensors disabled)")
         elif module in lora_modules:
             rep = TensorReport(name, info.shape, "skipped", norm,
-                               note=f"module {module} is LoRA-adapted; PEFT cannot also save it whole")
+                               note=f"module {module} is LoRA-adapted; a saved module would replace its LoRA")
         else:
             full[name] = (base.load(name, device, torch.float32) + d).cpu()
             rel = 0.0
@@ -140,6 +147,13 @@ def dense_to_adapter(
         reports.append(rep)
         if on_tensor is not None:
             on_tensor(rep)
+    # peft's modules_to_save replaces a module whole and loads every parameter of it: a
+    # LayerNorm whose weight changed but whose bias did not still needs its bias written.
+    saved = {n.rsplit(".", 1)[0] for n in full}
+    for name in base.names():
+        module, _, param = name.rpartition(".")
+        if module in saved and name not in full and "." not in param:
+            full[name] = base.load(name, device, torch.float32).cpu()
     return factors, full, reports
 
 
@@ -187,7 +201,7 @@ def extract(
     result = ExtractResult(None, reports)
     if out is not None:
         result.output = write_adapter(
-            out, factors, full, base_model_name_or_path=str(base), dtype=_out_dtype(dtype), force=force,
+            out, factors, full, base_model_name_or_path=str(base), dtype=_out_dtype(dtype), force=force, base=base_ck,
             extra_files={REPORT_FILE: (json.dumps(result.to_json() | {"output": str(out)}, indent=2) + "\n").encode()},
         )
     return result

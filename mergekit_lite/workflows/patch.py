@@ -225,7 +225,7 @@ def _as_adapter(base: PathLike, delta_ref: PathLike, *, old_base: PathLike | Non
         factors, full, reports = dense_to_adapter(new, src, lam=lam, rank=rank, energy=energy, seed=seed,
                                                   device=str(dev), factor_dtype=factor_dtype)
         require_factors(factors, reports, str(delta_ref))
-        write_adapter(out_path, factors, full, base_model_name_or_path=str(base), dtype=factor_dtype, force=force,
+        write_adapter(out_path, factors, full, base_model_name_or_path=str(base), dtype=factor_dtype, force=force, base=new,
                       extra_files={REPORT_FILE: json.dumps([asdict(r) for r in reports], indent=2).encode()})
         rows = [PatchRow(r.name, r.shape, r.kind, r.delta_norm, None, r.rank, r.rel_error, r.note) for r in reports]
     written = sum(f.stat().st_size for f in out_path.rglob("*") if f.is_file())
