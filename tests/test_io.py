@@ -163,6 +163,7 @@ def _raw_shard(path: Path, header_text: str, data_len: int) -> Path:
     ('{"__metadata__": {"k": {"n": 1}}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', 8, "__metadata__"),
     ('{"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}', 8, "unsupported dtype"),
     ("[" * 100000 + "]" * 100000, 0, "corrupt safetensors header"),
+    ('{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', 12, "4 bytes after the last tensor's data"),
 ])
 def test_headers_the_safetensors_library_refuses_are_refused(tmp_path, header, data_len, message):
     shard = _raw_shard(tmp_path / "m.safetensors", header, data_len)
@@ -215,6 +216,50 @@ def test_config_that_is_not_utf8_is_a_checkpoint_error(model_set):
     (model_set.base / "config.json").write_bytes(b'{"x": "\xff"}')
     with pytest.raises(CheckpointError, match="unreadable config.json"):
         open_checkpoint(model_set.base)
+
+
+def test_config_that_is_not_an_object_is_refused(model_set):
+    """It was ignored: the output then had no config.json at all."""
+    (model_set.base / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="config.json holds a JSON list, not an object"):
+        open_checkpoint(model_set.base)
+
+
+def test_index_that_is_not_json_says_so(model_set):
+    (model_set.base / "model.safetensors.index.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match=r"corrupt index file, not JSON \(Expecting property name"):
+        open_checkpoint(model_set.base)
+
+
+def test_single_file_beside_an_index_is_read_as_transformers_reads_it(tmp_path, model_set, caplog):
+    """transformers loads model.safetensors before an index; the index alone was read, so the
+    merge could differ from the weights the model runs with."""
+    d = model_set.base
+    state = {n: t + 1 for n, t in load_dir(d).items()}
+    save_file(state, str(d / "model.safetensors"))
+    with caplog.at_level("WARNING"):
+        ck = open_checkpoint(d)
+    assert ck.shards == [d / "model.safetensors"]
+    assert all(torch.equal(ck.load(n), t) for n, t in state.items())
+    assert "holds both model.safetensors and model.safetensors.index.json" in caplog.text
+
+
+def test_unreadable_directory_is_the_systems_refusal_naming_it(tmp_path, model_set, monkeypatch):
+    """A directory we may not list (chmod 000; simulated, as tests may run as root) is exit 6
+    naming it; the message named an adapter_config.json that does not exist."""
+    import errno
+
+    from mergekit_lite.cli.main import app
+    from typer.testing import CliRunner
+
+    from mergekit_lite.io import checkpoint
+
+    def refuse(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint.os, "listdir", refuse)
+    res = CliRunner().invoke(app, ["inspect", str(model_set.base)])
+    assert res.exit_code == 6 and res.output.strip() == f"error: {model_set.base}: Permission denied"
 
 
 def test_loads_are_the_callers_to_modify(tmp_path, model_set):

@@ -261,13 +261,18 @@ def _open_local(path: Path, label: str, allow_bin: bool) -> Checkpoint:
         if path.suffix in (".bin", ".pt", ".pth"):
             return _from_bin(label, path, [path], path.parent, allow_bin)
         raise CheckpointError(f"{label}: not a .safetensors file")
+    os.listdir(path)  # a directory we may not read: the system's refusal, naming it (exit 6)
     if (path / "adapter_config.json").is_file() and not (path / INDEX_FILE).is_file() and not (path / SINGLE_FILE).is_file():
         raise CheckpointError(f"{label}: is a PEFT adapter, not a full checkpoint (use it as a delta/adapter input)")
     index = path / INDEX_FILE
+    if (path / SINGLE_FILE).is_file():
+        # transformers loads model.safetensors before an index: read the weights it would run
+        if index.is_file():
+            log.warning("%s: holds both %s and %s; reading %s, as transformers loads it first",
+                        label, SINGLE_FILE, INDEX_FILE, SINGLE_FILE)
+        return _from_shards(label, path, [path / SINGLE_FILE], None, path)
     if index.is_file():
         return _from_index(label, path, index)
-    if (path / SINGLE_FILE).is_file():
-        return _from_shards(label, path, [path / SINGLE_FILE], None, path)
     shards = sorted(p for p in path.glob("*.safetensors") if p.name != "adapter_model.safetensors")
     if shards:
         return _from_shards(label, path, shards, None, path)
@@ -281,21 +286,23 @@ def _read_config(directory: Path) -> dict | None:
     cfg = directory / "config.json"
     if not cfg.is_file():
         return None
-    try:
+    try:  # an OSError (permissions) is the system's refusal: it goes up as such (exit 6)
         data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{cfg}: unreadable config.json ({' '.join(str(exc).split())})") from None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{cfg}: config.json holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _from_index(label: str, directory: Path, index: Path) -> Checkpoint:
-    try:
+    try:  # an OSError (permissions) is the system's refusal: it goes up as such (exit 6)
         data = json.loads(index.read_text(encoding="utf-8"))
-        weight_map: dict[str, str] = data["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
-        raise CheckpointError(f"{index}: corrupt index file (expected a 'weight_map' object)") from None
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{index}: corrupt index file, not JSON ({' '.join(str(exc).split())})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: corrupt index file (expected a 'weight_map' object)")
     bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or not v or "/" in v or v in (".", "..")), None)
     if bad is not None:
         raise CheckpointError(f"{index}: corrupt index file (tensor {bad!r} maps to {weight_map[bad]!r}, "

@@ -113,6 +113,8 @@ def read_header(path: Path) -> ShardHeader:
             what = "overlaps the tensor before it" if e.begin < at else f"leaves {e.begin - at} unused bytes before it"
             raise CheckpointError(f"{path}: corrupt safetensors header (tensor {e.name!r} {what})")
         at = e.end
+    if at != size:  # the safetensors library (hence transformers) refuses such a file too
+        raise CheckpointError(f"{path}: corrupt safetensors file ({size - at} bytes after the last tensor's data)")
     return ShardHeader(path, tuple(entries), metadata, data_start, size)
 
 
