@@ -28,13 +28,14 @@ def extract(
     dtype: str = typer.Option(None, "--dtype", help="Adapter dtype (default float32)."),
     no_full: bool = typer.Option(False, "--no-full-tensors", help="Skip 1-D deltas instead of saving them whole."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+    allow_bin: bool = typer.Option(False, "--allow-bin", help="Allow pickle .bin checkpoints (weights_only)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v info, -vv debug logging."),
 ) -> None:
     """Factor θ_model − θ_base per module into a PEFT LoRA adapter and report each error."""
     setup_logging(verbose)
     result = api.extract(model, base, rank=rank, energy=energy, out=out_path, seed=seed, device=device, dtype=dtype,
-                         full_tensors=not no_full, force=force)
+                         full_tensors=not no_full, force=force, allow_bin=allow_bin)
     if as_json:
         out.print_json(json.dumps(result.to_json()))
         return

@@ -25,6 +25,7 @@ def surgery_cmd(
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     allow_pt: bool = typer.Option(False, "--allow-pt", help="Accept a pickle (.pt) probe, loaded with weights_only=True."),
+    allow_bin: bool = typer.Option(False, "--allow-bin", help="Accept a pickle (.bin) model, loaded with weights_only=True."),
     undo: Path | None = typer.Option(None, "--undo", help="Restore the original rows of an edited model (needs --out)."),
 ) -> None:
     """Edit the gate rows most anti-aligned with a probe direction (Wang et al., NAACL 2025)."""
@@ -33,7 +34,7 @@ def surgery_cmd(
             raise UsageError("--undo takes the edited model itself; do not combine it with --model or --probe")
         edit_options = {"--alpha": alpha != 1.0, "--top-k": top_k is not None, "--fraction": fraction is not None,
                         "--target": target != api.SURGERY_DEFAULT_TARGET, "--direction": direction != "suppress",
-                        "--device": device is not None, "--allow-pt": allow_pt}
+                        "--device": device is not None, "--allow-pt": allow_pt, "--allow-bin": allow_bin}
         given = [flag for flag, on in edit_options.items() if on]
         if given:
             raise UsageError(f"--undo restores the rows the sidecar lists; {given[0]} has no effect there")
@@ -48,7 +49,7 @@ def surgery_cmd(
         raise UsageError("give --top-k or --fraction, not both")
     dest = out_path if out_path is not None else Path.cwd() / f"{Path(model.split('@')[0]).name}-surgery"
     res = api.surgery(model, probe, alpha=alpha, top_k=top_k, fraction=fraction, target=target, direction=direction,
-                  out=dest, device=device, force=force, allow_pt=allow_pt)
+                  out=dest, device=device, force=force, allow_pt=allow_pt, allow_bin=allow_bin)
     sel = res.selection
     per_layer = ", ".join(f"{layer}:{n}" for layer, n in res.rows_per_layer().items())
     out.print(

@@ -274,3 +274,48 @@ def test_a_full_fine_tune_patches_a_tied_base_and_unties_it(bases: tuple[Path, P
     torch.testing.assert_close(out["lm_head.weight"], want, rtol=0, atol=1e-6)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
     assert res.output == tmp_path / "out"
+
+
+def _as_bin(model_dir: Path, dest: Path) -> Path:
+    """The same weights as an old-style pickle checkpoint (pytorch_model.bin)."""
+    dest.mkdir()
+    torch.save(read_model(model_dir), dest / "pytorch_model.bin")
+    (dest / "config.json").write_text((model_dir / "config.json").read_text())
+    return dest
+
+
+def test_pickle_checkpoints_need_allow_bin_in_patch_extract_and_surgery(bases: tuple[Path, Path], tmp_path: Path) -> None:
+    """The .bin refusal points at --allow-bin, which patch, extract and surgery now have."""
+    old, new = bases
+    ft = _as_bin(save_llama(tmp_path / "ft", 3), tmp_path / "ft_bin")
+    patch = ["patch", "--base", str(new), "--delta", str(ft), "--old-base", str(old)]
+    res = runner.invoke(app, [*patch, "--out", str(tmp_path / "p1")])
+    assert res.exit_code == 4 and "--allow-bin" in res.output and not (tmp_path / "p1").exists()
+    res = runner.invoke(app, [*patch, "--out", str(tmp_path / "p2"), "--allow-bin"])
+    assert res.exit_code == 0, res.output
+    want = read_model(new)
+    ft_state, old_state = read_model(tmp_path / "ft"), read_model(old)
+    got = read_model(tmp_path / "p2")
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value + (ft_state[name] - old_state[name]), rtol=1e-6, atol=1e-6)
+    extract = ["extract", "--model", str(ft), "--base", str(old), "--rank", "2", "--out", str(tmp_path / "e")]
+    assert runner.invoke(app, extract).exit_code == 4
+    assert runner.invoke(app, [*extract, "--allow-bin"]).exit_code == 0
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.randn(16)}, str(tmp_path / "probe.safetensors"))
+    surgery = ["surgery", "--model", str(ft), "--probe", str(tmp_path / "probe.safetensors"), "--top-k", "2",
+               "--out", str(tmp_path / "s")]
+    res = runner.invoke(app, surgery)
+    assert res.exit_code == 4 and "--allow-bin" in res.output
+    assert runner.invoke(app, [*surgery, "--allow-bin"]).exit_code == 0
+
+
+def test_an_adapter_given_the_wrong_way_names_the_directory_to_pass(bases: tuple[Path, Path], tmp_path: Path) -> None:
+    old, new = bases
+    adapter = save_lora(old, tmp_path / "holder" / "mine")
+    res = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(adapter / "adapter_model.safetensors"),
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and f"is an adapter's weights file; pass its directory, {adapter}" in res.output
+    res = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(tmp_path / "holder"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "but mine inside it do" in res.output and f"pass {adapter}" in res.output

@@ -240,7 +240,7 @@ def build_plan(
                     "'old_base: <input>' (the base it was fine-tuned from)"))
                 continue
             try:
-                deltas[key] = _open_delta(recipe.inputs[key], old)
+                deltas[key] = _open_delta(recipe.inputs[key], old, allow_bin)
             except MliteError as exc:
                 ckpt_problems.append(type(exc)(f"{_input_src(recipe, key)}input {key!r}: {exc}"))
 
@@ -401,10 +401,10 @@ def _is_adapter(ref: str) -> bool:
     return p.is_dir() and (p / "adapter_config.json").is_file()
 
 
-def _open_delta(ref: str, old_base: Checkpoint | None) -> Any:
+def _open_delta(ref: str, old_base: Checkpoint | None, allow_bin: bool) -> Any:
     from ..io.deltas import open_delta
 
-    return open_delta(ref, old_base=old_base)
+    return open_delta(ref, old_base=old_base, allow_bin=allow_bin)
 
 
 def resolve_device(name: str) -> torch.device:

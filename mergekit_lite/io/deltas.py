@@ -21,7 +21,7 @@ from ..errors import CheckpointError, UsageError
 from .adapters import LoraAdapter, LoraModule, is_adapter_dir, open_adapter
 from .checkpoint import EMBEDDING_MODULES, Checkpoint, open_checkpoint
 
-__all__ = ["Patch", "DeltaSource", "LoraDelta", "FullDelta", "open_delta", "is_adapter_dir", "vocab_growth",
+__all__ = ["Patch", "DeltaSource", "LoraDelta", "FullDelta", "open_delta", "needs_old_base", "is_adapter_dir", "vocab_growth",
            "is_vocab_tensor", "EMBEDDING_MODULES"]
 
 
@@ -286,12 +286,25 @@ class FullDelta:
                    for n in self._targets if n in self.old_base)
 
 
-def open_delta(ref: str | os.PathLike, *, old_base: Checkpoint | None = None) -> DeltaSource:
+def open_delta(ref: str | os.PathLike, *, old_base: Checkpoint | None = None, allow_bin: bool = False) -> DeltaSource:
     """A PEFT adapter directory → LoraDelta; a full checkpoint → FullDelta (needs the old base)."""
     path = Path(ref).expanduser()
     if is_adapter_dir(path):
         return LoraDelta(open_adapter(path), old_base)
-    finetuned = open_checkpoint(ref)
     if old_base is None:
-        raise UsageError(f"{ref}: a full fine-tuned checkpoint as delta needs its old base (--old-base)")
-    return FullDelta(finetuned, old_base)
+        raise UsageError(needs_old_base(ref))
+    return FullDelta(open_checkpoint(ref, allow_bin=allow_bin), old_base)
+
+
+def needs_old_base(ref: str | os.PathLike) -> str:
+    """Why a delta that is not an adapter directory cannot be used alone, with what to pass
+    instead when it looks like an adapter given the wrong way (its weights file, or the folder
+    above the one peft saved it in under a non-default adapter name)."""
+    path = Path(ref).expanduser()
+    if path.is_file() and is_adapter_dir(path.parent):
+        return f"{ref}: is an adapter's weights file; pass its directory, {path.parent}"
+    nested = sorted(p.parent.name for p in path.glob("*/adapter_config.json")) if path.is_dir() else []
+    if nested:
+        return (f"{ref}: has no adapter_config.json, but {', '.join(nested)} inside it do (peft saves an adapter "
+                f"with a name other than 'default' in a folder of that name); pass {path / nested[0]}")
+    return f"{ref}: a full fine-tuned checkpoint as delta needs its old base (--old-base)"

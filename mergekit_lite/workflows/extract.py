@@ -170,16 +170,18 @@ def extract(
     full_tensors: bool = True,
     force: bool = False,
     on_tensor: Callable[[TensorReport], None] | None = None,
+    allow_bin: bool = False,
 ) -> ExtractResult:
     """Factor θ_model − θ_base into a PEFT LoRA adapter (written to `out` when given).
 
     `rank` fixes every module's rank; `energy` picks per module the smallest rank holding that
     fraction of ‖Δ‖_F². Returns per-tensor ranks and relative errors ‖Δ − B·A‖_F / ‖Δ‖_F.
+    `allow_bin` accepts pickle (.bin) checkpoints, loaded with weights_only=True.
     """
     check_rank_args(rank, energy)
     device = str(resolve_device(device))
-    base_ck = open_checkpoint(base)
-    ft = open_checkpoint(model)
+    base_ck = open_checkpoint(base, allow_bin=allow_bin)
+    ft = open_checkpoint(model, allow_bin=allow_bin)
     delta = FullDelta(ft, base_ck)
     shapes = {n: base_ck.info(n).shape for n in base_ck.names()}
     problems = delta.check(shapes)

@@ -25,7 +25,7 @@ from ..engine.plan import resolve_device
 from ..errors import CheckpointError, UsageError
 from ..io.adapters import copy_adapter, is_adapter_dir, write_adapter
 from ..io.checkpoint import Checkpoint, open_checkpoint
-from ..io.deltas import DeltaSource, LoraDelta, Patch, open_delta, pad_rows
+from ..io.deltas import DeltaSource, LoraDelta, Patch, needs_old_base, open_delta, pad_rows
 from ..io.hub import looks_like_hub_ref
 from ..io.writer import check_output_dir
 from ..methods.registry import TensorJob
@@ -130,11 +130,13 @@ def patch(
     seed: int = 0,
     force: bool = False,
     progress: bool = False,
+    allow_bin: bool = False,
 ) -> PatchResult:
     """θ_new + λ·Δ, with Δ a PEFT LoRA dir or a full fine-tune of `old_base`.
 
     Returns the output path (or, with no `out`, the patched state dict in memory) and the
     per-tensor report. Everything checkable from headers is checked before any tensor is read.
+    `allow_bin` accepts pickle (.bin) checkpoints, loaded with weights_only=True.
     """
     if as_adapter:
         if out is None:
@@ -142,13 +144,14 @@ def patch(
         if shard_size is not None:
             raise UsageError("--shard-size does not apply to --as-adapter (an adapter is written as one file)")
         return _as_adapter(base, delta, old_base=old_base, lam=lam, out=out, rank=rank, energy=energy,
-                           allow_vocab_growth=allow_vocab_growth, device=device, dtype=dtype, seed=seed, force=force)
+                           allow_vocab_growth=allow_vocab_growth, device=device, dtype=dtype, seed=seed, force=force,
+                           allow_bin=allow_bin)
     if rank is not None or energy is not None:
         raise UsageError("--rank and --energy compress the patch into an adapter: they need --as-adapter")
     if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam):
         raise UsageError(f"--lambda must be a finite number, got {lam!r}")
     if old_base is None and Path(delta).expanduser().exists() and not is_adapter_dir(delta):
-        raise UsageError(f"{delta}: a full fine-tuned checkpoint as delta needs its old base (--old-base)")
+        raise UsageError(needs_old_base(delta))
     from ..api import plan_recipe
     from ..engine.run import execute
     from ..recipe.model import load_recipe
@@ -160,7 +163,7 @@ def patch(
         inputs["old_base"] = _abs(old_base)
         step["old_base"] = "old_base"
     recipe = load_recipe({"inputs": inputs, "steps": [step], "output": {},
-                          "options": {"allow_vocab_growth": allow_vocab_growth}})
+                          "options": {"allow_vocab_growth": allow_vocab_growth, "allow_bin": allow_bin}})
     from ..units import parse_size
 
     plan = plan_recipe(recipe, out=_abs(out) if out is not None else None, device=device, dtype=dtype, force=force,
@@ -200,14 +203,14 @@ def _abs(p: PathLike) -> str:
 # ---- --as-adapter ------------------------------------------------------------------------------
 def _as_adapter(base: PathLike, delta_ref: PathLike, *, old_base: PathLike | None, lam: float, out: PathLike,
                 rank: int | None, energy: float | None, allow_vocab_growth: bool, device: str, dtype: str | None,
-                seed: int, force: bool) -> PatchResult:
+                seed: int, force: bool, allow_bin: bool) -> PatchResult:
     import time
 
     t0 = time.perf_counter()
     dev = resolve_device(device)  # also when a LoRA's factors are only copied: a bad --device is an error
-    new = open_checkpoint(base)
-    old = open_checkpoint(old_base) if old_base is not None else None
-    src = open_delta(delta_ref, old_base=old)
+    new = open_checkpoint(base, allow_bin=allow_bin)
+    old = open_checkpoint(old_base, allow_bin=allow_bin) if old_base is not None else None
+    src = open_delta(delta_ref, old_base=old, allow_bin=allow_bin)
     shapes = {n: new.info(n).shape for n in new.names()}
     problems = src.check(shapes, allow_vocab_growth=allow_vocab_growth)
     if problems:

@@ -179,6 +179,7 @@ def surgery(
     force: bool = False,
     allow_pt: bool = False,
     progress: bool = False,
+    allow_bin: bool = False,
 ) -> SurgeryResult:
     """Edit `model` with the probe direction; write to `out` with a sidecar, or return a state dict.
 
@@ -192,7 +193,7 @@ def surgery(
     _check_args(alpha, top_k, fraction, direction, target)
     probe_path = Path(probe).expanduser().absolute()
     w = probe_vector(probe_path, allow_pt=allow_pt)
-    ckpt = open_checkpoint(model)
+    ckpt = open_checkpoint(model, allow_bin=allow_bin)
     if ckpt.source_dir is not None and (ckpt.source_dir / SIDECAR_JSON).is_file():
         log.warning("%s was edited by mlite surgery already; this edit's sidecar replaces that one, so --undo of "
                     "the output restores that edited model, not the original (undo it first to edit the original)",
@@ -210,7 +211,8 @@ def surgery(
         steps=[StepSpec(id=STEP_ID, method="surgery", base="model", models=[], parameters=params)],
         output=OutputSpec(path=str(out_path) if out_path is not None else None),
         device=device,
-        options={"allow_bin": allow_pt},  # lets the planner load a .pt probe the user opted into
+        # pickles the user opted into (each checked above: the probe by allow_pt, the model by allow_bin)
+        options={"allow_bin": allow_pt or allow_bin},
     )
     plan = build_plan(recipe, out=out_path, device=device, force=force, allow_bin=False)
     # The plan's copy of the model reads the original rows for the sidecar.
