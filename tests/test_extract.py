@@ -237,3 +237,19 @@ def test_extract_with_tied_embeddings_ties_the_head_in_peft(tmp_path: Path) -> N
         want = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ft").eval()(
             torch.arange(12).reshape(1, 12)).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_extract_refuses_a_tensor_whose_dtype_kind_differs(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """An integer tensor where the base has a float one has no delta; it was dropped silently."""
+    from safetensors.torch import save_file
+
+    base, ft = pair
+    state = {n: open_checkpoint(ft).load(n) for n in open_checkpoint(ft).names()}
+    state["model.norm.weight"] = state["model.norm.weight"].to(torch.int32)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(state, str(bad / "model.safetensors"))
+    res = runner.invoke(app, ["extract", "--model", str(bad), "--base", str(base), "--rank", "2",
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 4 and "'model.norm.weight' is I32 but F32 in" in res.output, res.output
+    assert not (tmp_path / "o").exists()

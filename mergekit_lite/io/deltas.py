@@ -251,6 +251,11 @@ class FullDelta:
 
     def check(self, base_shapes: Mapping[str, tuple[int, ...]], *, allow_vocab_growth: bool = False) -> list[str]:
         problems = []
+        for name, info in self.finetuned.tensors.items():
+            # a float tensor on one side only has no delta: it would be dropped without a word
+            if name in self.old_base and is_float(info.dtype) != is_float(self.old_base.info(name).dtype):
+                problems.append(f"{info.shard}: {name!r} is {info.dtype} but {self.old_base.info(name).dtype} in "
+                                f"{self.old_base.label}, the base it is taken from")
         for name, shape in self._targets.items():
             where = f"{self.finetuned.info(name).shard}: {name!r}"
             if name not in self.old_base:
