@@ -1146,3 +1146,9 @@ def test_config_dtype_follows_the_output_under_either_name(tmp_path, model_set, 
     out = mlite.merge("linear", models=list(ms.finetunes), out=tmp_path / "o", dtype="bfloat16")
     written = json.loads((out / "config.json").read_text())
     assert {k: written[k] for k in ("torch_dtype", "dtype") if k in written} == want
+
+
+def test_demo_into_a_file_is_a_usage_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    res = runner.invoke(app, ["demo", "--dir", str(tmp_path / "afile")])
+    assert res.exit_code == 2 and "afile: exists and is not a directory" in res.output

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergekit_lite.errors import UsageError
+from mergekit_lite.errors import CheckpointError, UsageError
 from mergekit_lite.methods.probe import split_indices, train_probe
 
 
@@ -134,6 +134,12 @@ def test_train_file_errors(tmp_path: Path) -> None:
     save_file({"features": torch.ones(4, 2), "labels": torch.tensor([1, 1, 1, 1])}, str(tmp_path / "g.safetensors"))
     with pytest.raises(UsageError, match=r"g\.safetensors: labels must contain both classes"):
         train_probe_file(tmp_path / "g.safetensors", tmp_path / "p.safetensors")
+    (tmp_path / "adir").mkdir()  # an existing directory as the probe's path, even with force
+    with pytest.raises(UsageError, match="adir: is a directory; a probe is one .safetensors file"):
+        train_probe_file(tmp_path / "g.safetensors", tmp_path / "adir", force=True)
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "g.safetensors").read_bytes()[:-4])
+    with pytest.raises(CheckpointError, match="cut.safetensors: unreadable safetensors file .*not fully covered"):
+        train_probe_file(tmp_path / "cut.safetensors", tmp_path / "p.safetensors")
 
 
 def test_collect_features_from_a_local_model(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import torch
 from ..dtypes import is_float, parse_user_dtype
 from ..errors import CheckpointError, MliteError, RecipeError, UsageError, combine
 from ..io.adapters import is_adapter_dir
-from ..io.checkpoint import TIED_HEAD, Checkpoint, open_checkpoint
+from ..io.checkpoint import TIED_HEAD, Checkpoint, load_small_file, open_checkpoint
 from ..io.deltas import is_vocab_tensor
 from ..io.safetensors_format import PlannedTensor
 from ..io.writer import DEFAULT_SHARD_SIZE, check_output_dir, plan_shards
@@ -623,12 +623,7 @@ def _read_tensor_file(p: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise RecipeError(f"{p}: file not found")
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(p))
-        except Exception as exc:
-            raise CheckpointError(f"{p}: unreadable safetensors file ({exc.__class__.__name__})") from None
+        return load_small_file(p)
     if p.suffix in (".pt", ".pth", ".bin"):
         if not allow_pickle:
             raise RecipeError(f"{p}: pickle files can run code when loaded; use safetensors, or opt in with "

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import ITEMSIZE, is_float, to_torch
-from ..errors import CheckpointError, ResolveError
+from ..errors import CheckpointError, ResolveError, one_line
 from .safetensors_format import pread_exact, read_header
 
 log = logging.getLogger(__name__)
@@ -361,3 +361,14 @@ def _from_bin(label: str, path: Path, files: list[Path], source_dir: Path, allow
             state[name] = t
             tensors[name] = TensorInfo(name, tuple(t.shape), st, f, 0, nbytes)
     return Checkpoint(path, label, tensors, _read_config(source_dir), source_dir, bin_state=state)
+
+
+def load_small_file(path: Path) -> dict[str, torch.Tensor]:
+    """A small safetensors file (a probe, a feature set) read whole, or a one-line error that
+    says what is wrong with it (the library's own words: "file not fully covered", ...)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # the library raises SafetensorError, OSError, ValueError...
+        raise CheckpointError(f"{path}: unreadable safetensors file ({one_line(exc)})") from None

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..errors import UsageError
 from ..synthetic import LlamaShape, build_model_set
 
 DEMO_SHAPE = LlamaShape(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -54,6 +55,8 @@ def run_demo(folder: str | Path, *, report: Callable[[str], None] = print) -> li
     from ..recipe.model import load_recipe
 
     root = Path(folder).expanduser().absolute()
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root}: exists and is not a directory; give --dir a new or existing directory")
     root.mkdir(parents=True, exist_ok=True)
     report(f"building synthetic models ({DEMO_SHAPE.num_parameters():,} parameters each) in {root / 'models'}")
     build_demo_models(root)

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..dtypes import to_torch
 from ..engine.plan import resolve_device
 from ..errors import CheckpointError, MliteError, UsageError, one_line
-from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.checkpoint import Checkpoint, load_small_file, open_checkpoint
 from ..io.safetensors_format import PlannedTensor
 from ..io.writer import CheckpointWriter, check_output_dir, refuse_over_inputs
 from ..methods.probe import ProbeFit
@@ -102,10 +102,7 @@ def load_probe(path: str | os.PathLike, *, allow_pt: bool = False) -> dict[str, 
         raise CheckpointError(f"{p}: expected a tensor or a dict of tensors")
     if p.suffix != ".safetensors":
         raise UsageError(f"{p}: expected a .safetensors probe file (or .pt with --allow-pt)")
-    try:
-        return load_file(str(p))
-    except Exception as exc:
-        raise CheckpointError(f"{p}: unreadable safetensors file ({exc.__class__.__name__})") from None
+    return load_small_file(p)
 
 
 def probe_vector(path: str | os.PathLike, *, allow_pt: bool = False) -> torch.Tensor:
@@ -284,10 +281,7 @@ def read_sidecar(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
             raise TypeError
     except (OSError, ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{meta}: unreadable surgery record") from None
-    try:
-        rows = load_file(str(rows_file))
-    except Exception as exc:
-        raise CheckpointError(f"{rows_file}: unreadable ({exc.__class__.__name__})") from None
+    rows = load_small_file(rows_file)
     expected: dict[str, list[int]] = {}
     try:
         for entry in selected:
@@ -357,12 +351,8 @@ def train_probe(
         raise UsageError(f"{src}: features file not found")
     dest = Path(out).expanduser()
     refuse_over_inputs(dest, [src])
-    if dest.exists() and not force:
-        raise UsageError(f"{dest}: exists (use --force to replace it)")
-    try:
-        data = load_file(str(src))
-    except Exception as exc:
-        raise CheckpointError(f"{src}: unreadable safetensors file ({exc.__class__.__name__})") from None
+    _file_output(dest, force, "a probe")
+    data = load_small_file(src)
     missing = [k for k in ("features", "labels") if k not in data]
     if missing:
         raise UsageError(f"{src}: missing tensor(s) {', '.join(missing)} (expected 'features' (N, d) and 'labels' (N,))")
@@ -385,6 +375,14 @@ def train_probe(
     }
     _atomic_save({"weight": fit.weight, "bias": fit.bias}, dest, metadata)
     return ProbeTrainResult(dest, fit)
+
+
+def _file_output(dest: Path, force: bool, what: str) -> None:
+    """A one-file output: never a directory (even with force), replaced only with force."""
+    if dest.is_dir():
+        raise UsageError(f"{dest}: is a directory; {what} is one .safetensors file: give a file path")
+    if dest.exists() and not force:
+        raise UsageError(f"{dest}: exists (use --force to replace it)")
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], dest: Path, metadata: dict[str, str]) -> None:
@@ -441,8 +439,7 @@ def collect_features(
     except ImportError:
         raise UsageError("mlite probe collect needs transformers (install the optional 'probe' extra: pip install transformers)") from None
     dest = Path(out).expanduser()
-    if dest.exists() and not force:
-        raise UsageError(f"{dest}: exists (use --force to replace it)")
+    _file_output(dest, force, "a feature set")
     src = Path(model_dir).expanduser()
     if not src.is_dir():
         raise UsageError(f"{src}: not a local model directory")
