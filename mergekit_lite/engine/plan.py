@@ -439,6 +439,9 @@ def _num_layers(checkpoints: Mapping[str, Checkpoint]) -> int | None:
         if value < 1 or (held is not None and value < held):
             raise CheckpointError(f"{where}: num_hidden_layers is {value} but the tensors hold "
                                   f"{held if held is not None else 'no'} layers")
+        if held is not None and value > held:  # a cut-down checkpoint, or a config of another model
+            log.warning("%s: num_hidden_layers is %d but the tensors hold %d layers; layer gradients are spread "
+                        "over %d, as mergekit spreads them", where, value, held, value)
         return value
     counts = [n for ck in checkpoints.values() if (n := count_layers(ck.names())) is not None]
     return max(counts) if counts else None
