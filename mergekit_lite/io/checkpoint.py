@@ -158,7 +158,7 @@ class Checkpoint:
     @property
     def conv1d_weights(self) -> bool:
         """True when the config's model type stores its linear layers as Conv1D ([in, out])."""
-        return bool(self.config) and self.config.get("model_type") in CONV1D_MODEL_TYPES
+        return self.config is not None and self.config.get("model_type") in CONV1D_MODEL_TYPES
 
     def side_files(self) -> list[Path]:
         """config, generation config and tokenizer files that travel with the weights."""
