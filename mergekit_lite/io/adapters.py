@@ -419,7 +419,7 @@ def adapter_config(
     if len(linear) > 1:
         raise CheckpointError("an adapter cannot mix Conv1D ([in, out]) and Linear factors: PEFT's "
                               "fan_in_fan_out applies to every module")
-    config = base.config if base is not None and isinstance(base.config, dict) else {}
+    config = (base.config if base is not None else None) or {}
     architectures = config.get("architectures") or []
     causal = any(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
     tied = base.tied_head_source if base is not None else None

@@ -289,7 +289,7 @@ def _read_config(directory: Path) -> dict | None:
     try:  # an OSError (permissions) is the system's refusal: it goes up as such (exit 6)
         data = json.loads(cfg.read_text(encoding="utf-8"))
     except ValueError as exc:  # UnicodeDecodeError is a ValueError
-        raise CheckpointError(f"{cfg}: unreadable config.json ({' '.join(str(exc).split())})") from None
+        raise CheckpointError(f"{cfg}: unreadable config.json ({one_line(exc)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{cfg}: config.json holds a JSON {type(data).__name__}, not an object")
     return data
@@ -299,7 +299,7 @@ def _from_index(label: str, directory: Path, index: Path) -> Checkpoint:
     try:  # an OSError (permissions) is the system's refusal: it goes up as such (exit 6)
         data = json.loads(index.read_text(encoding="utf-8"))
     except ValueError as exc:  # UnicodeDecodeError is a ValueError
-        raise CheckpointError(f"{index}: corrupt index file, not JSON ({' '.join(str(exc).split())})") from None
+        raise CheckpointError(f"{index}: corrupt index file, not JSON ({one_line(exc)})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: corrupt index file (expected a 'weight_map' object)")

@@ -21,8 +21,8 @@ from ..errors import CheckpointError, UsageError
 from .adapters import LoraAdapter, LoraModule, is_adapter_dir, open_adapter
 from .checkpoint import EMBEDDING_MODULES, Checkpoint, open_checkpoint
 
-__all__ = ["Patch", "DeltaSource", "LoraDelta", "FullDelta", "open_delta", "needs_old_base", "is_adapter_dir", "vocab_growth",
-           "is_vocab_tensor", "EMBEDDING_MODULES"]
+__all__ = ["Patch", "DeltaSource", "LoraDelta", "FullDelta", "open_delta", "needs_old_base", "is_adapter_dir",
+           "vocab_growth", "is_vocab_tensor", "EMBEDDING_MODULES"]
 
 
 @dataclass(frozen=True)
