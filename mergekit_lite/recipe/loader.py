@@ -213,8 +213,8 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
             # mergekit lists the base among the models; it is θ₀, not a task vector.
             with_params = [m for m in listed if m.parameters]
             if with_params:
-                notes.append(f"{with_params[0].ref.loc.prefix()}the parameters given to base model '{model.base_model}' are ignored, "
-                             "as in mergekit")
+                where = with_params[0].ref.loc.prefix()
+                notes.append(f"{where}the parameters given to base model '{model.base_model}' are ignored, as in mergekit")
             models = [m for m in models if m.ref.value != base_name]
             step_base = base_ref
         elif listed:
