@@ -46,8 +46,8 @@ def clamp_indices(count: int, clamp_ratio: float) -> tuple[int, int]:
     """Sorted positions of the clamp bounds: floor(D·c) and floor(D·(1−c)) − 1.
 
     For tiny rows (D·(1 − 2c) < 1) the upper position can fall below the lower one; we lift it
-    to the lower one so lo ≤ hi always holds (the reference code would clamp everything to the
-    smaller value, or wrap to index −1).
+    to the lower one so lo ≤ hi always holds (the reference code clamps everything to the
+    smaller value there, and its row comes out NaN).
     """
     lo = quantile_index(count, clamp_ratio)
     hi = min(max(int(count * (1 - clamp_ratio)) - 1, lo), count - 1)
