@@ -305,7 +305,8 @@ def test_mergekit_per_model_mapping_by_path(models: Path) -> None:
 
 
 @pytest.mark.parametrize(("key", "text"), [
-    ("slices", "slices:\n  - sources:\n      - {model: a, layer_range: [0, 4]}\n"),
+    ("slices", "slices:\n  - sources:\n      - {model: a, layer_range: [0, 4]}\n"
+               "  - sources:\n      - {model: a, layer_range: [4, 8]}\n"),
     ("modules", "modules: {}\n"),
     ("tokenizer", "tokenizer: {source: union}\n"),
     ("chat_template", "chat_template: chatml\n"),
@@ -627,3 +628,40 @@ def test_slerp_with_one_endpoint_is_a_recipe_error() -> None:
 
     msg = one_problem({"inputs": {"a": "a"}, "steps": [{"id": "s", "method": "slerp", "models": ["a"]}]})
     assert "method 'slerp' needs 2 inputs (models, or a base and models), got 1" in msg
+
+
+@pytest.mark.parametrize(("text", "line", "why"), [
+    ("slices:\n  - sources:\n      - {model: a, layer_range: [0, 4]}\n      - {model: b, layer_range: [0, 3]}\n",
+     4, "the sources' layer ranges [[0, 3], [0, 4]] differ"),
+    ("slices:\n  - sources:\n      - {model: a, layer_range: [2, 4]}\n", 4, "do not start at 0"),
+    ("slices:\n  - sources:\n      - {model: a}\n", 5, "each source needs 'layer_range: [0, N]'"),
+    ("slices:\n  - sources:\n      - {model: a, layer_range: [0, 4]}\n    merge_method: slerp\n", 6,
+     "a slice has 'merge_method'"),
+    ("models: [{model: a}]\nslices:\n  - sources:\n      - {model: a, layer_range: [0, 4]}\n", 4,
+     "given together with 'models'"),
+])
+def test_mergekit_slices_other_than_one_full_slice_are_refused(tmp_path: Path, text: str, line: int, why: str) -> None:
+    msg = one_problem(write(tmp_path, "merge_method: ties\nbase_model: x\n" + text))
+    assert msg.startswith(f"{tmp_path / 'recipe.yaml'}:{line}: mergekit 'slices' not supported here (")
+    assert why in msg and msg.endswith("(slices)")
+
+
+def test_mergekit_single_slice_reads_as_models(models: Path) -> None:
+    """Sources become the models with their own parameters; the slice's parameters override
+    the recipe's (mergekit's lookup order)."""
+    recipe = load_recipe(write(models, """
+        merge_method: ties
+        base_model: ./models/base
+        slices:
+          - sources:
+              - {model: ./models/base, layer_range: [0, 4]}
+              - {model: ./models/a, layer_range: [0, 4], parameters: {weight: 0.7}}
+              - {model: ./models/b, layer_range: [0, 4]}
+            parameters: {density: 0.4}
+        parameters: {density: 0.9, normalize: false}
+        """))
+    step = recipe.steps[0]
+    assert step.base == "base" and step.models == ["a", "b"]
+    assert step.parameters["density"] == 0.4 and step.parameters["normalize"] is False
+    assert step.model_parameters == {"a": {"weight": 0.7}}
+    assert recipe.options["full_slice"].layers == 4

@@ -244,6 +244,16 @@ def build_plan(
             except MliteError as exc:
                 ckpt_problems.append(type(exc)(f"{_input_src(recipe, key)}input {key!r}: {exc}"))
 
+    full_slice = recipe.options.get("full_slice")  # a mergekit recipe's single slice, read as `models:`
+    if full_slice is not None:
+        for key, ck in checkpoints.items():
+            layers = _num_layers({key: ck})
+            if layers is not None and layers != full_slice.layers:
+                recipe_problems.append(RecipeError(
+                    f"{full_slice.loc}: mergekit 'slices' not supported here (layer_range [0, {full_slice.layers}] "
+                    f"but {ck.label} has {layers} layers): only a single slice over every layer of every model is "
+                    "read (the same merge as 'models:')"))
+
     # Step plans.
     steps: dict[str, StepPlan] = {}
     for sid in order:

@@ -15,6 +15,7 @@ from .model import Loc, Recipe
 from .problems import Problems
 from .raw import Item, RawModel, RawRecipe, RawStep
 from .schema import MERGEKIT_UNSUPPORTED, MergekitRecipe, ModelEntry, NativeRecipe, validate_shape
+from .slices import slices_as_models
 from .validate import validate
 from .yaml_lines import YamlSyntaxError, line_of, parse_yaml, plain, start_line
 
@@ -170,6 +171,12 @@ def _input_name(ref: str, taken: dict[str, str]) -> str:
 
 
 def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe | None:
+    full_slice = None
+    if "slices" in raw:  # one slice over every layer is the same merge as `models:`
+        converted = slices_as_models(raw, file, problems)
+        if converted is None:
+            return None
+        raw, full_slice = converted
     unsupported = False
     for key, message in MERGEKIT_UNSUPPORTED.items():
         if key in raw:
@@ -268,5 +275,8 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
         else:
             output["copy_tokenizer_from"] = Item(add_input(src, tok_item), tok_item.loc, tok_item.key)
 
-    return RawRecipe("mergekit", inputs, [step], output, notes=notes, **_common(raw, model, file))
+    recipe = RawRecipe("mergekit", inputs, [step], output, notes=notes, **_common(raw, model, file))
+    if full_slice is not None:
+        recipe.options["full_slice"] = full_slice  # the plan checks its range against the layer count
+    return recipe
 

@@ -128,7 +128,6 @@ class MergekitRecipe(_ModelsAndParameters):
 
 # mergekit features that change the result and that mlite does not implement: refuse clearly.
 MERGEKIT_UNSUPPORTED: dict[str, str] = {
-    "slices": "mergekit 'slices' (layer_range) recipes are not supported; merge whole models with 'models:'",
     "modules": "mergekit 'modules' recipes are not supported; merge whole models with 'models:'",
     "tokenizer": "mergekit's 'tokenizer' block (vocabulary merging) is not supported; "
                  "use 'tokenizer_source: base' or a model to copy a tokenizer from",

@@ -1,0 +1,110 @@
+"""mergekit's `slices:` form, read where it means the same as `models:`.
+
+mergekit turns a `models:` recipe into one slice whose sources cover layers [0, N) of every
+model, and spreads layer gradients over that slice's layers (its plan.py). So a recipe with a
+single slice, every source over the same range [0, N), is a `models:` recipe: the sources are
+the models (with their own `parameters`), and the slice's `parameters` override the recipe's
+for the names both give, as mergekit's lookup order has it. This is the shape of mergekit's
+best-known SLERP example. The plan checks that N is the models' layer count. Several slices,
+or ranges that leave layers out (frankenmerges, layer stacking), build another architecture
+and stay refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .model import Loc
+from .problems import Problems
+from .yaml_lines import LineDict, LineList, line_of
+
+SLICE_KEYS = frozenset({"sources", "parameters"})
+SOURCE_KEYS = frozenset({"model", "layer_range", "parameters"})
+
+
+@dataclass(frozen=True)
+class FullSlice:
+    """The one slice's layer range [0, layers), and where it was written (for the plan's check)."""
+
+    layers: int
+    loc: Loc
+
+
+def slices_as_models(raw: dict[str, Any], file: str | None,
+                     problems: Problems) -> tuple[dict[str, Any], FullSlice] | None:
+    """`raw` with its single full-range slice rewritten as `models:` (and merged `parameters`),
+    or None after adding a problem that says why this slices recipe is not supported."""
+    refusal = _why_not(raw)
+    if refusal is not None:
+        line, why = refusal
+        problems.add(Loc(file, line), f"mergekit 'slices' not supported here ({why}): only a single slice over "
+                                      "every layer of every model is read (the same merge as 'models:')", "slices")
+        return None
+    piece = raw["slices"][0]
+    sources = piece["sources"]
+    models = _like(sources, [_like(s, {k: v for k, v in s.items() if k != "layer_range"}) for s in sources])
+    if isinstance(models, LineList):
+        models.item_lines = [line_of(sources, i) or 0 for i in range(len(sources))]
+    out = _like(raw, {k: v for k, v in raw.items() if k != "slices"})
+    out["models"] = models
+    _set_line(out, "models", line_of(raw, "slices"))
+    shared, own = raw.get("parameters"), piece.get("parameters")
+    if isinstance(own, dict) and isinstance(shared, (dict, type(None))):
+        merged = _like(own, {**(shared or {}), **own})
+        if isinstance(merged, LineDict):
+            merged.key_lines = {**getattr(shared, "key_lines", {}), **getattr(own, "key_lines", {})}
+        out["parameters"] = merged
+        _set_line(out, "parameters", line_of(piece, "parameters"))
+    elif own is not None:
+        out["parameters"] = own  # not a mapping: the schema says what is wrong with it
+    return out, FullSlice(sources[0]["layer_range"][1], Loc(file, line_of(sources[0], "layer_range")))
+
+
+def _why_not(raw: dict[str, Any]) -> tuple[int | None, str] | None:
+    """(line, reason) when `raw`'s slices are not one slice over layers [0, N) of every source."""
+    slices = raw["slices"]
+    if "models" in raw:
+        return line_of(raw, "slices"), "given together with 'models'"
+    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+        return line_of(raw, "slices"), f"{len(slices)} slices" if isinstance(slices, list) else "not a list of slices"
+    piece = slices[0]
+    unknown = sorted(set(piece) - SLICE_KEYS)
+    if unknown:
+        return line_of(piece, unknown[0]), f"a slice has {unknown[0]!r}"
+    sources = piece.get("sources")
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, dict) for s in sources):
+        return line_of(piece, "sources"), "a slice needs a list of 'sources'"
+    ranges: set[tuple[int, int]] = set()
+    for source in sources:
+        unknown = sorted(set(source) - SOURCE_KEYS)
+        if unknown:
+            return line_of(source, unknown[0]), f"a source has {unknown[0]!r}"
+        span = source.get("layer_range")
+        if not (isinstance(span, list) and len(span) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
+            return line_of(source, "layer_range"), "each source needs 'layer_range: [0, N]'"
+        ranges.add((span[0], span[1]))
+    if len(ranges) != 1 or min(ranges)[0] != 0 or min(ranges)[1] < 1:
+        return (line_of(piece, "sources"),
+                f"the sources' layer ranges {[list(r) for r in sorted(ranges)]} differ or do not start at 0")
+    return None
+
+
+def _set_line(container: Any, key: str, line: int | None) -> None:
+    if isinstance(container, LineDict) and line is not None:
+        container.key_lines[key] = line
+
+
+def _like(template: Any, value: Any) -> Any:
+    """`value` (a dict or list) carrying `template`'s line bookkeeping when it has one."""
+    if isinstance(template, LineDict):
+        copy = LineDict(value)
+        copy.line = template.line
+        copy.key_lines = {k: n for k, n in template.key_lines.items() if k in copy}
+        return copy
+    if isinstance(template, LineList):
+        items = LineList(value)
+        items.line = template.line
+        return items
+    return value
