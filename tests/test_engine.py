@@ -1178,3 +1178,21 @@ def test_mergekit_single_slice_recipe_merges_as_its_models_form(tmp_path, model_
     res = runner.invoke(app, ["merge", str(recipe)])
     assert res.exit_code == 3 and f"mergekit 'slices' not supported here (layer_range [0, {layers - 1}] but" in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_mergekit_model_plus_lora_reference_merges_the_lora_first(tmp_path, model_set):
+    """mergekit's `MODEL+LORA` merges the adapter into the model before the merge (peft's
+    merge_and_unload there; a portllm step here): the same as patching first, then merging."""
+    ms = model_set
+    ref = f"{ms.finetunes[0]}+{ms.adapter}"
+    recipe = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": ref}, {"model": str(ms.finetunes[1])}],
+              "parameters": {"weight": {ref: 0.25, str(ms.finetunes[1]): 0.75}}}
+    got = mlite.run_recipe(recipe).state_dict
+    mlite.patch(ms.finetunes[0], ms.adapter, out=tmp_path / "patched")
+    want = mlite.merge("linear", models=[tmp_path / "patched", ms.finetunes[1]],
+                       model_parameters=[{"weight": 0.25}, {"weight": 0.75}])
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    bad = _write(tmp_path / "r.yaml", {**recipe, "models": [{"model": f"{ref}+x"}], "parameters": {}})
+    res = runner.invoke(app, ["merge", str(bad), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 3 and "mergekit's form is MODEL or MODEL+LORA" in res.output

@@ -204,11 +204,31 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
         inputs[name] = Item(ref, item.loc, item.key)
         return name
 
+    lora_steps: dict[str, RawStep] = {}
+
+    def add_model(ref: str, item: Item) -> str:
+        """An input's name; for mergekit's `MODEL+LORA`, the id of a step that merges the LoRA
+        into the model first (as mergekit does with peft's merge_and_unload): the reference as
+        written, so per-model mappings keyed by it find it."""
+        parts = ref.split("+")
+        if len(parts) == 1:
+            return add_input(ref, item)
+        if len(parts) != 2 or not all(p.strip() for p in parts):
+            problems.add(item.loc, f"cannot read model reference {ref!r}: mergekit's form is MODEL or MODEL+LORA",
+                         item.key)
+            return ref
+        if ref not in lora_steps:
+            base, lora = (Item(add_input(p, item), item.loc, item.key) for p in parts)
+            lora_steps[ref] = RawStep(id=Item(ref, item.loc, item.key), method=Item("portllm", item.loc, item.key),
+                                      base=base, models=[], delta=lora, old_base=None, parameters={}, save=None,
+                                      loc=item.loc, key=item.key)
+        return ref
+
     base_item = _item(raw, "base_model", model.base_model, "base_model", file) if model.base_model else None
-    base_name = add_input(model.base_model, base_item) if base_item and model.base_model else None
+    base_name = add_model(model.base_model, base_item) if base_item and model.base_model else None
     models = _models(raw["models"], model.models, "models", file)
     for m in models:
-        m.ref = Item(add_input(m.ref.value, m.ref), m.ref.loc, m.ref.key, m.ref.raw)
+        m.ref = Item(add_model(m.ref.value, m.ref), m.ref.loc, m.ref.key, m.ref.raw)
 
     method_item = _item(raw, "merge_method", model.merge_method, "merge_method", file)
     spec = get_method(model.merge_method)
@@ -275,7 +295,8 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
         else:
             output["copy_tokenizer_from"] = Item(add_input(src, tok_item), tok_item.loc, tok_item.key)
 
-    recipe = RawRecipe("mergekit", inputs, [step], output, notes=notes, **_common(raw, model, file))
+    recipe = RawRecipe("mergekit", inputs, [*lora_steps.values(), step], output, notes=notes,
+                       **_common(raw, model, file))
     if full_slice is not None:
         recipe.options["full_slice"] = full_slice  # the plan checks its range against the layer count
     return recipe
