@@ -655,6 +655,7 @@ def test_row_blocks_give_identical_results(tmp_path, model_set, monkeypatch):
     ("dare_linear", {"density": 0.6, "rescale": "none"}),
     ("della", {"density": 0.5, "epsilon": 0.2}),
     ("breadcrumbs", {"density": 0.7, "gamma": 0.05}),
+    ("breadcrumbs_ties", {"density": 0.7, "gamma": 0.05}),
 ])
 def test_row_blocks_equal_whole_tensors(tmp_path, model_set, monkeypatch, method, params):
     """Per-tensor methods stream big tensors in row blocks (per-tensor statistics gathered

@@ -75,6 +75,7 @@ LAMBDA = "lambda"
         ("slerp", False, 1, 2, True),
         ("model_stock", True, 2, None, False),
         ("breadcrumbs", True, 1, None, False),
+        ("breadcrumbs_ties", True, 1, None, False),
         ("della", True, 1, None, False),
         ("della_linear", True, 1, None, False),
     ],
@@ -93,7 +94,8 @@ def test_registry_entries(name: str, needs_base: bool, min_models: int, max_mode
 @pytest.mark.parametrize(
     "name,normalize",
     [("linear", True), ("task_arithmetic", False), ("ties", True), ("dare_linear", False),
-     ("dare_ties", False), ("breadcrumbs", False), ("della", True), ("della_linear", False)],
+     ("dare_ties", False), ("breadcrumbs", False), ("breadcrumbs_ties", False), ("della", True),
+     ("della_linear", False)],
 )
 def test_normalize_defaults_follow_mergekit(name: str, normalize: bool) -> None:
     assert get_method(name).defaults()["normalize"] is normalize  # type: ignore[union-attr]
@@ -340,6 +342,20 @@ def test_breadcrumbs_weights_and_ties_at_cuts() -> None:
     out = run("breadcrumbs", [1.0] * 5, [(1 + tau).tolist(), [1.0] * 5], density=(0.4, 0.4), gamma=(0.2, 0.2),
               weight=(0.5, 3.0), **{LAMBDA: 2.0})
     close(out, [1, 1, 3, 4, -2])
+
+
+def test_breadcrumbs_ties_golden() -> None:
+    """The same thinning, then TIES' election: entries against the elected sign drop out."""
+    a = [0.0, 4.0, -2.0, 1.0, 3.0]
+    b = [0.0, -1.0, 2.5, 1.5, -3.0]
+    # density 0.8, gamma 0.2 on 5 entries: drop 1 outlier on top and 0 at the bottom
+    assert outlier_counts(0.8, 0.2, 5) == (0, 1)
+    # thinned: a → [0, 0, -2, 1, 3] (4 is the outlier), b → [0, -1, 2.5, 1.5, 0] (|-3| the outlier)
+    # weighted (1, 1) sums: [0, -1, 0.5, 2.5, 3] → signs [+, −, +, +, +]
+    close(run("breadcrumbs_ties", [0.0] * 5, [a, b], density=(0.8, 0.8), gamma=(0.2, 0.2)), [0, -1, 2.5, 2.5, 3])
+    close(run("breadcrumbs", [0.0] * 5, [a, b], density=(0.8, 0.8), gamma=(0.2, 0.2)), [0, -1, 0.5, 2.5, 3])
+    close(run("breadcrumbs_ties", [0.0] * 5, [a, b], density=(0.8, 0.8), gamma=(0.2, 0.2), normalize=True),
+          [0, -1, 2.5, 1.25, 3])
 
 
 # ---------------------------------------------------------------- DELLA

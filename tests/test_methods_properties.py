@@ -23,9 +23,10 @@ from mergekit_lite.methods.stats import RadixSelect, exact_select
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
-TASK_METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "della", "della_linear"]
+TASK_METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
+                "della_linear"]
 ALL_METHODS = [*TASK_METHODS, "linear", "model_stock", "slerp"]
-UNNORMALISED = {"task_arithmetic", "dare_linear", "dare_ties", "breadcrumbs", "della_linear"}
+UNNORMALISED = {"task_arithmetic", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della_linear"}
 
 # quantised values: small tensors full of ties in magnitude, exactly representable in bf16
 values = st.integers(min_value=-16, max_value=16).map(lambda v: v / 4)

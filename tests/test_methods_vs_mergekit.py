@@ -247,6 +247,8 @@ def test_breadcrumbs_is_mergekit_breadcrumbs_when_gamma_cuts_something(rng: torc
         got = ours("breadcrumbs", base, models, density=(density,) * 2, gamma=(gamma,) * 2, weight=(1.0, 0.5))
         crumbs = [mk_magnitude_outliers(m - base, density, gamma) for m in models]
         torch.testing.assert_close(got, mk_gta(base, crumbs, [1.0, 0.5], consensus=False, normalize=False, lam=1.0))
+        got = ours("breadcrumbs_ties", base, models, density=(density,) * 2, gamma=(gamma,) * 2, weight=(1.0, 0.5))
+        torch.testing.assert_close(got, mk_gta(base, crumbs, [1.0, 0.5], consensus=True, normalize=False, lam=1.0))
 
 
 def test_breadcrumbs_gamma_below_one_entry_is_mergekit_too() -> None:

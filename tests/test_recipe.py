@@ -665,3 +665,13 @@ def test_mergekit_single_slice_reads_as_models(models: Path) -> None:
     assert step.parameters["density"] == 0.4 and step.parameters["normalize"] is False
     assert step.model_parameters == {"a": {"weight": 0.7}}
     assert recipe.options["full_slice"].layers == 4
+
+
+def test_mergekit_rescale_on_breadcrumbs_ties_is_refused(models: Path) -> None:
+    msg = one_problem(write(models, """
+        merge_method: breadcrumbs_ties
+        base_model: ./models/base
+        models: [{model: ./models/a}, {model: ./models/b}]
+        parameters: {density: 0.5, rescale: true}
+        """))
+    assert "'rescale: true' is not supported for method 'breadcrumbs_ties'" in msg

@@ -4,6 +4,8 @@ Per task vector and tensor: drop the `gamma` fraction of largest magnitudes (out
 many of the smallest as needed for `density` to remain, then θ = θ₀ + λ Σ wᵢτ̂ᵢ (no rescaling,
 no sign election, no normalisation by default — mergekit's `breadcrumbs`). Drop counts follow
 mergekit exactly (see `sparsify.outlier_counts`); ties at either cut are kept.
+`breadcrumbs_ties` (mergekit's name) combines the same thinned vectors with TIES' sign election
+and disjoint sum instead, still without normalisation by default, as mergekit's does.
 """
 
 from __future__ import annotations
@@ -103,24 +105,47 @@ def _bounded_mask(tau: torch.Tensor, bounds: OutlierBounds, i: int) -> torch.Ten
     return keep
 
 
-def merge_breadcrumbs(job: TensorJob) -> torch.Tensor:
-    taus = task_vectors(job, "breadcrumbs")
+def _thinned(job: TensorJob, method: str) -> list[torch.Tensor]:
+    """Every τᵢ with its outliers and small tail dropped (per tensor, or by bounds gathered first)."""
+    taus = task_vectors(job, method)
     n = len(taus)
     densities = per_model(job.params, "density", n)
     gammas = per_model(job.params, "gamma", n)
     if isinstance(job.stats, OutlierBounds):  # a row block of a big tensor: bounds gathered first
-        thinned = [apply_mask(t, _bounded_mask(t, job.stats, i)) for i, t in enumerate(taus)]
-    else:
-        thinned = [apply_mask(t, outlier_mask(t, d, g)) for t, d, g in zip(taus, densities, gammas, strict=True)]
-    return add_to_base(job, thinned, elect=False)
+        return [apply_mask(t, _bounded_mask(t, job.stats, i)) for i, t in enumerate(taus)]
+    return [apply_mask(t, outlier_mask(t, d, g)) for t, d, g in zip(taus, densities, gammas, strict=True)]
 
+
+def merge_breadcrumbs(job: TensorJob) -> torch.Tensor:
+    return add_to_base(job, _thinned(job, "breadcrumbs"), elect=False)
+
+
+def merge_breadcrumbs_ties(job: TensorJob) -> torch.Tensor:
+    return add_to_base(job, _thinned(job, "breadcrumbs_ties"), elect=True)
+
+
+PARAMS = (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize_param(False), INT8_MASK)
 
 SPEC = register(
     MethodSpec(
         name="breadcrumbs",
         summary="Model Breadcrumbs: drop the largest (gamma) and smallest magnitudes, keep density, add.",
-        params=(WEIGHT, DENSITY, GAMMA, LAMBDA, normalize_param(False), INT8_MASK),
+        params=PARAMS,
         merge=merge_breadcrumbs,
+        needs_base=True,
+        min_models=1,
+        paper="https://arxiv.org/abs/2312.06795",
+        doc="methods/breadcrumbs.md",
+        tensor_reducer=OutlierBoundsReducer,
+    )
+)
+
+TIES_SPEC = register(
+    MethodSpec(
+        name="breadcrumbs_ties",
+        summary="Model Breadcrumbs' thinning, then TIES' sign election and disjoint sum (mergekit's breadcrumbs_ties).",
+        params=PARAMS,
+        merge=merge_breadcrumbs_ties,
         needs_base=True,
         min_models=1,
         paper="https://arxiv.org/abs/2312.06795",

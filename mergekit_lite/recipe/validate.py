@@ -43,6 +43,8 @@ MERGEKIT_UNSUPPORTED: dict[str, dict[str, str]] = {
     "ties": {"rescale": "mergekit L1-rescales the trimmed task vectors; use dare_ties or della for a rescaled drop"},
     "breadcrumbs": {"rescale": "mergekit L1-rescales the kept entries; use dare_linear or della_linear for a "
                                "rescaled drop"},
+    "breadcrumbs_ties": {"rescale": "mergekit L1-rescales the kept entries; use dare_ties or della for a rescaled "
+                                    "drop"},
 }
 
 # mergekit booleans for parameters mlite spells as choices: {param: {bool: choice}}.
