@@ -1197,3 +1197,47 @@ def test_mergekit_model_plus_lora_reference_merges_the_lora_first(tmp_path, mode
     bad = _write(tmp_path / "r.yaml", {**recipe, "models": [{"model": f"{ref}+x"}], "parameters": {}})
     res = runner.invoke(app, ["merge", str(bad), "--out", str(tmp_path / "o")])
     assert res.exit_code == 3 and "mergekit's form is MODEL or MODEL+LORA" in res.output
+
+
+def test_dry_run_counts_what_a_filtered_statistics_pass_reads_of_a_lora(tmp_path, model_set):
+    """surgery after a LoRA patch scores the gate rows only: its statistics pass reads the
+    adapter's factors for those tensors alone (the dry run charged the whole adapter)."""
+    from safetensors.torch import save_file
+
+    ms = model_set
+    save_file({"weight": torch.randn(ms.shape.hidden_size)}, str(tmp_path / "probe.safetensors"))
+    recipe = {"inputs": {"base": str(ms.base), "lora": str(ms.adapter)},
+              "steps": [{"id": "a", "method": "portllm", "base": "base", "delta": "lora"},
+                        {"id": "b", "method": "surgery", "base": "a",
+                         "parameters": {"probe": str(tmp_path / "probe.safetensors"), "top_k": 5}}],
+              "output": {"path": str(tmp_path / "out")}}
+    planned = mlite.dry_run(recipe)
+    run = mlite.run_recipe(recipe)
+    assert [(p["kind"], p["bytes_read"]) for p in planned["passes"]] == [
+        (p["kind"], p["bytes_read"]) for p in run.passes]
+    assert planned["bytes_read"] == run.bytes_read
+
+
+def test_a_global_step_that_feeds_nothing_runs_no_statistics_pass(tmp_path, model_set):
+    ms = model_set
+    recipe = {"inputs": {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])},
+              "steps": [{"id": "unused", "method": "ties", "base": "base", "models": ["a", "b"],
+                         "parameters": {"density": 0.5, "scope": "global"}},
+                        {"id": "m", "method": "linear", "models": ["a", "b"]}]}
+    run = mlite.run_recipe(recipe)
+    assert [p["kind"] for p in run.passes] == ["output"]
+    assert [p["kind"] for p in mlite.dry_run(recipe)["passes"]] == ["output"]
+
+
+def test_resume_fingerprint_follows_a_full_fine_tune_delta(tmp_path, model_set):
+    """A full fine-tune given as a delta was left out of the fingerprint (its label is not a
+    path), so a resume kept tensors computed from its old contents."""
+    from mergekit_lite.engine.plan import fingerprint
+
+    ms = model_set
+    recipe = load_recipe({"inputs": {"new": str(ms.finetunes[1]), "ft": str(ms.finetunes[0]), "old": str(ms.base)},
+                          "steps": [{"id": "p", "method": "portllm", "base": "new", "delta": "ft", "old_base": "old"}]})
+    before = fingerprint(build_plan(recipe))
+    shard = sorted(ms.finetunes[0].glob("*.safetensors"))[0]
+    os.utime(shard, (shard.stat().st_atime, shard.stat().st_mtime + 5))
+    assert fingerprint(build_plan(recipe)) != before

@@ -105,7 +105,9 @@ class Plan:
 
     @property
     def global_steps(self) -> list[StepPlan]:
-        return [s for s in self.steps.values() if s.scope == "global"]
+        """The global steps the outputs need (a step that feeds nothing is not run, nor its
+        statistics passes), in topological order."""
+        return [s for s in step_closure(self, self.output_step_ids) if s.scope == "global"]
 
     def leaves_of(self, step_id: str) -> tuple[set[str], set[str]]:
         """Checkpoint keys and delta keys that a step's value depends on."""
@@ -667,7 +669,7 @@ def estimate(plan: Plan) -> dict[str, Any]:
                 if n in ck:
                     total += ck.info(n).nbytes
         for k in dkeys:
-            total += plan.deltas[k].bytes_to_read()
+            total += plan.deltas[k].bytes_to_read(names)
         return total
 
     passes = []
@@ -807,7 +809,9 @@ def fingerprint(plan: Plan) -> str:
         "version": __version__,
         "inputs": {k: [ck.label, [(s.name, file_identity(s)) for s in ck.shards]]
                    for k, ck in sorted(plan.checkpoints.items())},
-        "deltas": {k: [d.label, files_of(Path(str(d.label)))] for k, d in sorted(plan.deltas.items())},
+        # every file a delta reads: an adapter's, or a full fine-tune's shards and its old base's
+        "deltas": {k: [d.label, [(p.name, file_identity(p)) for p in d.files() if p.is_file()]]
+                   for k, d in sorted(plan.deltas.items())},
         "steps": [[s.id, s.spec.name, s.spec_step.base, s.spec_step.models, s.spec_step.delta,
                    s.spec_step.old_base, s.spec_step.parameters, s.spec_step.model_parameters]
                   for s in plan.steps.values()],

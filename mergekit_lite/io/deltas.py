@@ -9,7 +9,7 @@ a base, and the dense float32 patch for one tensor when it is asked for.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -61,7 +61,9 @@ class DeltaSource(Protocol):
 
     def patch(self, name: str, base_shape: tuple[int, ...], device: torch.device | str) -> Patch | None: ...
 
-    def bytes_to_read(self) -> int: ...
+    def bytes_to_read(self, names: Collection[str] | None = None) -> int:
+        """Bytes that patching every target (or only those in `names`) reads."""
+        ...
 
     def files(self) -> list[Path]:
         """Every file the source reads (an output must never replace them)."""
@@ -230,10 +232,30 @@ class LoraDelta:
         own = [self.adapter.weights_file, self.adapter.path / "adapter_config.json"]
         return own + (self.old_base.shards if self.old_base is not None else [])
 
-    def bytes_to_read(self) -> int:
-        n = self.adapter.bytes_to_read()
+    def bytes_to_read(self, names: Collection[str] | None = None) -> int:
+        if names is None:
+            n = self.adapter.bytes_to_read()
+            if self.old_base is not None:
+                n += sum(self.old_base.info(x).nbytes for x in self._old_base_needs() if x in self.old_base)
+            return n
+        # what `patch` loads for each of these tensors: its factors (and DoRA magnitude), a
+        # lora_B bias, a saved copy, and from the old base what `_old_base_needs` lists
+        keys: set[str] = set()
+        needs = set(self._old_base_needs())
+        wanted = set(names) & set(self._targets)
+        for name in wanted:
+            mod = self.adapter.modules.get(name)
+            if mod is not None:
+                keys.update(k for k in (mod.a_key, mod.b_key, mod.magnitude_key) if k)
+            bias_mod = self.adapter.bias_modules.get(name)
+            if bias_mod is not None and bias_mod.bias_key:
+                keys.add(bias_mod.bias_key)
+            if name in self.adapter.saved:
+                keys.add(self.adapter.saved[name])
+        old = wanted & needs
+        n = sum(self.adapter.weights.info(k).nbytes for k in keys)
         if self.old_base is not None:
-            n += sum(self.old_base.info(x).nbytes for x in self._old_base_needs() if x in self.old_base)
+            n += sum(self.old_base.info(x).nbytes for x in old if x in self.old_base)
         return n
 
 
@@ -286,9 +308,10 @@ class FullDelta:
     def files(self) -> list[Path]:
         return self.finetuned.shards + self.old_base.shards
 
-    def bytes_to_read(self) -> int:
+    def bytes_to_read(self, names: Collection[str] | None = None) -> int:
+        wanted = self._targets if names is None else set(names) & set(self._targets)
         return sum(self.finetuned.info(n).nbytes + self.old_base.info(n).nbytes
-                   for n in self._targets if n in self.old_base)
+                   for n in wanted if n in self.old_base)
 
 
 def open_delta(ref: str | os.PathLike, *, old_base: Checkpoint | None = None, allow_bin: bool = False) -> DeltaSource:

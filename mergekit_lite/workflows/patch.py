@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,8 +99,8 @@ class _Recording:
             self.seen[name] = (p.kind, tuple(base_shape), delta_norm(p))
         return p
 
-    def bytes_to_read(self) -> int:
-        return self.inner.bytes_to_read()
+    def bytes_to_read(self, names: Collection[str] | None = None) -> int:
+        return self.inner.bytes_to_read(names)
 
     def files(self) -> list[Path]:
         return self.inner.files()
