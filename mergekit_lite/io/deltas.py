@@ -320,6 +320,8 @@ def open_delta(ref: str | os.PathLike, *, old_base: Checkpoint | None = None, al
     if is_adapter_dir(path):
         return LoraDelta(open_adapter(path), old_base)
     if old_base is None:
+        if not path.exists():  # a missing path (exit 5) or a Hub reference says so first
+            open_checkpoint(ref, allow_bin=allow_bin)
         raise UsageError(needs_old_base(ref))
     return FullDelta(open_checkpoint(ref, allow_bin=allow_bin), old_base)
 
