@@ -319,3 +319,6 @@ def test_an_adapter_given_the_wrong_way_names_the_directory_to_pass(bases: tuple
     assert res.exit_code == 2 and f"is an adapter's weights file; pass its directory, {adapter}" in res.output
     res = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(tmp_path / "holder"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "but mine inside it do" in res.output and f"pass {adapter}" in res.output
+    # a delta that does not exist is a reference that cannot be resolved (exit 5), not a missing --old-base
+    res = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(tmp_path / "nothere"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 5 and f"{tmp_path / 'nothere'}: no such file or directory" in res.output
