@@ -38,7 +38,7 @@ def methods(
                 "min_models": s.min_models, "max_models": s.max_models, "ordered": s.ordered,
                 "params": [
                     {"name": p.name, "aliases": list(p.aliases), "kind": p.kind, "default": p.default,
-                     "per_model": p.per_model,
+                     "per_model": p.per_model, "per_tensor": p.per_tensor, "required": p.required,
                      "range": p.describe_range(), "help": p.help}
                     for p in s.params
                 ],
@@ -54,7 +54,9 @@ def methods(
         for col in ("parameter", "type", "default", "range", "help"):
             table.add_column(col, overflow="fold")
         for p in s.params:
-            kind = p.kind + (" per model" if p.per_model else "")
+            # "global": one value for every tensor (no rules or gradients); "required": no default
+            kind = p.kind + (" per model" if p.per_model else "") + ("" if p.per_tensor else ", global") + (
+                ", required" if p.required else "")
             name = p.name + (f" ({', '.join(p.aliases)})" if p.aliases else "")
             table.add_row(name, kind, repr(p.default), p.describe_range(), p.help)
         out.print(table)
