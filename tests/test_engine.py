@@ -1241,3 +1241,12 @@ def test_resume_fingerprint_follows_a_full_fine_tune_delta(tmp_path, model_set):
     shard = sorted(ms.finetunes[0].glob("*.safetensors"))[0]
     os.utime(shard, (shard.stat().st_atime, shard.stat().st_mtime + 5))
     assert fingerprint(build_plan(recipe)) != before
+
+
+def test_a_base_listed_among_the_models_is_warned_about(tmp_path, model_set, caplog):
+    ms = model_set
+    recipe = {"inputs": {"base": str(ms.base), "a": str(ms.finetunes[0])},
+              "steps": [{"id": "m", "method": "task_arithmetic", "base": "base", "models": ["base", "a"]}]}
+    with caplog.at_level("WARNING"):
+        mlite.dry_run(recipe)
+    assert "step 'm' lists its base 'base' among its models: a zero task vector" in caplog.text

@@ -293,6 +293,9 @@ def build_plan(
                         f"step {sid!r}: inputs {seen_paths[where]!r} and {op.key!r} are the same checkpoint ({where}); "
                         "list it once (give it a larger weight to count it more)"))
                 seen_paths.setdefault(where, op.key)
+        if base_op is not None and spec.needs_base and base_op in models:
+            log.warning("%s: step %r lists its base %r among its models: a zero task vector, which adds nothing but "
+                        "still counts in normalize's weight sum and TIES' vote", s.loc, sid, s.base)
         num_layers = _num_layers(checkpoints)
         try:
             resolver = ParamResolver(spec, s, list(s.models), num_layers)
