@@ -1250,3 +1250,37 @@ def test_a_base_listed_among_the_models_is_warned_about(tmp_path, model_set, cap
     with caplog.at_level("WARNING"):
         mlite.dry_run(recipe)
     assert "step 'm' lists its base 'base' among its models: a zero task vector" in caplog.text
+
+
+def test_an_input_holding_nan_is_named_as_the_cause(tmp_path, model_set):
+    """A NaN in an input made the output check blame 'the weights or lambda' (exit 3); the
+    input that holds it is now named (exit 4), be it a checkpoint or a LoRA's factors."""
+    from safetensors.torch import load_file, save_file
+
+    ms = model_set
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ms.finetunes[0].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    shard = sorted(bad.glob("*.safetensors"))[0]
+    state = load_file(str(shard))
+    name = sorted(state)[0]
+    state[name].view(-1)[3] = float("nan")
+    save_file(state, str(shard), metadata={"format": "pt"})
+    recipe = _write(tmp_path / "r.yaml", {"inputs": {"base": str(ms.base), "a": str(bad)},
+                                          "steps": [{"id": "m", "method": "task_arithmetic", "base": "base",
+                                                     "models": ["a"]}],
+                                          "output": {"path": str(tmp_path / "out")}})
+    res = runner.invoke(app, ["merge", str(recipe)])
+    assert res.exit_code == 4 and f"{bad}: tensor {name!r} holds inf or NaN" in res.output, res.output
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    for f in ms.adapter.iterdir():
+        (lora / f.name).write_bytes(f.read_bytes())
+    factors = load_file(str(lora / "adapter_model.safetensors"))
+    key = sorted(k for k in factors if "lora_B" in k)[0]
+    factors[key].view(-1)[0] = float("nan")
+    save_file(factors, str(lora / "adapter_model.safetensors"))
+    res = runner.invoke(app, ["patch", "--base", str(ms.base), "--delta", str(lora), "--out", str(tmp_path / "p")])
+    assert res.exit_code == 4 and f"{lora}: its change to" in res.output and "holds inf or NaN" in res.output
+    assert not (tmp_path / "p").exists()

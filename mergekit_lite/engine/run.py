@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..dtypes import to_torch
+from ..errors import CheckpointError, RecipeError
 from ..io.checkpoint import TIED_HEAD
 from ..io.deltas import is_vocab_tensor
 from ..io.model_card import model_card
@@ -175,6 +176,22 @@ class _Evaluator:
                 value = patch.to(self.plan.device).value(base)
         memo[key] = value
         return value
+
+
+def _blame_inputs(plan: Plan, bundle: Bundle) -> None:
+    """After a non-finite output value: a CheckpointError naming the input that holds inf or NaN
+    there, if one does (a float32 input a step worked on in place is checked as it was left,
+    which is finite whenever the input was, but for a subtraction that overflowed)."""
+    def finite(t: torch.Tensor) -> bool:
+        return bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())
+
+    for key, t in bundle.leaves.items():
+        if t.is_floating_point() and not finite(t):
+            raise CheckpointError(f"{plan.checkpoints[key].label}: tensor {bundle.name!r} holds inf or NaN")
+    for key, p in bundle.patches.items():
+        parts = [] if p is None else [p.tensor] + ([p.on_top] if p.on_top is not None else [])
+        if any(not finite(t) for t in parts):
+            raise CheckpointError(f"{plan.deltas[key].label}: its change to {bundle.name!r} holds inf or NaN")
 
 
 def _single_use_leaves(plan: Plan) -> set[str]:
@@ -421,7 +438,11 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
                     # In the output dtype (a float16 cast overflows at 65504), and on this thread:
                     # the writer thread's torch reductions would start a second OpenMP team next
                     # to the computing one (ties at 100M: +15% wall).
-                    require_finite(name, value)
+                    try:
+                        require_finite(name, value)
+                    except RecipeError:
+                        _blame_inputs(plan, bundle)  # an input's inf/NaN is the input's fault
+                        raise
                 else:
                     value = bundle.leaves[plan.copy_leaf(sid)]
                 if write_it:
