@@ -26,7 +26,7 @@ from ..io.checkpoint import TIED_HEAD
 from ..io.deltas import is_vocab_tensor
 from ..io.model_card import model_card
 from ..io.safetensors_format import PlannedTensor
-from ..io.writer import CheckpointWriter, config_dtype_update, require_finite
+from ..io.writer import CheckpointWriter, all_finite, config_dtype_update, require_finite
 from ..methods.registry import TensorJob, reducer_reads
 from .memory import limit_heap_growth
 from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, fingerprint, step_closure
@@ -178,20 +178,22 @@ class _Evaluator:
         return value
 
 
-def _blame_inputs(plan: Plan, bundle: Bundle) -> None:
-    """After a non-finite output value: a CheckpointError naming the input that holds inf or NaN
-    there, if one does (a float32 input a step worked on in place is checked as it was left,
-    which is finite whenever the input was, but for a subtraction that overflowed)."""
-    def finite(t: torch.Tensor) -> bool:
-        return bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())
-
-    for key, t in bundle.leaves.items():
-        if t.is_floating_point() and not finite(t):
-            raise CheckpointError(f"{plan.checkpoints[key].label}: tensor {bundle.name!r} holds inf or NaN")
-    for key, p in bundle.patches.items():
-        parts = [] if p is None else [p.tensor] + ([p.on_top] if p.on_top is not None else [])
-        if any(not finite(t) for t in parts):
-            raise CheckpointError(f"{plan.deltas[key].label}: its change to {bundle.name!r} holds inf or NaN")
+def _blame_inputs(plan: Plan, step_id: str, name: str, rows: tuple[int, int] | None) -> None:
+    """After step `step_id`'s value for `name` came out non-finite: a CheckpointError naming the
+    input of that step that holds inf or NaN there, if one does. The inputs are read again from
+    their files (this runs only on that failure): a step may have scaled its own float32 copy in
+    place, which the overflow being reported would have made infinite too."""
+    ck_keys, delta_keys = plan.leaves_of(step_id)
+    for key in sorted(ck_keys):
+        ck = plan.checkpoints[key]
+        if name in ck and ck.info(name).is_float and not all_finite(ck.load(name, rows=rows)):
+            raise CheckpointError(f"{ck.label}: tensor {name!r} holds inf or NaN")
+    shape = next(o.shape for o in plan.outputs if o.name == name)
+    for key in sorted(delta_keys):
+        patch = plan.deltas[key].patch(name, shape, "cpu")
+        parts = [] if patch is None else [patch.tensor] + ([patch.on_top] if patch.on_top is not None else [])
+        if not all(all_finite(t) for t in parts):
+            raise CheckpointError(f"{plan.deltas[key].label}: its change to {name!r} holds inf or NaN")
 
 
 def _single_use_leaves(plan: Plan) -> set[str]:
@@ -441,7 +443,7 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
                     try:
                         require_finite(name, value)
                     except RecipeError:
-                        _blame_inputs(plan, bundle)  # an input's inf/NaN is the input's fault
+                        _blame_inputs(plan, sid, name, rows)  # an input's inf/NaN is the input's fault
                         raise
                 else:
                     value = bundle.leaves[plan.copy_leaf(sid)]

@@ -114,6 +114,11 @@ def check_output_dir(out: Path, force: bool, inputs: Iterable[Path] = ()) -> Non
         raise UsageError(f"{out}: output directory exists and is not empty (use --force to replace it)")
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite (float8, which torch cannot test on the CPU, upcast)."""
+    return bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())
+
+
 def require_finite(name: str, t: torch.Tensor) -> torch.Tensor:
     """`t`, after refusing it if it holds inf or NaN: weights or a lambda that overflow the
     output dtype (1e300, or 1e5 in float16) would otherwise be written, exit 0.
