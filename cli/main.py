@@ -23,10 +23,15 @@ def _interrupted_while_loading(signum: int, frame: FrameType | None) -> None:
     os._exit(130)
 
 
-try:  # until the commands are registered (the end of this module); only the main thread may
-    _SIGINT_BEFORE: Any = signal.signal(signal.SIGINT, _interrupted_while_loading)
-except ValueError:
-    _SIGINT_BEFORE = None
+# Until the commands are registered (the end of this module), and only where Ctrl-C would
+# otherwise raise KeyboardInterrupt (not when a shell started us with SIGINT ignored, nor
+# under another handler); only the main thread may set it.
+_SIGINT_BEFORE: Any = None
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    try:
+        _SIGINT_BEFORE = signal.signal(signal.SIGINT, _interrupted_while_loading)
+    except ValueError:
+        pass
 
 import typer  # noqa: E402  (after the handler: typer, rich and torch are the slow imports)
 

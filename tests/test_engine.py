@@ -934,8 +934,13 @@ def test_a_config_that_contradicts_its_tensors_is_a_checkpoint_error(tmp_path, m
     assert res.exit_code == 4 and f"{cfg}: num_hidden_layers must be an integer, got 'two'" in res.output, res.output
     # more layers than the tensors hold: a warning (gradients are spread over the config's count)
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "num_hidden_layers": 5}))
-    res = runner.invoke(app, ["merge", str(recipe), "--force"])
-    assert res.exit_code == 0 and f"warning: {cfg}: num_hidden_layers is 5 but the tensors hold 2 layers" in res.output
+    two_steps = _write(tmp_path / "r2.yaml", {
+        "inputs": {"a": str(model_set.finetunes[0]), "b": str(model_set.finetunes[1])},
+        "steps": [{"id": "m", "method": "linear", "models": ["a", "b"]},
+                  {"id": "n", "method": "linear", "models": ["m", "a"]}],
+        "output": {"path": str(tmp_path / "out")}})
+    res = runner.invoke(app, ["merge", str(two_steps), "--force"])
+    assert res.exit_code == 0 and res.output.count(f"warning: {cfg}: num_hidden_layers is 5 but the tensors hold 2 layers") == 1
 
 
 def test_an_output_that_overflows_is_refused_and_not_published(tmp_path, model_set):

@@ -248,8 +248,8 @@ def build_plan(
 
     full_slice = recipe.options.get("full_slice")  # a mergekit recipe's single slice, read as `models:`
     if full_slice is not None:
-        for key, ck in checkpoints.items():
-            layers = _num_layers({key: ck})
+        for ck in checkpoints.values():
+            layers = count_layers(ck.names())
             if layers is not None and layers != full_slice.layers:
                 recipe_problems.append(RecipeError(
                     f"{full_slice.loc}: mergekit 'slices' not supported here (layer_range [0, {full_slice.layers}] "
@@ -257,6 +257,7 @@ def build_plan(
                     "read (the same merge as 'models:')"))
 
     # Step plans.
+    num_layers = _num_layers(checkpoints)  # once: a config that promises more layers is warned about once
     steps: dict[str, StepPlan] = {}
     for sid in order:
         s = step_specs[sid]
@@ -296,7 +297,6 @@ def build_plan(
         if base_op is not None and spec.needs_base and base_op in models:
             log.warning("%s: step %r lists its base %r among its models: a zero task vector, which adds nothing but "
                         "still counts in normalize's weight sum and TIES' vote", s.loc, sid, s.base)
-        num_layers = _num_layers(checkpoints)
         try:
             resolver = ParamResolver(spec, s, list(s.models), num_layers)
             scalars = resolver.scalar_values()
