@@ -1289,3 +1289,16 @@ def test_an_input_holding_nan_is_named_as_the_cause(tmp_path, model_set):
     res = runner.invoke(app, ["patch", "--base", str(ms.base), "--delta", str(lora), "--out", str(tmp_path / "p")])
     assert res.exit_code == 4 and f"{lora}: its change to" in res.output and "holds inf or NaN" in res.output
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("tokenizer_source", ["base", "lora_ref"])
+def test_mergekit_model_plus_lora_as_base_and_tokenizer_source(tmp_path, model_set, tokenizer_source):
+    """A MODEL+LORA base (or tokenizer source) takes its side files from MODEL."""
+    ms = model_set
+    (ms.finetunes[0] / "tokenizer_config.json").write_text('{"marker": "ft1"}')
+    ref = f"{ms.finetunes[0]}+{ms.adapter}"
+    recipe = {"merge_method": "task_arithmetic", "base_model": ref, "models": [{"model": str(ms.finetunes[1])}],
+              "tokenizer_source": "base" if tokenizer_source == "base" else ref, "out_dtype": "float32",
+              "output": {"path": str(tmp_path / "out")}}
+    mlite.run_recipe(recipe)
+    assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"marker": "ft1"}'

@@ -290,10 +290,11 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
         elif src == "base":
             if base_name is None:
                 problems.add(tok_item.loc, "'tokenizer_source: base' needs a base_model", "tokenizer_source")
-            else:
-                output["copy_tokenizer_from"] = Item(base_name, tok_item.loc, tok_item.key)
-        else:
-            output["copy_tokenizer_from"] = Item(add_input(src, tok_item), tok_item.loc, tok_item.key)
+            else:  # a MODEL+LORA base's files are its model's
+                source = lora_steps[base_name].base if base_name in lora_steps else None
+                output["copy_tokenizer_from"] = Item(source.value if source else base_name, tok_item.loc, tok_item.key)
+        else:  # MODEL+LORA: the tokenizer is the model's (an adapter changes no tokenizer file)
+            output["copy_tokenizer_from"] = Item(add_input(src.split("+")[0], tok_item), tok_item.loc, tok_item.key)
 
     recipe = RawRecipe("mergekit", inputs, [*lora_steps.values(), step], output, notes=notes,
                        **_common(raw, model, file))
