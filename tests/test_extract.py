@@ -200,7 +200,8 @@ def test_extract_of_gpt2_conv1d_loads_in_peft(tmp_path: Path) -> None:
     see docs/adapters.md.)"""
     import transformers
 
-    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+                                  tie_word_embeddings=False)  # an untied head is a Linear: it goes whole
     model = _perturbed(transformers.GPT2LMHeadModel(cfg), 1)
     model.save_pretrained(tmp_path / "base")
     torch.manual_seed(2)
@@ -214,6 +215,7 @@ def test_extract_of_gpt2_conv1d_loads_in_peft(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is True and config["task_type"] == "CAUSAL_LM"
+    assert "lm_head" in config["modules_to_save"] and "lm_head" not in config["target_modules"]
     got = _unmerged_logits(tmp_path / "base", tmp_path / "ad", transformers.AutoModelForCausalLM)
     with torch.no_grad():
         want = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ft").eval()(

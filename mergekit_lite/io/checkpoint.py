@@ -33,6 +33,8 @@ TIED_HEAD = "lm_head.weight"
 # Architectures whose linear layers are transformers' Conv1D, stored [in, out] (GPT-2's c_attn,
 # c_proj, c_fc): a LoRA for them is written with PEFT's fan_in_fan_out.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+# Their Conv1D layers by name (the output head, where stored, is a Linear).
+CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

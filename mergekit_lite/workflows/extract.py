@@ -21,7 +21,7 @@ import torch
 from ..engine.plan import resolve_device
 from ..errors import CheckpointError, UsageError
 from ..io.adapters import Factors, write_adapter
-from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.checkpoint import CONV1D_MODULES, Checkpoint, open_checkpoint
 from ..io.deltas import EMBEDDING_MODULES, DeltaSource, FullDelta
 from ..methods.lowrank import EXACT_MAX_DIM, truncated_svd
 from ..methods.registry import tensor_seed
@@ -106,8 +106,17 @@ def dense_to_adapter(
     full: dict[str, torch.Tensor] = {}
     reports: list[TensorReport] = []
     targets = delta.targets()
-    lora_modules = {n.rsplit(".", 1)[0] for n, s in targets.items() if len(s) == 2 and n.endswith(".weight")}
     conv1d = base.conv1d_weights
+
+    def factored(name: str, shape: tuple[int, ...]) -> bool:
+        """Whether a LoRA carries this tensor: a 2-D weight, and in a Conv1D model only its
+        Conv1D layers and embeddings (fan_in_fan_out is one switch for the whole adapter, so a
+        Linear layer there, such as an untied lm_head, goes whole)."""
+        if len(shape) != 2 or not name.endswith(".weight"):
+            return False
+        return not conv1d or is_embedding(name) or name.rsplit(".", 2)[-2] in CONV1D_MODULES
+
+    lora_modules = {n.rsplit(".", 1)[0] for n, s in targets.items() if factored(n, s)}
     for name in base.names():
         if name not in targets:
             continue
@@ -120,7 +129,7 @@ def dense_to_adapter(
         module = name.rsplit(".", 1)[0]
         if norm == 0.0:
             rep = TensorReport(name, info.shape, "skipped", 0.0, note="zero delta")
-        elif len(info.shape) == 2 and name.endswith(".weight"):
+        elif factored(name, info.shape):
             emb = is_embedding(name)
             # PEFT stores an embedding's ΔE [vocab, dim] and a Conv1D's ΔW [in, out] as (B·A)ᵀ,
             # so factor the transpose.
@@ -133,7 +142,7 @@ def dense_to_adapter(
                 rel = float(torch.linalg.norm(m.double() - approx) / norm)
             rep = TensorReport(name, info.shape, "lora", norm, lr.rank, rel, "" if lr.exact else "randomized SVD")
         elif not full_tensors:
-            rep = TensorReport(name, info.shape, "skipped", norm, note="not a matrix (full tensors disabled)")
+            rep = TensorReport(name, info.shape, "skipped", norm, note="not factored (full tensors disabled)")
         elif module in lora_modules:
             rep = TensorReport(name, info.shape, "skipped", norm,
                                note=f"module {module} is LoRA-adapted; a saved module would replace its LoRA")
@@ -143,7 +152,9 @@ def dense_to_adapter(
             if factor_dtype != torch.float32:  # a full tensor is written in that dtype too
                 stored = full[name].to(factor_dtype).double() - base.load(name, "cpu", torch.float32).double()
                 rel = float(torch.linalg.norm(stored - d.double().cpu()) / norm)
-            rep = TensorReport(name, info.shape, "full", norm, rel_error=rel)
+            linear = conv1d and len(info.shape) == 2 and name.endswith(".weight")
+            note = "a Linear layer in a Conv1D model: saved whole" if linear else ""
+            rep = TensorReport(name, info.shape, "full", norm, rel_error=rel, note=note)
         reports.append(rep)
         if on_tensor is not None:
             on_tensor(rep)
