@@ -1209,9 +1209,15 @@ def test_dry_run_counts_what_a_filtered_statistics_pass_reads_of_a_lora(tmp_path
     adapter's factors for those tensors alone (the dry run charged the whole adapter)."""
     from safetensors.torch import save_file
 
+    from mergekit_lite.io.checkpoint import open_checkpoint
+    from mergekit_lite.synthetic import make_lora_adapter
+
     ms = model_set
+    base_ck = open_checkpoint(ms.base)
+    lora = make_lora_adapter({n: base_ck.load(n) for n in base_ck.names()}, tmp_path / "lora",
+                             target_modules=("gate_proj", "q_proj"))
     save_file({"weight": torch.randn(ms.shape.hidden_size)}, str(tmp_path / "probe.safetensors"))
-    recipe = {"inputs": {"base": str(ms.base), "lora": str(ms.adapter)},
+    recipe = {"inputs": {"base": str(ms.base), "lora": str(lora)},
               "steps": [{"id": "a", "method": "portllm", "base": "base", "delta": "lora"},
                         {"id": "b", "method": "surgery", "base": "a",
                          "parameters": {"probe": str(tmp_path / "probe.safetensors"), "top_k": 5}}],

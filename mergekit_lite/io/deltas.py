@@ -248,7 +248,8 @@ class LoraDelta:
             if mod is not None:
                 keys.update(k for k in (mod.a_key, mod.b_key, mod.magnitude_key) if k)
             bias_mod = self.adapter.bias_modules.get(name)
-            if bias_mod is not None and bias_mod.bias_key:
+            dora = mod is not None and mod.magnitude_key is not None  # patch reads no bias then
+            if bias_mod is not None and bias_mod.bias_key and not dora:
                 keys.add(bias_mod.bias_key)
             if name in self.adapter.saved:
                 keys.add(self.adapter.saved[name])
