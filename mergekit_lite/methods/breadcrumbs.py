@@ -10,7 +10,7 @@ and disjoint sum instead, still without normalisation by default, as mergekit's 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,32 +124,17 @@ def merge_breadcrumbs_ties(job: TensorJob) -> torch.Tensor:
     return add_to_base(job, _thinned(job, "breadcrumbs_ties"), elect=True)
 
 
-PARAMS = (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize_param(False), INT8_MASK)
-
-SPEC = register(
-    MethodSpec(
-        name="breadcrumbs",
-        summary="Model Breadcrumbs: drop the largest (gamma) and smallest magnitudes, keep density, add.",
-        params=PARAMS,
-        merge=merge_breadcrumbs,
-        needs_base=True,
-        min_models=1,
-        paper="https://arxiv.org/abs/2312.06795",
-        doc="methods/breadcrumbs.md",
+def _spec(name: str, summary: str, merge: Callable[[TensorJob], torch.Tensor]) -> MethodSpec:
+    """The two variants differ only in how the thinned vectors are combined."""
+    return register(MethodSpec(
+        name=name, summary=summary, merge=merge,
+        params=(WEIGHT, DENSITY, GAMMA, LAMBDA, normalize_param(False), INT8_MASK),
+        needs_base=True, min_models=1, paper="https://arxiv.org/abs/2312.06795", doc="methods/breadcrumbs.md",
         tensor_reducer=OutlierBoundsReducer,
-    )
-)
+    ))
 
-TIES_SPEC = register(
-    MethodSpec(
-        name="breadcrumbs_ties",
-        summary="Model Breadcrumbs' thinning, then TIES' sign election and disjoint sum (mergekit's breadcrumbs_ties).",
-        params=PARAMS,
-        merge=merge_breadcrumbs_ties,
-        needs_base=True,
-        min_models=1,
-        paper="https://arxiv.org/abs/2312.06795",
-        doc="methods/breadcrumbs.md",
-        tensor_reducer=OutlierBoundsReducer,
-    )
-)
+
+SPEC = _spec("breadcrumbs", "Model Breadcrumbs: drop the largest (gamma) and smallest magnitudes, keep density, add.",
+             merge_breadcrumbs)
+TIES_SPEC = _spec("breadcrumbs_ties", "Model Breadcrumbs' thinning, then TIES' sign election and disjoint sum "
+                  "(mergekit's breadcrumbs_ties).", merge_breadcrumbs_ties)
