@@ -224,6 +224,15 @@ def test_dry_run_bytes_equal_real_run_with_statistics(tmp_path, model_set, monke
     assert dry.exit_code == 0 and real.exit_code == 0, dry.output + real.output
     planned, done = json.loads(dry.stdout), json.loads(real.stdout)
     assert planned["bytes_read"] == done["bytes_read"], (planned["passes"], done["passes"])
+    # kind by kind too: per-tensor statistics are listed apart from the output pass in both (the
+    # run lists each statistics pass of a global step, the dry run their count)
+    def by_kind(passes: list[dict]) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for p in passes:
+            out[p["step"], p["kind"]] = out.get((p["step"], p["kind"]), 0) + p["bytes_read"]
+        return out
+
+    assert by_kind(planned["passes"]) == by_kind(done["passes"])
 
 
 def test_cpu_time_is_split_by_thread_role(tmp_path, model_set, monkeypatch):

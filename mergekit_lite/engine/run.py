@@ -460,6 +460,8 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
                 rate = (_bytes(plan) - before) / max(time.perf_counter() - t_start, 1e-9)
                 bar.update(task, advance=1, rate=f"{rate / 1e6:.0f} MB/s")
 
+        tensor_stats: dict[str, dict[str, Any]] = {}  # step → its per-tensor statistics passes
+
         def emit_with_local_stats(name: str) -> None:
             """A big tensor of a per-tensor-statistics method: stats over its blocks, then blocks."""
             local = dict(stats)
@@ -472,13 +474,26 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
                 # _block_mode calls a tensor "local" only when every such step has a reducer
                 assert reducer is not None, f"step {st.id}: tensor {name} has no per-tensor reducer"
                 ev = _Evaluator(plan, local, None)
-                st_keys = plan.leaves_of(st.id)[0]
+                load = _loader(plan, plan.leaves_of(st.id)[0], set(), set())
+                entry = tensor_stats.setdefault(
+                    st.id, {"step": st.id, "kind": "tensor statistics", "passes": 0, "bytes_read": 0})
+
+                def counted(item: WorkItem, load: Callable[[WorkItem], Bundle] = load,
+                            entry: dict[str, Any] = entry) -> Bundle:
+                    # this loader's own reads (the output pass reads ahead on another thread)
+                    bundle = load(item)
+                    entry["bytes_read"] += sum(t.numel() * t.element_size() for t in bundle.leaves.values())
+                    return bundle
+
+                passes = 0
                 while True:
+                    passes += 1
                     blocks = work_items([name], shapes, lambda _n: True)
-                    for b in prefetch(blocks, _loader(plan, st_keys, set(), set()), PREFETCH_DEPTH, live, clock):
+                    for b in prefetch(blocks, counted, PREFETCH_DEPTH, live, clock):
                         reducer.observe(ev.job(st, b, {}, with_stats=False))
                     if reducer.end_pass():
                         break
+                entry["passes"] = max(entry["passes"], passes)
                 local[st.id] = reducer.result()
             ev = _Evaluator(plan, local, tensor_hook)
             for b in prefetch(work_items([name], shapes, lambda _n: True), load_all, PREFETCH_DEPTH, live, clock):
@@ -506,7 +521,10 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
         finally:
             for bw in background.values():
                 bw.close()
-        result.passes.append({"step": plan.final, "kind": "output", "bytes_read": _bytes(plan) - before})
+        # as the dry run lists them: each step's per-tensor statistics, then the output pass
+        result.passes.extend(tensor_stats.values())
+        stats_read = sum(e["bytes_read"] for e in tensor_stats.values())
+        result.passes.append({"step": plan.final, "kind": "output", "bytes_read": _bytes(plan) - before - stats_read})
         result.state_dict = state
         for sid, writer in writers.items():
             st = plan.steps[sid]
