@@ -600,6 +600,37 @@ def test_undo_refuses_a_damaged_sidecar_and_edit_options(tmp_path: Path) -> None
     assert not (tmp_path / "r").exists()
 
 
+def test_undo_refuses_rows_the_record_does_not_list_or_negative_indices(tmp_path: Path) -> None:
+    """Undo restores every tensor of the rows file: one the record never selected (or a row
+    -1, which torch reads as the last row) wrote a model that was not the original, exit 0."""
+    import json
+
+    from safetensors.torch import load_file as load_st
+    from safetensors.torch import save_file as save_st
+
+    model, state = _model(tmp_path)
+    res = surgery(model, _probe(tmp_path, _w(7)), alpha=3.0, top_k=4, out=tmp_path / "edited")
+    rows_file, meta = res.output / SIDECAR_ROWS, res.output / SIDECAR_JSON
+    original_rows, original_meta = load_st(str(rows_file)), meta.read_text()
+    extra = dict(original_rows)
+    up = "model.layers.0.mlp.up_proj.weight"
+    extra[up], extra[up + "::rows"] = state[up][:1].clone(), torch.tensor([0])
+    save_st(extra, str(rows_file))
+    with pytest.raises(CheckpointError, match=f"holds rows of '{up}', which surgery.json does not list"):
+        undo_surgery(res.output, tmp_path / "r1")
+    save_st(original_rows, str(rows_file))
+    record = json.loads(original_meta)
+    name, _, row = record["selected"][0][:3]
+    record["selected"][0][2] = -1
+    negative = dict(original_rows)
+    negative[name + "::rows"] = torch.tensor(sorted([-1 if r == row else r for r in original_rows[name + "::rows"].tolist()]))
+    meta.write_text(json.dumps(record))
+    save_st(negative, str(rows_file))
+    with pytest.raises(CheckpointError, match="row index out of range"):
+        undo_surgery(res.output, tmp_path / "r2")
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
 def test_editing_an_edited_model_warns_that_undo_goes_back_one_edit(tmp_path: Path, caplog) -> None:
     model, _ = _model(tmp_path)
     once = surgery(model, _probe(tmp_path, _w(7)), alpha=3.0, top_k=4, out=tmp_path / "once").output

@@ -295,6 +295,10 @@ def read_sidecar(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
                                   f"{list(idx.shape)}")
         if idx is None or name not in rows or idx.tolist() != sorted(r):
             raise CheckpointError(f"{rows_file}: rows of {name} do not match {SIDECAR_JSON}")
+    # undo restores every tensor of the rows file: each must be one the record selected rows of
+    extra = sorted({k.removesuffix(_ROWS_SUFFIX) for k in rows} - set(expected))
+    if extra:
+        raise CheckpointError(f"{rows_file}: holds rows of {extra[0]!r}, which {SIDECAR_JSON} does not list")
     return record, rows
 
 
@@ -315,7 +319,7 @@ def undo_surgery(edited_model: str | os.PathLike, out: str | os.PathLike, *, for
                 f"{ckpt.source_dir / SIDECAR_ROWS}: rows of {name} ({orig.dtype}, {list(orig.shape)}) do not fit "
                 f"the model's tensor ({info.dtype}, {list(info.shape)})"
             )
-        if idx.numel() and int(idx.max()) >= info.shape[0]:
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= info.shape[0]):
             raise CheckpointError(f"{ckpt.source_dir / SIDECAR_ROWS}: row index out of range for {name}")
     planned = [PlannedTensor(name=n, dtype=ckpt.info(n).dtype, shape=ckpt.info(n).shape) for n in ckpt.names()]
     shard_size = max(max((s.stat().st_size for s in ckpt.shards), default=1), 1)
