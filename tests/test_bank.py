@@ -366,3 +366,26 @@ def test_a_bank_is_not_added_as_a_task_of_another(tmp_path: Path) -> None:
     bank_add(bank, "t0", raw_adapter(tmp_path / "a0.safetensors", seed=0))
     with pytest.raises(UsageError, match="is an adapter bank, not one adapter"):
         bank_add(tmp_path / "other.safetensors", "t0", bank)
+
+
+def test_an_adapter_holding_nan_is_refused_by_the_bank_and_the_merge(tmp_path: Path) -> None:
+    """A diverged adapter spread its NaN to every later task (factors) or crashed the SVD (delta)."""
+    bad = raw_adapter(tmp_path / "bad.safetensors", seed=2)
+    tensors = load_file(str(bad))
+    key = sorted(tensors)[0]
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(bad))
+    with pytest.raises(CheckpointError, match=f"bad.safetensors: tensor '{key}' holds inf or NaN"):
+        bank_add(tmp_path / "b.safetensors", "t1", bad)
+    b = bank_add(tmp_path / "b.safetensors", "t0", raw_adapter(tmp_path / "ok.safetensors", seed=1))
+    member = b.members["t0"]
+    member.tensors[key] = tensors[key]  # a bank written before bank_add refused such tensors
+    with pytest.raises(CheckpointError, match=f"task 't0': tensor '{key}' holds inf or NaN"):
+        mos_merge(b)
+
+
+def test_delta_space_refuses_a_lora_with_zero_scaling(tmp_path: Path, base) -> None:
+    for task, alpha in (("t0", 8.0), ("t1", 0.0)):
+        bank_add(tmp_path / "b.safetensors", task, make_lora_adapter(base, tmp_path / task, alpha=alpha))
+    with pytest.raises(UsageError, match="task 't1': module .* has scaling 0 \\(lora_alpha 0\\)"):
+        mos_merge(tmp_path / "b.safetensors", space="delta")

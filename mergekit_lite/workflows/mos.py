@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mergekit_lite.dtypes import torch_name
-from mergekit_lite.errors import UsageError
+from mergekit_lite.errors import CheckpointError, UsageError
 from mergekit_lite.io.adapters import pattern_key
 from mergekit_lite.io.bank import (
     Bank,
@@ -28,7 +28,7 @@ from mergekit_lite.io.bank import (
     read_source,
     save_bank,
 )
-from mergekit_lite.io.writer import refuse_over_inputs
+from mergekit_lite.io.writer import all_finite, refuse_over_inputs
 from mergekit_lite.methods.mos import MODES, lora_scaling, mos_tensors, refactor_lowrank
 from mergekit_lite.precision import full_float32_matmul
 
@@ -58,6 +58,7 @@ def bank_add(bank: str | Path, task: str, source: str | Path, *, scale: float | 
     path = Path(bank)
     b = load_bank(path) if path.exists() else Bank(path=path)
     member = read_source(source)
+    _require_finite_member(f"{source}", member)
     b.add(task, member)
     if scale is not None:
         if b.scale is not None and float(b.scale) != float(scale):
@@ -65,6 +66,13 @@ def bank_add(bank: str | Path, task: str, source: str | Path, *, scale: float | 
         b.scale = float(scale)
     save_bank(b, path, overwrite=True)
     return b
+
+
+def _require_finite_member(where: str, m: Member) -> None:
+    """An adapter holding inf/NaN (a diverged run) would spread it to every later task's merge."""
+    bad = next((k for k, t in m.tensors.items() if t.is_floating_point() and not all_finite(t)), None)
+    if bad is not None:
+        raise CheckpointError(f"{where}: tensor {bad!r} holds inf or NaN")
 
 
 def _member_summary(task: str, m: Member) -> dict[str, Any]:
@@ -221,6 +229,10 @@ def _merge_delta(
         flat = sorted(k for k in expected if m.tensors[k].dim() != 2)
         if flat:
             raise UsageError(f"task {task!r}: tensor {flat[0]!r} is not a matrix; space 'delta' supports linear LoRA only")
+        silent = next((mod for mod in modules if _module_scaling(cfg, mod) == 0), None)
+        if silent is not None:
+            raise UsageError(f"task {task!r}: module {silent} has scaling 0 (lora_alpha 0), so no ΔW to re-factor; "
+                             "use space 'factors'")
         if rank is not None:
             cfg["r"] = rank
             cfg["rank_pattern"] = {}
@@ -272,6 +284,8 @@ def mos_merge(
         raise UsageError(f"{out} already exists; pass --force (force=True) to replace it")
     b = bank if isinstance(bank, Bank) else load_bank(bank)
     b.require_tasks()
+    for task, m in b.members.items():  # a bank written before bank_add refused them
+        _require_finite_member(f"{b.label}: task {task!r}", m)
     configs: Sequence[dict[str, Any] | None] = [m.adapter_config for m in b.members.values()]
     if space == "factors":
         tensors = _merge_factors(b, float(momentum), mode)
