@@ -389,3 +389,30 @@ def test_delta_space_refuses_a_lora_with_zero_scaling(tmp_path: Path, base) -> N
         bank_add(tmp_path / "b.safetensors", task, make_lora_adapter(base, tmp_path / task, alpha=alpha))
     with pytest.raises(UsageError, match="task 't1': module .* has scaling 0 \\(lora_alpha 0\\)"):
         mos_merge(tmp_path / "b.safetensors", space="delta")
+
+
+def test_class_to_task_is_checked_for_what_it_may_hold(tmp_path: Path) -> None:
+    """Task names need a bank, floats are refused (not truncated), an index tensor is fine,
+    zero classes and non-finite prototypes are refused; these were raw errors or accepted."""
+    from mergekit_lite.workflows.mos import retrieve
+
+    bank = tmp_path / "b.safetensors"
+    for i in range(2):
+        bank_add(bank, f"t{i}", raw_adapter(tmp_path / f"a{i}.safetensors", seed=i))
+    x, protos = torch.randn(5, 4), torch.randn(4, 4)
+    adapters = [{"W": torch.randn(4, 4)} for _ in range(2)]
+
+    def features(inp: torch.Tensor, adapter: dict | None) -> torch.Tensor:
+        return inp if adapter is None else inp @ adapter["W"]
+
+    with pytest.raises(UsageError, match="class 0: 't0' is not a task index \\(task names need bank=\\)"):
+        retrieve(x, features, protos, ["t0", "t0", "t1", "t1"], adapters)
+    with pytest.raises(UsageError, match="class 0: 0.7 is not a task index"):
+        retrieve(x, features, protos, [0.7, 0.7, 1.9, 1.9], adapters)
+    with pytest.raises(UsageError, match="class_to_task is empty"):
+        retrieve(x, features, torch.randn(0, 4), [], adapters)
+    b = bank_set_prototypes(bank, protos, torch.tensor([0, 0, 1, 1]))
+    assert b.class_to_task == ["t0", "t0", "t1", "t1"]
+    with pytest.raises(UsageError, match="prototypes hold inf or NaN"):
+        bank_set_prototypes(bank, torch.full((4, 4), float("nan")), [0, 0, 1, 1])
+    assert retrieve(x, lambda inp, adapter: inp, class_to_task=["t0", "t0", "t1", "t1"], bank=bank).tasks.shape == (5,)

@@ -124,18 +124,12 @@ def bank_set_prototypes(
         raise UsageError(f"prototypes must be a tensor [classes, features], got {type(prototypes).__name__}")
     if prototypes.dim() != 2:
         raise UsageError(f"prototypes must be a [classes, features] matrix, got shape {list(prototypes.shape)}")
-    if len(class_to_task) != prototypes.shape[0]:
-        raise UsageError(f"class_to_task has {len(class_to_task)} entries for {prototypes.shape[0]} prototypes")
-    names: list[str] = []
-    for c, t in enumerate(class_to_task):
-        if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(b.tasks):
-            names.append(b.tasks[t])
-        elif isinstance(t, str) and t in b.members:
-            names.append(t)
-        else:
-            raise UsageError(f"class {c}: {t!r} is not a task of {b.label}")
+    _require_finite_prototypes(prototypes)
+    indices = _class_tasks(class_to_task, b.tasks, b.label)
+    if len(indices) != prototypes.shape[0]:
+        raise UsageError(f"class_to_task has {len(indices)} entries for {prototypes.shape[0]} prototypes")
     b.prototypes = prototypes.detach().float().cpu()
-    b.class_to_task = names
+    b.class_to_task = [b.tasks[i] for i in indices]
     save_bank(b, b.path or bank, overwrite=True)
     return b
 
@@ -335,6 +329,35 @@ def _cosine_classifier(prototypes: torch.Tensor) -> Classifier:
     return classify
 
 
+def _class_tasks(class_to_task: Sequence[str | int] | torch.Tensor, tasks: Sequence[str] | None,
+                 where: str | None) -> list[int]:
+    """Each class's task as an index: task indices (ints, or an integer tensor) or, where the
+    tasks' names are known (a bank), names. Floats are refused rather than truncated."""
+    if isinstance(class_to_task, torch.Tensor):
+        if class_to_task.is_floating_point() or class_to_task.dtype == torch.bool:
+            raise UsageError(f"class_to_task must hold task indices, got a {torch_name(class_to_task.dtype)} tensor")
+        entries: list[Any] = class_to_task.flatten().tolist()
+    else:
+        entries = list(class_to_task)
+    if not entries:
+        raise UsageError("class_to_task is empty: give the task of at least one class")
+    out: list[int] = []
+    for c, t in enumerate(entries):
+        if isinstance(t, str) and tasks is not None and t in tasks:
+            out.append(list(tasks).index(t))
+        elif isinstance(t, int) and not isinstance(t, bool) and 0 <= t and (tasks is None or t < len(tasks)):
+            out.append(t)
+        else:
+            of = f" of {where}" if where else " index (task names need bank=)" if isinstance(t, str) else " index"
+            raise UsageError(f"class {c}: {t!r} is not a task{of}")
+    return out
+
+
+def _require_finite_prototypes(prototypes: torch.Tensor) -> None:
+    if prototypes.numel() and not all_finite(prototypes):
+        raise UsageError("prototypes hold inf or NaN")
+
+
 def _retrieval_inputs(
     bank: str | Path | Bank | None,
     prototypes: torch.Tensor | None,
@@ -349,7 +372,12 @@ def _retrieval_inputs(
             prototypes = b.prototypes
         if class_to_task is None and b.class_to_task is not None:
             class_to_task = [b.tasks.index(t) for t in b.class_to_task]
-    c2t = None if class_to_task is None else torch.as_tensor(list(class_to_task), dtype=torch.long).flatten()
+    c2t = None
+    if class_to_task is not None:
+        c2t = torch.tensor(_class_tasks(class_to_task, b.tasks if b is not None else None,
+                                        b.label if b is not None else None), dtype=torch.long)
+    if prototypes is not None:
+        _require_finite_prototypes(prototypes)
     return prototypes, c2t, None if adapters is None else list(adapters)
 
 
