@@ -220,6 +220,10 @@ def test_collect_errors_are_one_line_and_write_nothing(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "is input file" in r.output and (tmp_path / "pos.txt").read_text() == f"a w{LlamaShape().vocab_size + 5}\n"
     r = _collect(tmp_path, model, "--out", str(tmp_path / "lm" / "config.json"), "--force")
     assert r.exit_code == 2 and "is input file" in r.output
+    # No tokenizer files: said so (transformers asked to install sentencepiece or tiktoken).
+    (tmp_path / "lm" / "tokenizer.json").unlink()
+    r = _collect(tmp_path, model, "--out", str(tmp_path / "f.safetensors"))
+    assert r.exit_code == 4 and "lm: has no tokenizer files (tokenizer.json" in r.output, r.output
 
 
 def test_text_files_that_are_not_utf8_are_usage_errors(tmp_path: Path) -> None:

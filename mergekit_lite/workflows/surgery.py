@@ -47,6 +47,9 @@ SIDECAR_FORMAT = "mlite-surgery/1"
 STEP_ID = "surgery"
 _ROWS_SUFFIX = "::rows"
 PT_SUFFIXES = (".pt", ".pth")
+# Files one of which a saved tokenizer has (fast, sentencepiece, BPE or WordPiece vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tekken.json")
 
 log = logging.getLogger(__name__)
 
@@ -454,6 +457,10 @@ def collect_features(
     neg = read_texts(neg_texts) if isinstance(neg_texts, (str, os.PathLike)) else list(neg_texts)
     if not pos or not neg:
         raise UsageError("collect_features needs at least one positive and one negative text")
+    if src.is_dir() and not any((src / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would guess a tokenizer class and ask for sentencepiece or tiktoken instead
+        raise CheckpointError(f"{src}: has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                              "save the model's tokenizer there")
     try:
         tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
         # transformers ≥ 4.56 names the dtype argument `dtype` and warns about `torch_dtype`
