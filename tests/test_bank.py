@@ -130,6 +130,9 @@ def test_peft_adapters_round_trip_through_bank(tmp_path: Path) -> None:
         assert got.keys() == saved[i].keys() and len(got) == 8
         for k in got:
             assert torch.equal(got[k], saved[i][k]), k
+    r = mlite("bank", "export", bank, "--task", "t0", "--out", tmp_path / "x.safetensors")
+    assert r.exit_code == 2 and "exported as a PEFT adapter directory" in r.output
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_merged_lora_bank_exports_load_in_peft(tmp_path: Path, base) -> None:

@@ -111,6 +111,9 @@ def bank_export(bank: str | Path | Bank, task: str, out: str | Path, *, force: b
     if not isinstance(bank, Bank):
         refuse_over_inputs(Path(out), [Path(bank)])
     member = (bank if isinstance(bank, Bank) else load_bank(bank)).member(task)
+    if member.kind == "lora" and str(out).endswith(".safetensors"):
+        raise UsageError(f"{out}: task {task!r} is a LoRA, exported as a PEFT adapter directory; give a directory "
+                         "path (without .safetensors)")
     return export_member(member, out, force=force)
 
 
