@@ -58,7 +58,7 @@ def bank_add(bank: str | Path, task: str, source: str | Path, *, scale: float | 
     path = Path(bank)
     b = load_bank(path) if path.exists() else Bank(path=path)
     member = read_source(source)
-    _require_finite_member(f"{source}", member)
+    _require_finite_member(str(source), member)
     b.add(task, member)
     if scale is not None:
         if b.scale is not None and float(b.scale) != float(scale):
