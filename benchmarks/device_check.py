@@ -56,6 +56,7 @@ def cases() -> list[Case]:
         Case("ties", step("ties", three, density=0.5, weight=0.3), True),
         Case("ties (global)", step("ties", three, density=0.5, weight=0.3, scope="global"), True),
         Case("breadcrumbs", step("breadcrumbs", three, density=0.9, gamma=0.01, weight=0.3), True),
+        Case("breadcrumbs_ties", step("breadcrumbs_ties", three, density=0.9, gamma=0.01, weight=0.3), True),
         Case("dare_ties", step("dare_ties", three, density=0.3, weight=0.3), True),
         Case("dare_linear", step("dare_linear", three, density=0.3, weight=0.3), True),
         Case("della", step("della", three, density=0.5, epsilon=0.1, weight=0.3), True),
