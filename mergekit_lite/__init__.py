@@ -6,9 +6,17 @@ package for its version, as the CLI does, does not import torch).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+
+# Tensors are read and written with positioned I/O (os.preadv/pread, os.pwrite) on raw file
+# descriptors, which Windows' Python lacks (and there os.open would write in text mode). Say
+# so once, here, rather than fail with an AttributeError in the middle of a run.
+if os.name != "posix":
+    raise ImportError("mergekit_lite needs Linux or macOS (it reads and writes tensors with "
+                      "positioned POSIX file I/O); on Windows, run it under WSL2")
 
 _API = (
     "merge", "run_recipe", "dry_run", "plan_recipe", "inspect",

@@ -81,3 +81,13 @@ def test_ctrl_c_message_offers_resume_only_for_merge(capsys, command, resume):
     assert exc.value.exit_code == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted: nothing was published") and ("--resume" in err) == resume
+
+
+def test_windows_is_refused_with_one_clear_message():
+    """Positioned file I/O is POSIX-only: importing the package elsewhere says what to do."""
+    code = "import os; os.name = 'nt'; import mergekit_lite"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1] == (
+        "ImportError: mergekit_lite needs Linux or macOS (it reads and writes tensors with "
+        "positioned POSIX file I/O); on Windows, run it under WSL2")

@@ -55,6 +55,32 @@ def test_sharded_round_trip_is_bit_exact(tmp_path, monkeypatch, dtype, direct):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("preadv", [True, False], ids=["preadv", "pread"])
+def test_positioned_reads_with_and_without_preadv(tmp_path, monkeypatch, preadv):
+    """macOS before 11 has no os.preadv: the pread fallback reads the same bytes, short reads included."""
+    from mergekit_lite.io import safetensors_format as fmt
+
+    read = fmt._pread_into if preadv else fmt._pread_copy
+    calls: list[int] = []
+
+    def short_reads(fd: int, buffer: memoryview, offset: int) -> int:  # at most 5 bytes a call
+        calls.append(offset)
+        return read(fd, buffer[:5], offset)
+
+    monkeypatch.setattr(fmt, "_PREAD", short_reads)
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(40)))
+    buf = bytearray(12)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fmt.pread_exact(fd, memoryview(buf), 7, path)
+        assert bytes(buf) == bytes(range(7, 19)) and calls == [7, 12, 17]
+        with pytest.raises(CheckpointError, match="truncated while reading at byte 40"):
+            fmt.pread_exact(fd, memoryview(buf), 35, path)
+    finally:
+        os.close(fd)
+
+
 def test_single_shard_is_named_model_safetensors(tmp_path):
     src = save_checkpoint(make_base(LlamaShape()), tmp_path / "src", shape=LlamaShape())
     out = _copy(src, tmp_path / "out", shard_size=10**9)

@@ -166,12 +166,27 @@ def layout_header(
     return head, spans
 
 
+def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
+    """One positioned read straight into `buffer` (no bytes object in between)."""
+    return os.preadv(fd, [buffer], offset)
+
+
+def _pread_copy(fd: int, buffer: memoryview, offset: int) -> int:
+    """One positioned read through a bytes object, for systems without preadv (macOS before 11)."""
+    data = os.pread(fd, len(buffer), offset)
+    buffer[: len(data)] = data
+    return len(data)
+
+
+_PREAD = _pread_into if hasattr(os, "preadv") else _pread_copy
+
+
 def pread_exact(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
     """Fill `buffer` from `offset`, looping over short reads."""
     done = 0
     total = len(buffer)
     while done < total:
-        n = os.preadv(fd, [buffer[done:]], offset + done)
+        n = _PREAD(fd, buffer[done:], offset + done)
         if n <= 0:
             raise CheckpointError(f"{path}: truncated while reading at byte {offset + done}")
         done += n

@@ -11,17 +11,13 @@ model card, then renames the directory into place, so an output is never seen ha
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
 import threading
 import uuid
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None  # type: ignore[assignment]
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -410,8 +406,6 @@ class CheckpointWriter:
         own. The lock is released when the writer publishes or aborts (or the process dies).
         """
         self._release()
-        if fcntl is None:  # not POSIX: no advisory locks
-            return
         fd = os.open(directory, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
