@@ -38,6 +38,7 @@ def inspect(
         "shards": [s.name for s in ckpt.shards],
         "tied_embeddings": ckpt.tied_embeddings,
         "model_type": (ckpt.config or {}).get("model_type"),
+        "quantized": ckpt.quantization,
     }
     if as_json:
         out.print_json(json.dumps({**summary, "tensor_list": rows}))
@@ -51,4 +52,5 @@ def inspect(
     out.print(
         f"{summary['tensors']} tensors, {summary['parameters']:,} parameters, {format_size(summary['bytes'])} "
         f"in {len(summary['shards'])} shard(s); tied embeddings: {'yes' if summary['tied_embeddings'] else 'no'}"
+        + (f"; quantized ({summary['quantized']})" if summary["quantized"] else "")
     )

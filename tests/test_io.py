@@ -430,3 +430,57 @@ def test_cli_hub_reference_offline_is_exit_5(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     res = CliRunner().invoke(app, ["inspect", "acme/not-cached"])
     assert res.exit_code == 5 and "acme/not-cached" in res.output and "Traceback" not in res.output
+
+
+def _quantize_by_config(model_set) -> str:
+    cfg = json.loads((model_set.finetunes[0] / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (model_set.finetunes[0] / "config.json").write_text(json.dumps(cfg))
+    return "config.json quantization_config, quant_method 'gptq'"
+
+
+def _quantize_by_tensor(model_set) -> str:
+    (model_set.finetunes[0] / "config.json").unlink()
+    save_file({"model.layers.0.mlp.up_proj.qweight": torch.zeros(4, 8, dtype=torch.int32)},
+              model_set.finetunes[0] / "extra.safetensors")
+    index = model_set.finetunes[0] / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["model.layers.0.mlp.up_proj.qweight"] = "extra.safetensors"
+    index.write_text(json.dumps(data))
+    return "tensor model.layers.0.mlp.up_proj.qweight"
+
+
+@pytest.mark.parametrize("quantize", [_quantize_by_config, _quantize_by_tensor], ids=["config", "tensor"])
+def test_quantized_checkpoints_are_inspected_but_not_merged(tmp_path, model_set, quantize):
+    """Packed integers were copied from the base while their scales were merged: a meaningless model."""
+    from mergekit_lite.cli.main import app
+    from typer.testing import CliRunner
+
+    from mergekit_lite import api
+
+    mark = quantize(model_set)
+    ft = model_set.finetunes[0]
+    assert api.inspect(ft).quantization == mark
+    assert open_checkpoint(model_set.base).quantization is None
+    with pytest.raises(CheckpointError, match="a quantized checkpoint") as e:
+        open_checkpoint(ft)
+    assert e.value.exit_code == 4
+    runner = CliRunner()
+    res = runner.invoke(app, ["inspect", str(ft), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["quantized"] == mark
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"inputs: {{base: {model_set.base}, a: {ft}}}\n"
+                      f"steps: [{{id: m, method: task_arithmetic, base: base, models: [a]}}]\n"
+                      f"output: {{path: {tmp_path / 'out'}}}\n")
+    want = (f"{ft}: a quantized checkpoint ({mark}); mlite computes on full-precision weights: use the "
+            "unquantized model, or dequantize it first")
+    for args in (["merge", str(recipe)],
+                 ["patch", "--base", str(model_set.base), "--delta", str(ft), "--old-base", str(model_set.base),
+                  "--out", str(tmp_path / "out")],
+                 ["extract", "--model", str(ft), "--base", str(model_set.base), "--rank", "2",
+                  "--out", str(tmp_path / "out")]):
+        res = runner.invoke(app, args)
+        where = {"merge": f"{recipe}:1: input 'a': ", "patch": "input 'delta': "}.get(args[0], "")
+        line = f"error: {where}{want}"
+        assert res.exit_code == 4 and res.output.strip() == line, (args, res.output)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

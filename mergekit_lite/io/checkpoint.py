@@ -36,6 +36,10 @@ CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_tran
 # Their Conv1D layers by name (the output head, where stored, is a Linear).
 CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 
+# Tensor names only quantized checkpoints hold (GPTQ/AWQ packed weights, bitsandbytes' 4-bit
+# state and int8 scales, block-scaled float8), for files that come without a config.json.
+QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".quant_map", ".SCB", ".weight_scale_inv")
+QUANTIZED_PARTS = (".quant_state.",)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SIDE_FILES = (
@@ -125,6 +129,21 @@ class Checkpoint:
             return None
         return next((n for n in self.tensors
                      if n.endswith(".weight") and n[: -len(".weight")].rsplit(".", 1)[-1] in EMBEDDING_MODULES), None)
+
+    @functools.cached_property
+    def quantization(self) -> str | None:
+        """What marks the checkpoint as quantized (its quant_method, or a tensor), None if it is not.
+
+        Quantized weights are packed integers plus scales. Merged as if they were weights, the
+        integers would be copied from the base (they are not float) while the scales were
+        averaged: a finite, well-formed and meaningless model. So the engine refuses them.
+        """
+        qc = (self.config or {}).get("quantization_config")
+        if qc is not None:
+            method = qc.get("quant_method") if isinstance(qc, dict) else None
+            return f"config.json quantization_config, quant_method {method!r}" if method else "config.json quantization_config"
+        return next((f"tensor {n}" for n in self.tensors
+                     if n.endswith(QUANTIZED_SUFFIXES) or any(p in n for p in QUANTIZED_PARTS)), None)
 
     def _stored(self, name: str) -> str:
         """The stored tensor that answers for `name` (itself, or a tied head's embedding)."""
@@ -238,8 +257,20 @@ class Checkpoint:
 
 
 # ---- opening ---------------------------------------------------------------------------
-def open_checkpoint(ref: str | os.PathLike, *, allow_bin: bool = False, revision: str | None = None) -> Checkpoint:
-    """Open a directory, a `.safetensors` file, or a Hub reference `org/name[@revision]`."""
+def open_checkpoint(ref: str | os.PathLike, *, allow_bin: bool = False, revision: str | None = None,
+                    quantized_ok: bool = False) -> Checkpoint:
+    """Open a directory, a `.safetensors` file, or a Hub reference `org/name[@revision]`.
+
+    A quantized checkpoint is refused unless `quantized_ok` (for looking at its headers only).
+    """
+    ck = _open(ref, allow_bin, revision)
+    if not quantized_ok and ck.quantization is not None:
+        raise CheckpointError(f"{ck.label}: a quantized checkpoint ({ck.quantization}); mlite computes on "
+                              "full-precision weights: use the unquantized model, or dequantize it first")
+    return ck
+
+
+def _open(ref: str | os.PathLike, allow_bin: bool, revision: str | None) -> Checkpoint:
     label = str(ref)
     path = Path(ref).expanduser()
     if path.exists():
