@@ -111,6 +111,9 @@ def main() -> None:
     outputs are published, threads joined, files closed. So the streams and log handlers are
     flushed and the process exits at once with the command's code.
     """
+    from mergekit_lite.engine.memory import keep_after_run
+
+    keep_after_run()  # the process ends with the command: no heap to hand back
     try:
         app()
         code = 0

@@ -879,15 +879,53 @@ def test_resume_with_changed_recipe_starts_afresh(tmp_path, model_set):
         torch.testing.assert_close(out[k], base[k] + 0.5 * (a[k] - base[k]))
 
 
-def test_heap_limits_apply_with_glibc():
+def test_heap_settings_apply_for_the_run_and_are_handed_back(tmp_path, model_set):
+    """A notebook's process got one arena and a never-trimmed heap for good after one merge."""
     import platform
 
-    from mergekit_lite.engine.memory import limit_heap_growth
+    from mergekit_lite.engine import memory
 
-    applied = limit_heap_growth()
+    with memory.streaming_heap() as applied:
+        with memory.streaming_heap() as nested:  # a run inside a run keeps the outer settings
+            assert nested is applied
+        assert memory._state["depth"] == 1
+    assert memory._state["depth"] == 0
     if platform.libc_ver()[0] == "glibc":
         assert applied is True
-    assert limit_heap_growth() is applied  # idempotent
+    calls: list[tuple[int, int]] = []
+    libc = memory._libc()
+    if libc is None:
+        return
+
+    class Spy:
+        def mallopt(self, opt: int, value: int) -> int:
+            calls.append((opt, value))
+            return 1
+
+        def malloc_trim(self, pad: int) -> int:
+            calls.append(("trim", pad))
+            return 1
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(memory, "_libc", Spy):
+        mlite.merge("linear", models=[model_set.finetunes[0], model_set.finetunes[1]], out=tmp_path / "o")
+    assert calls[:3] == [(memory._M_ARENA_MAX, 1), (memory._M_MMAP_THRESHOLD, memory._MMAP_THRESHOLD),
+                         (memory._M_TRIM_THRESHOLD, memory._TRIM_THRESHOLD)]
+    assert calls[3:] == [(memory._M_ARENA_MAX, 8 * (os.cpu_count() or 1)),
+                         (memory._M_MMAP_THRESHOLD, 32 << 20), (memory._M_TRIM_THRESHOLD, 64 << 20), ("trim", 0)]
+
+
+def test_a_run_leaves_the_callers_frozen_objects_frozen(tmp_path, model_set):
+    import gc
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        mlite.merge("linear", models=[model_set.finetunes[0], model_set.finetunes[1]], out=tmp_path / "o")
+        assert gc.get_freeze_count() > 0.9 * frozen  # it fell to 0 (a few of the caller's objects die meanwhile)
+    finally:
+        gc.unfreeze()
 
 
 def test_cli_merge_needs_an_output(tmp_path, model_set):

@@ -28,7 +28,7 @@ from ..io.model_card import model_card
 from ..io.safetensors_format import PlannedTensor
 from ..io.writer import CheckpointWriter, all_finite, config_dtype_update, require_finite
 from ..methods.registry import TensorJob, reducer_reads
-from .memory import limit_heap_growth
+from .memory import streaming_heap
 from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, fingerprint, step_closure
 from .stream import (
     BackgroundWriter,
@@ -307,7 +307,7 @@ def execute(
     Statistics passes are cheap next to the output and are always redone. `threads` fixes
     torch's CPU threads for the run; None lets the engine choose (engine/threads.py).
     """
-    with torch_threads(plan, threads), _no_full_collections():
+    with torch_threads(plan, threads), _no_full_collections(), streaming_heap():
         return _execute(plan, progress, publish_hook, tensor_hook, keep_state_dict, resume)
 
 
@@ -319,8 +319,12 @@ def _no_full_collections() -> Iterator[None]:
     collections, and each of those walks every object torch and the rest of the process ever
     created: 2-3% of a linear merge's CPU time. Freezing moves them out of the collector's
     sight for the run (objects the merge creates are still collected); unfreezing hands them
-    back.
+    back. Where objects are frozen already (by the CLI, or by a notebook's own `gc.freeze`),
+    nothing is done: unfreezing would hand back the caller's objects too.
     """
+    if gc.get_freeze_count() > 0:
+        yield
+        return
     gc.freeze()
     try:
         yield
@@ -333,7 +337,6 @@ def _execute(plan: Plan, progress: bool, publish_hook: PublishHook | None, tenso
     t0 = time.perf_counter()
     cpu0 = time.process_time()
     clock = CpuClock()
-    limit_heap_growth()
     for ck in plan.checkpoints.values():
         ck.bytes_read = 0
         ck.reads.clear()
