@@ -163,16 +163,14 @@ def merge(
     otherwise.
     """
     arg.string(method, "method")
-    arg.optional_path(base, "base")
-    models = arg.sequence(models, "models")
-    for i, m in enumerate(models):
-        arg.as_path(m, f"models[{i}]")
+    base = arg.optional_path(base, "base")
+    models = [arg.path_arg(m, f"models[{i}]") for i, m in enumerate(arg.sequence(models, "models"))]
     parameters = arg.optional(arg.mapping)(parameters, "parameters")
     if model_parameters is not None:
         model_parameters = arg.sequence(model_parameters, "model_parameters")
         for i, params in enumerate(model_parameters):
             arg.mapping(params, f"model_parameters[{i}]")
-    arg.optional_path(out, "out")
+    out = arg.optional_path(out, "out")
     # device, dtype, shard_size, seed, force and progress are checked by run_recipe before anything is read
 
     spec = _get_method(method)

@@ -41,9 +41,10 @@ def as_path(value: Any, what: str) -> Path:
 
 
 def path_arg(value: Any, what: str) -> Any:
-    """A path argument, passed on as given: a string may also be a Hub reference ('org/name')."""
-    as_path(value, what)
-    return value
+    """A path argument: `~` expanded as a shell would, anything else passed on as given (a
+    string may also be a Hub reference 'org/name', which never starts with `~`)."""
+    path = as_path(value, what)
+    return path.expanduser() if os.fspath(value).startswith("~") else value
 
 
 def optional(check: Check) -> Check:
@@ -57,8 +58,10 @@ def optional(check: Check) -> Check:
 
 def bank_arg(value: Any, what: str) -> Any:
     """A bank: a bank file's path or an in-memory `Bank` (what `mos_merge(out=None)` returns)."""
-    if isinstance(value, Bank) or is_path(value):
+    if isinstance(value, Bank):
         return value
+    if is_path(value):
+        return path_arg(value, what)
     raise UsageError(f"{what} must be a path (str or os.PathLike) or a Bank, got {type(value).__name__}")
 
 

@@ -320,3 +320,16 @@ def test_force_as_a_string_leaves_an_existing_output_alone(inputs: Inputs, tmp_p
     with pytest.raises(UsageError, match="force must be True or False"):
         api.run_recipe(inputs.recipe, out=out, force="false")
     assert (out / "precious.txt").read_text() == "x"
+
+
+def test_home_relative_paths_are_expanded_everywhere(inputs: Inputs, tmp_path: Path, monkeypatch) -> None:
+    """merge(out=), bank_add, mos_merge(out=) and bank_export(out=) wrote into a literal ./~ folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", "/")  # inputs too: a model given as ~/… from the root
+    out = api.merge("linear", models=["~" + inputs.ft1, inputs.ft2], out=f"~{tmp_path}/m")
+    assert Path(out) == tmp_path / "m" and (tmp_path / "m" / "config.json").is_file()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    api.bank_add("~/bank.safetensors", "t0", inputs.lora)
+    api.mos_merge("~/bank.safetensors", out="~/mos")
+    api.bank_export("~/bank.safetensors", "t0", "~/exported")
+    assert {p.name for p in tmp_path.iterdir()} == {"m", "bank.safetensors", "mos", "exported"}
