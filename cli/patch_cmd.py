@@ -55,12 +55,6 @@ def patch(
         table.add_row(r.name, "×".join(map(str, r.shape)), r.kind, _num(r.delta_norm), _num(r.base_shift),
                       str(r.rank) if r.rank else "", f"{r.rel_error:.2e}" if r.kind == "lora" else "")
     err.print(table)
-    replaced = [r.name for r in result.tensors if r.kind == "replace"]
-    if replaced:
-        # A saved tensor was trained from the old base: it undoes the new base's change to it.
-        err.print(f"note: {len(replaced)} tensor(s) replaced by the adapter's saved copies, trained from the old "
-                  f"base ({replaced[0]}{', …' if len(replaced) > 1 else ''}); give --old-base to port them as "
-                  "deltas instead", highlight=False)
     what = "adapter" if result.as_adapter else "model"
     out.print(f"wrote {what} {result.output}: {len(result.tensors)} tensors patched, "
               f"read {format_size(result.bytes_read)}, wrote {format_size(result.bytes_written)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,8 @@ def test_lambda_old_base_report_and_in_memory(bases: tuple[Path, Path], tmp_path
     assert q.kind == "add" and q.base_shift == pytest.approx(shift, rel=1e-5) and q.delta_norm > 0
 
 
-def test_lambda_scales_the_lora_on_top_of_a_saved_embedding(bases: tuple[Path, Path], tmp_path: Path) -> None:
+def test_lambda_scales_the_lora_on_top_of_a_saved_embedding(bases: tuple[Path, Path], tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     # Targeting embed_tokens makes PEFT save the old embedding too (base_layer.weight): without the
     # old base it replaces θ_new's, and λ must still scale the LoRA delta on top of it.
     old, new = bases
@@ -90,7 +92,10 @@ def test_lambda_scales_the_lora_on_top_of_a_saved_embedding(bases: tuple[Path, P
     pre = "base_model.model.model.embed_tokens."
     saved = sd[pre + "base_layer.weight"]
     delta_e = 2.0 * (sd[pre + "lora_embedding_B"] @ sd[pre + "lora_embedding_A"]).T  # s = 8/4
-    res = api.patch(new, adapter, lam=0.5)
+    with caplog.at_level(logging.WARNING, logger="mergekit_lite"):
+        res = api.patch(new, adapter, lam=0.5)  # the API says it too (it was a CLI-only note)
+    assert ("1 tensor(s) replaced by the adapter's saved copies, trained from the old base "
+            "(model.embed_tokens.weight); give the old base (--old-base, old_base=)") in caplog.text
     assert res.state_dict is not None
     torch.testing.assert_close(res.state_dict["model.embed_tokens.weight"], saved + 0.5 * delta_e, rtol=1e-6, atol=1e-6)
     row = {r.name: r for r in res.tensors}["model.embed_tokens.weight"]
@@ -100,7 +105,7 @@ def test_lambda_scales_the_lora_on_top_of_a_saved_embedding(bases: tuple[Path, P
     assert_state_close(peft_merged(new, as_adapter.output), res.state_dict)
     # the command says that the new base's embedding was replaced, and how not to
     cli = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(adapter), "--out", str(tmp_path / "o")])
-    assert cli.exit_code == 0 and "note: 1 tensor(s) replaced by the adapter's saved copies" in cli.output
+    assert cli.exit_code == 0 and "warning: 1 tensor(s) replaced by the adapter's saved copies" in cli.output
 
 
 def test_full_finetune_delta(bases: tuple[Path, Path], tmp_path: Path) -> None:

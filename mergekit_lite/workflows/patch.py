@@ -11,6 +11,7 @@ The report lists every patched tensor with ‖Δ‖ and, when the old base is kn
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Collection, Mapping
@@ -32,6 +33,7 @@ from ..methods.registry import TensorJob
 from .extract import check_rank_args, dense_to_adapter, require_factors
 
 PathLike = str | os.PathLike
+log = logging.getLogger(__name__)
 REPORT_FILE = "mlite_patch_report.json"
 
 
@@ -143,9 +145,9 @@ def patch(
             raise UsageError("--as-adapter needs an output directory (--out)")
         if shard_size is not None:
             raise UsageError("--shard-size does not apply to --as-adapter (an adapter is written as one file)")
-        return _as_adapter(base, delta, old_base=old_base, lam=lam, out=out, rank=rank, energy=energy,
+        return _note_replaced(_as_adapter(base, delta, old_base=old_base, lam=lam, out=out, rank=rank, energy=energy,
                            allow_vocab_growth=allow_vocab_growth, device=device, dtype=dtype, seed=seed, force=force,
-                           allow_bin=allow_bin)
+                           allow_bin=allow_bin))
     if rank is not None or energy is not None:
         raise UsageError("--rank and --energy compress the patch into an adapter: they need --as-adapter")
     if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam):
@@ -187,8 +189,19 @@ def patch(
 
     run = execute(plan, progress=progress, tensor_hook=on_tensor,
                   publish_hook=write_report if plan.out is not None else None)
-    return PatchResult(output=run.output, state_dict=run.state_dict, tensors=_rows(recorder, shifts),
-                       bytes_read=run.bytes_read, bytes_written=run.bytes_written, seconds=run.seconds)
+    return _note_replaced(PatchResult(output=run.output, state_dict=run.state_dict, tensors=_rows(recorder, shifts),
+                                      bytes_read=run.bytes_read, bytes_written=run.bytes_written, seconds=run.seconds))
+
+
+def _note_replaced(result: PatchResult) -> PatchResult:
+    """Warn about saved tensors (modules_to_save) that replaced the new base's: they were trained
+    from the old base, so they undo the new base's change to those tensors."""
+    replaced = [r.name for r in result.tensors if r.kind == "replace"]
+    if replaced:
+        log.warning("%d tensor(s) replaced by the adapter's saved copies, trained from the old base (%s%s); give "
+                    "the old base (--old-base, old_base=) to port them as deltas instead",
+                    len(replaced), replaced[0], ", …" if len(replaced) > 1 else "")
+    return result
 
 
 def _rows(recorder: _Recording, shifts: Mapping[str, float]) -> list[PatchRow]:
