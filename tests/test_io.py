@@ -484,3 +484,34 @@ def test_quantized_checkpoints_are_inspected_but_not_merged(tmp_path, model_set,
         line = f"error: {where}{want}"
         assert res.exit_code == 4 and res.output.strip() == line, (args, res.output)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_small_file_write_failures_are_os_errors_naming_the_target(tmp_path, monkeypatch):
+    """safetensors raises SafetensorError for a refused write: the CLI printed a traceback, exit 1."""
+    from safetensors import SafetensorError
+
+    from mergekit_lite.io import safetensors_format as fmt
+
+    def refused(*args, **kwargs):
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) at path "x"')
+
+    monkeypatch.setattr(fmt, "save_file", refused)
+    with pytest.raises(OSError) as e:
+        fmt.write_file({"a": torch.zeros(2)}, tmp_path / ".tmp-1", target=tmp_path / "bank.safetensors")
+    assert (e.value.errno, e.value.strerror, e.value.filename) == (28, os.strerror(28), str(tmp_path / "bank.safetensors"))
+
+    def other(*args, **kwargs):
+        raise SafetensorError("Error while serializing: something else")
+
+    monkeypatch.setattr(fmt, "save_file", other)
+    with pytest.raises(SafetensorError):  # not an I/O failure: a bug, so it stays what it is
+        fmt.write_file({"a": torch.zeros(2)}, tmp_path / "x")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, where no file can be created")
+def test_cli_bank_add_to_a_place_that_refuses_files_is_one_line_exit_6(model_set):
+    from mergekit_lite.cli.main import app
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(app, ["bank", "add", "/proc/bank.safetensors", str(model_set.adapter), "--task", "t0"])
+    assert res.exit_code == 6 and res.output.strip() == "error: /proc/bank.safetensors: No such file or directory"

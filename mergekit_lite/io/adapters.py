@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import CheckpointError
 from ..precision import full_float32_matmul
 from .checkpoint import Checkpoint, open_checkpoint
+from .safetensors_format import write_file
 from .writer import check_output_dir
 
 CONFIG_FILE = "adapter_config.json"
@@ -492,7 +492,7 @@ def write_adapter(
     tmp = out.parent / f".{out.name}.mlite-tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_file(tensors, tmp / WEIGHTS_FILE, {"format": "pt"}, target=out)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         for fname, data in (extra_files or {}).items():
             (tmp / fname).write_bytes(data)
@@ -521,8 +521,8 @@ def copy_adapter(
     tmp = out.parent / f".{out.name}.mlite-tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": "pt"})
+        write_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE,
+                   {"format": "pt"}, target=out)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         for fname, data in (extra_files or {}).items():
             (tmp / fname).write_bytes(data)

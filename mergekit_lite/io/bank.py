@@ -30,11 +30,11 @@ from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mergekit_lite.dtypes import torch_name
 from mergekit_lite.errors import CheckpointError, UsageError
 from mergekit_lite.io.adapters import settings_from_config
+from mergekit_lite.io.safetensors_format import write_file
 
 BANK_FORMAT = "1"
 ADAPTER_PREFIX = "adapters."
@@ -380,7 +380,7 @@ def save_bank(bank: Bank, path: str | Path, *, overwrite: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(target)
     try:
-        save_file(tensors, str(tmp), metadata=bank_metadata(bank))
+        write_file(tensors, tmp, bank_metadata(bank), target=target)
         _publish(tmp, target)
     except BaseException:
         _discard(tmp)
@@ -400,9 +400,9 @@ def export_member(member: Member, out: str | Path, *, force: bool = False) -> Pa
         if member.kind == "lora":
             tmp.mkdir()
             (tmp / PEFT_CONFIG).write_text(json.dumps(member.adapter_config or {}, indent=2) + "\n")
-            save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+            write_file(tensors, tmp / PEFT_WEIGHTS, {"format": "pt"}, target=target)
         else:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            write_file(tensors, tmp, {"format": "pt"}, target=target)
         _publish(tmp, target)
     except BaseException:
         _discard(tmp)

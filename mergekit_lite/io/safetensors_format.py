@@ -15,10 +15,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from ..dtypes import ITEMSIZE
 from ..errors import CheckpointError
@@ -197,3 +202,19 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     total = len(data)
     while done < total:
         done += os.pwrite(fd, data[done:], offset + done)
+
+
+def write_file(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str] | None = None, *,
+               target: Path | None = None) -> None:
+    """safetensors' `save_file` for small files (banks, probes, adapters), whose failed writes
+    are the OSError they are: safetensors reports a refused or failed write (permissions, a full
+    disk) as a SafetensorError carrying Rust's text, which would reach the user as a traceback.
+    `target` is the path the user asked for, named in the error when `path` is a temporary."""
+    try:
+        save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata is not None else None)
+    except SafetensorError as exc:
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(target or path)) from None

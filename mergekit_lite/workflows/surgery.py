@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..dtypes import to_torch
 from ..engine.plan import resolve_device
 from ..errors import CheckpointError, MliteError, UsageError, one_line
 from ..io.checkpoint import Checkpoint, load_small_file, open_checkpoint
-from ..io.safetensors_format import PlannedTensor
+from ..io.safetensors_format import PlannedTensor, write_file
 from ..io.writer import CheckpointWriter, check_output_dir, refuse_over_inputs
 from ..methods.probe import ProbeFit
 from ..methods.probe import train_probe as fit_probe
@@ -266,7 +265,7 @@ def sidecar_record(
 
 def write_sidecar(directory: Path, record: dict[str, Any], rows: dict[str, torch.Tensor]) -> None:
     (directory / SIDECAR_JSON).write_text(json.dumps(record, indent=1) + "\n")
-    save_file(rows, str(directory / SIDECAR_ROWS), metadata={"format": SIDECAR_FORMAT})
+    write_file(rows, directory / SIDECAR_ROWS, {"format": SIDECAR_FORMAT})
 
 
 def read_sidecar(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -396,7 +395,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], dest: Path, metadata: dict[st
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.mlite-tmp-{uuid.uuid4().hex[:8]}"
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        write_file(tensors, tmp, metadata, target=dest)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
