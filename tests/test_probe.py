@@ -36,6 +36,19 @@ def test_learns_separable_data_deterministically(optimizer: str) -> None:
     assert torch.nn.functional.cosine_similarity(w, direction, dim=0) > (0.9 if optimizer == "lbfgs" else 0.8)
 
 
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_trains_the_same_probe_under_a_notebooks_no_grad_or_inference_mode(optimizer: str, context: str) -> None:
+    """Adam under no_grad, and both under inference_mode, raised 'element 0 … does not require grad'."""
+    kw = {"optimizer": optimizer, "lr": 0.05} if optimizer == "adam" else {}
+    x, y, _ = _separable()
+    want = train_probe(x, y, seed=3, **kw)
+    with getattr(torch, context)():
+        xs, ys = (x.clone(), y.clone()) if context == "inference_mode" else (x, y)  # inference tensors
+        got = train_probe(xs, ys, seed=3, **kw)
+    assert torch.equal(got.weight, want.weight) and torch.equal(got.bias, want.bias)
+
+
 def test_probe_acts_on_raw_features() -> None:
     x, y, _ = _separable(seed=1)
     fit = train_probe(x, y, holdout=0.0)

@@ -102,9 +102,18 @@ def train_probe(
         raise UsageError(f"holdout must be in [0, 1), got {holdout}")
     if optimizer not in ("lbfgs", "adam"):
         raise UsageError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
+    # A notebook may call this under torch.no_grad() or torch.inference_mode(): the fit needs
+    # gradients, and tensors of its own (an inference tensor cannot be saved for backward).
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit(features, labels, seed=seed, holdout=holdout, optimizer=optimizer, l2=l2, max_iter=max_iter,
+                    epochs=epochs, lr=lr, batch_size=batch_size)
+
+
+def _fit(features: torch.Tensor, labels: torch.Tensor, *, seed: int, holdout: float, optimizer: Optimizer,
+         l2: float, max_iter: int, epochs: int, lr: float, batch_size: int) -> ProbeFit:
     n, d = features.shape
-    y = check_labels(labels.detach().cpu(), n)  # the fit runs on the CPU, with the features
-    x = features.detach().to(device="cpu", dtype=torch.float64)
+    y = check_labels(labels.detach().cpu(), n).clone()  # the fit runs on the CPU, with the features
+    x = features.detach().to(device="cpu", dtype=torch.float64).clone()
     tr, ho = split_indices(y, holdout, seed)
     x_tr, y_tr = x[tr], y[tr]
 
