@@ -222,11 +222,12 @@ run_demo = arg.checked(_demo.run_demo, folder=arg.path_arg, report=arg.function)
 
 patch = arg.checked(
     _patch.patch, base=arg.path_arg, delta=arg.path_arg, old_base=arg.optional_path, lam=arg.finite,
-    out=arg.optional_path, device=arg.device, dtype=arg.optional_dtype, shard_size=arg.optional(arg.shard_size),
+    rank=arg.optional(arg.positive_int), energy=arg.optional(arg.fraction), out=arg.optional_path, device=arg.device, dtype=arg.optional_dtype, shard_size=arg.optional(arg.shard_size),
     seed=arg.seed,
 )
 extract = arg.checked(
-    _extract.extract, model=arg.path_arg, base=arg.path_arg, out=arg.optional_path, seed=arg.seed,
+    _extract.extract, model=arg.path_arg, base=arg.path_arg, rank=arg.optional(arg.positive_int),
+    energy=arg.optional(arg.fraction), out=arg.optional_path, seed=arg.seed,
     device=arg.device, dtype=arg.optional_dtype, on_tensor=arg.optional(arg.function),
 )
 
@@ -238,15 +239,17 @@ bank_export = arg.checked(_mos.bank_export, bank=arg.bank_arg, task=arg.string, 
 bank_set_prototypes = arg.checked(
     _mos.bank_set_prototypes, bank=arg.path_arg, prototypes=arg.tensor, class_to_task=arg.class_to_task,
 )
-mos_merge = arg.checked(_mos.mos_merge, bank=arg.bank_arg, out=arg.optional_path)
+mos_merge = arg.checked(_mos.mos_merge, bank=arg.bank_arg, momentum=arg.unit_interval,
+                        rank=arg.optional(arg.positive_int), out=arg.optional_path)
 retrieve = arg.checked(
-    _mos.retrieve, feature_fn=arg.function, prototypes=arg.optional(arg.tensor),
+    _mos.retrieve, inputs=arg.tensor, feature_fn=arg.function, max_rounds=arg.positive_int,
+    first_adapter=arg.optional(arg.index), prototypes=arg.optional(arg.tensor),
     class_to_task=arg.optional(arg.class_to_task), adapters=arg.optional(arg.adapters),
     bank=arg.optional(arg.bank_arg), classifier=arg.optional(arg.function), first_classifier=arg.optional(arg.function),
 )
 
 surgery = arg.checked(
-    _surgery.surgery, model=arg.path_arg, probe=arg.path_arg, top_k=arg.optional(arg.positive_int),
+    _surgery.surgery, model=arg.path_arg, probe=arg.path_arg, alpha=arg.finite, top_k=arg.optional(arg.positive_int),
     fraction=arg.optional(arg.fraction), target=arg.string, out=arg.optional_path, device=arg.optional_device,
 )
 undo_surgery = arg.checked(_surgery.undo_surgery, edited_model=arg.path_arg, out=arg.path_arg)

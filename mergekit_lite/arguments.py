@@ -123,6 +123,18 @@ def fraction(value: Any, what: str) -> float:
     return float(value)
 
 
+def unit_interval(value: Any, what: str) -> float:
+    """A number in [0, 1] (MOS's momentum)."""
+    if not 0.0 <= real(value, what, "a number in [0, 1]") <= 1.0:
+        raise UsageError(f"{what} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def index(value: Any, what: str) -> int:
+    """A position in a list: an integer >= 0."""
+    return integer(value, what, 0, "an integer >= 0")
+
+
 def seed(value: Any, what: str) -> int:
     """A seed: an integer ≥ 0, as a recipe's `seed:` must be."""
     return integer(value, what, 0, "an integer >= 0")

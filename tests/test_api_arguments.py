@@ -333,3 +333,24 @@ def test_home_relative_paths_are_expanded_everywhere(inputs: Inputs, tmp_path: P
     api.mos_merge("~/bank.safetensors", out="~/mos")
     api.bank_export("~/bank.safetensors", "t0", "~/exported")
     assert {p.name for p in tmp_path.iterdir()} == {"m", "bank.safetensors", "mos", "exported"}
+
+
+def test_numpy_numbers_are_taken_as_python_numbers(inputs: Inputs, tmp_path: Path) -> None:
+    """np.int64 ranks and np.float32 alphas were refused by some functions and taken by others
+    (extract then failed writing its JSON report); recipes refused np.float32 weights."""
+    np = pytest.importorskip("numpy")
+    res = api.extract(model=inputs.ft1, base=inputs.base, rank=np.int64(2), out=tmp_path / "l")
+    assert res.output is not None and (tmp_path / "l" / "adapter_model.safetensors").is_file()
+    api.extract(model=inputs.ft1, base=inputs.base, energy=np.float32(0.9), out=tmp_path / "l2")
+    api.surgery(inputs.base, inputs.probe, alpha=np.float32(0.5), top_k=np.int64(2), out=tmp_path / "s")
+    api.mos_merge(inputs.bank, momentum=np.float32(0.2), out=tmp_path / "b.safetensors")
+    api.patch(inputs.base, inputs.lora, lam=np.float32(0.5), out=tmp_path / "p")
+    recipe = {**inputs.recipe, "steps": [{"method": "linear", "models": ["a", "b"],
+                                          "parameters": {"weight": {"a": np.float32(0.25), "b": np.int64(3)}}}]}
+    result = api.run_recipe(recipe, seed=np.int64(3), threads=np.int64(1))
+    assert result.state_dict is not None
+    want = api.run_recipe({**inputs.recipe, "steps": [{"method": "linear", "models": ["a", "b"],
+                                                       "parameters": {"weight": {"a": 0.25, "b": 3}}}]})
+    assert all(torch.equal(result.state_dict[k], want.state_dict[k]) for k in want.state_dict)
+    with pytest.raises(UsageError, match="momentum must be a number in \\[0, 1\\], got 1.5"):
+        api.mos_merge(inputs.bank, momentum=1.5)

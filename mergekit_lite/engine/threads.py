@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import os
 from collections.abc import Iterator
 
@@ -56,7 +57,7 @@ def torch_threads(plan: Plan, requested: int | None = None) -> Iterator[int]:
 
     Restoring matters in a notebook, where the process goes on to do other torch work.
     """
-    if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < 1):
+    if requested is not None and (isinstance(requested, bool) or not isinstance(requested, numbers.Integral) or requested < 1):
         raise UsageError(f"threads must be a positive integer, got {requested!r}")
     if requested is not None and requested > max_threads():
         # OpenMP starts every thread it is asked for: 100000 of them crash the process.

@@ -6,6 +6,7 @@ stage in one run. Shape errors stop before meaning is checked (meaning needs a s
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,28 @@ from .validate import validate
 from .yaml_lines import YamlSyntaxError, line_of, parse_yaml, plain, start_line
 
 
+def _python_numbers(value: Any) -> Any:
+    """A recipe built in Python, with numpy (or other registered) numbers as the int, float and
+    bool a YAML file would give: np.float32(0.5) was refused as "expected a number"."""
+    if isinstance(value, Mapping):
+        return {k: _python_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_python_numbers(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if type(value).__name__ == "bool_":  # numpy's bool is no numbers.Integral
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
 def load(source: str | Path | Mapping[str, Any]) -> Recipe:
     problems = Problems()
     if isinstance(source, Mapping):
-        raw: Any = dict(source)
+        raw: Any = _python_numbers(source)
         file = None
         path = None
         base_dir = Path.cwd()

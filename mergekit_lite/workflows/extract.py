@@ -10,6 +10,7 @@ patched value. One tensor is in memory at a time.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -71,9 +72,9 @@ def is_embedding(name: str) -> bool:
 def check_rank_args(rank: int | None, energy: float | None) -> None:
     if (rank is None) == (energy is None):
         raise UsageError("give exactly one of --rank or --energy")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral)):
         raise UsageError(f"--rank must be a positive integer, got {rank!r}")
-    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float))):
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, numbers.Real)):
         raise UsageError(f"--energy must be a number in (0, 1], got {energy!r}")
     if rank is not None and rank < 1:
         raise UsageError(f"--rank must be >= 1, got {rank}")

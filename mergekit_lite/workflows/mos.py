@@ -9,6 +9,7 @@ writes anything, and every write is atomic.
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +143,7 @@ def bank_set_prototypes(
 
 
 def _check_merge_args(momentum: float, mode: str, space: str, rank: int | None) -> None:
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
         raise UsageError(f"momentum must be a number in [0, 1], got {momentum!r}")
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -151,7 +152,7 @@ def _check_merge_args(momentum: float, mode: str, space: str, rank: int | None) 
     if rank is not None:
         if space != "delta":
             raise UsageError("rank only applies to space 'delta' (factors keep their shapes)")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
             raise UsageError(f"rank must be a positive integer, got {rank!r}")
 
 
@@ -431,10 +432,10 @@ def retrieve(
     assert classifier is not None and first_classifier is not None
     if c2t.numel() and (int(c2t.min()) < 0 or int(c2t.max()) >= len(adapter_list)):
         raise UsageError(f"class_to_task names a task outside 0..{len(adapter_list) - 1}")
-    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, numbers.Integral) or max_rounds < 1:
         raise UsageError(f"max_rounds must be a positive integer, got {max_rounds!r}")
     if first_adapter is not None and (
-        isinstance(first_adapter, bool) or not isinstance(first_adapter, int)
+        isinstance(first_adapter, bool) or not isinstance(first_adapter, numbers.Integral)
         or not 0 <= first_adapter < len(adapter_list)
     ):
         raise UsageError(f"first_adapter must be None or a task index in 0..{len(adapter_list) - 1}, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
@@ -150,7 +151,7 @@ def patch(
                            allow_bin=allow_bin))
     if rank is not None or energy is not None:
         raise UsageError("--rank and --energy compress the patch into an adapter: they need --as-adapter")
-    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam):
+    if not isinstance(lam, numbers.Real) or isinstance(lam, bool) or not math.isfinite(lam):
         raise UsageError(f"--lambda must be a finite number, got {lam!r}")
     if old_base is None and Path(delta).expanduser().exists() and not is_adapter_dir(delta):
         raise UsageError(needs_old_base(delta))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import uuid
@@ -149,7 +150,7 @@ def find_candidates(
 
 
 def _check_args(alpha: float, top_k: int | None, fraction: float | None, direction: str, target: str) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
         raise UsageError(f"alpha must be a finite number, got {alpha!r}")
     if top_k is not None and fraction is not None:
         raise UsageError("give top_k or fraction, not both")
