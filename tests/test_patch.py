@@ -250,7 +250,7 @@ def test_patch_usage_mistakes_are_one_line_exit_2(bases: tuple[Path, Path], tmp_
         (["--delta", str(ft)], "a full fine-tuned checkpoint as delta needs its old base (--old-base)"),
         (["--delta", str(adapter), "--lambda", "nan"], "--lambda must be a finite number, got nan"),
         (["--delta", str(adapter), "--lambda", "inf"], "--lambda must be a finite number, got inf"),
-        (["--delta", str(adapter), "--rank", "4"], "--rank and --energy compress the patch into an adapter"),
+        (["--delta", str(adapter), "--rank", "4"], "--rank and --energy (rank=, energy=) compress the patch into an adapter"),
     ):
         res = runner.invoke(app, ["patch", "--base", str(new), *args, "--out", str(tmp_path / "o")])
         lines = [ln for ln in res.output.splitlines() if ln.strip()]
@@ -263,7 +263,7 @@ def test_as_adapter_refuses_a_shard_size(bases: tuple[Path, Path], tmp_path: Pat
     adapter = save_lora(old, tmp_path / "lora", seed=16, target_modules=["q_proj"])
     res = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(adapter), "--as-adapter",
                               "--shard-size", "1k", "--out", str(tmp_path / "o")])
-    assert res.exit_code == 2 and "--shard-size does not apply to --as-adapter" in res.output
+    assert res.exit_code == 2 and "--shard-size (shard_size=) does not apply to --as-adapter" in res.output
 
 
 def test_a_full_fine_tune_patches_a_tied_base_and_unties_it(bases: tuple[Path, Path], tmp_path: Path) -> None:

@@ -107,7 +107,7 @@ def check_output_dir(out: Path, force: bool, inputs: Iterable[Path] = ()) -> Non
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise UsageError(f"{out}: output directory exists and is not empty (use --force to replace it)")
+        raise UsageError(f"{out}: output directory exists and is not empty (use --force, or force=True, to replace it)")
 
 
 def all_finite(t: torch.Tensor) -> bool:

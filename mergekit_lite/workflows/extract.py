@@ -71,15 +71,15 @@ def is_embedding(name: str) -> bool:
 
 def check_rank_args(rank: int | None, energy: float | None) -> None:
     if (rank is None) == (energy is None):
-        raise UsageError("give exactly one of --rank or --energy")
+        raise UsageError("give exactly one of --rank or --energy (rank= or energy=)")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral)):
-        raise UsageError(f"--rank must be a positive integer, got {rank!r}")
+        raise UsageError(f"--rank (rank=) must be a positive integer, got {rank!r}")
     if energy is not None and (isinstance(energy, bool) or not isinstance(energy, numbers.Real)):
-        raise UsageError(f"--energy must be a number in (0, 1], got {energy!r}")
+        raise UsageError(f"--energy (energy=) must be a number in (0, 1], got {energy!r}")
     if rank is not None and rank < 1:
-        raise UsageError(f"--rank must be >= 1, got {rank}")
+        raise UsageError(f"--rank (rank=) must be >= 1, got {rank}")
     if energy is not None and not 0 < energy <= 1:
-        raise UsageError(f"--energy must be in (0, 1], got {energy}")
+        raise UsageError(f"--energy (energy=) must be in (0, 1], got {energy}")
 
 
 def dense_to_adapter(

@@ -145,14 +145,14 @@ def patch(
         if out is None:
             raise UsageError("--as-adapter needs an output directory (--out)")
         if shard_size is not None:
-            raise UsageError("--shard-size does not apply to --as-adapter (an adapter is written as one file)")
+            raise UsageError("--shard-size (shard_size=) does not apply to --as-adapter (an adapter is written as one file)")
         return _note_replaced(_as_adapter(base, delta, old_base=old_base, lam=lam, out=out, rank=rank, energy=energy,
                            allow_vocab_growth=allow_vocab_growth, device=device, dtype=dtype, seed=seed, force=force,
                            allow_bin=allow_bin))
     if rank is not None or energy is not None:
-        raise UsageError("--rank and --energy compress the patch into an adapter: they need --as-adapter")
+        raise UsageError("--rank and --energy (rank=, energy=) compress the patch into an adapter: they need --as-adapter (as_adapter=True)")
     if not isinstance(lam, numbers.Real) or isinstance(lam, bool) or not math.isfinite(lam):
-        raise UsageError(f"--lambda must be a finite number, got {lam!r}")
+        raise UsageError(f"--lambda (lam=) must be a finite number, got {lam!r}")
     if old_base is None and Path(delta).expanduser().exists() and not is_adapter_dir(delta):
         raise UsageError(needs_old_base(delta))
     from ..api import plan_recipe

@@ -93,7 +93,7 @@ def load_probe(path: str | os.PathLike, *, allow_pt: bool = False) -> dict[str, 
         raise UsageError(f"{p}: probe file not found")
     if p.suffix in PT_SUFFIXES:
         if not allow_pt:
-            raise UsageError(f"{p}: pickle probe files are refused; convert to safetensors or opt in with --allow-pt")
+            raise UsageError(f"{p}: pickle probe files are refused; convert to safetensors or opt in with --allow-pt (allow_pt=True)")
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for bad pickles
@@ -104,7 +104,7 @@ def load_probe(path: str | os.PathLike, *, allow_pt: bool = False) -> dict[str, 
             return dict(obj)
         raise CheckpointError(f"{p}: expected a tensor or a dict of tensors")
     if p.suffix != ".safetensors":
-        raise UsageError(f"{p}: expected a .safetensors probe file (or .pt with --allow-pt)")
+        raise UsageError(f"{p}: expected a .safetensors probe file (or .pt with --allow-pt, allow_pt=True)")
     return load_small_file(p)
 
 
@@ -389,7 +389,7 @@ def _file_output(dest: Path, force: bool, what: str) -> None:
     if dest.is_dir():
         raise UsageError(f"{dest}: is a directory; {what} is one .safetensors file: give a file path")
     if dest.exists() and not force:
-        raise UsageError(f"{dest}: exists (use --force to replace it)")
+        raise UsageError(f"{dest}: exists (use --force, or force=True, to replace it)")
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], dest: Path, metadata: dict[str, str]) -> None:
