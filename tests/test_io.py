@@ -327,6 +327,24 @@ def test_unwritten_tensor_is_an_error(tmp_path, model_set):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_that_loses_the_race_to_create_the_partial_output_says_another_run_writes(tmp_path, model_set,
+                                                                                        monkeypatch):
+    """Two --force runs started together: one said '.out.mlite-partial: File exists', exit 6."""
+    ck = open_checkpoint(model_set.base)
+    plan = [OutputTensor(n, ck.info(n).dtype, ck.info(n).shape) for n in ck.names()]
+    partial = CheckpointWriter.partial_dir(tmp_path / "out")
+    real_mkdir = Path.mkdir
+
+    def other_run_first(self, *args, **kwargs):
+        if self == partial:
+            real_mkdir(self)  # the other run's mkdir lands between our check and ours
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", other_run_first)
+    with pytest.raises(UsageError, match="another mlite run is writing this output now"):
+        CheckpointWriter(tmp_path / "out", plan, partial_key="k1", force=True)
+
+
 @pytest.mark.skipif(os.name != "posix", reason="advisory locks are POSIX")
 def test_two_writers_of_one_output_cannot_overlap(tmp_path, model_set):
     ck = open_checkpoint(model_set.base)

@@ -275,3 +275,17 @@ def test_a_failed_write_names_its_file(tmp_path, monkeypatch):
         f.pwrite(memoryview(b"abcd"), 0)
     f.close()
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+def test_sizing_a_new_shard_names_its_file_when_refused(tmp_path, monkeypatch, direct):
+    """A file-size limit (EFBIG) or a full disk at ftruncate said only 'File too large'."""
+
+    def too_large(fd, size):
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    monkeypatch.setattr(os, "ftruncate", too_large)
+    path = tmp_path / "model-00001-of-00002.safetensors"
+    with pytest.raises(OSError) as e:
+        open_shard(path, shard_file.DIRECT_MIN_BYTES, fresh=True, direct=direct)
+    assert e.value.errno == errno.EFBIG and e.value.filename == str(path)

@@ -225,11 +225,12 @@ class DirectShardFile:
         again when the run is resumed.
         """
         try:
-            with self._held_lock:
-                for index in sorted(self._held):
-                    self._flush_block(index, self._held[index][0])
-                self._held.clear()
-            os.ftruncate(self.fd, self.size)  # drop the last block's padding
+            with naming(self.path):
+                with self._held_lock:
+                    for index in sorted(self._held):
+                        self._flush_block(index, self._held[index][0])
+                    self._held.clear()
+                os.ftruncate(self.fd, self.size)  # drop the last block's padding
         finally:
             os.close(self.fd)
             for buffer in (self._block, self._staging):
@@ -265,9 +266,13 @@ def wants_direct(direct: bool, size: int, *, fresh: bool) -> bool:
 
 
 def open_shard(path: Path, size: int, *, fresh: bool, direct: bool) -> ShardFile:
-    """Open an output shard of `size` bytes: direct when asked, big enough, new and possible."""
-    if wants_direct(direct, size, fresh=fresh):
-        opened = DirectShardFile.open(path, size)
-        if opened is not None:
-            return opened
-    return BufferedShardFile(path, size, fresh=fresh)
+    """Open an output shard of `size` bytes: direct when asked, big enough, new and possible.
+
+    Sizing the file can fail too (a file-size limit, a full disk): the error names the file.
+    """
+    with naming(path):
+        if wants_direct(direct, size, fresh=fresh):
+            opened = DirectShardFile.open(path, size)
+            if opened is not None:
+                return opened
+        return BufferedShardFile(path, size, fresh=fresh)

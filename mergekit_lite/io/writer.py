@@ -226,7 +226,10 @@ class CheckpointWriter:
                 else:
                     log.info("discarding the partial output at %s", self.tmp_dir)
                 shutil.rmtree(self.tmp_dir)
-            self.tmp_dir.mkdir()
+            try:
+                self.tmp_dir.mkdir()
+            except FileExistsError:  # another run started this output in between
+                raise self._busy() from None
             self._hold(self.tmp_dir)
             key_file.write_text(key)
         self._log_fd = os.open(self.tmp_dir / RESUME_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -411,9 +414,12 @@ class CheckpointWriter:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise UsageError(f"{self.out_dir}: another mlite run is writing this output now; wait for it to "
-                             "finish or choose another output path") from None
+            raise self._busy() from None
         self._lock_fd = fd
+
+    def _busy(self) -> UsageError:
+        return UsageError(f"{self.out_dir}: another mlite run is writing this output now; wait for it to "
+                          "finish or choose another output path")
 
     def _release(self) -> None:
         if self._lock_fd is not None:
