@@ -533,3 +533,33 @@ def test_cli_bank_add_to_a_place_that_refuses_files_is_one_line_exit_6(model_set
 
     res = CliRunner().invoke(app, ["bank", "add", "/proc/bank.safetensors", str(model_set.adapter), "--task", "t0"])
     assert res.exit_code == 6 and res.output.strip() == "error: /proc/bank.safetensors: No such file or directory"
+
+
+@pytest.mark.parametrize("failure", ["refused", "interrupted"])
+def test_a_replaced_output_that_cannot_be_deleted_is_named_not_hidden(tmp_path, monkeypatch, caplog, failure):
+    """--force over an old output: the new one was published, but a failed or interrupted delete of
+    the old one left .out.mlite-old-* behind in silence (or said 'nothing was published')."""
+    import logging
+    import shutil
+
+    from mergekit_lite.io import publish
+
+    target, tmp = tmp_path / "out", tmp_path / "new"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    tmp.mkdir()
+    (tmp / "new.txt").write_text("new")
+
+    def rmtree(path, onerror=None):
+        if failure == "interrupted":
+            raise KeyboardInterrupt
+        onerror(os.unlink, str(path / "old.txt"), (PermissionError, PermissionError(13, "Permission denied"), None))
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with caplog.at_level(logging.WARNING, logger="mergekit_lite"):
+        publish.put_in_place(tmp, target)
+    assert (target / "new.txt").read_text() == "new"
+    (trash,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.mlite-old-")]
+    assert f"{target} is in place, but the output it replaced could not all be deleted" in caplog.text
+    assert f"delete {trash} yourself" in caplog.text
+    assert ("interrupted" if failure == "interrupted" else "Permission denied") in caplog.text

@@ -24,7 +24,6 @@ import math
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from ..errors import CheckpointError
 from ..precision import full_float32_matmul
 from .checkpoint import Checkpoint, open_checkpoint
+from .publish import beside, put_in_place
 from .safetensors_format import write_file
 from .writer import check_output_dir
 
@@ -489,7 +489,7 @@ def write_adapter(
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     config = adapter_config(factors, sorted(full_modules), base_model_name_or_path=base_model_name_or_path, base=base)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.mlite-tmp-{uuid.uuid4().hex[:8]}"
+    tmp = beside(out, "mlite-tmp")
     tmp.mkdir()
     try:
         write_file(tensors, tmp / WEIGHTS_FILE, {"format": "pt"}, target=out)
@@ -518,7 +518,7 @@ def copy_adapter(
     config = dict(src.raw_config)
     config.update(config_updates or {})
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.mlite-tmp-{uuid.uuid4().hex[:8]}"
+    tmp = beside(out, "mlite-tmp")
     tmp.mkdir()
     try:
         write_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE,
@@ -534,12 +534,6 @@ def copy_adapter(
 
 
 def _publish(tmp: Path, out: Path, force: bool) -> None:
-    trash = None
-    if out.exists():
-        if any(out.iterdir()) and not force:
-            raise CheckpointError(f"{out}: output directory appeared meanwhile; not replaced")
-        trash = out.parent / f".{out.name}.mlite-old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, trash)
-    os.rename(tmp, out)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise CheckpointError(f"{out}: output directory appeared meanwhile; not replaced")
+    put_in_place(tmp, out)

@@ -19,10 +19,8 @@ target and are renamed into place, so a failed command leaves nothing behind.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ from safetensors import safe_open
 from mergekit_lite.dtypes import torch_name
 from mergekit_lite.errors import CheckpointError, UsageError
 from mergekit_lite.io.adapters import settings_from_config
+from mergekit_lite.io.publish import beside, put_in_place
 from mergekit_lite.io.safetensors_format import write_file
 
 BANK_FORMAT = "1"
@@ -304,24 +303,9 @@ def _check_bank_fields(bank: Bank, path: Path) -> None:
 # Writing
 
 
-def _temp_beside(target: Path) -> Path:
-    return target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
 def _check_target(target: Path, force: bool) -> None:
     if target.exists() and not force:
         raise UsageError(f"{target} already exists; pass --force (force=True) to replace it")
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    """Move a finished file or directory into place, replacing whatever was there."""
-    if target.is_dir() and not target.is_symlink():
-        trash = _temp_beside(target)
-        os.replace(target, trash)
-        os.replace(tmp, target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
 
 
 def _discard(tmp: Path) -> None:
@@ -378,10 +362,10 @@ def save_bank(bank: Bank, path: str | Path, *, overwrite: bool = False) -> Path:
     if bank.prototypes is not None:
         tensors[PROTOTYPES] = _owned(bank.prototypes, seen)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(target)
+    tmp = beside(target, "mlite-tmp")
     try:
         write_file(tensors, tmp, bank_metadata(bank), target=target)
-        _publish(tmp, target)
+        put_in_place(tmp, target)
     except BaseException:
         _discard(tmp)
         raise
@@ -393,7 +377,7 @@ def export_member(member: Member, out: str | Path, *, force: bool = False) -> Pa
     target = Path(out)
     _check_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(target)
+    tmp = beside(target, "mlite-tmp")
     seen: set[int] = set()
     tensors = {name: _owned(t, seen) for name, t in member.tensors.items()}
     try:
@@ -403,7 +387,7 @@ def export_member(member: Member, out: str | Path, *, force: bool = False) -> Pa
             write_file(tensors, tmp / PEFT_WEIGHTS, {"format": "pt"}, target=target)
         else:
             write_file(tensors, tmp, {"format": "pt"}, target=target)
-        _publish(tmp, target)
+        put_in_place(tmp, target)
     except BaseException:
         _discard(tmp)
         raise

@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import threading
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from ..dtypes import CONFIG_NAMES, ITEMSIZE, to_torch, torch_name
 from ..errors import CheckpointError, RecipeError, UsageError
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
+from .publish import beside, remove_replaced
 from .safetensors_format import PlannedTensor, layout_header
 from .shard_file import BLOCK, ShardFile, direct_io_enabled, open_shard, wants_direct
 
@@ -188,7 +188,7 @@ class CheckpointWriter:
         self._log_fd: int | None = None
         self._lock_fd: int | None = None
         if partial_key is None:
-            self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.mlite-tmp-{uuid.uuid4().hex[:8]}"
+            self.tmp_dir = beside(self.out_dir, "mlite-tmp")
             self.tmp_dir.mkdir()
         else:
             self.tmp_dir = self.partial_dir(self.out_dir)
@@ -388,17 +388,17 @@ class CheckpointWriter:
 
     def publish(self) -> Path:
         """Rename the temporary directory onto the target (replacing it only when forced)."""
+        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not self.force:
+            raise UsageError(f"{self.out_dir}: output directory appeared while merging; not replaced")
         trash = None
         if self.out_dir.exists():
-            if any(self.out_dir.iterdir()) and not self.force:
-                raise UsageError(f"{self.out_dir}: output directory appeared while merging; not replaced")
-            trash = self.out_dir.parent / f".{self.out_dir.name}.mlite-old-{uuid.uuid4().hex[:8]}"
+            trash = beside(self.out_dir, "mlite-old")
             os.rename(self.out_dir, trash)
         os.rename(self.tmp_dir, self.out_dir)
         self._published = True
         self._release()
         if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+            remove_replaced(trash, self.out_dir)
         return self.out_dir
 
     def _hold(self, directory: Path) -> None:

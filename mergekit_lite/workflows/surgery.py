@@ -15,7 +15,6 @@ import math
 import numbers
 import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from ..dtypes import to_torch
 from ..engine.plan import resolve_device
 from ..errors import CheckpointError, MliteError, UsageError, one_line
 from ..io.checkpoint import Checkpoint, load_small_file, open_checkpoint
+from ..io.publish import beside, put_in_place
 from ..io.safetensors_format import PlannedTensor, write_file
 from ..io.writer import CheckpointWriter, check_output_dir, refuse_over_inputs
 from ..methods.probe import ProbeFit
@@ -394,10 +394,10 @@ def _file_output(dest: Path, force: bool, what: str) -> None:
 
 def _atomic_save(tensors: dict[str, torch.Tensor], dest: Path, metadata: dict[str, str]) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.mlite-tmp-{uuid.uuid4().hex[:8]}"
+    tmp = beside(dest, "mlite-tmp")
     try:
         write_file(tensors, tmp, metadata, target=dest)
-        os.replace(tmp, dest)
+        put_in_place(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
 
