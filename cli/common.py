@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -46,6 +47,23 @@ def _lowercase_level(record: logging.LogRecord) -> bool:
 
 SYSTEM_ERROR_EXIT = 6  # docs/cli.md: the operating system refused a read or a write
 
+# The SIGINT handler to put back when a command starts: `main` keeps its "nothing was started"
+# handler through typer's own start-up (which would turn Ctrl-C into a silent exit 130).
+_SIGINT_AT_COMMAND: list[Any] = []
+
+
+def restore_sigint_at_command(previous: Any) -> None:
+    _SIGINT_AT_COMMAND[:] = [previous]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a scheduler, `timeout`), raised where Ctrl-C would be: the same clean-up,
+    and a merge's partial output kept for --resume."""
+
+
+def terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
 
 def guarded(fn: F) -> F:
     """Turn user mistakes (MliteError) and refusals of the system (OSError) into a one-line
@@ -53,6 +71,8 @@ def guarded(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _SIGINT_AT_COMMAND:  # from here on, the command's own handling of Ctrl-C (below)
+            signal.signal(signal.SIGINT, _SIGINT_AT_COMMAND.pop())
         try:
             return fn(*args, **kwargs)
         except MliteError as exc:
@@ -65,11 +85,13 @@ def guarded(fn: F) -> F:
             err.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))}", markup=True,
                       highlight=False)
             raise typer.Exit(SYSTEM_ERROR_EXIT) from None
-        except KeyboardInterrupt:
-            # only a merge can be resumed; the other commands start again
-            resume = "; `mlite merge --resume` continues it from where it stopped" if fn.__name__ == "merge" else ""
-            err.print(f"interrupted: nothing was published{resume}")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            # a merge or patch that had started writing keeps its work (CheckpointWriter marks it)
+            kept = getattr(exc, "resumable", None)
+            resume = (f"; the work so far is kept in {kept}: `mlite {fn.__name__} --resume` (same arguments) "
+                      "continues it" if kept is not None else "")
+            err.print(f"interrupted: nothing was published{resume}", highlight=False)
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
 
     return wrapper  # type: ignore[return-value]
 

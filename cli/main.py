@@ -113,7 +113,13 @@ def main() -> None:
     """
     from mergekit_lite.engine.memory import keep_after_run
 
+    from .common import restore_sigint_at_command, terminate
+
     keep_after_run()  # the process ends with the command: no heap to hand back
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        restore_sigint_at_command(signal.signal(signal.SIGINT, _interrupted_while_loading))
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, terminate)
     try:
         app()
         code = 0

@@ -34,6 +34,7 @@ def patch(
     dtype: str = typer.Option(None, "--dtype", help="Output dtype (default: the base's; with --as-adapter, a LoRA's stored dtype)."),
     shard_size: str = typer.Option(None, "--shard-size", help="Max bytes per output shard (e.g. 5GB)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted patch of the same inputs."),
     allow_bin: bool = typer.Option(False, "--allow-bin", help="Allow pickle .bin checkpoints (weights_only)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v info, -vv debug logging."),
@@ -44,7 +45,8 @@ def patch(
         raise UsageError(f"--lambda must be a finite number, got {lam}")
     result = api.patch(base, delta, old_base=old_base, lam=lam, out=out_path, as_adapter=as_adapter, rank=rank,
                        energy=energy, allow_vocab_growth=allow_vocab_growth, device=device, dtype=dtype,
-                       shard_size=shard_size, force=force, progress=not as_json and err.is_terminal, allow_bin=allow_bin)
+                       shard_size=shard_size, force=force, progress=not as_json and err.is_terminal, allow_bin=allow_bin,
+                       resume=resume)
     if as_json:
         out.print_json(json.dumps(result.to_json()))
         return

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mergekit_lite import __version__
 
@@ -67,20 +68,62 @@ def test_ctrl_c_while_loading_is_one_line_and_130():
     assert res.returncode == 130 and res.stderr == "interrupted: nothing was started\n", res.stderr
 
 
-@pytest.mark.parametrize(("command", "resume"), [("merge", True), ("patch", False), ("extract", False)])
-def test_ctrl_c_message_offers_resume_only_for_merge(capsys, command, resume):
+@pytest.mark.parametrize("kept", [True, False])
+@pytest.mark.parametrize("terminated", [False, True])
+def test_interrupt_message_offers_resume_only_where_work_was_kept(capsys, tmp_path, kept, terminated):
+    """Ctrl-C before a merge's writer existed (loading, statistics passes) offered a --resume with
+    nothing on disk; a patch that kept its work did not say so. SIGTERM is handled as Ctrl-C."""
     import typer
-    from mergekit_lite.cli.common import guarded
+    from mergekit_lite.cli.common import Terminated, guarded
 
     def interrupted() -> None:
-        raise KeyboardInterrupt
+        exc = Terminated() if terminated else KeyboardInterrupt()
+        if kept:
+            exc.resumable = tmp_path / ".out.mlite-partial"  # type: ignore[attr-defined]
+        raise exc
 
-    interrupted.__name__ = command
+    interrupted.__name__ = "patch"
     with pytest.raises(typer.Exit) as exc:
         guarded(interrupted)()
-    assert exc.value.exit_code == 130
-    err = capsys.readouterr().err
-    assert err.startswith("interrupted: nothing was published") and ("--resume" in err) == resume
+    assert exc.value.exit_code == (143 if terminated else 130)
+    err = capsys.readouterr().err.replace("\n", " ")
+    resume = (f"; the work so far is kept in {tmp_path / '.out.mlite-partial'}: `mlite patch --resume` "
+              "(same arguments) continues it") if kept else ""
+    assert " ".join(err.split()) == f"interrupted: nothing was published{resume}"
+
+
+def test_sigterm_mid_merge_keeps_the_work_and_resume_finishes_it(tmp_path):
+    """kill (SIGTERM) ended a merge with no message and exit -15; it is now Ctrl-C's clean stop."""
+    from helpers import load_dir
+
+    from mergekit_lite.synthetic import build_model_set
+
+    ms = build_model_set(tmp_path / "models", num_shards=2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"inputs: {{base: {ms.base}, a: {ms.finetunes[0]}, b: {ms.finetunes[1]}}}\n"
+                      "steps: [{id: m, method: ties, base: base, models: [a, b], parameters: {density: 0.5}}]\n")
+    killer = ("import os, signal, sys\n"
+              "from mergekit_lite.io import writer\n"
+              "real = writer.CheckpointWriter.write\n"
+              "def write(self, *args, **kwargs):\n"
+              "    real(self, *args, **kwargs)\n"
+              "    if not getattr(self, 'sent', False):\n"
+              "        self.sent = True\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "writer.CheckpointWriter.write = write\n"
+              f"{ENTRY}\n")
+    res = subprocess.run([sys.executable, "-c", killer, "merge", str(recipe), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    partial = tmp_path / ".out.mlite-partial"
+    assert res.returncode == 143 and not (tmp_path / "out").exists() and partial.is_dir(), res.stderr
+    assert " ".join(res.stderr.split()) == (f"interrupted: nothing was published; the work so far is kept in "
+                                            f"{partial}: `mlite merge --resume` (same arguments) continues it")
+    res = _mlite("merge", str(recipe), "--out", str(tmp_path / "out"), "--resume")
+    assert res.returncode == 0 and "resumed:" in res.stdout, res.stderr
+    clean = _mlite("merge", str(recipe), "--out", str(tmp_path / "clean"))
+    assert clean.returncode == 0
+    got, want = load_dir(tmp_path / "out"), load_dir(tmp_path / "clean")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_windows_is_refused_with_one_clear_message():
@@ -91,3 +134,20 @@ def test_windows_is_refused_with_one_clear_message():
     assert res.stderr.strip().splitlines()[-1] == (
         "ImportError: mergekit_lite needs Linux or macOS (it reads and writes tensors with "
         "positioned POSIX file I/O); on Windows, run it under WSL2")
+
+
+def test_main_keeps_its_ctrl_c_handler_until_the_command_starts():
+    """Between the imports and the command, typer turned Ctrl-C into a silent exit 130."""
+    import signal
+
+    from mergekit_lite.cli import common
+
+    seen = []
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda *a: None)  # stands for main's "nothing was started"
+    try:
+        common.restore_sigint_at_command(before)
+        common.guarded(lambda: seen.append(signal.getsignal(signal.SIGINT)))()
+        assert seen == [before] and common._SIGINT_AT_COMMAND == []
+    finally:
+        signal.signal(signal.SIGINT, before)

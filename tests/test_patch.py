@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_dir
 from mergekit_lite.cli.main import app
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mergekit_lite import api
+from mergekit_lite.errors import UsageError
 from mergekit_lite.io.checkpoint import open_checkpoint
 from mergekit_lite.methods.portllm import port
 
@@ -327,3 +329,31 @@ def test_an_adapter_given_the_wrong_way_names_the_directory_to_pass(bases: tuple
     # a delta that does not exist is a reference that cannot be resolved (exit 5), not a missing --old-base
     res = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(tmp_path / "nothere"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 5 and f"{tmp_path / 'nothere'}: no such file or directory" in res.output
+
+
+def test_an_interrupted_patch_resumes_to_the_same_bits(bases: tuple[Path, Path], tmp_path: Path, monkeypatch) -> None:
+    """patch kept its partial output on Ctrl-C but had no --resume, so it lay there unused."""
+    from mergekit_lite.io import writer
+
+    old, new = bases
+    adapter = save_lora(old, tmp_path / "lora", seed=5, target_modules=["q_proj", "v_proj"])
+    clean = api.patch(new, adapter, out=tmp_path / "clean")
+    real = writer.CheckpointWriter.write
+    calls = {"n": 0}
+
+    def write_then_stop(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer.CheckpointWriter, "write", write_then_stop)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        api.patch(new, adapter, out=tmp_path / "out")
+    assert stopped.value.resumable == tmp_path / ".out.mlite-partial" and not (tmp_path / "out").exists()
+    monkeypatch.setattr(writer.CheckpointWriter, "write", real)
+    resumed = api.patch(new, adapter, out=tmp_path / "out", resume=True)
+    got, want = load_dir(resumed.output), load_dir(clean.output)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(UsageError, match="an adapter \\(--as-adapter\\) is written at once"):
+        api.patch(new, adapter, out=tmp_path / "ad", as_adapter=True, resume=True)

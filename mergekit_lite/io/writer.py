@@ -446,7 +446,10 @@ class CheckpointWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or not self._published:
             # An interrupt keeps resumable work; an error (a bug, bad data) throws it away.
-            self.abort(keep_partial=exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
+            interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+            self.abort(keep_partial=interrupted)
+            if interrupted and self.partial_key is not None and self.tmp_dir.is_dir():
+                exc.resumable = self.tmp_dir  # what the CLI's message points to (`--resume`)
 
 
 def config_dtype_update(dtype: str, config: Mapping[str, Any] | None = None) -> dict[str, str]:

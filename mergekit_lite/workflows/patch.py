@@ -134,13 +134,18 @@ def patch(
     force: bool = False,
     progress: bool = False,
     allow_bin: bool = False,
+    resume: bool = False,
 ) -> PatchResult:
     """θ_new + λ·Δ, with Δ a PEFT LoRA dir or a full fine-tune of `old_base`.
 
     Returns the output path (or, with no `out`, the patched state dict in memory) and the
     per-tensor report. Everything checkable from headers is checked before any tensor is read.
-    `allow_bin` accepts pickle (.bin) checkpoints, loaded with weights_only=True.
+    `allow_bin` accepts pickle (.bin) checkpoints, loaded with weights_only=True. `resume`
+    continues an interrupted patch of the same inputs into the same `out`, as a merge's does.
     """
+    if as_adapter and resume:
+        raise UsageError("--resume (resume=True) continues a patched model; an adapter (--as-adapter) is "
+                         "written at once and has nothing to resume")
     if as_adapter:
         if out is None:
             raise UsageError("--as-adapter needs an output directory (--out)")
@@ -188,7 +193,7 @@ def patch(
         rows = _rows(recorder, shifts)
         (tmp_dir / REPORT_FILE).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
 
-    run = execute(plan, progress=progress, tensor_hook=on_tensor,
+    run = execute(plan, progress=progress, tensor_hook=on_tensor, resume=resume,
                   publish_hook=write_report if plan.out is not None else None)
     return _note_replaced(PatchResult(output=run.output, state_dict=run.state_dict, tensors=_rows(recorder, shifts),
                                       bytes_read=run.bytes_read, bytes_written=run.bytes_written, seconds=run.seconds))
