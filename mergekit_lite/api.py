@@ -222,8 +222,8 @@ run_demo = arg.checked(_demo.run_demo, folder=arg.path_arg, report=arg.function)
 
 patch = arg.checked(
     _patch.patch, base=arg.path_arg, delta=arg.path_arg, old_base=arg.optional_path, lam=arg.finite,
-    rank=arg.optional(arg.positive_int), energy=arg.optional(arg.fraction), out=arg.optional_path, device=arg.device, dtype=arg.optional_dtype, shard_size=arg.optional(arg.shard_size),
-    seed=arg.seed,
+    rank=arg.optional(arg.positive_int), energy=arg.optional(arg.fraction), out=arg.optional_path,
+    device=arg.device, dtype=arg.optional_dtype, shard_size=arg.optional(arg.shard_size), seed=arg.seed,
 )
 extract = arg.checked(
     _extract.extract, model=arg.path_arg, base=arg.path_arg, rank=arg.optional(arg.positive_int),
@@ -249,8 +249,8 @@ retrieve = arg.checked(
 )
 
 surgery = arg.checked(
-    _surgery.surgery, model=arg.path_arg, probe=arg.path_arg, alpha=arg.finite, top_k=arg.optional(arg.positive_int),
-    fraction=arg.optional(arg.fraction), target=arg.string, out=arg.optional_path, device=arg.optional_device,
+    _surgery.surgery, model=arg.path_arg, probe=arg.path_arg, alpha=arg.finite,
+    top_k=arg.optional(arg.positive_int), fraction=arg.optional(arg.fraction), target=arg.string, out=arg.optional_path, device=arg.optional_device,
 )
 undo_surgery = arg.checked(_surgery.undo_surgery, edited_model=arg.path_arg, out=arg.path_arg)
 train_probe = arg.checked(

@@ -47,7 +47,7 @@ _TRIM_THRESHOLD = (1 << 31) - 1
 _AFTER_MMAP_THRESHOLD = 32 << 20
 _AFTER_TRIM_THRESHOLD = 64 << 20
 
-_state = {"depth": 0, "keep": False}
+_state = {"depth": 0, "keep": False, "applied": False}
 
 
 def _libc() -> Any | None:
@@ -81,9 +81,10 @@ def streaming_heap() -> Iterator[bool]:
         ok = ok and bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
         ok = ok and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
         log.debug("malloc: one arena, big blocks from the heap, no trimming: %s", ok)
+        _state["applied"] = ok
     _state["depth"] += 1
     try:
-        yield True
+        yield bool(_state["applied"])
     finally:
         _state["depth"] -= 1
         if outermost and not _state["keep"]:

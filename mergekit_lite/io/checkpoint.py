@@ -141,7 +141,7 @@ class Checkpoint:
         qc = (self.config or {}).get("quantization_config")
         if qc is not None:
             method = qc.get("quant_method") if isinstance(qc, dict) else None
-            return f"config.json quantization_config, quant_method {method!r}" if method else "config.json quantization_config"
+            return "config.json quantization_config" + (f", quant_method {method!r}" if method else "")
         return next((f"tensor {n}" for n in self.tensors
                      if n.endswith(QUANTIZED_SUFFIXES) or any(p in n for p in QUANTIZED_PARTS)), None)
 
