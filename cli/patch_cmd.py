@@ -45,8 +45,8 @@ def patch(
         raise UsageError(f"--lambda must be a finite number, got {lam}")
     result = api.patch(base, delta, old_base=old_base, lam=lam, out=out_path, as_adapter=as_adapter, rank=rank,
                        energy=energy, allow_vocab_growth=allow_vocab_growth, device=device, dtype=dtype,
-                       shard_size=shard_size, force=force, progress=not as_json and err.is_terminal, allow_bin=allow_bin,
-                       resume=resume)
+                       shard_size=shard_size, force=force, progress=not as_json and err.is_terminal,
+                       allow_bin=allow_bin, resume=resume)
     if as_json:
         out.print_json(json.dumps(result.to_json()))
         return

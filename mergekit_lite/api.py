@@ -210,7 +210,8 @@ def merge(
 
 def inspect(path: PathLike, *, allow_bin: bool = False) -> Checkpoint:
     """Open a checkpoint (headers only) to look at its tensors; quantized ones too (`.quantization`)."""
-    return open_checkpoint(arg.path_arg(path, "path"), allow_bin=arg.flag(allow_bin, "allow_bin"), quantized_ok=True)
+    return open_checkpoint(arg.path_arg(path, "path"), allow_bin=arg.flag(allow_bin, "allow_bin"),
+                           quantized_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
