@@ -82,7 +82,10 @@ def guarded(fn: F) -> F:
         except OSError as exc:
             # The system refused (permissions, a read-only or full disk): not a bug, so one line.
             where = f"{exc.filename}: " if exc.filename else ""
-            err.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))}", markup=True,
+            kept = getattr(exc, "resumable", None)
+            resume = (f"; the work so far is kept in {kept}: free space, then `mlite {fn.__name__} --resume` "
+                      "(same arguments) continues it" if kept is not None else "")
+            err.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)) + resume)}", markup=True,
                       highlight=False)
             raise typer.Exit(SYSTEM_ERROR_EXIT) from None
         except KeyboardInterrupt as exc:

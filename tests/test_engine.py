@@ -445,15 +445,37 @@ def test_system_refusals_are_one_line(tmp_path, model_set, monkeypatch):
         "steps": [{"id": "m", "method": "linear", "models": ["a", "b"]}],
     })
     full = tmp_path / "full" / "model.safetensors"
+    real_write = writer.CheckpointWriter.write
 
-    def no_space(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(full))
+    def fails_after_two(code: int):
+        calls = {"n": 0}
 
-    with monkeypatch.context() as m:  # a disk that fills up while writing: exit 6, the file named
-        m.setattr(writer.CheckpointWriter, "write", no_space)
+        def write(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise OSError(code, os.strerror(code), str(full))
+            return real_write(self, *args, **kwargs)
+
+        return write
+
+    with monkeypatch.context() as m:  # a disk error while writing: exit 6, the file named, nothing left
+        m.setattr(writer.CheckpointWriter, "write", fails_after_two(errno.EIO))
         res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "full")])
-    assert res.exit_code == 6 and res.output.strip() == f"error: {full}: No space left on device", res.output
-    assert not (tmp_path / "full").exists() and leftovers(tmp_path) == []
+    assert res.exit_code == 6 and res.output.strip() == f"error: {full}: {os.strerror(errno.EIO)}", res.output
+    partial = tmp_path / ".full.mlite-partial"
+    assert not (tmp_path / "full").exists() and not partial.exists() and leftovers(tmp_path) == []
+    with monkeypatch.context() as m:  # a disk that fills up: the same, but the work is kept for --resume
+        m.setattr(writer.CheckpointWriter, "write", fails_after_two(errno.ENOSPC))
+        res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "full")])
+    assert res.exit_code == 6 and " ".join(res.output.split()) == (
+        f"error: {full}: No space left on device; the work so far is kept in {partial}: free space, then "
+        "`mlite merge --resume` (same arguments) continues it"), res.output
+    assert not (tmp_path / "full").exists() and partial.is_dir()
+    res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "full"), "--resume"])
+    assert res.exit_code == 0 and "resumed: 2 tensors" in res.output, res.output
+    assert runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "clean")]).exit_code == 0
+    got, want = load_dir(tmp_path / "full"), load_dir(tmp_path / "clean")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     # an output folder that cannot be written is refused before any work (exit 2)
     monkeypatch.setattr(writer.os, "access", lambda path, mode: not mode & os.W_OK)  # as if read-only
     res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "ro" / "out")])

@@ -11,6 +11,7 @@ model card, then renames the directory into place, so an output is never seen ha
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -32,6 +33,8 @@ from .safetensors_format import PlannedTensor, layout_header
 from .shard_file import BLOCK, ShardFile, direct_io_enabled, open_shard, wants_direct
 
 log = logging.getLogger(__name__)
+# A full disk, a full quota, a file-size limit: the work so far is sound, only space ran out.
+OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 OutputTensor = PlannedTensor
@@ -445,10 +448,12 @@ class CheckpointWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or not self._published:
-            # An interrupt keeps resumable work; an error (a bug, bad data) throws it away.
-            interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
-            self.abort(keep_partial=interrupted)
-            if interrupted and self.partial_key is not None and self.tmp_dir.is_dir():
+            # An interrupt, or a disk that filled up, keeps resumable work (free space, then
+            # --resume); an error (a bug, bad data) throws it away.
+            keep = exc is not None and (isinstance(exc, KeyboardInterrupt)
+                                        or (isinstance(exc, OSError) and exc.errno in OUT_OF_SPACE))
+            self.abort(keep_partial=keep)
+            if keep and self.partial_key is not None and self.tmp_dir.is_dir():
                 exc.resumable = self.tmp_dir  # what the CLI's message points to (`--resume`)
 
 
