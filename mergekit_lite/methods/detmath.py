@@ -131,6 +131,20 @@ def tanh_f32_reference(x: torch.Tensor) -> torch.Tensor:
 _SUM_BLOCK = 4096
 
 
+# Elements per float64 sum call: torch materialises a float64 copy of what it sums with
+# dtype=float64, so a whole 256M-entry tensor cost 2 GB more; 1M-element row groups cost 8 MB.
+# Each row's sum is the same computation in any group (tests/test_detmath.py pins it).
+_SUM_CHUNK = 1 << 20
+
+
+def _row_sums64(rows: torch.Tensor) -> torch.Tensor:
+    """Σ over the last dimension of a 2-D tensor in float64, a bounded group of rows at a time."""
+    step = max(1, _SUM_CHUNK // max(1, rows.shape[1]))
+    if rows.shape[0] <= step:
+        return rows.sum(dim=1, dtype=torch.float64)
+    return torch.cat([rows[i : i + step].sum(dim=1, dtype=torch.float64) for i in range(0, rows.shape[0], step)])
+
+
 def fixed_order_sum(x: torch.Tensor) -> float:
     """Σ x over every element, accumulated in float64 in an order set by the shape alone.
 
@@ -144,7 +158,7 @@ def fixed_order_sum(x: torch.Tensor) -> float:
     flat = x.reshape(-1)
     while flat.numel() > _SUM_BLOCK:
         full = flat.numel() // _SUM_BLOCK * _SUM_BLOCK
-        parts = flat[:full].reshape(-1, _SUM_BLOCK).sum(dim=1, dtype=torch.float64)
+        parts = _row_sums64(flat[:full].reshape(-1, _SUM_BLOCK))
         if full < flat.numel():  # the tail: fewer than 4096 elements, one thread
             parts = torch.cat([parts, flat[full:].sum(dim=0, keepdim=True, dtype=torch.float64)])
         flat = parts
@@ -159,7 +173,7 @@ def fixed_order_row_sums(x: torch.Tensor) -> torch.Tensor:
     """
     if x.shape[0] == 1:
         return torch.tensor([fixed_order_sum(x)], dtype=torch.float64, device=x.device)
-    return x.sum(dim=-1, dtype=torch.float64)
+    return _row_sums64(x)
 
 
 def exact_divisor(divisor: float, like: torch.Tensor) -> torch.Tensor | float:
