@@ -255,3 +255,21 @@ def test_extract_refuses_a_tensor_whose_dtype_kind_differs(pair: tuple[Path, Pat
                               "--out", str(tmp_path / "o")])
     assert res.exit_code == 4 and "'model.norm.weight' is I32 but F32 in" in res.output, res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_report_norms_by_row_blocks_equal_the_whole_float64_ones(monkeypatch):
+    """‖Δ‖ and ‖Δ − B·A‖/‖Δ‖ were computed on float64 copies of whole tensors (2 GB apiece for a
+    262144×1024 embedding); by blocks of rows they are the same numbers to float64 rounding."""
+    from mergekit_lite.methods import lowrank
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(37, 11, generator=g)
+    b, a = torch.randn(37, 3, generator=g), torch.randn(3, 11, generator=g)
+    want_norm = float(torch.linalg.norm(d.double()))
+    want_rel = float(torch.linalg.norm(d.double() - b.double() @ a.double())) / want_norm
+    for chunk in (1, 11, 50, 1 << 20):  # a row, one row exactly, a few rows, all
+        monkeypatch.setattr(lowrank, "_CHUNK", chunk)
+        assert lowrank.norm64(d) == pytest.approx(want_norm, rel=1e-14)
+        assert lowrank.relative_error(d, b, a) == pytest.approx(want_rel, rel=1e-13)
+    assert lowrank.norm64(torch.tensor([3.0, 4.0])) == 5.0 and lowrank.norm64(torch.tensor(-2.0)) == 2.0
+    assert lowrank.relative_error(torch.zeros(2, 2), torch.zeros(2, 1), torch.zeros(1, 2)) == 0.0

@@ -14,6 +14,7 @@ close), not the error reached.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,7 +95,7 @@ def truncated_svd(
     m = delta.float()
     rows, cols = m.shape
     small = min(rows, cols)
-    total = float(m.double().pow(2).sum())
+    total = sum_squares64(m)
     if total == 0.0:
         return LowRank(m.new_zeros(0, cols), m.new_zeros(rows, 0), 0, 0.0, 1.0, True)
     exact = small <= exact_max_dim
@@ -131,9 +132,37 @@ def _energy_randomized(
     return u, s, vh, rank_for_energy(s, None, energy), True
 
 
+# Elements per float64 temporary in the norms below: a float64 copy of a whole 262144×1024
+# embedding (and its B·A) would cost 2 GB apiece, where these reports need only sums.
+_CHUNK = 1 << 20
+
+
+def _row_blocks(t: torch.Tensor) -> list[slice]:
+    rows = t.shape[0] if t.dim() > 0 else 1
+    width = max(1, t.numel() // max(1, rows))
+    step = max(1, _CHUNK // width)
+    return [slice(i, i + step) for i in range(0, rows, step)]
+
+
+def sum_squares64(t: torch.Tensor) -> float:
+    """Σ t² in float64, a block of rows at a time (‖t‖_F² for the reports, without a float64 copy)."""
+    if t.dim() == 0:
+        return float(t.double() ** 2)
+    return sum(float(t[rows].double().pow(2).sum()) for rows in _row_blocks(t))
+
+
+def norm64(t: torch.Tensor) -> float:
+    """‖t‖_F in float64, a block of rows at a time."""
+    return math.sqrt(sum_squares64(t))
+
+
 def relative_error(delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
-    """‖Δ − B·A‖_F / ‖Δ‖_F (0 for a zero delta reproduced exactly)."""
-    d = delta.double()
-    norm = float(torch.linalg.norm(d))
-    diff = float(torch.linalg.norm(d - b.double() @ a.double()))
+    """‖Δ − B·A‖_F / ‖Δ‖_F (0 for a zero delta reproduced exactly), in float64 by row blocks."""
+    a64 = a.double()
+    norm2 = diff2 = 0.0
+    for rows in _row_blocks(delta):
+        d = delta[rows].double()
+        norm2 += float(d.pow(2).sum())
+        diff2 += float((d - b[rows].double() @ a64).pow(2).sum())
+    norm, diff = math.sqrt(norm2), math.sqrt(diff2)
     return diff / norm if norm > 0 else diff

@@ -24,7 +24,7 @@ from ..errors import CheckpointError, UsageError
 from ..io.adapters import Factors, write_adapter
 from ..io.checkpoint import CONV1D_MODULES, Checkpoint, open_checkpoint
 from ..io.deltas import EMBEDDING_MODULES, DeltaSource, FullDelta
-from ..methods.lowrank import EXACT_MAX_DIM, truncated_svd
+from ..methods.lowrank import EXACT_MAX_DIM, norm64, relative_error, truncated_svd
 from ..methods.registry import tensor_seed
 
 PathLike = str | os.PathLike
@@ -126,7 +126,7 @@ def dense_to_adapter(
         if p is None:
             continue
         d = p.tensor * lam if p.kind == "add" else p.value(None, lam) - base.load(name, device, torch.float32)
-        norm = float(torch.linalg.norm(d.double()))
+        norm = norm64(d)
         module = name.rsplit(".", 1)[0]
         if norm == 0.0:
             rep = TensorReport(name, info.shape, "skipped", 0.0, note="zero delta")
@@ -139,8 +139,7 @@ def dense_to_adapter(
             factors.append(Factors(module, lr.a.cpu(), lr.b.cpu(), embedding=emb, fan_in_fan_out=conv1d and not emb))
             rel = lr.rel_error
             if factor_dtype != torch.float32:  # the error of what is written, not of the float32 factors
-                approx = lr.b.to(factor_dtype).double() @ lr.a.to(factor_dtype).double()
-                rel = float(torch.linalg.norm(m.double() - approx) / norm)
+                rel = relative_error(m, lr.b.to(factor_dtype), lr.a.to(factor_dtype))
             rep = TensorReport(name, info.shape, "lora", norm, lr.rank, rel, "" if lr.exact else "randomized SVD")
         elif not full_tensors:
             rep = TensorReport(name, info.shape, "skipped", norm, note="not factored (full tensors disabled)")

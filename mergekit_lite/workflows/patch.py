@@ -30,6 +30,7 @@ from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.deltas import DeltaSource, LoraDelta, Patch, needs_old_base, open_delta, pad_rows
 from ..io.hub import looks_like_hub_ref
 from ..io.writer import check_output_dir
+from ..methods.lowrank import norm64
 from ..methods.registry import TensorJob
 from .extract import check_rank_args, dense_to_adapter, require_factors
 
@@ -113,7 +114,7 @@ def delta_norm(p: Patch) -> float | None:
     """‖Δ‖ before λ: the added tensor's norm; for a replaced tensor, that of the LoRA delta on top
     of it (None when it has none: a replaced tensor is not a delta)."""
     t = p.tensor if p.kind == "add" else p.on_top
-    return None if t is None else float(torch.linalg.norm(t.double()))
+    return None if t is None else norm64(t)
 
 
 def patch(
@@ -187,7 +188,7 @@ def patch(
             new = job.base
             if old.shape != new.shape:  # grown vocabulary: compare the shared rows
                 new = new[: old.shape[0]]
-            shifts[name] = float(torch.linalg.norm((new - old).double()))
+            shifts[name] = norm64(new - old)
 
     def write_report(tmp_dir: Path, _result: Any) -> None:
         rows = _rows(recorder, shifts)
