@@ -1377,3 +1377,45 @@ def test_mergekit_model_plus_lora_as_base_and_tokenizer_source(tmp_path, model_s
               "output": {"path": str(tmp_path / "out")}}
     mlite.run_recipe(recipe)
     assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"marker": "ft1"}'
+
+
+@pytest.mark.parametrize("chain", ["ties_then_portllm", "pcb_then_portllm"])
+def test_a_lora_in_a_chain_keeps_only_the_tensors_it_changes_whole(tmp_path, model_set, monkeypatch, chain):
+    """Any delta in a chain made every tensor whole: a PCB→PortLLM chain over a 262144×1024
+    embedding the LoRA never touches ran out of 14 GB (memory audit). Now only the LoRA's
+    targets are whole; the rest stream in row blocks, with the same bits."""
+    from mergekit_lite.engine import run, stream
+    from mergekit_lite.io.deltas import open_delta
+
+    ms = model_set
+    targets = set(open_delta(str(ms.adapter)).targets())
+    inputs = {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1]), "lora": str(ms.adapter)}
+    merge_step = ({"method": "pcb", "parameters": {"ratio": 0.3}} if chain == "pcb_then_portllm"
+                  else {"method": "ties", "parameters": {"density": 0.5}})
+    steps = [{"id": "m", "base": "base", "models": ["a", "b"], **merge_step},
+             {"id": "p", "method": "portllm", "base": "m", "delta": "lora"}]
+    recipe = {"inputs": inputs, "steps": steps}
+    whole = mlite.run_recipe(recipe).state_dict
+    modes: dict[str, str] = {}
+    real_mode = run._block_mode
+
+    def spying(plan, step_ids, *, local_stats):
+        mode = real_mode(plan, step_ids, local_stats=local_stats)
+
+        def spy(name: str) -> str:
+            modes[name] = mode(name)
+            return modes[name]
+
+        return spy
+
+    monkeypatch.setattr(run, "_block_mode", spying)
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 64)  # every matrix is "big"
+    result = mlite.run_recipe(recipe)
+    blocked = result.state_dict
+    assert mlite.dry_run(recipe)["bytes_read"] == result.bytes_read  # statistics passes foreseen too
+    assert whole.keys() == blocked.keys()
+    for k in whole:
+        assert torch.equal(whole[k], blocked[k]), k
+    assert targets and all(modes[t] == "whole" for t in targets if t in modes)
+    streamed = {n for n, m in modes.items() if m != "whole"}
+    assert "model.embed_tokens.weight" in streamed and not streamed & targets

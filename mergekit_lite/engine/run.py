@@ -235,7 +235,7 @@ def _loader(plan: Plan, ck_keys: set[str], delta_keys: set[str], copy_keys: set[
             if name in ck:
                 bundle.leaves[k] = ck.load(name, rows=item.rows)
         if name in float_names:
-            for k in sorted(delta_keys):  # chains with patches are never row-blocked
+            for k in sorted(delta_keys):  # a patched tensor is never row-blocked (_block_mode)
                 bundle.patches[k] = plan.deltas[k].patch(name, shapes[name], "cpu")
         return bundle
 
@@ -250,11 +250,13 @@ def _block_mode(plan: Plan, step_ids: list[str], *, local_stats: bool) -> Callab
     per-tensor top-k) is also fine: its statistics are first gathered over the tensor's blocks.
     """
     closure = step_closure(plan, step_ids)
-    uses_delta = any(plan.leaves_of(sid)[1] for sid in step_ids)
+    # A LoRA's ΔW = B·A (or a saved tensor) is made whole: the tensors a delta changes are too.
+    # The others (most of a model, for a LoRA: its embeddings among them) stream in blocks.
+    patched = {name for sid in step_ids for key in plan.leaves_of(sid)[1] for name in plan.deltas[key].targets()}
     float_names = {o.name for o in plan.outputs if o.is_float}
 
     def mode(name: str) -> str:
-        if uses_delta or name not in float_names or name in plan.vocab_rows:
+        if name in patched or name not in float_names or name in plan.vocab_rows:
             return "whole"
         needs_stats = False
         for st in closure:

@@ -42,6 +42,9 @@ SPEC = register(
         min_models=0,
         max_models=0,
         uses_delta=True,
+        # θ_new + λΔ is elementwise; the engine keeps the tensors a delta changes whole, so the
+        # others (Δ = None: the base itself) stream in row blocks
+        row_local=lambda params: True,
         paper="https://arxiv.org/abs/2410.10870",
         doc="methods/portllm.md",
     )
