@@ -65,6 +65,14 @@ def terminate(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def _kept_work(exc: BaseException, command: str, first: str = "") -> str:
+    """Where a stopped merge or patch kept its work (CheckpointWriter marks the exception), if it did."""
+    kept = getattr(exc, "resumable", None)
+    if kept is None:
+        return ""
+    return f"; the work so far is kept in {kept}: {first}`mlite {command} --resume` (same arguments) continues it"
+
+
 def guarded(fn: F) -> F:
     """Turn user mistakes (MliteError) and refusals of the system (OSError) into a one-line
     message and the promised exit code."""
@@ -82,18 +90,12 @@ def guarded(fn: F) -> F:
         except OSError as exc:
             # The system refused (permissions, a read-only or full disk): not a bug, so one line.
             where = f"{exc.filename}: " if exc.filename else ""
-            kept = getattr(exc, "resumable", None)
-            resume = (f"; the work so far is kept in {kept}: free space, then `mlite {fn.__name__} --resume` "
-                      "(same arguments) continues it" if kept is not None else "")
+            resume = _kept_work(exc, fn.__name__, "free space, then ")
             err.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)) + resume)}", markup=True,
                       highlight=False)
             raise typer.Exit(SYSTEM_ERROR_EXIT) from None
         except KeyboardInterrupt as exc:
-            # a merge or patch that had started writing keeps its work (CheckpointWriter marks it)
-            kept = getattr(exc, "resumable", None)
-            resume = (f"; the work so far is kept in {kept}: `mlite {fn.__name__} --resume` (same arguments) "
-                      "continues it" if kept is not None else "")
-            err.print(f"interrupted: nothing was published{resume}", highlight=False)
+            err.print(f"interrupted: nothing was published{_kept_work(exc, fn.__name__)}", highlight=False)
             raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
 
     return wrapper  # type: ignore[return-value]
