@@ -33,3 +33,50 @@ def test_fixed_order_sum_golden():
     # 10000 ones and a tail: rows of 4096 (4096, 4096), the tail 1808, then those three summed
     assert detmath.fixed_order_sum(torch.ones(10000)) == 10000.0
     assert detmath.fixed_order_sum(torch.tensor([0.5, 0.25, -1.0])) == -0.25
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_a_lone_row_sums_as_among_others(threads):
+    """A row's float64 sum is the same bits alone or among other rows, with any thread count:
+    torch splits a single output's elements between threads (a lone 4M-entry row differed in
+    its last bits at 4 threads), which would make a one-row block differ from the whole tensor."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4_000_037, generator=g) * 1e3
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    want = x.sum(dim=1, dtype=torch.float64)
+    torch.set_num_threads(threads)
+    try:
+        got = torch.cat([detmath.row_sums64(x[i : i + 1]) for i in range(3)])
+        assert torch.equal(got, want)
+        assert torch.equal(detmath.row_sums64(x), want)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("numel", [1, 4095, 4096, 4097, 8192, 12289, 300_001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_flat_sum_of_pieces_equals_fixed_order_sum(numel, dtype):
+    """FlatSum fed any split of a tensor's values gives `fixed_order_sum` of the whole, bit for bit."""
+    g = torch.Generator().manual_seed(numel)
+    x = (torch.randn(numel, generator=g) * torch.logspace(-3, 3, numel)).to(dtype)
+    want = detmath.fixed_order_sum(x)
+    splits = [[numel], [1] * min(numel, 5000) + ([numel - 5000] if numel > 5000 else []),
+              [4096] * (numel // 4096) + [numel % 4096],
+              [int(v) for v in torch.randint(0, 9000, (400,), generator=g)]]
+    for sizes in splits:
+        acc = detmath.FlatSum()
+        start = 0
+        for size in sizes:
+            acc.add(x[start : start + size])
+            start += size
+        acc.add(x[start:])  # whatever the split left
+        assert acc.total() == want, sizes[:5]
+
+
+def test_flat_sum_golden():
+    acc = detmath.FlatSum()
+    assert acc.total() == 0.0
+    for piece in (torch.ones(3000), torch.ones(3000), torch.full((10,), 0.5)):
+        acc.add(piece)
+    assert acc.total() == 6005.0

@@ -208,6 +208,8 @@ def test_dry_run_json_counts_equal_real_run(tmp_path, model_set):
     {"method": "breadcrumbs", "parameters": {"density": 0.5, "gamma": 0.1}},
     {"method": "pcb", "parameters": {"ratio": 0.3}},  # task vectors fit the budget: one pass
     {"method": "pcb", "parameters": {"ratio": 0.3, "memory_budget": 0}},  # four streaming passes
+    {"method": "model_stock"},  # big tensors: a pass for their cosines
+    {"method": "slerp", "base": None, "parameters": {"t": 0.3}},  # big tensors: a pass for their angle
 ])
 def test_dry_run_bytes_equal_real_run_with_statistics(tmp_path, model_set, monkeypatch, step):
     from mergekit_lite.engine import stream
@@ -216,7 +218,7 @@ def test_dry_run_bytes_equal_real_run_with_statistics(tmp_path, model_set, monke
     ms = model_set
     recipe = _write(tmp_path / "r.yaml", {
         "inputs": {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1])},
-        "steps": [{"id": "m", "base": "base", "models": ["a", "b"], **step}],
+        "steps": [{k: v for k, v in {"id": "m", "base": "base", "models": ["a", "b"], **step}.items() if v is not None}],
         "output": {"path": str(tmp_path / "out")},
     })
     dry = runner.invoke(app, ["merge", str(recipe), "--dry-run", "--json"])
@@ -707,6 +709,35 @@ def test_row_blocks_equal_whole_tensors(tmp_path, model_set, monkeypatch, method
     assert sum(1 for n, r in seen if n == "model.embed_tokens.weight" and r is not None) > 4
     for k in whole:
         assert torch.equal(whole[k], blocked[k]), k
+
+
+@pytest.mark.parametrize("steps", [
+    [{"id": "s", "method": "slerp", "models": ["a", "b"], "parameters": {"t": 0.3}}],
+    [{"id": "s", "method": "model_stock", "base": "base", "models": ["a", "b", "c"]}],
+    [{"id": "s", "method": "model_stock", "base": "base", "models": ["a", "b"], "parameters": {"filter_wise": True}}],
+    # in a chain: TIES' per-tensor statistics feed slerp's, which feed task arithmetic
+    [{"id": "t", "method": "ties", "base": "base", "models": ["a", "b"], "parameters": {"density": 0.4}},
+     {"id": "u", "method": "slerp", "models": ["t", "c"], "parameters": {"t": 0.6}},
+     {"id": "s", "method": "task_arithmetic", "base": "base", "models": ["u", "a"]}],
+])
+def test_whole_tensor_angles_stream_in_row_blocks(tmp_path, monkeypatch, steps):
+    """slerp's angle and Model Stock's cosines are taken over a whole tensor (or row): a big
+    tensor streams in row blocks after a pass that sums over them, in the order the whole
+    tensor is summed in, so the bits do not change (these steps held whole tensors and their
+    float32 copies: 3.7 GB for slerp and 8.9 GB for model_stock on a 0.55 GB model)."""
+    from mergekit_lite.engine import stream
+    from mergekit_lite.synthetic import build_model_set
+
+    ms = build_model_set(tmp_path / "three", n_finetunes=3, num_shards=2)
+    inputs = {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1]), "c": str(ms.finetunes[2])}
+    recipe = {"inputs": inputs, "steps": steps}
+    whole = mlite.run_recipe(recipe).state_dict
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 100)  # matrices over 800 entries: statistics, then blocks
+    monkeypatch.setattr(stream, "WHOLE_TENSOR_BLOCKS", 8)
+    seen: list[tuple[str, tuple[int, int] | None]] = []
+    blocked = mlite.run_recipe(recipe, tensor_hook=lambda name, job, out: seen.append((name, job.rows))).state_dict
+    assert sum(1 for n, r in seen if n == "model.embed_tokens.weight" and r is not None) > 4
+    assert [k for k in whole if not torch.equal(whole[k], blocked[k])] == []
 
 
 @pytest.mark.parametrize("upstream", [
