@@ -157,3 +157,19 @@ def test_bracket_select_property(values: list[float], fractions: list[float], ch
         stats.SAMPLE_CAP = old
     expected = exact_select(row, [int(f * row.numel()) for f in fractions])
     assert torch.equal(got[0] == 0, expected == 0) and torch.equal(got[0][expected != 0], expected[expected != 0])
+
+
+def test_off_heap_values_grow_and_keep_order():
+    """The store BracketSelect keeps its samples and bracket entries in (outside the malloc heap,
+    so they cannot pin freed blocks): appends across several doublings come back in order."""
+    from mergekit_lite.methods.stats import OffHeapValues
+
+    store = OffHeapValues()
+    assert len(store) == 0 and store.values().numel() == 0
+    g = torch.Generator().manual_seed(0)
+    pieces = [torch.randn(n, generator=g) for n in (1, 0, 70_000, 3, 200_000, (5, 7))]
+    for p in pieces:
+        store.append(p)
+    want = torch.cat([p.reshape(-1) for p in pieces])
+    assert len(store) == want.numel() and torch.equal(store.values(), want)
+    assert store.values().dtype == torch.float32
