@@ -209,6 +209,7 @@ def test_dry_run_json_counts_equal_real_run(tmp_path, model_set):
     {"method": "pcb", "parameters": {"ratio": 0.3}},  # task vectors fit the budget: one pass
     {"method": "pcb", "parameters": {"ratio": 0.3, "memory_budget": 0}},  # four streaming passes
     {"method": "model_stock"},  # big tensors: a pass for their cosines
+    {"method": "della", "parameters": {"density": 0.5, "epsilon": 0.1, "rescale": "l1"}},  # ... their L1 norms
     {"method": "slerp", "base": None, "parameters": {"t": 0.3}},  # big tensors: a pass for their angle
 ])
 def test_dry_run_bytes_equal_real_run_with_statistics(tmp_path, model_set, monkeypatch, step):
@@ -689,6 +690,11 @@ def test_row_blocks_give_identical_results(tmp_path, model_set, monkeypatch):
     ("della", {"density": 0.5, "epsilon": 0.2}),
     ("breadcrumbs", {"density": 0.7, "gamma": 0.05}),
     ("breadcrumbs_ties", {"density": 0.7, "gamma": 0.05}),
+    # whole-tensor L1 norms, summed over the blocks first
+    ("dare_ties", {"density": 0.4, "rescale": "l1"}),
+    ("dare_linear", {"density": 0.6, "rescale": "l1"}),
+    ("della", {"density": 0.5, "epsilon": 0.2, "rescale": "l1"}),
+    ("della_linear", {"density": 0.5, "epsilon": 0.2, "rescale": "l1"}),
 ])
 def test_row_blocks_equal_whole_tensors(tmp_path, model_set, monkeypatch, method, params):
     """Per-tensor methods stream big tensors in row blocks (per-tensor statistics gathered

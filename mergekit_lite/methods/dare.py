@@ -8,17 +8,21 @@ Reproducibility: model i keeps entry k when u < density, where u is a position-k
 (seed, tensor name, i and the entry's place) (`draws.keep_mask`): the same seed gives the same mask
 whatever the traversal order, worker count, device, or whether the engine streams the tensor
 in row blocks. With `rescale: paper` or `none` the method is row-local, so big tensors stream
-in blocks; `rescale: l1` needs the whole tensor's norms.
+in blocks; `rescale: l1` needs the whole tensor's norms, so a big tensor is read twice in
+blocks: once to sum them (`sparsify.L1NormSums`), once for the output.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
 from .detmath import exact_divisor
 from .draws import keep_mask
 from .registry import MethodSpec, TensorJob, register
-from .sparsify import apply_mask, rescale_l1
+from .sparsify import L1NormSums, apply_mask, l1_norms, rescale_l1
 from .task_arithmetic import (
     DENSITY,
     INT8_MASK,
@@ -33,20 +37,35 @@ from .task_arithmetic import (
 )
 
 
+def drop(job: TensorJob, taus: list[torch.Tensor], densities: tuple[float, ...]) -> Iterator[torch.Tensor | None]:
+    """Each task vector with its dropped entries zeroed, unscaled; None for density ≥ 1 (no drop)."""
+    for i, (tau, density) in enumerate(zip(taus, densities, strict=True)):
+        yield None if density >= 1 else apply_mask(tau, keep_mask(job, i, tau.shape, density, tau.device))
+
+
 def drop_and_rescale(job: TensorJob, taus: list[torch.Tensor], densities: tuple[float, ...]) -> list[torch.Tensor]:
     mode = str(job.params.get("rescale", "paper"))
     out = []
-    for i, (tau, density) in enumerate(zip(taus, densities, strict=True)):
-        if density >= 1:
+    for i, (tau, kept, density) in enumerate(zip(taus, drop(job, taus, densities), densities, strict=True)):
+        if kept is None:
             out.append(tau)
             continue
-        kept = apply_mask(tau, keep_mask(job, i, tau.shape, density, tau.device))
         if mode == "paper":
             kept.div_(exact_divisor(density, kept))
         elif mode == "l1":
-            kept = rescale_l1(tau, kept)
+            kept = rescale_l1(tau, kept, norms=l1_norms(job, i))
         out.append(kept)
     return out
+
+
+def _thinned(job: TensorJob) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    taus = task_vectors(job, "dare")
+    return zip(taus, drop(job, taus, per_model(job.params, "density", len(taus))), strict=True)
+
+
+def l1_reducer(params: Mapping[str, Any], n_models: int) -> L1NormSums | None:
+    """With `rescale: l1`, the norms of a big tensor's blocks (`MethodSpec.tensor_reducer`)."""
+    return L1NormSums(n_models, _thinned) if params.get("rescale", "paper") == "l1" else None
 
 
 def _merge(job: TensorJob, *, elect: bool, method: str) -> torch.Tensor:
@@ -77,6 +96,7 @@ LINEAR_SPEC = register(
         paper="https://arxiv.org/abs/2311.03099",
         doc="methods/dare.md",
         row_local=row_local_unless_l1,
+        tensor_reducer=l1_reducer,
     )
 )
 
@@ -91,5 +111,6 @@ TIES_SPEC = register(
         paper="https://arxiv.org/abs/2311.03099",
         doc="methods/dare.md",
         row_local=row_local_unless_l1,
+        tensor_reducer=l1_reducer,
     )
 )

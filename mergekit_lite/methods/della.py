@@ -8,11 +8,14 @@ vector's L1 norm (`rescale: l1`, what mergekit does), or not at all. Then `della
 and takes the disjoint mean like TIES; `della_linear` adds like task arithmetic.
 Draws are position-keyed (seed, tensor name, model, entry), like DARE; probabilities
 depend only on the entry's row, so with `rescale: paper`/`none` big tensors stream in row blocks.
+With `rescale: l1` a big tensor is read twice in blocks: once to sum its L1 norms
+(`sparsify.L1NormSums`), once for the output.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,7 +23,7 @@ import torch
 from ..errors import RecipeError
 from .draws import keep_mask
 from .registry import MethodSpec, Param, TensorJob, register
-from .sparsify import apply_mask, della_probabilities_many, rescale_l1
+from .sparsify import L1NormSums, apply_mask, della_probabilities_many, l1_norms, rescale_l1
 from .task_arithmetic import (
     DENSITY,
     INT8_MASK,
@@ -83,14 +86,28 @@ def magprune(job: TensorJob, taus: list[torch.Tensor], method: str) -> list[torc
         if i not in probabilities:
             out.append(tau)
             continue
-        probs = probabilities.pop(i)
+        probs = probabilities.pop(i)  # dropped as soon as used: one model's probabilities at a time
         kept = apply_mask(tau, keep_mask(job, i, tau.shape, probs, tau.device))
         if mode == "paper":
             kept.div_(probs.to(tau.dtype))
         elif mode == "l1":
-            kept = rescale_l1(tau, kept)
+            kept = rescale_l1(tau, kept, norms=l1_norms(job, i))
         out.append(kept)
     return out
+
+
+def _thinned(job: TensorJob) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(τᵢ, its surviving entries unscaled) per model, for the `rescale: l1` norms of a row block."""
+    unscaled = {**dict(job.params), "rescale": "none"}
+    taus = task_vectors(job, "della")
+    kept = magprune(replace(job, params=unscaled), taus, "della")
+    densities = per_model(job.params, "density", len(taus))
+    return [(tau, k if d < 1 else None) for tau, k, d in zip(taus, kept, densities, strict=True)]
+
+
+def l1_reducer(params: Mapping[str, Any], n_models: int) -> L1NormSums | None:
+    """With `rescale: l1`, the norms of a big tensor's blocks (`MethodSpec.tensor_reducer`)."""
+    return L1NormSums(n_models, _thinned) if params.get("rescale", "paper") == "l1" else None
 
 
 def _merge(job: TensorJob, *, elect: bool, method: str) -> torch.Tensor:
@@ -118,6 +135,7 @@ SPEC = register(
         paper="https://arxiv.org/abs/2406.11617",
         doc="methods/della.md",
         row_local=row_local_unless_l1,
+        tensor_reducer=l1_reducer,
         check=probability_range_problem,
     )
 )
@@ -133,6 +151,7 @@ LINEAR_SPEC = register(
         paper="https://arxiv.org/abs/2406.11617",
         doc="methods/della.md",
         row_local=row_local_unless_l1,
+        tensor_reducer=l1_reducer,
         check=probability_range_problem,
     )
 )

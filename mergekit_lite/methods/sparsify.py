@@ -17,12 +17,14 @@ Conventions shared by every mask below:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from .detmath import exact_divisor, fixed_order_sum
+from .detmath import FlatSum, exact_divisor, fixed_order_sum
 from .ranks import magnitude_orders
+from .registry import TensorJob
 from .select import kth_largest, kth_smallest, kth_smallest_many  # noqa: F401  (re-exported)
 
 L1_EPS = 1e-7  # mergekit's tolerance below which an L1 rescale is skipped
@@ -139,18 +141,73 @@ def della_probabilities_many(
     return out
 
 
-def rescale_l1(original: torch.Tensor, masked: torch.Tensor, eps: float = L1_EPS) -> torch.Tensor:
+def rescale_l1(original: torch.Tensor, masked: torch.Tensor, eps: float = L1_EPS,
+               norms: tuple[float, float] | None = None) -> torch.Tensor:
     """mergekit's rescale: scale `masked` so its L1 norm equals that of `original`.
 
     Skipped (masked returned as is) when either norm is below `eps`, as mergekit does; this is
-    also what keeps all-zero task vectors free of 0/0.
+    also what keeps all-zero task vectors free of 0/0. `norms` gives (‖original‖₁, ‖masked‖₁)
+    of the whole tensor when these are row blocks of it (`L1NormSums`).
     """
-    # float64 sums in a fixed order: torch's own whole-tensor sum changes with the thread count
-    before = fixed_order_sum(original.abs())
-    after = fixed_order_sum(masked.abs())
+    if norms is None:
+        # float64 sums in a fixed order: torch's own whole-tensor sum changes with the thread count
+        norms = fixed_order_sum(original.abs()), fixed_order_sum(masked.abs())
+    before, after = norms
     if before < eps or after < eps:
         return masked
     return masked * (before / after)
+
+
+@dataclass(frozen=True)
+class L1Norms:
+    """Per model, (‖τᵢ‖₁, ‖mᵢ ⊙ τᵢ‖₁) over one whole tensor; None for a model that drops nothing."""
+
+    norms: tuple[tuple[float, float] | None, ...]
+
+
+# (task vector, its entries that survive the drop, unscaled; None when nothing is dropped) per
+# model, for one job: how a random-drop method thins, so that `L1NormSums` sees what it keeps.
+Thinned = Callable[[TensorJob], Iterable[tuple[torch.Tensor, torch.Tensor | None]]]
+_PIECE = 1 << 20  # entries per |τ| temporary
+
+
+class L1NormSums:
+    """`rescale: l1` over a tensor too big to hold whole: a reducer over its row blocks (in
+    order) summing each model's two L1 norms, with the bits `rescale_l1` takes on the whole
+    tensor (`detmath.FlatSum`). The drops are position-keyed draws, so the statistics pass and
+    the output pass drop the same entries."""
+
+    def __init__(self, n_models: int, thinned: Thinned) -> None:
+        self._thinned = thinned
+        self._sums = [(FlatSum(), FlatSum()) for _ in range(n_models)]
+        self._drops = [False] * n_models
+
+    def observe(self, job: TensorJob) -> None:
+        for i, (tau, kept) in enumerate(self._thinned(job)):
+            if kept is None:
+                continue
+            self._drops[i] = True
+            before, after = self._sums[i]
+            tau, kept = tau.reshape(-1), kept.reshape(-1)
+            for start in range(0, tau.numel(), _PIECE):
+                before.add(tau[start : start + _PIECE].abs())
+                after.add(kept[start : start + _PIECE].abs())
+
+    def end_pass(self) -> bool:
+        return True
+
+    def result(self) -> L1Norms:
+        return L1Norms(tuple((b.total(), a.total()) if drops else None
+                             for (b, a), drops in zip(self._sums, self._drops, strict=True)))
+
+
+def l1_norms(job: TensorJob, model: int) -> tuple[float, float] | None:
+    """The whole tensor's L1 norms for a row block (from `L1NormSums`), None for a whole tensor."""
+    if isinstance(job.stats, L1Norms):
+        return job.stats.norms[model]
+    if job.rows is not None:
+        raise RuntimeError(f"rescale: l1 has no whole-tensor norms for a row block of tensor {job.name}")
+    return None
 
 
 def elect_signs(weighted_sum: torch.Tensor) -> torch.Tensor:
