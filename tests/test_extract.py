@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mergekit_lite.cli.main import app
@@ -191,13 +192,55 @@ def _unmerged_logits(base_dir: Path, adapter: Path, auto_class: type) -> torch.T
         return model(torch.arange(12).reshape(1, 12)).logits
 
 
+def test_extract_carries_the_biases_of_lora_adapted_modules(tmp_path: Path) -> None:
+    """Qwen2's q/k/v projections have biases: a fine-tune that changes them kept only its LoRA,
+    the bias changes were reported `skipped`, and peft's logits missed them. They are now written
+    as `<m>.base_layer.bias` (what peft saves for `bias: lora_only`): peft and mlite both load
+    the fine-tune back."""
+    import transformers
+    from safetensors.torch import load_file
+
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = _perturbed(transformers.Qwen2ForCausalLM(cfg), 1)
+    model.save_pretrained(tmp_path / "base")
+    ft = _perturbed(model, 2)  # every weight and bias moves
+    ft.save_pretrained(tmp_path / "ft")
+    res = runner.invoke(app, ["extract", "--model", str(tmp_path / "ft"), "--base", str(tmp_path / "base"),
+                              "--rank", "16", "--out", str(tmp_path / "ad"), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(res.stdout)["tensors"]}
+    q_bias = "model.layers.0.self_attn.q_proj.bias"
+    assert rows[q_bias]["kind"] == "full" and "base_layer.bias" in rows[q_bias]["note"]
+    assert not [n for n, r in rows.items() if r["kind"] == "skipped"]
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["bias"] == "lora_only" and "model.layers.0.self_attn.q_proj" in config["target_modules"]
+    stored = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    want_bias = load_file(next((tmp_path / "ft").glob("*.safetensors")))[q_bias]
+    assert torch.equal(stored[f"base_model.model.{q_bias.replace('.bias', '.base_layer.bias')}"], want_bias)
+    got = _unmerged_logits(tmp_path / "base", tmp_path / "ad", transformers.AutoModelForCausalLM)
+    with torch.no_grad():
+        want = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ft").eval()(
+            torch.arange(12).reshape(1, 12)).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # mlite reads it back the same way: patching the base gives the fine-tune's biases
+    res = runner.invoke(app, ["patch", "--base", str(tmp_path / "base"), "--delta", str(tmp_path / "ad"),
+                              "--out", str(tmp_path / "back")])
+    assert res.exit_code == 0, res.output
+    back = load_dir(tmp_path / "back")
+    for name in ("q_proj", "k_proj", "v_proj"):
+        key = f"model.layers.1.self_attn.{name}.bias"
+        torch.testing.assert_close(back[key], ft.state_dict()[key], rtol=0, atol=1e-6)
+
+
 def test_extract_of_gpt2_conv1d_loads_in_peft(tmp_path: Path) -> None:
     """GPT-2's Conv1D weights are [in, out]: factored as ΔWᵀ with fan_in_fan_out (and wpe as an
     embedding); they were factored as [out, in] and peft refused the shapes. The LayerNorms go
     whole with their unchanged biases (peft's modules_to_save loads every parameter). (The
-    fine-tune keeps the base's biases and token embedding: a LoRA-adapted module's bias delta
-    is not written, and peft 0.21 does not tie GPT-2's head to an adapted wte unless merged;
-    see docs/adapters.md.)"""
+    fine-tune keeps the base's token embedding: peft 0.21 does not tie GPT-2's head to an
+    adapted wte unless merged; see docs/adapters.md.)"""
     import transformers
 
     cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2,
@@ -207,7 +250,7 @@ def test_extract_of_gpt2_conv1d_loads_in_peft(tmp_path: Path) -> None:
     torch.manual_seed(2)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("weight") and "wte" not in name:
+            if "wte" not in name:  # weights and biases (a Conv1D layer's bias goes beside its LoRA)
                 p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(tmp_path / "ft")
     res = runner.invoke(app, ["extract", "--model", str(tmp_path / "ft"), "--base", str(tmp_path / "base"),

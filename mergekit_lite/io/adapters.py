@@ -405,6 +405,7 @@ def adapter_config(
     *,
     base_model_name_or_path: str | None,
     base: Checkpoint | None = None,
+    lora_biases: bool = False,
 ) -> dict[str, Any]:
     """An adapter_config.json where every module has scaling 1 (α = r per module).
 
@@ -413,7 +414,8 @@ def adapter_config(
     From the base: `task_type` CAUSAL_LM for a causal LM (what AutoPeftModelForCausalLM needs),
     and `ensure_weight_tying` when the base ties its head to an embedding the adapter changes
     (peft then applies the change to the head too, as the merged model has it; releases before
-    0.18 ignore the key with a warning).
+    0.18 ignore the key with a warning). `lora_biases`: the adapter stores biases of adapted
+    modules (`<m>.base_layer.bias`), which peft writes for `bias: lora_only`.
     """
     linear = {f.fan_in_fan_out for f in factors if not f.embedding}
     if len(linear) > 1:
@@ -438,7 +440,7 @@ def adapter_config(
         "target_modules": sorted(f.module for f in factors),
         "modules_to_save": sorted(full_modules) or None,
         "lora_dropout": 0.0,
-        "bias": "none",
+        "bias": "lora_only" if lora_biases else "none",
         "fan_in_fan_out": linear == {True},
         "use_rslora": False,
         "use_dora": False,
@@ -465,7 +467,10 @@ def write_adapter(
 
     `full_tensors` (base tensor name → value) are stored as `modules_to_save`: loading the
     adapter replaces those tensors with the stored values, which is how 1-D deltas (norms) or
-    replaced tensors travel in a format that only knows low-rank updates.
+    replaced tensors travel in a format that only knows low-rank updates. The bias of a
+    LoRA-adapted module cannot go that way (a saved module replaces its LoRA): it is stored as
+    `<m>.base_layer.bias`, as peft saves an adapter trained with `bias: lora_only`, and peft
+    loads it over the base's bias.
     """
     out = Path(out_dir).expanduser().absolute()
     check_output_dir(out, force)
@@ -480,14 +485,20 @@ def write_adapter(
             tensors[f"{PREFIX}{f.module}.lora_A.weight"] = f.a
             tensors[f"{PREFIX}{f.module}.lora_B.weight"] = f.b
     full_modules: set[str] = set()
+    lora_biases = False
     for name, value in full_tensors.items():
-        module = name.rsplit(".", 1)[0]
+        module, _, param = name.rpartition(".")
         if module in lora_modules:
-            raise CheckpointError(f"{name}: module {module!r} cannot be both LoRA-adapted and saved in full")
+            if param != "bias" or value.dim() != 1:
+                raise CheckpointError(f"{name}: module {module!r} cannot be both LoRA-adapted and saved in full")
+            tensors[f"{PREFIX}{module}.base_layer.bias"] = value
+            lora_biases = True
+            continue
         full_modules.add(module)
         tensors[f"{PREFIX}{name}"] = value
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
-    config = adapter_config(factors, sorted(full_modules), base_model_name_or_path=base_model_name_or_path, base=base)
+    config = adapter_config(factors, sorted(full_modules), base_model_name_or_path=base_model_name_or_path, base=base,
+                            lora_biases=lora_biases)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = beside(out, "mlite-tmp")
     tmp.mkdir()

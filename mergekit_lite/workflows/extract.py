@@ -4,7 +4,8 @@ The delta of each 2-D weight (θ_ft − θ_base, or any delta source) is factore
 at the smallest rank holding an energy fraction of ‖Δ‖_F²; ranks that differ between modules
 go to the adapter's `rank_pattern`. Tensors LoRA cannot express (1-D norms and biases,
 tensors a patch replaces outright) travel as `modules_to_save` full tensors holding the
-patched value. One tensor is in memory at a time.
+patched value; the bias of a LoRA-adapted module as its `base_layer.bias`. One tensor is in
+memory at a time.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def dense_to_adapter(
 
     Full tensors hold base + λ·Δ (or the replaced value), so loading the adapter onto `base`
     gives the patched model; a module that has both a LoRA and a full tensor cannot be
-    expressed by PEFT, so its full tensor is skipped and reported. The relative errors are
+    expressed by PEFT, so its full tensor is skipped and reported, except a bias (written as the
+    module's `base_layer.bias`, which peft loads beside the LoRA). The relative errors are
     those of the factors as written in `factor_dtype` (rounding them to bf16 adds ~1e-3).
     """
     factors: list[Factors] = []
@@ -118,6 +120,11 @@ def dense_to_adapter(
         return not conv1d or is_embedding(name) or name.rsplit(".", 2)[-2] in CONV1D_MODULES
 
     lora_modules = {n.rsplit(".", 1)[0] for n, s in targets.items() if factored(n, s)}
+
+    def is_bias(name: str, shape: tuple[int, ...]) -> bool:
+        """Of a LoRA-adapted module's tensors, peft loads the bias on its own (`<m>.base_layer.bias`,
+        what it saves for `bias: lora_only`), so a bias delta travels beside the LoRA."""
+        return name.endswith(".bias") and len(shape) == 1
     for name in base.names():
         if name not in targets:
             continue
@@ -143,7 +150,7 @@ def dense_to_adapter(
             rep = TensorReport(name, info.shape, "lora", norm, lr.rank, rel, "" if lr.exact else "randomized SVD")
         elif not full_tensors:
             rep = TensorReport(name, info.shape, "skipped", norm, note="not factored (full tensors disabled)")
-        elif module in lora_modules:
+        elif module in lora_modules and not is_bias(name, info.shape):
             rep = TensorReport(name, info.shape, "skipped", norm,
                                note=f"module {module} is LoRA-adapted; a saved module would replace its LoRA")
         else:
@@ -152,15 +159,19 @@ def dense_to_adapter(
             if factor_dtype != torch.float32:  # a full tensor is written in that dtype too
                 stored = full[name].to(factor_dtype).double() - base.load(name, "cpu", torch.float32).double()
                 rel = float(torch.linalg.norm(stored - d.double().cpu()) / norm)
-            linear = conv1d and len(info.shape) == 2 and name.endswith(".weight")
-            note = "a Linear layer in a Conv1D model: saved whole" if linear else ""
+            note = ""
+            if module in lora_modules:  # written as <module>.base_layer.bias, beside the LoRA
+                note = "bias of a LoRA-adapted module: saved as its base_layer.bias (bias: lora_only)"
+            elif conv1d and len(info.shape) == 2 and name.endswith(".weight"):
+                note = "a Linear layer in a Conv1D model: saved whole"
             rep = TensorReport(name, info.shape, "full", norm, rel_error=rel, note=note)
         reports.append(rep)
         if on_tensor is not None:
             on_tensor(rep)
     # peft's modules_to_save replaces a module whole and loads every parameter of it: a
     # LayerNorm whose weight changed but whose bias did not still needs its bias written.
-    saved = {n.rsplit(".", 1)[0] for n in full}
+    # (A LoRA-adapted module's bias is loaded on its own: its module is not saved.)
+    saved = {n.rsplit(".", 1)[0] for n in full} - lora_modules
     for name in base.names():
         module, _, param = name.rpartition(".")
         if module in saved and name not in full and "." not in param:
