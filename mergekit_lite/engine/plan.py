@@ -676,15 +676,15 @@ def estimate(plan: Plan) -> dict[str, Any]:
         return total
 
     passes = []
-    # what a global step's statistics see: every float tensor (vocabulary-trimmed to shared rows)
-    scope_numel = sum(plan.vocab_rows.get(o.name, o.shape[0] if o.shape else 1) * _numel(o.shape[1:])
-                      for o in plan.outputs if o.is_float)
+    held = 0  # what reducers keep between passes (PCB's cached task vectors)
+    scope = scope_numel(plan)
     for st in plan.global_steps:
         try:
             reducer = _header_reducer(st) if st.spec.reducer is not None else None
         except Exception:  # a reducer that needs real inputs to be built cannot say how it will run
             reducer = None
-        n_passes = _expected_passes(reducer, scope_numel)
+        held = max(held, _held_bytes(reducer, scope))
+        n_passes = _expected_passes(reducer, scope)
         read = reducer_reads(reducer) if reducer is not None else lambda _name: True
         per = leaf_bytes(st.id, [n for n in float_names if read(n)])
         passes.append({"step": st.id, "kind": "statistics", "passes": n_passes, "bytes_read": per * n_passes})
@@ -696,11 +696,11 @@ def estimate(plan: Plan) -> dict[str, Any]:
     layouts = plan_shards([PlannedTensor(o.name, o.dtype, o.shape) for o in plan.outputs], plan.shard_size)
     targets = plan.write_targets()
     written = sum(lay.size for lay in layouts) * len(targets)
-    biggest = max((o for o in plan.outputs), key=lambda o: _numel(o.shape))
     n_inputs = sum(len(plan.leaves_of(s)[0]) for s in out_ids) + 1
     from .run import PREFETCH_DEPTH
 
-    peak = _numel(biggest.shape) * 4 * (n_inputs + 2) * (PREFETCH_DEPTH + 1)
+    unit, tensor_held = _largest_unit(plan, out_ids)
+    peak = RUNTIME_BYTES + unit * 4 * (n_inputs + 2) * (PREFETCH_DEPTH + 1) + max(held, tensor_held)
     return {
         "steps": [{"id": s.id, "method": s.spec.name, "scope": s.scope, "models": len(s.models)} for s in plan.steps.values()],
         "tensors": len(plan.outputs),
@@ -715,6 +715,61 @@ def estimate(plan: Plan) -> dict[str, Any]:
         "device": str(plan.device),
         "peak_memory_estimate": peak,
     }
+
+
+def scope_numel(plan: Plan) -> int:
+    """Entries per model that a global step's statistics see: every float tensor, vocabulary
+    tensors trimmed to their shared rows."""
+    return sum(plan.vocab_rows.get(o.name, o.shape[0] if o.shape else 1) * _numel(o.shape[1:])
+               for o in plan.outputs if o.is_float)
+
+
+# Peak RSS of `mlite merge` on a model of a few kB (Python, torch, mlite; Linux x86-64, CPU torch
+# 2.13): what every run pays before its tensors.
+RUNTIME_BYTES = 250 * 1000**2
+
+
+def _largest_unit(plan: Plan, out_ids: list[str]) -> tuple[int, int]:
+    """Entries of the largest piece of work a run holds at once (a whole tensor, or a row block
+    of one the engine streams), and the most a per-tensor reducer keeps between its passes.
+
+    The same decisions the run makes (`run._block_mode`): blocks where every step of the chain
+    is row-local, blocks after per-tensor statistics for a tensor over `whole_tensor_limit`,
+    whole tensors otherwise (a LoRA's targets, vocabulary-trimmed tensors, 1-D tensors); a
+    global step's statistics pass sees row blocks only where every step feeding it is row-local.
+    """
+    from .run import _block_mode, _with_tensor_files
+    from .stream import CHUNK_ELEMENTS, whole_tensor_limit
+
+    def block(o: OutputTensor) -> int:
+        row = _numel(o.shape) // o.shape[0] if o.shape[0] else 1
+        return max(1, CHUNK_ELEMENTS // max(row, 1)) * row
+
+    def splits(o: OutputTensor) -> bool:
+        return o.is_float and len(o.shape) >= 2 and _numel(o.shape) > CHUNK_ELEMENTS
+
+    modes = [_block_mode(plan, out_ids, local_stats=True)]
+    modes += [_block_mode(plan, [st.id], local_stats=False) for st in plan.global_steps]
+    unit = held = 0
+    for o in plan.outputs:
+        n = _numel(o.shape)
+        for i, mode in enumerate(modes):
+            m = mode(o.name) if splits(o) else "whole"
+            streamed = m == "blocks" or (i == 0 and m == "local" and n > whole_tensor_limit())
+            unit = max(unit, block(o) if streamed else n)
+        if splits(o) and modes[0](o.name) == "local" and n > whole_tensor_limit():
+            for st in step_closure(plan, out_ids):
+                params = st.resolver.for_tensor(o.name)
+                if st.spec.tensor_reducer is not None and not st.spec.row_local(params):
+                    reducer = st.spec.tensor_reducer(_with_tensor_files(plan, st, params), len(st.models))
+                    held = max(held, _held_bytes(reducer, n))
+    return unit, held
+
+
+def _held_bytes(reducer: Reducer | None, numel: int) -> int:
+    """Bytes a reducer keeps between passes over `numel` entries per model (`held_bytes`, 0 if it does not say)."""
+    fn = getattr(reducer, "held_bytes", None)
+    return int(fn(numel)) if callable(fn) else 0
 
 
 def _header_reducer(st: StepPlan) -> Reducer:

@@ -29,7 +29,7 @@ from ..io.safetensors_format import PlannedTensor
 from ..io.writer import CheckpointWriter, all_finite, config_dtype_update, require_finite
 from ..methods.registry import TensorJob, reducer_reads
 from .memory import streaming_heap
-from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, fingerprint, step_closure
+from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, fingerprint, scope_numel, step_closure
 from .stream import (
     BackgroundWriter,
     Bundle,
@@ -242,6 +242,14 @@ def _loader(plan: Plan, ck_keys: set[str], delta_keys: set[str], copy_keys: set[
     return load
 
 
+def _announce(reducer: Any, numel: int) -> None:
+    """Tell a reducer how many entries per model its passes will see, when it asks (`expect`):
+    PCB then knows before its first block whether the task vectors fit its memory budget."""
+    expect = getattr(reducer, "expect", None)
+    if callable(expect):
+        expect(numel)
+
+
 def _block_mode(plan: Plan, step_ids: list[str], *, local_stats: bool) -> Callable[[str], str]:
     """How a tensor may be streamed: "whole", in row "blocks", or in blocks after "local" stats.
 
@@ -351,6 +359,7 @@ def _execute(plan: Plan, progress: bool, publish_hook: PublishHook | None, tenso
         for st in plan.global_steps:
             assert st.spec.reducer is not None, f"method {st.spec.name} is global but has no reducer"
             reducer = st.spec.reducer(_with_tensor_files(plan, st, st.resolver.scalar_values()), len(st.models))
+            _announce(reducer, scope_numel(plan))
             evaluator = _Evaluator(plan, stats, None)
             ck_keys, dkeys = plan.leaves_of(st.id)
             names = [n for n in float_names if reducer_reads(reducer)(n)]
@@ -478,6 +487,7 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
                 reducer = make(_with_tensor_files(plan, st, params), len(st.models)) if make is not None else None
                 # _block_mode calls a tensor "local" only when every such step has a reducer
                 assert reducer is not None, f"step {st.id}: tensor {name} has no per-tensor reducer"
+                _announce(reducer, math.prod(shapes[name]))
                 ev = _Evaluator(plan, local, None)
                 load = _loader(plan, plan.leaves_of(st.id)[0], set(), set())
                 entry = tensor_stats.setdefault(

@@ -262,6 +262,17 @@ class PcbReducer:
         """Statistics passes when the scope's size is unknown: the upper bound, 4."""
         return 4
 
+    def expect(self, numel: int) -> None:
+        """The engine's word on the scope's size: no cache when it cannot fit. (Without it the
+        cache filled up to the budget before giving up, and the heap kept those 256 MiB.)"""
+        if self._cache is not None and self.n * numel * 4 > self.budget:
+            self._cache = None
+
+    def held_bytes(self, numel: int) -> int:
+        """Memory the cached task vectors take over a scope of `numel` entries per model (dry-run
+        estimates): n·numel float32 when they fit `memory_budget`, else nothing is kept."""
+        return self.n * numel * 4 if self.passes_for(numel) == 1 else 0
+
     def passes_for(self, numel: int) -> int:
         """Statistics passes over a scope of `numel` entries per model (dry-run estimates): 1 when
         the n task vectors (float32) fit `memory_budget` and pass 1 keeps them, else 4."""

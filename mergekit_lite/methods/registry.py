@@ -133,7 +133,9 @@ class Reducer(Protocol):
 
     The engine calls `observe` once per float tensor per pass (stats passes see jobs with
     `stats=None`), then `end_pass()`; it starts another pass while `end_pass()` returns False.
-    Visiting order is the input-shard order, so reducers must not depend on it.
+    Visiting order is the input-shard order, so reducers must not depend on it. A reducer may
+    also offer `expect(numel)`: the engine then says, before the first pass, how many entries
+    per model the passes will show it.
     """
 
     def observe(self, job: TensorJob) -> None: ...
