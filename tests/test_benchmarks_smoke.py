@@ -173,6 +173,10 @@ def test_device_check_compares_every_method_and_flags_a_difference(tmp_path, mon
     assert device_check.main(["--device", "cpu", "--json", str(report)], shape=LlamaShape()) == 0
     rows = json.loads(report.read_text())["rows"]
     assert len(rows) == len(device_check.cases()) and all(r["differing"] == 0 and r["values"] > 0 for r in rows)
+    # row blocks against whole tensors, for the methods that sum over a whole tensor
+    blocked = {r["method"]: r["blocks_vs_whole"] for r in rows if "blocks_vs_whole" in r}
+    assert set(blocked) == set(device_check.BLOCK_CASES)
+    assert all(b["differing"] == 0 and b["values"] > 0 for b in blocked.values())
 
     real_run = device_check.mlite.run_recipe
 

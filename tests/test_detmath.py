@@ -54,7 +54,7 @@ def test_a_lone_row_sums_as_among_others(threads):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("numel", [1, 4095, 4096, 4097, 8192, 12289, 300_001])
+@pytest.mark.parametrize("numel", [1, 4095, 4096, 4097, 8192, 12289, 300_001, 2_500_003])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_flat_sum_of_pieces_equals_fixed_order_sum(numel, dtype):
     """FlatSum fed any split of a tensor's values gives `fixed_order_sum` of the whole, bit for bit."""
@@ -63,7 +63,8 @@ def test_flat_sum_of_pieces_equals_fixed_order_sum(numel, dtype):
     want = detmath.fixed_order_sum(x)
     splits = [[numel], [1] * min(numel, 5000) + ([numel - 5000] if numel > 5000 else []),
               [4096] * (numel // 4096) + [numel % 4096],
-              [int(v) for v in torch.randint(0, 9000, (400,), generator=g)]]
+              [int(v) for v in torch.randint(0, 9000, (400,), generator=g)],
+              [int(v) for v in torch.randint(0, 700_000, (6,), generator=g)]]  # across 1M-value groups
     for sizes in splits:
         acc = detmath.FlatSum()
         start = 0
@@ -80,3 +81,20 @@ def test_flat_sum_golden():
     for piece in (torch.ones(3000), torch.ones(3000), torch.full((10,), 0.5)):
         acc.add(piece)
     assert acc.total() == 6005.0
+
+
+def test_per_tensor_sums_refuse_blocks_out_of_order():
+    """The regrouped sums depend on the blocks' order: a block that does not start where the
+    last one stopped is an error, not a silent change of bits."""
+    from mergekit_lite.methods.registry import TensorJob
+    from mergekit_lite.methods.slerp import SlerpAngle
+
+    def job(rows):
+        x = torch.ones(rows[1] - rows[0], 4)
+        return TensorJob("w", None, [x, 2 * x], {"t": 0.5}, rows=rows)
+
+    reducer = SlerpAngle()
+    reducer.observe(job((0, 3)))
+    reducer.observe(job((3, 5)))
+    with pytest.raises(RuntimeError, match=r"tensor w: row block \(2, 6\) out of order"):
+        reducer.observe(job((2, 6)))

@@ -750,6 +750,9 @@ def test_row_blocks_equal_whole_tensors(tmp_path, model_set, monkeypatch, method
     [{"id": "s", "method": "slerp", "models": ["a", "b"], "parameters": {"t": 0.3}}],
     [{"id": "s", "method": "model_stock", "base": "base", "models": ["a", "b", "c"]}],
     [{"id": "s", "method": "model_stock", "base": "base", "models": ["a", "b"], "parameters": {"filter_wise": True}}],
+    # six pairs of cosines per row: their mean rounded by the block's height before (blocks of 6 rows, 3 rows)
+    [{"id": "s", "method": "model_stock", "base": "base", "models": ["a", "b", "c", "d"],
+      "parameters": {"filter_wise": True}}],
     # in a chain: TIES' per-tensor statistics feed slerp's, which feed task arithmetic
     [{"id": "t", "method": "ties", "base": "base", "models": ["a", "b"], "parameters": {"density": 0.4}},
      {"id": "u", "method": "slerp", "models": ["t", "c"], "parameters": {"t": 0.6}},
@@ -763,8 +766,8 @@ def test_whole_tensor_angles_stream_in_row_blocks(tmp_path, monkeypatch, steps):
     from mergekit_lite.engine import stream
     from mergekit_lite.synthetic import build_model_set
 
-    ms = build_model_set(tmp_path / "three", n_finetunes=3, num_shards=2)
-    inputs = {"base": str(ms.base), "a": str(ms.finetunes[0]), "b": str(ms.finetunes[1]), "c": str(ms.finetunes[2])}
+    ms = build_model_set(tmp_path / "four", n_finetunes=4, num_shards=2)
+    inputs = {"base": str(ms.base), **{k: str(p) for k, p in zip("abcd", ms.finetunes, strict=True)}}
     recipe = {"inputs": inputs, "steps": steps}
     whole = mlite.run_recipe(recipe).state_dict
     monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 100)  # matrices over 800 entries: statistics, then blocks

@@ -206,7 +206,10 @@ def test_extract_carries_the_biases_of_lora_adapted_modules(tmp_path: Path) -> N
     torch.manual_seed(0)
     model = _perturbed(transformers.Qwen2ForCausalLM(cfg), 1)
     model.save_pretrained(tmp_path / "base")
-    ft = _perturbed(model, 2)  # every weight and bias moves
+    ft = _perturbed(model, 2)  # every weight and bias moves, but one weight: its bias goes with its module
+    frozen = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "base").model.layers[0].self_attn.k_proj
+    with torch.no_grad():
+        ft.model.layers[0].self_attn.k_proj.weight.copy_(frozen.weight)
     ft.save_pretrained(tmp_path / "ft")
     res = runner.invoke(app, ["extract", "--model", str(tmp_path / "ft"), "--base", str(tmp_path / "base"),
                               "--rank", "16", "--out", str(tmp_path / "ad"), "--json"])
@@ -214,10 +217,14 @@ def test_extract_carries_the_biases_of_lora_adapted_modules(tmp_path: Path) -> N
     rows = {r["name"]: r for r in json.loads(res.stdout)["tensors"]}
     q_bias = "model.layers.0.self_attn.q_proj.bias"
     assert rows[q_bias]["kind"] == "full" and "base_layer.bias" in rows[q_bias]["note"]
-    assert not [n for n, r in rows.items() if r["kind"] == "skipped"]
+    k_bias = "model.layers.0.self_attn.k_proj.bias"
+    assert rows[k_bias]["kind"] == "full" and rows[k_bias]["note"] == ""
+    assert [n for n, r in rows.items() if r["kind"] == "skipped"] == ["model.layers.0.self_attn.k_proj.weight"]
     config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert config["bias"] == "lora_only" and "model.layers.0.self_attn.q_proj" in config["target_modules"]
+    assert "model.layers.0.self_attn.k_proj" in config["modules_to_save"]
     stored = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    assert {f"base_model.model.{k_bias}", f"base_model.model.{k_bias[:-4]}weight"} <= stored.keys()
     want_bias = load_file(next((tmp_path / "ft").glob("*.safetensors")))[q_bias]
     assert torch.equal(stored[f"base_model.model.{q_bias.replace('.bias', '.base_layer.bias')}"], want_bias)
     got = _unmerged_logits(tmp_path / "base", tmp_path / "ad", transformers.AutoModelForCausalLM)

@@ -845,6 +845,12 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 # ---- resumability -------------------------------------------------------------------------
+# Raised whenever a change can move any output bit (a method's sums regrouped, a mean taken in
+# another order), so that `--resume` refuses to finish with new code a run begun with old code,
+# even within one release. 2: slerp's sums as fixed_order_sum, model_stock's per-row means.
+NUMERICS = 2
+
+
 def fingerprint(plan: Plan) -> str:
     """A digest of everything that decides the output's bytes, so a resume never mixes runs.
 
@@ -865,6 +871,7 @@ def fingerprint(plan: Plan) -> str:
 
     data: dict[str, Any] = {
         "version": __version__,
+        "numerics": NUMERICS,
         "inputs": {k: [ck.label, [(s.name, file_identity(s)) for s in ck.shards]]
                    for k, ck in sorted(plan.checkpoints.items())},
         # every file a delta reads: an adapter's, or a full fine-tune's shards and its old base's

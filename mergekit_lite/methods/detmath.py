@@ -163,9 +163,10 @@ def _row_sums64(rows: torch.Tensor) -> torch.Tensor:
 
 
 def row_sums64(rows: torch.Tensor) -> torch.Tensor:
-    """Σ over the last dimension of each row of a 2-D tensor, in float64; a row's bits depend on
-    that row alone (not on how many rows share the call, nor on threads), so a row block's
-    sums are the whole tensor's sums of those rows."""
+    """Σ over the last dimension of each row of a 2-D tensor, in float64. On the CPU a row's bits
+    depend on that row alone (not on how many rows share the call, nor on threads), so a row
+    block's sums are the whole tensor's sums of those rows. (CUDA picks its reduction layout by
+    the number of rows, so there a block's sums may differ in the last bits: docs/cli.md.)"""
     return _row_sums64(rows)
 
 
@@ -192,58 +193,61 @@ def fixed_order_sum(x: torch.Tensor) -> float:
 class FlatSum:
     """`fixed_order_sum` of a tensor that arrives in consecutive pieces of its flattened values.
 
-    A method that needs one sum over a whole tensor (slerp's angle, Model Stock's cosines) can
-    then take it over row blocks streamed one after another, with the bits it has on the whole
-    tensor in memory: the pieces are regrouped into the same 4096-element runs, each run summed
-    as `fixed_order_sum` sums it, and the run sums reduced in the same order.
+    A method that needs one sum over a whole tensor (slerp's angle, Model Stock's cosines, an L1
+    rescale) can then take it over row blocks streamed one after another, with the bits it has
+    on the whole tensor in memory. The pieces are regrouped into the groups `fixed_order_sum`
+    forms: runs of 4096 values, 256 runs per call (`_row_sums64`), counted from the tensor's
+    first value, then the tail. Each group is summed from one aligned buffer, as the whole
+    tensor's groups are summed from aligned slices, so a device whose reduction order depends
+    on the number of rows per call or on alignment (CUDA) sums them the same way too.
 
-    Between pieces it holds one run's values (in a buffer allocated once) and each run's sum as
-    a Python float. Small tensors kept alive across a pass would sit between the pass's big
+    Holds one group's values at most (1M: 4 MiB in float32, grown as needed) and each run's sum
+    as a Python float. Small tensors kept alive across a pass would sit between the pass's big
     transient blocks on the heap and fragment it: a 128M-entry embedding's three sums grew the
     process by 3 GB that way, with 3 MB of live tensors.
     """
 
     def __init__(self) -> None:
-        self._runs: list[float] = []  # float64 sums of the complete runs, in order
-        self._carry: torch.Tensor | None = None  # one run's buffer: the values after the last complete run
-        self._carried = 0
+        self._runs: list[float] = []  # float64 sums of the complete groups' runs, in order
+        self._buf: torch.Tensor | None = None  # the current group's values
+        self._held = 0
         self._count = 0
 
     def add(self, piece: torch.Tensor) -> None:
         flat = piece.reshape(-1)
-        if flat.numel() == 0:
-            return
         self._count += flat.numel()
-        if self._carry is None:
-            self._carry = torch.empty(_SUM_BLOCK, dtype=flat.dtype, device=flat.device)
-        if self._carried:
-            take = min(_SUM_BLOCK - self._carried, flat.numel())
-            self._carry[self._carried : self._carried + take] = flat[:take]
-            self._carried += take
+        while flat.numel():
+            if self._held == _SUM_CHUNK:  # a complete group, and more follows
+                self._runs.extend(_row_sums64(self._buf.view(-1, _SUM_BLOCK)).tolist())  # type: ignore[union-attr]
+                self._held = 0
+            take = min(_SUM_CHUNK - self._held, flat.numel())
+            buf = self._room(self._held + take, flat)
+            buf[self._held : self._held + take] = flat[:take]
+            self._held += take
             flat = flat[take:]
-            if flat.numel() == 0:
-                return
-            self._runs.extend(_row_sums64(self._carry.view(1, _SUM_BLOCK)).tolist())  # full, and more follows
-        # The last run (complete or not) waits: a tensor of ≤ 4096 values is summed in one go.
-        keep = flat.numel() % _SUM_BLOCK or _SUM_BLOCK
-        full = flat.numel() - keep
-        if full:
-            self._runs.extend(_row_sums64(flat[:full].view(-1, _SUM_BLOCK)).tolist())
-        self._carry[:keep] = flat[full:]
-        self._carried = keep
+
+    def _room(self, need: int, like: torch.Tensor) -> torch.Tensor:
+        if self._buf is None or self._buf.numel() < need:
+            size = min(_SUM_CHUNK, max(need, 2 * (self._buf.numel() if self._buf is not None else 0)))
+            grown = torch.empty(size, dtype=like.dtype, device=like.device)
+            if self._buf is not None and self._held:
+                grown[: self._held] = self._buf[: self._held]
+            self._buf = grown
+        return self._buf
 
     def total(self) -> float:
-        if self._carry is None:
+        if self._buf is None:
             return 0.0
-        carry = self._carry[: self._carried]
+        held = self._buf[: self._held]
         if self._count <= _SUM_BLOCK:
-            return float(carry.sum(dtype=torch.float64))
-        if self._carried == _SUM_BLOCK:
-            last = _row_sums64(carry.view(1, _SUM_BLOCK))
-        else:  # the tail, as `fixed_order_sum` sums it
-            last = carry.sum(dim=0, keepdim=True, dtype=torch.float64)
-        runs = torch.tensor(self._runs, dtype=torch.float64, device=carry.device)
-        return fixed_order_sum(torch.cat([runs, last]))
+            return float(held.sum(dtype=torch.float64))
+        full = self._held // _SUM_BLOCK * _SUM_BLOCK
+        parts = [torch.tensor(self._runs, dtype=torch.float64, device=held.device)]
+        if full:
+            parts.append(_row_sums64(held[:full].view(-1, _SUM_BLOCK)))
+        if full < self._held:  # the tail, as `fixed_order_sum` sums it
+            parts.append(held[full:].sum(dim=0, keepdim=True, dtype=torch.float64))
+        return fixed_order_sum(torch.cat(parts))
 
 
 def fixed_order_row_sums(x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import RecipeError
 from .detmath import FlatSum, exact_divisor, fixed_order_row_sums, row_sums64
-from .registry import MethodSpec, Param, TensorJob, register
+from .registry import BlockOrder, MethodSpec, Param, TensorJob, register
 from .task_arithmetic import check_shapes, require_base, task_vectors
 
 NORM_PRODUCT_MIN = 1e-6
@@ -56,7 +56,10 @@ def _cosines(squares: Sequence[torch.Tensor], dots: Mapping[tuple[int, int], tor
     for (i, j), dot in sorted(dots.items()):
         product = (norms[i] * norms[j]).clamp(min=NORM_PRODUCT_MIN)
         cosines.append((dot / product).clamp(-1, 1).to(dtype))
-    return torch.stack(cosines).mean(dim=0)  # as mergekit; on CUDA a mean multiplies by 1/N (docs/cli.md)
+    # Each row's P cosines averaged as one contiguous run: a mean over dim 0 of [P, rows] rounds a
+    # column by where it falls in the vector lanes, so a row block of another height (filter-wise
+    # streaming) rounded some rows' means differently. On CUDA a mean multiplies by 1/P (docs/cli.md).
+    return torch.stack(cosines, dim=-1).mean(dim=-1)
 
 
 def _pairs(n: int) -> list[tuple[int, int]]:
@@ -84,6 +87,7 @@ class PairSums:
         self._squares = [FlatSum() for _ in range(n_models)]
         self._dots = {pair: FlatSum() for pair in _pairs(n_models)}
         self._dtype, self._device = torch.float32, torch.device("cpu")  # the task vectors'
+        self._order = BlockOrder()
 
     def add(self, taus: Sequence[torch.Tensor]) -> None:
         flat = [t.reshape(-1) for t in taus]
@@ -96,6 +100,7 @@ class PairSums:
                 acc.add(piece[i] * piece[j])
 
     def observe(self, job: TensorJob) -> None:
+        self._order.check(job)
         self.add(task_vectors(job, "model_stock"))
 
     def end_pass(self) -> bool:

@@ -323,7 +323,10 @@ class PcbReducer:
                 self._beta.observe(i, beta[i])
             if self.stage == 3 and beta.shape[1] > 0:
                 block_max = beta.max(dim=1).values.cpu()
-                self._max = block_max if self._max is None else torch.maximum(self._max, block_max)
+                if self._max is None:
+                    self._max = block_max
+                else:  # in place: no small tensor left behind per block to fragment the heap
+                    torch.maximum(self._max, block_max, out=self._max)
             return
         raise RuntimeError("pcb: observe() after the statistics passes finished")
 

@@ -133,7 +133,8 @@ class Reducer(Protocol):
 
     The engine calls `observe` once per float tensor per pass (stats passes see jobs with
     `stats=None`), then `end_pass()`; it starts another pass while `end_pass()` returns False.
-    Visiting order is the input-shard order, so reducers must not depend on it. A reducer may
+    Visiting order is the input-shard order, so global reducers must not depend on it; a
+    `tensor_reducer` sees one tensor's row blocks in row order (`BlockOrder`). A reducer may
     also offer `expect(numel)`: the engine then says, before the first pass, how many entries
     per model the passes will show it.
     """
@@ -143,6 +144,22 @@ class Reducer(Protocol):
     def end_pass(self) -> bool: ...
 
     def result(self) -> Any: ...
+
+
+class BlockOrder:
+    """For a per-tensor reducer whose sums regroup a tensor's values (`detmath.FlatSum`): its
+    row blocks must arrive in order, each starting where the last one stopped. The engine
+    sends them so (`stream.work_items`, `prefetch`); a loader that did not would change the
+    sums' bits without a word, so it is checked."""
+
+    def __init__(self) -> None:
+        self._next: int | None = 0  # None once a whole tensor was seen: nothing may follow
+
+    def check(self, job: TensorJob) -> None:
+        start, stop = job.rows if job.rows is not None else (0, None)
+        if self._next is None or start != self._next:
+            raise RuntimeError(f"tensor {job.name}: row block {job.rows} out of order for a per-tensor reducer")
+        self._next = stop
 
 
 def reducer_reads(reducer: Reducer) -> Callable[[str], bool]:

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import RecipeError
 from .detmath import FlatSum
-from .registry import MethodSpec, Param, TensorJob, register
+from .registry import BlockOrder, MethodSpec, Param, TensorJob, register
 from .task_arithmetic import check_shapes
 
 DOT_THRESHOLD = 0.9995
@@ -65,8 +65,10 @@ class SlerpAngle:
 
     def __init__(self) -> None:
         self._sums = (FlatSum(), FlatSum(), FlatSum())
+        self._order = BlockOrder()
 
     def observe(self, job: TensorJob) -> None:
+        self._order.check(job)
         _add_products(self._sums, *endpoints(job))
 
     def end_pass(self) -> bool:

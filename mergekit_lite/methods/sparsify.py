@@ -24,7 +24,7 @@ import torch
 
 from .detmath import FlatSum, exact_divisor, fixed_order_sum
 from .ranks import magnitude_orders
-from .registry import TensorJob
+from .registry import BlockOrder, TensorJob
 from .select import kth_largest, kth_smallest, kth_smallest_many  # noqa: F401  (re-exported)
 
 L1_EPS = 1e-7  # mergekit's tolerance below which an L1 rescale is skipped
@@ -181,8 +181,10 @@ class L1NormSums:
         self._thinned = thinned
         self._sums = [(FlatSum(), FlatSum()) for _ in range(n_models)]
         self._drops = [False] * n_models
+        self._order = BlockOrder()
 
     def observe(self, job: TensorJob) -> None:
+        self._order.check(job)
         for i, (tau, kept) in enumerate(self._thinned(job)):
             if kept is None:
                 continue

@@ -14,7 +14,7 @@ import json
 import numbers
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +120,13 @@ def dense_to_adapter(
         return not conv1d or is_embedding(name) or name.rsplit(".", 2)[-2] in CONV1D_MODULES
 
     lora_modules = {n.rsplit(".", 1)[0] for n, s in targets.items() if factored(n, s)}
+    biases: list[int] = []  # reports of biases of modules whose weight may get factors
 
     def is_bias(name: str, shape: tuple[int, ...]) -> bool:
         """Of a LoRA-adapted module's tensors, peft loads the bias on its own (`<m>.base_layer.bias`,
         what it saves for `bias: lora_only`), so a bias delta travels beside the LoRA."""
         return name.endswith(".bias") and len(shape) == 1
+
     for name in base.names():
         if name not in targets:
             continue
@@ -159,19 +161,27 @@ def dense_to_adapter(
             if factor_dtype != torch.float32:  # a full tensor is written in that dtype too
                 stored = full[name].to(factor_dtype).double() - base.load(name, "cpu", torch.float32).double()
                 rel = float(torch.linalg.norm(stored - d.double().cpu()) / norm)
-            note = ""
-            if module in lora_modules:  # written as <module>.base_layer.bias, beside the LoRA
-                note = "bias of a LoRA-adapted module: saved as its base_layer.bias (bias: lora_only)"
-            elif conv1d and len(info.shape) == 2 and name.endswith(".weight"):
-                note = "a Linear layer in a Conv1D model: saved whole"
+            linear = conv1d and len(info.shape) == 2 and name.endswith(".weight")
+            note = "a Linear layer in a Conv1D model: saved whole" if linear else ""
             rep = TensorReport(name, info.shape, "full", norm, rel_error=rel, note=note)
-        reports.append(rep)
-        if on_tensor is not None:
+        if rep.kind == "full" and module in lora_modules:  # a bias: its place depends on its weight's factors
+            biases.append(len(reports))
+        elif on_tensor is not None:
             on_tensor(rep)
+        reports.append(rep)
+    # A bias beside factors is written as <module>.base_layer.bias (`write_adapter`); beside a
+    # weight with no delta (so no factors), it is saved with its module like any 1-D delta.
+    factored_modules = {f.module for f in factors}
+    for i in biases:
+        if reports[i].name.rsplit(".", 1)[0] in factored_modules:
+            reports[i] = replace(reports[i], note="bias of a LoRA-adapted module: saved as its base_layer.bias "
+                                                  "(bias: lora_only)")
+        if on_tensor is not None:
+            on_tensor(reports[i])
     # peft's modules_to_save replaces a module whole and loads every parameter of it: a
     # LayerNorm whose weight changed but whose bias did not still needs its bias written.
     # (A LoRA-adapted module's bias is loaded on its own: its module is not saved.)
-    saved = {n.rsplit(".", 1)[0] for n in full} - lora_modules
+    saved = {n.rsplit(".", 1)[0] for n in full} - factored_modules
     for name in base.names():
         module, _, param = name.rpartition(".")
         if module in saved and name not in full and "." not in param:
