@@ -217,10 +217,11 @@ class FlatSum:
         flat = piece.reshape(-1)
         self._count += flat.numel()
         while flat.numel():
-            if self._held == _SUM_CHUNK:  # a complete group, and more follows
-                self._runs.extend(_row_sums64(self._buf.view(-1, _SUM_BLOCK)).tolist())  # type: ignore[union-attr]
-                self._held = 0
             take = min(_SUM_CHUNK - self._held, flat.numel())
+            if take == 0:  # a complete group, and more follows
+                self._runs.extend(_row_sums64(self._room(_SUM_CHUNK, flat).view(-1, _SUM_BLOCK)).tolist())
+                self._held = 0
+                continue
             buf = self._room(self._held + take, flat)
             buf[self._held : self._held + take] = flat[:take]
             self._held += take
