@@ -83,6 +83,26 @@ def test_streaming_global_engine_equals_dense(model_set, tmp_path: Path) -> None
     assert_same_bits(read_dir(tmp_path / "memory"), want)
 
 
+def test_sample_brackets_that_miss_finish_by_radix_selection(model_set, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the scope announced, the statistics use sample brackets (cheaper per value); a
+    bracket that cannot hold its entries falls back to radix selection for two more passes per
+    selection, and the result is still the dense one bit for bit."""
+    from mergekit_lite.methods import pcb, stats
+
+    _, ms = model_set
+    params = {"ratio": 0.1, "clamp_ratio": 0.01, "lambda": 0.9, "memory_budget": 0}
+    want = dense_expected(ms, 0.1, 0.01, [0.9] * 3)
+    result = run_recipe(recipe(ms, tmp_path / "bracket", **params))
+    assert result.stats["merged"].passes == 4
+    assert_same_bits(read_dir(tmp_path / "bracket"), want)
+    monkeypatch.setattr(stats, "GATHER_CAP", 8)  # every bracket overflows
+    monkeypatch.setattr(pcb, "brackets_fit", lambda count, quantiles: True)
+    result = run_recipe(recipe(ms, tmp_path / "fallback", **params))
+    assert result.stats["merged"].passes == 8
+    assert_same_bits(read_dir(tmp_path / "fallback"), want)
+
+
 def test_a_scope_over_the_budget_is_never_cached(model_set, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine tells the reducer the scope's size first (`expect`): task vectors that cannot
     fit `memory_budget` are not copied at all. (The cache used to fill up to the budget and then

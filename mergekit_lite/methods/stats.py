@@ -17,6 +17,7 @@ place in an order and is not supported.
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 from collections.abc import Callable, Sequence
 
@@ -271,6 +272,22 @@ class OffHeapValues:
 
 SAMPLE_CAP = 1 << 18  # sampled values kept per row (1 MB); beyond, half of them are dropped
 GATHER_CAP = 1 << 24  # values gathered per row and rank in pass 2 before giving up on the bracket
+
+
+def brackets_fit(count: int, quantiles: Sequence[float]) -> bool:
+    """Whether `BracketSelect`'s brackets around these quantile positions of a row of `count`
+    values will hold no more than half of GATHER_CAP values each (so it finishes in two passes
+    and holds a bounded number of values); else radix selection is the better choice.
+
+    A bracket spans 4σ + 4 sample ranks either side of the quantile, σ = √(s·p·(1−p)), in a
+    sample of s ≥ SAMPLE_CAP/2 values: the population fraction inside is at most
+    2·(4σ + 4)/s, taken at the smallest sample.
+    """
+    if count <= SAMPLE_CAP:
+        return True  # every value is kept as the sample: the brackets are exact
+    s = SAMPLE_CAP // 2
+    worst = max(2 * (4 * math.sqrt(s * p * (1 - p)) + 4) / s for p in quantiles)
+    return count * worst <= GATHER_CAP // 2
 
 
 class BracketSelect(_Selection):
