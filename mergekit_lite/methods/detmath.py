@@ -19,6 +19,7 @@ rounded exp/tanh except for arguments within ~1e-16 relative of a float32 roundi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -150,11 +151,14 @@ def _sum_group(rows: torch.Tensor) -> torch.Tensor:
     return rows.sum(dim=1, dtype=torch.float64)
 
 
-def _row_sums64(rows: torch.Tensor) -> torch.Tensor:
-    """Σ over the last dimension of a 2-D tensor in float64, a bounded group of rows at a time.
+def row_sums64(rows: torch.Tensor) -> torch.Tensor:
+    """Σ over the last dimension of each row of a 2-D tensor in float64, a bounded group of rows
+    at a time (torch sums in a float64 copy of what it is given).
 
-    A row's sum is the same bits in any group, alone or among others, with any thread count
-    (tests/test_detmath.py), which is what lets row blocks give the bits of a whole tensor.
+    On the CPU a row's bits depend on that row alone, not on how many rows share the call nor on
+    threads (tests/test_detmath.py), so a row block's sums are the whole tensor's sums of those
+    rows. (CUDA picks its reduction layout by the number of rows, so there a block's sums may
+    differ in the last bits: docs/cli.md.)
     """
     step = max(1, _SUM_CHUNK // max(1, rows.shape[1]))
     if rows.shape[0] <= step:
@@ -162,12 +166,12 @@ def _row_sums64(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([_sum_group(rows[i : i + step]) for i in range(0, rows.shape[0], step)])
 
 
-def row_sums64(rows: torch.Tensor) -> torch.Tensor:
-    """Σ over the last dimension of each row of a 2-D tensor, in float64. On the CPU a row's bits
-    depend on that row alone (not on how many rows share the call, nor on threads), so a row
-    block's sums are the whole tensor's sums of those rows. (CUDA picks its reduction layout by
-    the number of rows, so there a block's sums may differ in the last bits: docs/cli.md.)"""
-    return _row_sums64(rows)
+def flat_pieces(*tensors: torch.Tensor, size: int = _SUM_CHUNK) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The same consecutive slices of `size` entries of each tensor, flattened: what a sum over
+    whole tensors feeds `FlatSum` with, so its products never need whole-tensor temporaries."""
+    flat = [t.reshape(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), size):
+        yield tuple(f[start : start + size] for f in flat)
 
 
 def fixed_order_sum(x: torch.Tensor) -> float:
@@ -183,7 +187,7 @@ def fixed_order_sum(x: torch.Tensor) -> float:
     flat = x.reshape(-1)
     while flat.numel() > _SUM_BLOCK:
         full = flat.numel() // _SUM_BLOCK * _SUM_BLOCK
-        parts = _row_sums64(flat[:full].reshape(-1, _SUM_BLOCK))
+        parts = row_sums64(flat[:full].reshape(-1, _SUM_BLOCK))
         if full < flat.numel():  # the tail: fewer than 4096 elements, one thread
             parts = torch.cat([parts, flat[full:].sum(dim=0, keepdim=True, dtype=torch.float64)])
         flat = parts
@@ -196,7 +200,7 @@ class FlatSum:
     A method that needs one sum over a whole tensor (slerp's angle, Model Stock's cosines, an L1
     rescale) can then take it over row blocks streamed one after another, with the bits it has
     on the whole tensor in memory. The pieces are regrouped into the groups `fixed_order_sum`
-    forms: runs of 4096 values, 256 runs per call (`_row_sums64`), counted from the tensor's
+    forms: runs of 4096 values, 256 runs per call (`row_sums64`), counted from the tensor's
     first value, then the tail. Each group is summed from one aligned buffer, as the whole
     tensor's groups are summed from aligned slices, so a device whose reduction order depends
     on the number of rows per call or on alignment (CUDA) sums them the same way too.
@@ -219,7 +223,7 @@ class FlatSum:
         while flat.numel():
             take = min(_SUM_CHUNK - self._held, flat.numel())
             if take == 0:  # a complete group, and more follows
-                self._runs.extend(_row_sums64(self._room(_SUM_CHUNK, flat).view(-1, _SUM_BLOCK)).tolist())
+                self._runs.extend(row_sums64(self._room(_SUM_CHUNK, flat).view(-1, _SUM_BLOCK)).tolist())
                 self._held = 0
                 continue
             buf = self._room(self._held + take, flat)
@@ -245,7 +249,7 @@ class FlatSum:
         full = self._held // _SUM_BLOCK * _SUM_BLOCK
         parts = [torch.tensor(self._runs, dtype=torch.float64, device=held.device)]
         if full:
-            parts.append(_row_sums64(held[:full].view(-1, _SUM_BLOCK)))
+            parts.append(row_sums64(held[:full].view(-1, _SUM_BLOCK)))
         if full < self._held:  # the tail, as `fixed_order_sum` sums it
             parts.append(held[full:].sum(dim=0, keepdim=True, dtype=torch.float64))
         return fixed_order_sum(torch.cat(parts))
@@ -259,7 +263,7 @@ def fixed_order_row_sums(x: torch.Tensor) -> torch.Tensor:
     """
     if x.shape[0] == 1:
         return torch.tensor([fixed_order_sum(x)], dtype=torch.float64, device=x.device)
-    return _row_sums64(x)
+    return row_sums64(x)
 
 
 def exact_divisor(divisor: float, like: torch.Tensor) -> torch.Tensor | float:

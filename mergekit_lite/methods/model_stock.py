@@ -25,14 +25,12 @@ from typing import Any
 import torch
 
 from ..errors import RecipeError
-from .detmath import FlatSum, exact_divisor, fixed_order_row_sums, row_sums64
+from .detmath import FlatSum, exact_divisor, fixed_order_row_sums, flat_pieces, row_sums64
 from .registry import BlockOrder, MethodSpec, Param, TensorJob, register
 from .task_arithmetic import check_shapes, require_base, task_vectors
 
 NORM_PRODUCT_MIN = 1e-6
 DENOMINATOR_MIN = 1e-6
-# Entries per float32 product fed to the whole-tensor sums: bounded temporaries.
-PIECE = 1 << 20
 
 FILTER_WISE = Param(
     "filter_wise", "bool", False, "Compute the interpolation ratio per row (output filter) instead of per tensor."
@@ -90,10 +88,8 @@ class PairSums:
         self._order = BlockOrder()
 
     def add(self, taus: Sequence[torch.Tensor]) -> None:
-        flat = [t.reshape(-1) for t in taus]
-        self._dtype, self._device = flat[0].dtype, flat[0].device
-        for start in range(0, flat[0].numel(), PIECE):
-            piece = [f[start : start + PIECE] for f in flat]
+        self._dtype, self._device = taus[0].dtype, taus[0].device
+        for piece in flat_pieces(*taus):  # bounded float32 products
             for i, x in enumerate(piece):
                 self._squares[i].add(x * x)
             for (i, j), acc in self._dots.items():

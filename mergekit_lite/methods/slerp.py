@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RecipeError
-from .detmath import FlatSum
+from .detmath import FlatSum, flat_pieces
 from .registry import BlockOrder, MethodSpec, Param, TensorJob, register
 from .task_arithmetic import check_shapes
 
@@ -43,11 +43,6 @@ def endpoints(job: TensorJob) -> tuple[torch.Tensor, torch.Tensor]:
         raise RecipeError(f"slerp: needs exactly two endpoints, got {len(job.models)} models")
     check_shapes(job, [v1], v0)
     return v0, v1
-
-
-# Entries per float64 piece of the sums: the sums never need float64 copies of whole tensors
-# (an embedding's would be twice its float32 size, twice over).
-SUM_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -79,10 +74,10 @@ class SlerpAngle:
 
 
 def _add_products(sums: tuple[FlatSum, FlatSum, FlatSum], a: torch.Tensor, b: torch.Tensor) -> None:
-    a, b = a.reshape(-1), b.reshape(-1)
-    for start in range(0, a.numel(), SUM_CHUNK):
-        x = a[start : start + SUM_CHUNK].to(torch.float64)
-        y = b[start : start + SUM_CHUNK].to(torch.float64)
+    """The float64 products, a bounded piece at a time: no float64 copy of a whole tensor (an
+    embedding's would be twice its float32 size, twice over)."""
+    for pa, pb in flat_pieces(a, b):
+        x, y = pa.to(torch.float64), pb.to(torch.float64)
         sums[0].add(x * x)  # float32 × float32 is exact in float64: only the sums round
         sums[1].add(y * y)
         sums[2].add(x * y)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .detmath import FlatSum, exact_divisor, fixed_order_sum
+from .detmath import FlatSum, exact_divisor, fixed_order_sum, flat_pieces
 from .ranks import magnitude_orders
 from .registry import BlockOrder, TensorJob
 from .select import kth_largest, kth_smallest, kth_smallest_many  # noqa: F401  (re-exported)
@@ -168,7 +168,6 @@ class L1Norms:
 # (task vector, its entries that survive the drop, unscaled; None when nothing is dropped) per
 # model, for one job: how a random-drop method thins, so that `L1NormSums` sees what it keeps.
 Thinned = Callable[[TensorJob], Iterable[tuple[torch.Tensor, torch.Tensor | None]]]
-_PIECE = 1 << 20  # entries per |τ| temporary
 
 
 class L1NormSums:
@@ -190,10 +189,9 @@ class L1NormSums:
                 continue
             self._drops[i] = True
             before, after = self._sums[i]
-            tau, kept = tau.reshape(-1), kept.reshape(-1)
-            for start in range(0, tau.numel(), _PIECE):
-                before.add(tau[start : start + _PIECE].abs())
-                after.add(kept[start : start + _PIECE].abs())
+            for t, k in flat_pieces(tau, kept):  # bounded |τ| temporaries
+                before.add(t.abs())
+                after.add(k.abs())
 
     def end_pass(self) -> bool:
         return True
