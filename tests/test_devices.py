@@ -19,7 +19,7 @@ from mergekit_lite.cli.main import app
 from typer.testing import CliRunner
 
 import mergekit_lite as mlite
-from mergekit_lite.engine.plan import fingerprint
+from mergekit_lite.engine.fingerprint import fingerprint
 from mergekit_lite.methods.detmath import exact_divisor
 
 runner = CliRunner()

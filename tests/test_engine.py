@@ -244,7 +244,7 @@ def test_dry_run_peak_estimate_follows_what_streams(tmp_path, model_set, monkeyp
     method: 12 GB for a task-arithmetic merge that peaks at 0.3 GB, and 74 kB for a tiny model
     whose process takes 250 MB.)"""
     from mergekit_lite.engine import stream
-    from mergekit_lite.engine.plan import RUNTIME_BYTES
+    from mergekit_lite.engine.estimate import RUNTIME_BYTES
     from mergekit_lite.engine.run import PREFETCH_DEPTH
 
     monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 100)  # blocks of 6 rows of 16 (96 entries); whole up to 800
@@ -1381,7 +1381,7 @@ def test_a_global_step_that_feeds_nothing_runs_no_statistics_pass(tmp_path, mode
 def test_resume_fingerprint_follows_a_full_fine_tune_delta(tmp_path, model_set):
     """A full fine-tune given as a delta was left out of the fingerprint (its label is not a
     path), so a resume kept tensors computed from its old contents."""
-    from mergekit_lite.engine.plan import fingerprint
+    from mergekit_lite.engine.fingerprint import fingerprint
 
     ms = model_set
     recipe = load_recipe({"inputs": {"new": str(ms.finetunes[1]), "ft": str(ms.finetunes[0]), "old": str(ms.base)},

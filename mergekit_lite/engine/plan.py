@@ -9,8 +9,6 @@ first (exit 3), then checkpoint problems (exit 4).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -25,9 +23,8 @@ from ..errors import CheckpointError, MliteError, RecipeError, UsageError, combi
 from ..io.adapters import is_adapter_dir
 from ..io.checkpoint import TIED_HEAD, Checkpoint, load_small_file, open_checkpoint
 from ..io.deltas import is_vocab_tensor
-from ..io.safetensors_format import PlannedTensor
-from ..io.writer import DEFAULT_SHARD_SIZE, check_output_dir, plan_shards
-from ..methods.registry import MethodSpec, Reducer, get_method, reducer_reads
+from ..io.writer import DEFAULT_SHARD_SIZE, check_output_dir
+from ..methods.registry import MethodSpec, Reducer, get_method
 from ..recipe.model import Recipe, StepSpec
 from ..recipe.params import ParamResolver
 from ..recipe.settings import count_layers
@@ -175,6 +172,8 @@ class Plan:
 
     def estimate(self) -> dict[str, Any]:
         """Bytes each pass reads, bytes written, shards, and a peak-memory estimate."""
+        from .estimate import estimate  # estimate asks the run's own streaming decisions; run imports plan
+
         return estimate(self)
 
 
@@ -577,7 +576,7 @@ def _check_parameters(plan: Plan, problems: list[MliteError]) -> None:
         if st.spec.reducer is None:
             continue
         try:
-            _header_reducer(st)
+            header_reducer(st)
         except MliteError as exc:
             problems.append(RecipeError(f"{_step_src(plan, st)}: step {st.id!r}: {exc}"))
     for st in plan.steps.values():
@@ -591,6 +590,17 @@ def _check_parameters(plan: Plan, problems: list[MliteError]) -> None:
                 problems.append(RecipeError(f"{_step_src(plan, st)}: step {st.id!r} ({st.spec.name}), "
                                             f"tensor {o.name}: {problem}"))
                 break
+
+
+def header_reducer(st: StepPlan) -> Reducer:
+    """The step's reducer from its step-wide parameters, before any tensor file is loaded
+    (reducers take those from the first job): to check and estimate a run from headers alone."""
+    assert st.spec.reducer is not None
+    params = dict(st.resolver.scalar_values())
+    for p in st.spec.params:
+        if p.kind == "tensor_file":
+            params[p.name] = None
+    return st.spec.reducer(params, len(st.models))
 
 
 def _is_operand(plan: Plan, key: str) -> bool:
@@ -658,249 +668,15 @@ def _read_tensor_file(p: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     raise RecipeError(f"{p}: expected a .safetensors (or .pt) file")
 
 
-# ---- estimate ---------------------------------------------------------------------------
-def estimate(plan: Plan) -> dict[str, Any]:
-    """What a run will read and write, from headers alone (dry-run and tests rely on it)."""
-    float_names = [o.name for o in plan.outputs if o.is_float]
-
-    def leaf_bytes(step_id: str, names: list[str]) -> int:
-        ck_keys, dkeys = plan.leaves_of(step_id)
-        total = 0
-        for n in names:
-            for k in ck_keys:
-                ck = plan.checkpoints[k]
-                if n in ck:
-                    total += ck.info(n).nbytes
-        for k in dkeys:
-            total += plan.deltas[k].bytes_to_read(names)
-        return total
-
-    passes = []
-    held = 0  # what reducers keep between passes (PCB's cached task vectors)
-    scope = scope_numel(plan)
-    for st in plan.global_steps:
-        try:
-            reducer = _header_reducer(st) if st.spec.reducer is not None else None
-        except Exception:  # a reducer that needs real inputs to be built cannot say how it will run
-            reducer = None
-        held = max(held, _held_bytes(reducer, scope))
-        n_passes = _expected_passes(reducer, scope)
-        read = reducer_reads(reducer) if reducer is not None else lambda _name: True
-        per = leaf_bytes(st.id, [n for n in float_names if read(n)])
-        passes.append({"step": st.id, "kind": "statistics", "passes": n_passes, "bytes_read": per * n_passes})
-    out_ids = plan.output_step_ids
-    passes += _tensor_statistics_passes(plan, out_ids)
-    read_out = _output_pass_bytes(plan, out_ids)
-    passes.append({"step": plan.final, "kind": "output", "passes": 1, "bytes_read": read_out})
-    # every target gets the same layout: the output's tensors, dtypes and shard size
-    layouts = plan_shards([PlannedTensor(o.name, o.dtype, o.shape) for o in plan.outputs], plan.shard_size)
-    targets = plan.write_targets()
-    written = sum(lay.size for lay in layouts) * len(targets)
-    n_inputs = sum(len(plan.leaves_of(s)[0]) for s in out_ids) + 1
-    from .run import PREFETCH_DEPTH
-
-    unit, tensor_held = _largest_unit(plan, out_ids)
-    peak = RUNTIME_BYTES + unit * 4 * (n_inputs + 2) * (PREFETCH_DEPTH + 1) + max(held, tensor_held)
-    return {
-        "steps": [{"id": s.id, "method": s.spec.name, "scope": s.scope, "models": len(s.models)} for s in plan.steps.values()],
-        "tensors": len(plan.outputs),
-        "passes": passes,
-        "bytes_read": sum(p["bytes_read"] for p in passes),
-        "bytes_written": written,
-        "output_shards": [{"file": lay.file_name, "tensors": len(lay.tensors), "bytes": lay.size} for lay in layouts]
-        if targets else [],
-        "output": str(plan.out) if plan.out else None,
-        "saves": [{"step": sid, "path": str(path)} for sid, path in targets.items()
-                  if not (sid == plan.final and plan.out is not None)],
-        "device": str(plan.device),
-        "peak_memory_estimate": peak,
-    }
-
-
 def scope_numel(plan: Plan) -> int:
     """Entries per model that a global step's statistics see: every float tensor, vocabulary
     tensors trimmed to their shared rows."""
-    return sum(plan.vocab_rows.get(o.name, o.shape[0] if o.shape else 1) * _numel(o.shape[1:])
+    return sum(plan.vocab_rows.get(o.name, o.shape[0] if o.shape else 1) * numel(o.shape[1:])
                for o in plan.outputs if o.is_float)
 
 
-# Peak RSS of `mlite merge` on a model of a few kB (Python, torch, mlite; Linux x86-64, CPU torch
-# 2.13): what every run pays before its tensors.
-RUNTIME_BYTES = 250 * 1000**2
-
-
-def _largest_unit(plan: Plan, out_ids: list[str]) -> tuple[int, int]:
-    """Entries of the largest piece of work a run holds at once (a whole tensor, or a row block
-    of one the engine streams), and the most a per-tensor reducer keeps between its passes.
-
-    The same decisions the run makes (`run._block_mode`): blocks where every step of the chain
-    is row-local, blocks after per-tensor statistics for a tensor over `whole_tensor_limit`,
-    whole tensors otherwise (a LoRA's targets, vocabulary-trimmed tensors, 1-D tensors); a
-    global step's statistics pass sees row blocks only where every step feeding it is row-local.
-    """
-    from .run import _block_mode, _with_tensor_files
-    from .stream import CHUNK_ELEMENTS, whole_tensor_limit
-
-    def block(o: OutputTensor) -> int:
-        row = _numel(o.shape) // o.shape[0] if o.shape[0] else 1
-        return max(1, CHUNK_ELEMENTS // max(row, 1)) * row
-
-    def splits(o: OutputTensor) -> bool:
-        return o.is_float and len(o.shape) >= 2 and _numel(o.shape) > CHUNK_ELEMENTS
-
-    modes = [_block_mode(plan, out_ids, local_stats=True)]
-    modes += [_block_mode(plan, [st.id], local_stats=False) for st in plan.global_steps]
-    unit = held = 0
-    for o in plan.outputs:
-        n = _numel(o.shape)
-        for i, mode in enumerate(modes):
-            m = mode(o.name) if splits(o) else "whole"
-            streamed = m == "blocks" or (i == 0 and m == "local" and n > whole_tensor_limit())
-            unit = max(unit, block(o) if streamed else n)
-        if splits(o) and modes[0](o.name) == "local" and n > whole_tensor_limit():
-            for st in step_closure(plan, out_ids):
-                params = st.resolver.for_tensor(o.name)
-                if st.spec.tensor_reducer is not None and not st.spec.row_local(params):
-                    reducer = st.spec.tensor_reducer(_with_tensor_files(plan, st, params), len(st.models))
-                    held = max(held, _held_bytes(reducer, n))
-    return unit, held
-
-
-def _held_bytes(reducer: Reducer | None, numel: int) -> int:
-    """Bytes a reducer keeps between passes over `numel` entries per model (`held_bytes`, 0 if it does not say)."""
-    fn = getattr(reducer, "held_bytes", None)
-    return int(fn(numel)) if callable(fn) else 0
-
-
-def _header_reducer(st: StepPlan) -> Reducer:
-    """The step's reducer from its step-wide parameters, before any tensor file is loaded
-    (reducers take those from the first job): to check and estimate a run from headers alone."""
-    assert st.spec.reducer is not None
-    params = dict(st.resolver.scalar_values())
-    for p in st.spec.params:
-        if p.kind == "tensor_file":
-            params[p.name] = None
-    return st.spec.reducer(params, len(st.models))
-
-
-def _expected_passes(reducer: Reducer | None, scope_numel: int) -> int:
-    """Passes the step's reducer announces, 1 when it does not say.
-
-    A reducer whose pass count depends on the size of its scope (PCB holds the task vectors in
-    memory when they fit its budget) answers `passes_for(numel)`; others `expected_passes`.
-    """
-    if reducer is None:
-        return 1
-    if hasattr(reducer, "passes_for"):
-        return int(reducer.passes_for(scope_numel))
-    return int(getattr(reducer, "expected_passes", 1) or 1)
-
-
-def _tensor_statistics_passes(plan: Plan, out_ids: list[str]) -> list[dict[str, Any]]:
-    """The reads of per-tensor statistics: a tensor too big to compute whole, for a method that
-    needs statistics of the whole tensor (TIES' top-k), is read once per statistics pass before
-    its output blocks (engine/run.py, `emit_with_local_stats`)."""
-    from .run import _block_mode, _with_tensor_files
-    from .stream import whole_tensor_limit
-
-    mode = _block_mode(plan, out_ids, local_stats=True)
-    out: dict[str, dict[str, Any]] = {}
-    for o in plan.outputs:
-        if not o.is_float or _numel(o.shape) <= whole_tensor_limit() or mode(o.name) != "local":
-            continue
-        for st in step_closure(plan, out_ids):
-            params = st.resolver.for_tensor(o.name)
-            if st.spec.row_local(params) or st.spec.tensor_reducer is None:
-                continue
-            reducer = st.spec.tensor_reducer(_with_tensor_files(plan, st, params), len(st.models))
-            if reducer is None:
-                continue
-            n = int(getattr(reducer, "expected_passes", 1) or 1)
-            per = sum(plan.checkpoints[k].info(o.name).nbytes for k in plan.leaves_of(st.id)[0]
-                      if o.name in plan.checkpoints[k])
-            entry = out.setdefault(st.id, {"step": st.id, "kind": "tensor statistics", "passes": n, "bytes_read": 0})
-            entry["bytes_read"] += per * n
-    return list(out.values())
-
-
-def _output_pass_bytes(plan: Plan, step_ids: list[str]) -> int:
-    ck_keys, dkeys, copy_keys = plan.inputs_of(step_ids)
-    total = 0
-    for o in plan.outputs:
-        keys = ck_keys if o.is_float else copy_keys
-        for k in keys:
-            ck = plan.checkpoints[k]
-            if o.name in ck:
-                total += ck.info(o.name).nbytes
-    for k in dkeys:
-        total += plan.deltas[k].bytes_to_read()
-    return total
-
-
-def _numel(shape: tuple[int, ...]) -> int:
+def numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
         n *= d
     return n
-
-
-# ---- resumability -------------------------------------------------------------------------
-# Raised whenever a change can move any output bit (a method's sums regrouped, a mean taken in
-# another order), so that `--resume` refuses to finish with new code a run begun with old code,
-# even within one release. 2: slerp's sums as fixed_order_sum, model_stock's per-row means.
-NUMERICS = 2
-
-
-def fingerprint(plan: Plan) -> str:
-    """A digest of everything that decides the output's bytes, so a resume never mixes runs.
-
-    Inputs are identified by their files' names and `file_identity` (not contents: hashing
-    terabytes to resume would defeat the purpose); steps by method and parameters as written;
-    the output by its tensors, dtypes, shard size and seed; the kind of device.
-    """
-    from .. import __version__
-
-    def files_of(path: Path) -> list[tuple[str, tuple[int, ...]]]:
-        if path.is_file():
-            paths = [path]
-        elif path.is_dir():
-            paths = sorted(p for p in path.iterdir() if p.is_file())
-        else:
-            return []
-        return [(p.name, file_identity(p)) for p in paths]
-
-    data: dict[str, Any] = {
-        "version": __version__,
-        "numerics": NUMERICS,
-        "inputs": {k: [ck.label, [(s.name, file_identity(s)) for s in ck.shards]]
-                   for k, ck in sorted(plan.checkpoints.items())},
-        # every file a delta reads: an adapter's, or a full fine-tune's shards and its old base's
-        "deltas": {k: [d.label, [(p.name, file_identity(p)) for p in d.files() if p.is_file()]]
-                   for k, d in sorted(plan.deltas.items())},
-        "steps": [[s.id, s.spec.name, s.spec_step.base, s.spec_step.models, s.spec_step.delta,
-                   s.spec_step.old_base, s.spec_step.parameters, s.spec_step.model_parameters]
-                  for s in plan.steps.values()],
-        "tensor_files": {k: files_of(Path(k)) for k in sorted(plan.tensor_files)},
-        "outputs": [[o.name, list(o.shape), o.dtype] for o in plan.outputs],
-        "shard_size": plan.shard_size,
-        "seed": plan.seed,
-        "vocab_rows": sorted(plan.vocab_rows.items()),
-        # CPU and CUDA may round reductions differently: a resume on another kind of device starts afresh
-        "device": plan.device.type,
-    }
-    text = json.dumps(data, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def file_identity(path: Path) -> tuple[int, ...]:
-    """Size, inode and the modification and change times of `path` (links followed).
-
-    The change time (ctime) is the one a user cannot set: a file rewritten in place with its old
-    mtime put back (`cp -p`, `touch -r`, `rsync -t` onto the same inode) keeps size and mtime but
-    gets a new ctime, and one replaced by another file gets a new inode. A chmod or a hard link
-    also moves ctime; the run then starts afresh, the safe side of a false alarm. The device
-    number is left out: network and FUSE file systems may get another one at each mount, which
-    would discard a resumable run after a reboot.
-    """
-    st = path.stat()
-    return (st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)

@@ -28,8 +28,9 @@ from ..io.model_card import model_card
 from ..io.safetensors_format import PlannedTensor
 from ..io.writer import CheckpointWriter, all_finite, config_dtype_update, require_finite
 from ..methods.registry import TensorJob, reducer_reads
+from .fingerprint import fingerprint
 from .memory import streaming_heap
-from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, fingerprint, scope_numel, step_closure
+from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, scope_numel, step_closure
 from .stream import (
     BackgroundWriter,
     Bundle,
