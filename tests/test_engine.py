@@ -208,6 +208,10 @@ def test_dry_run_json_counts_equal_real_run(tmp_path, model_set):
     {"method": "breadcrumbs", "parameters": {"density": 0.5, "gamma": 0.1}},
     {"method": "pcb", "parameters": {"ratio": 0.3}},  # task vectors fit the budget: one pass
     {"method": "pcb", "parameters": {"ratio": 0.3, "memory_budget": 0}},  # four streaming passes
+    # tensor scope: a big tensor's task vectors fit the budget, one statistics pass (the dry run
+    # counted four, the count without the cache); without a budget, four per tensor
+    {"method": "pcb", "parameters": {"ratio": 0.3, "scope": "tensor"}},
+    {"method": "pcb", "parameters": {"ratio": 0.3, "scope": "tensor", "memory_budget": 0}},
     {"method": "model_stock"},  # big tensors: a pass for their cosines
     {"method": "della", "parameters": {"density": 0.5, "epsilon": 0.1, "rescale": "l1"}},  # ... their L1 norms
     {"method": "slerp", "base": None, "parameters": {"t": 0.3}},  # big tensors: a pass for their angle

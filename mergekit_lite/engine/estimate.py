@@ -151,7 +151,7 @@ def _tensor_statistics_passes(plan: Plan, out_ids: list[str]) -> list[dict[str, 
             reducer = st.spec.tensor_reducer(_with_tensor_files(plan, st, params), len(st.models))
             if reducer is None:
                 continue
-            n = int(getattr(reducer, "expected_passes", 1) or 1)
+            n = _expected_passes(reducer, numel(o.shape))  # PCB's cache can make it one
             per = sum(plan.checkpoints[k].info(o.name).nbytes for k in plan.leaves_of(st.id)[0]
                       if o.name in plan.checkpoints[k])
             entry = out.setdefault(st.id, {"step": st.id, "kind": "tensor statistics", "passes": n, "bytes_read": 0})
