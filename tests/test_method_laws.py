@@ -419,3 +419,12 @@ def test_golden_pcb_ratio_one_still_drops_each_rows_smallest_score() -> None:
     base = torch.zeros(3)
     m = torch.tensor([1.0, 2.0, 3.0])
     assert pcb_merge(base, [m, m], ratio=1.0, clamp_ratio=0.0).tolist() == [0.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("shape", [(5, 0), (0, 5), (2, 3, 0)])
+def test_model_stock_filter_wise_empty_tensors(shape: tuple[int, ...]) -> None:
+    """A tensor with no entries merges to an empty tensor of its shape; filter-wise rows of
+    width 0 used to fail in reshape(-1, 0) ("cannot reshape tensor of 0 elements")."""
+    base = torch.zeros(shape)
+    out = merge("model_stock", base, [base.clone(), base.clone()], filter_wise=True)
+    assert out.shape == base.shape

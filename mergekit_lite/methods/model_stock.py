@@ -18,6 +18,7 @@ read once. The sums are `fixed_order_sum`s either way, so blocks give the bits o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +44,7 @@ def _rows(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:
     (for a 2-D weight, its rows; a 1-D tensor is one vector either way)."""
     if not filter_wise or x.dim() < 2:
         return x.reshape(1, -1)
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: a width of 0 leaves it undecided
 
 
 def _cosines(squares: Sequence[torch.Tensor], dots: Mapping[tuple[int, int], torch.Tensor],
