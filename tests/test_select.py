@@ -173,3 +173,13 @@ def test_off_heap_values_grow_and_keep_order():
     want = torch.cat([p.reshape(-1) for p in pieces])
     assert len(store) == want.numel() and torch.equal(store.values(), want)
     assert store.values().dtype == torch.float32
+
+
+def test_bracket_select_many_tiny_blocks_keep_seeds_in_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each block keeps at least one sampled value, so a row fed many tiny blocks halves its
+    sample (doubling the stride) every SAMPLE_CAP/2 blocks; the generator seed drawn from the
+    stride passed 2⁶³ and torch refused it (ValueError) on the 403rd block of 4 at a cap of 16."""
+    monkeypatch.setattr(stats, "SAMPLE_CAP", 16)
+    row = torch.randn(8_000, generator=torch.Generator().manual_seed(4))
+    got, _, _ = run_select(BracketSelect, [row], lambda r, n: [n // 2], 4)
+    assert torch.equal(got[0], exact_select(row, [4_000]))

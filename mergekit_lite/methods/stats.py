@@ -290,6 +290,13 @@ def brackets_fit(count: int, quantiles: Sequence[float]) -> bool:
     return count * worst <= GATHER_CAP // 2
 
 
+def _seed(count: int, row: int) -> int:
+    """A generator seed from a row's running count or stride, kept below 2⁶³ (torch's limit):
+    the stride doubles each time a sample is halved, which a row fed many tiny blocks can do
+    often enough to pass it; smaller seeds are unchanged, and with them the draws."""
+    return (count * 1_000_003 + row) & (2**63 - 1)
+
+
 class BracketSelect(_Selection):
     """Exact k-th smallest values of streamed rows like `RadixSelect`, but cheaper per value.
 
@@ -343,7 +350,7 @@ class BracketSelect(_Selection):
             # Random positions, not every stride-th one: a regular spacing visits only some
             # columns of a matrix whose width shares a factor with it, and weight matrices
             # often differ column by column (low-rank deltas), which biases the sample.
-            g = torch.Generator().manual_seed(self._seen[row] * 1_000_003 + row)
+            g = torch.Generator().manual_seed(_seed(self._seen[row], row))
             positions = torch.randint(flat.numel(), (max(1, flat.numel() // stride),), generator=g)
             picked = flat.cpu()[positions]
         self._seen[row] += flat.numel()
@@ -352,7 +359,7 @@ class BracketSelect(_Selection):
             # Half of it drawn at random, with replacement (not every other value: the first blocks were kept
             # whole, and every other value of a whole block is again a regular spacing).
             merged = self._sample[row].values()
-            g = torch.Generator().manual_seed(self._stride[row] * 1_000_003 + row)
+            g = torch.Generator().manual_seed(_seed(self._stride[row], row))
             merged = merged[torch.randint(merged.numel(), (merged.numel() // 2,), generator=g)]
             self._sample[row] = OffHeapValues()  # a fresh mapping: the full one is unmapped
             self._sample[row].append(merged)
