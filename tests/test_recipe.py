@@ -667,6 +667,50 @@ def test_mergekit_single_slice_reads_as_models(models: Path) -> None:
     assert recipe.options["full_slice"].layers == 4
 
 
+def test_mergekit_slice_rules_fall_back_to_the_recipe_parameters(models: Path) -> None:
+    """mergekit looks a parameter up source → slice → recipe, going on whenever a level's rules
+    match nothing. A slice's rule list used to replace the recipe's setting wholesale, so its
+    unmatched tensors took the method default (t = 0.5 instead of 0.8 for a slerp's mlp, norm,
+    embeddings and head; a ties' lm_head weighted 1.0 instead of 0.5)."""
+    from mergekit_lite.methods import ties  # noqa: F401  registers the real method
+    from mergekit_lite.recipe import ParamResolver
+
+    recipe = load_recipe(write(models, """
+        merge_method: ties
+        base_model: ./models/base
+        slices:
+          - sources:
+              - {model: ./models/base, layer_range: [0, 4]}
+              - model: ./models/a
+                layer_range: [0, 4]
+                parameters: {weight: [{filter: mlp, value: 0.9}]}
+              - {model: ./models/b, layer_range: [0, 4]}
+            parameters:
+              weight: [{filter: self_attn, value: 0.2}]
+              density: {filter: mlp, value: [0.1, 0.7]}
+              lambda: [{filter: mlp, value: 2.0}]
+        parameters:
+          weight: 0.5
+          density: [{filter: norm, value: 0.3}, {value: 0.9}]
+          lambda: [0.2, 0.8]
+        """))
+    step = recipe.steps[0]
+    r = ParamResolver(registry.get_method("ties"), step, step.models, 4)
+
+    def at(name: str, key: str) -> object:
+        return r.for_tensor(name)[key]
+
+    mlp, attn, head, norm = ("model.layers.1.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight",
+                             "lm_head.weight", "model.layers.3.input_layernorm.weight")
+    assert at(mlp, "weight") == (0.9, 0.5)  # a's own rule, b the recipe's (no slice rule for mlp)
+    assert at(attn, "weight") == (0.2, 0.2)  # the slice's rule for both
+    assert at(head, "weight") == (0.5, 0.5)  # neither matches: the recipe's
+    assert at(mlp, "density") == pytest.approx((0.3, 0.3))  # the slice's gradient at layer 1 of 4
+    assert at(norm, "density") == (0.3, 0.3) and at(head, "density") == (0.9, 0.9)  # the recipe's rules
+    assert at(mlp, "lambda") == 2.0
+    assert at(attn, "lambda") == pytest.approx(0.4) and at(head, "lambda") == pytest.approx(0.2)  # the recipe's gradient
+
+
 def test_mergekit_rescale_on_breadcrumbs_ties_is_refused(models: Path) -> None:
     msg = one_problem(write(models, """
         merge_method: breadcrumbs_ties

@@ -3,8 +3,10 @@
 mergekit turns a `models:` recipe into one slice whose sources cover layers [0, N) of every
 model, and spreads layer gradients over that slice's layers (its plan.py). So a recipe with a
 single slice, every source over the same range [0, N), is a `models:` recipe: the sources are
-the models (with their own `parameters`), and the slice's `parameters` override the recipe's
-for the names both give, as mergekit's lookup order has it. This is the shape of mergekit's
+the models (with their own `parameters`), and the slice's `parameters` come before the recipe's
+for the names both give, as mergekit's lookup order has it: a slice's per-tensor rules that
+match no rule for a tensor fall through to the recipe's setting (mergekit's `parameter()` goes
+source → slice → recipe, moving on whenever a level's rules give no value). This is the shape of mergekit's
 best-known SLERP example. The plan checks that N is the models' layer count. Several slices,
 or ranges that leave layers out (frankenmerges, layer stacking), build another architecture
 and stay refused.
@@ -17,6 +19,7 @@ from typing import Any
 
 from .model import Loc
 from .problems import Problems
+from .settings import is_rule_mapping
 from .yaml_lines import LineDict, LineList, line_of
 
 SLICE_KEYS = frozenset({"sources", "parameters"})
@@ -51,7 +54,7 @@ def slices_as_models(raw: dict[str, Any], file: str | None,
     _set_line(out, "models", line_of(raw, "slices"))
     shared, own = raw.get("parameters"), piece.get("parameters")
     if isinstance(own, dict) and isinstance(shared, (dict, type(None))):
-        merged = _like(own, {**(shared or {}), **own})
+        merged = _like(own, {**(shared or {}), **{k: _before(v, (shared or {}).get(k)) for k, v in own.items()}})
         if isinstance(merged, LineDict):
             merged.key_lines = {**getattr(shared, "key_lines", {}), **getattr(own, "key_lines", {})}
         out["parameters"] = merged
@@ -89,6 +92,30 @@ def _why_not(raw: dict[str, Any]) -> tuple[int | None, str] | None:
         return (line_of(piece, "sources"),
                 f"the sources' layer ranges {[list(r) for r in sorted(ranges)]} differ or do not start at 0")
     return None
+
+
+def _before(first: Any, then: Any) -> Any:
+    """The slice's setting `first`, falling back to the recipe's `then` where `first` is rules
+    and none of them matches a tensor: one rule list, `first`'s rules followed by `then`'s (a
+    plain value or gradient joins as a catch-all rule), so the first match is mergekit's answer."""
+    if then is None or not _is_rules(first):
+        return first  # a plain value or gradient always gives a value: the recipe's is never read
+    head = list(first) if isinstance(first, list) else [first]
+    tail = (list(then) if isinstance(then, list) else [then]) if _is_rules(then) else [{"value": then}]
+    joined = LineList(head + tail)
+    joined.line = getattr(first, "line", None)
+    joined.item_lines = _lines(first, len(head)) + _lines(then, len(tail))  # errors name the rule's own line
+    return joined
+
+
+def _lines(value: Any, n: int) -> list[int]:
+    if isinstance(value, LineList):
+        return [line_of(value, i) or 0 for i in range(n)]
+    return [getattr(value, "line", None) or 0] * n
+
+
+def _is_rules(value: Any) -> bool:
+    return is_rule_mapping(value) or (isinstance(value, list) and any(isinstance(v, dict) for v in value))
 
 
 def _set_line(container: Any, key: str, line: int | None) -> None:
