@@ -363,6 +363,31 @@ def test_output_keeps_base_dtype_and_config(tmp_path, bf16_model_set):
     assert "mergekit-lite" in card and "merge" in card and card.startswith("---")
 
 
+@pytest.mark.parametrize("shape", ["mergekit", "mlite"])
+def test_mixed_input_dtypes_without_a_dtype(tmp_path, model_set, bf16_model_set, shape):
+    """A bf16 base with float32 fine-tunes and no dtype: a mergekit recipe writes float32, the
+    promotion mergekit's own arithmetic leaves (its output had the base's bf16: a bf16 rounding
+    of every merged value apart); an mlite recipe keeps the base's dtype, as documented."""
+    base, ft = bf16_model_set.base, model_set.finetunes[0]
+    if shape == "mergekit":
+        spec = {"merge_method": "task_arithmetic", "base_model": str(base),
+                "models": [{"model": str(ft), "parameters": {"weight": 0.5}}]}
+    else:
+        spec = {"inputs": {"base": str(base), "a": str(ft)},
+                "steps": [{"id": "m", "method": "task_arithmetic", "base": "base", "models": ["a"],
+                           "parameters": {"weight": 0.5}}]}
+    res = runner.invoke(app, ["merge", str(_write(tmp_path / "r.yaml", spec)), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    state = load_dir(tmp_path / "o")
+    want = torch.float32 if shape == "mergekit" else torch.bfloat16
+    assert {v.dtype for v in state.values()} == {want}
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["torch_dtype"] == str(want).split(".")[1]
+    name = "model.layers.0.mlp.up_proj.weight"
+    b = load_dir(base)[name].float()
+    expect = b + (load_dir(ft)[name] - b) * 0.5
+    assert torch.equal(state[name], expect.to(want))
+
+
 def test_checkpoint_errors_exit_4_and_write_nothing(tmp_path, model_set):
     ms = model_set
     other = build_model_set(tmp_path / "wide", shape=LlamaShape(hidden_size=32, intermediate_size=48), n_finetunes=1)

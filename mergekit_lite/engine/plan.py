@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..dtypes import is_float, parse_user_dtype
+from ..dtypes import from_torch, is_float, parse_user_dtype, to_torch
 from ..errors import CheckpointError, MliteError, RecipeError, UsageError, combine
 from ..io.adapters import is_adapter_dir
 from ..io.checkpoint import TIED_HEAD, Checkpoint, load_small_file, open_checkpoint
@@ -492,12 +492,14 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
         # does), and says so in config.
         names = [*names, TIED_HEAD]
         plan.untied_head = True
+    promote = bool(plan.recipe.options.get("promote_dtypes", False))
     for name in names:
         got = _shape_of(plan, ref_op, name)
         if got is None:
             continue
         shape, dtype = got
         info = ref_ck.info(name)
+        seen_dtypes = {dtype}
         for st in plan.steps.values():
             ops = ([st.base] if st.base is not None else []) + list(st.models)
             for op in ops:
@@ -508,6 +510,7 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
                         problems.append(CheckpointError(f"{label}: tensor {name!r} is missing (step {st.id!r})"))
                     continue
                 oshape, odtype = other
+                seen_dtypes.add(odtype)
                 if is_float(odtype) != info.is_float:
                     problems.append(CheckpointError(f"{label}: tensor {name!r} is {odtype}, base has {info.dtype} (step {st.id!r})"))
                     continue
@@ -530,7 +533,9 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
                     f"{_step_src(plan, st)}: step {st.id!r} is saved, but its tensor {name!r} has shape "
                     f"{list(saved[0])} where the output's has {list(shape)} (different vocabularies); "
                     "save a step whose reference model has the output's vocabulary"))
-        od = (out_dtype if out_dtype and info.is_float else dtype)
+        od = out_dtype if out_dtype and info.is_float else dtype
+        if promote and info.is_float and not out_dtype and len(seen_dtypes) > 1:
+            od = promoted_dtype(seen_dtypes, dtype)
         outputs.append(OutputTensor(name, shape, od, info.is_float))
     if not outputs:
         problems.append(CheckpointError(f"{ref_ck.label}: no tensors to write"))
@@ -541,6 +546,19 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
     for delta in plan.deltas.values():
         for problem in delta.check(base_shapes, allow_vocab_growth=allow_growth):
             problems.append(CheckpointError(problem))
+
+
+def promoted_dtype(dtypes: set[str], fallback: str) -> str:
+    """torch's promotion of float safetensors dtypes (BF16 with F16 gives F32), `fallback` where
+    torch has none (the float8 types)."""
+    try:
+        out = to_torch(fallback)
+        for d in dtypes:
+            if is_float(d):
+                out = torch.promote_types(out, to_torch(d))
+        return from_torch(out)
+    except (RuntimeError, KeyError, ValueError):
+        return fallback
 
 
 def _check_extra_tensors(plan: Plan, ref_ck: Checkpoint, written: set[str], problems: list[MliteError]) -> None:
