@@ -1477,6 +1477,41 @@ def test_mergekit_model_plus_lora_as_base_and_tokenizer_source(tmp_path, model_s
     assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"marker": "ft1"}'
 
 
+def _word_level_tokenizer(path, tokens: list[str]) -> None:
+    (path / "tokenizer.json").write_text(json.dumps(
+        {"model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(tokens[:-1])}, "unk_token": tokens[0]},
+         "added_tokens": [{"id": len(tokens) - 1, "content": tokens[-1], "special": True}]}))
+
+
+def test_mergekit_tokenizer_source_refuses_models_whose_ids_mean_other_tokens(tmp_path, model_set):
+    """mergekit's tokenizer_source lines embedding rows up by token; mlite merges them by id.
+    A model whose tokenizer gives some ids other tokens was merged row by row into the wrong
+    tokens (the audit: rows 60-63 up to 0.03 apart from mergekit); it is now refused, naming the
+    model and the ids. Models that agree merge as before; a tokenizer shorter than the
+    embedding (padded rows) is noted, as mergekit would resize the embedding there."""
+    ms = model_set
+    rows = load_dir(ms.base)["model.embed_tokens.weight"].shape[0]
+    tokens = [f"t{i}" for i in range(rows)]
+    for ck in (ms.base, ms.finetunes[0]):
+        _word_level_tokenizer(ck, tokens)
+    _word_level_tokenizer(ms.finetunes[1], tokens[:5] + ["x5", "x6"] + tokens[7:])
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(ms.base), "tokenizer_source": "base",
+              "models": [{"model": str(ms.finetunes[0])}, {"model": str(ms.finetunes[1])}]}
+    path = _write(tmp_path / "r.yaml", recipe)
+    res = runner.invoke(app, ["merge", str(path), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 4 and not (tmp_path / "o").exists()
+    assert res.output.count("error:") == 1 and "Traceback" not in res.output
+    assert f"{ms.finetunes[1]}: its tokenizer maps id 5 to 'x5', the tokenizer source to 't5' (ids 5, 6)" in res.output
+    _word_level_tokenizer(ms.finetunes[1], tokens)
+    res = runner.invoke(app, ["merge", str(path), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    _word_level_tokenizer(ms.base, tokens[:-3])  # the source's padding rows are not compared
+    res = runner.invoke(app, ["merge", str(path), "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 0, res.output
+    assert (f"warning: {path}: tokenizer_source 'base': the tokenizer has {rows - 3} tokens and the embeddings "
+            f"{rows} rows; mlite keeps the {rows} rows (mergekit resizes them to the tokenizer)") in res.output
+
+
 @pytest.mark.parametrize("chain", ["ties_then_portllm", "pcb_then_portllm"])
 def test_a_lora_in_a_chain_keeps_only_the_tensors_it_changes_whole(tmp_path, model_set, monkeypatch, chain):
     """Any delta in a chain made every tensor whole: a PCB→PortLLM chain over a 262144×1024

@@ -23,6 +23,7 @@ from ..errors import CheckpointError, MliteError, RecipeError, UsageError, combi
 from ..io.adapters import is_adapter_dir
 from ..io.checkpoint import TIED_HEAD, Checkpoint, load_small_file, open_checkpoint
 from ..io.deltas import is_vocab_tensor
+from ..io.tokenizer_vocab import first_differences, read_vocab
 from ..io.writer import DEFAULT_SHARD_SIZE, check_output_dir
 from ..methods.registry import MethodSpec, Reducer, get_method
 from ..recipe.model import Recipe, StepSpec
@@ -339,6 +340,8 @@ def build_plan(
     plan.copy_from = checkpoints.get(copy_key)
     if copy_key and plan.copy_from is None:
         raise RecipeError(f"{_src(recipe)}: output.copy_tokenizer_from {copy_key!r} is not a checkpoint input")
+    if recipe.options.get("tokenizer_source") is not None:
+        _check_token_ids(plan)
     final_save = plan.steps[plan.final].save
     if plan.out is not None and final_save is not None and final_save.expanduser().absolute() != plan.out.expanduser().absolute():
         raise RecipeError(f"{_src(recipe)}: step {plan.final!r} is the output step, written to {plan.out}; its "
@@ -546,6 +549,46 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
     for delta in plan.deltas.values():
         for problem in delta.check(base_shapes, allow_vocab_growth=allow_growth):
             problems.append(CheckpointError(problem))
+
+
+def _check_token_ids(plan: Plan) -> None:
+    """A mergekit recipe's `tokenizer_source`: mergekit lines embedding rows up by token, mlite
+    merges them by id, the same thing only while every model's ids name the source's tokens.
+    Models whose ids differ are refused rather than merged row by row into other tokens; a
+    tokenizer shorter or longer than the embedding is merged as it is, with a note (mergekit
+    resizes the embedding to the tokenizer)."""
+    embedding = next((o for o in plan.outputs if is_vocab_tensor(o.name) and o.name != TIED_HEAD), None)
+    source = plan.copy_from
+    if embedding is None or source is None:
+        return
+    rows = embedding.shape[0]
+    where = f"{_src(plan.recipe)}: tokenizer_source {plan.recipe.options['tokenizer_source']!r}"
+    want = read_vocab(source.source_dir)
+    if want is None:
+        log.warning("%s: %s has no tokenizer.json, so the models' token ids were not compared with it",
+                    where, source.label)
+        return
+    if len(want) != rows:
+        log.warning("%s: the tokenizer has %d tokens and the embeddings %d rows; mlite keeps the %d rows "
+                    "(mergekit resizes them to the tokenizer)", where, len(want), rows, rows)
+    problems: list[MliteError] = []
+    for key, ck in sorted(plan.checkpoints.items()):
+        if not _is_operand(plan, key) or ck is source:
+            continue
+        got = read_vocab(ck.source_dir)
+        if got is None:
+            log.warning("%s: %s has no tokenizer.json, so its token ids were not compared", where, ck.label)
+            continue
+        ids = first_differences(got, want, rows)
+        if ids:
+            i = ids[0]
+            problems.append(CheckpointError(
+                f"{ck.label}: its tokenizer maps id {i} to {got.get(i)!r}, the tokenizer source to {want.get(i)!r} "
+                f"(ids {', '.join(map(str, ids))}{', ...' if len(ids) == 3 else ''}); mlite merges embedding rows "
+                "by id and does not realign vocabularies as mergekit's tokenizer_source does: merge models "
+                "that share a tokenizer"))
+    if problems:
+        raise combine(problems)
 
 
 def promoted_dtype(dtypes: set[str], fallback: str) -> str:

@@ -319,6 +319,8 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
                        **_common(raw, model, file))
     if full_slice is not None:
         recipe.options["full_slice"] = full_slice  # the plan checks its range against the layer count
+    if model.tokenizer_source is not None:
+        recipe.options["tokenizer_source"] = model.tokenizer_source  # the plan checks the models' ids agree
     if model.dtype is None and model.out_dtype is None:
         # mergekit computes in the tensors' own dtypes, so torch promotes mixed inputs (bf16 and
         # fp16 give float32): the written dtype is the promoted one, not the base's

@@ -81,8 +81,9 @@ class Recipe:
     `options` holds `allow_bin` (bool), `vocab` ("strict" | "shared"), `allow_vocab_growth`
     (bool), `description` (str or None) and `notes` (list of one-line remarks, e.g. mergekit
     knobs that were accepted but change nothing); a mergekit recipe may add `full_slice` (its
-    one slice's layer range) and `promote_dtypes` (no dtype given: a float tensor is written in
-    the promotion of its inputs' dtypes, as mergekit's arithmetic leaves it).
+    one slice's layer range), `promote_dtypes` (no dtype given: a float tensor is written in
+    the promotion of its inputs' dtypes, as mergekit's arithmetic leaves it) and
+    `tokenizer_source` (as written; the plan checks that the models' token ids agree with it).
     """
 
     inputs: dict[str, str]
