@@ -66,11 +66,15 @@ def terminate(signum: int, frame: Any) -> None:
 
 
 def _kept_work(exc: BaseException, command: str, first: str = "") -> str:
-    """Where a stopped merge or patch kept its work (CheckpointWriter marks the exception), if it did."""
+    """Where a stopped merge or patch kept its work (CheckpointWriter marks the exception), if it did.
+
+    `command` is the command's function name, which is its CLI name, but for a `_cmd` suffix
+    (`surgery_cmd`: a function named like the API's `surgery` would shadow it)."""
     kept = getattr(exc, "resumable", None)
     if kept is None:
         return ""
-    return f"; the work so far is kept in {kept}: {first}`mlite {command} --resume` (same arguments) continues it"
+    name = command.removesuffix("_cmd")
+    return f"; the work so far is kept in {kept}: {first}`mlite {name} --resume` (same arguments) continues it"
 
 
 def guarded(fn: F) -> F:

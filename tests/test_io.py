@@ -317,6 +317,30 @@ def test_failure_mid_write_leaves_nothing(tmp_path, model_set):
         w.write(ck.names()[0], ck.load(ck.names()[0]))
         raise RuntimeError("boom")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    assert not (tmp_path / ".out.mlite-partial").exists()
+
+
+def test_a_full_disk_at_the_resume_key_names_the_file_and_leaves_nothing(tmp_path, model_set, monkeypatch):
+    """On a disk already full, writing the resume key fails in write(), which names no file: the
+    CLI printed a bare "No space left on device" and left a hidden partial output holding an
+    empty key."""
+    import errno
+
+    ck = open_checkpoint(model_set.base)
+    plan = [OutputTensor(n, ck.info(n).dtype, ck.info(n).shape) for n in ck.names()]
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == "mlite-resume.key":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError) as exc:
+        CheckpointWriter(tmp_path / "out", plan, partial_key="k")
+    assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(tmp_path / ".out.mlite-partial" / "mlite-resume.key")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    assert not (tmp_path / ".out.mlite-partial").exists()
 
 
 def test_unwritten_tensor_is_an_error(tmp_path, model_set):
@@ -436,6 +460,7 @@ def test_cli_bad_checkpoints_exit_4_with_one_line(tmp_path, model_set, damage, m
     res = runner.invoke(app, ["merge", str(recipe)])
     assert res.exit_code == 4 and message in res.output
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    assert not (tmp_path / ".out.mlite-partial").exists()
 
 
 def test_cli_hub_reference_offline_is_exit_5(tmp_path, monkeypatch):
@@ -502,6 +527,7 @@ def test_quantized_checkpoints_are_inspected_but_not_merged(tmp_path, model_set,
         line = f"error: {where}{want}"
         assert res.exit_code == 4 and res.output.strip() == line, (args, res.output)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    assert not (tmp_path / ".out.mlite-partial").exists()
 
 
 def test_small_file_write_failures_are_os_errors_naming_the_target(tmp_path, monkeypatch):

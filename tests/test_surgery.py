@@ -637,3 +637,29 @@ def test_editing_an_edited_model_warns_that_undo_goes_back_one_edit(tmp_path: Pa
     with caplog.at_level("WARNING"):
         surgery(once, _probe(tmp_path, _w(8), "p2.safetensors"), alpha=1.0, top_k=4, out=tmp_path / "twice")
     assert "edited by mlite surgery already" in caplog.text
+
+
+def test_cli_surgery_on_a_full_disk_keeps_nothing_and_offers_no_resume(tmp_path: Path, monkeypatch) -> None:
+    """A surgery that filled the disk kept a hidden partial output and said "`mlite surgery_cmd
+    --resume` continues it": there is no such command, and surgery has no --resume (its sidecar
+    is written from the run's own selection). It now says what failed and keeps nothing."""
+    import errno
+    import os
+
+    from mergekit_lite.io import writer
+
+    app = _cli_app()
+    model, _ = _model(tmp_path)
+    probe = _probe(tmp_path, _w())
+    real_write = writer.CheckpointWriter.write
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "s" / "model.safetensors"))
+
+    monkeypatch.setattr(writer.CheckpointWriter, "write", full_disk)
+    r = CliRunner().invoke(app, ["surgery", "--model", str(model), "--probe", str(probe), "--top-k", "5",
+                                 "--out", str(tmp_path / "s")])
+    monkeypatch.setattr(writer.CheckpointWriter, "write", real_write)
+    assert r.exit_code == 6
+    assert " ".join(r.output.split()) == f"error: {tmp_path / 's' / 'model.safetensors'}: No space left on device"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", "probe.safetensors"])

@@ -310,16 +310,19 @@ def execute(
     keep_state_dict: bool | None = None,
     resume: bool = False,
     threads: int | None = None,
+    resumable: bool = True,
 ) -> RunResult:
     """Run every statistics pass, then the output pass; publish atomically when done.
 
     Writes are resumable: an interrupted run keeps its partial output (hidden beside the
-    target), and `resume=True` continues it when nothing that decides the output changed.
+    target), and `resume=True` continues it when nothing that decides the output changed;
+    `resumable=False` (a workflow with no `--resume`, whose publish hook writes more than
+    tensors) throws the partial output away instead.
     Statistics passes are cheap next to the output and are always redone. `threads` fixes
     torch's CPU threads for the run; None lets the engine choose (engine/threads.py).
     """
     with torch_threads(plan, threads), _no_full_collections(), streaming_heap():
-        return _execute(plan, progress, publish_hook, tensor_hook, keep_state_dict, resume)
+        return _execute(plan, progress, publish_hook, tensor_hook, keep_state_dict, resume, resumable)
 
 
 @contextlib.contextmanager
@@ -344,7 +347,7 @@ def _no_full_collections() -> Iterator[None]:
 
 
 def _execute(plan: Plan, progress: bool, publish_hook: PublishHook | None, tensor_hook: TensorHook | None,
-             keep_state_dict: bool | None, resume: bool) -> RunResult:
+             keep_state_dict: bool | None, resume: bool, resumable: bool) -> RunResult:
     t0 = time.perf_counter()
     cpu0 = time.process_time()
     clock = CpuClock()
@@ -387,7 +390,8 @@ def _execute(plan: Plan, progress: bool, publish_hook: PublishHook | None, tenso
                     break
             stats[st.id] = reducer.result()
         # 2. the output pass
-        _output_pass(plan, stats, live, clock, result, bar, publish_hook, tensor_hook, keep_state_dict, resume)
+        _output_pass(plan, stats, live, clock, result, bar, publish_hook, tensor_hook, keep_state_dict, resume,
+                     resumable)
     io = clock.seconds
     result.cpu_seconds = {"reading": io["reading"], "computing": max(0.0, time.process_time() - cpu0 - sum(io.values())),
                           "writing": io["writing"]}
@@ -407,7 +411,7 @@ def _bytes(plan: Plan) -> int:
 
 def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: CpuClock, result: RunResult, bar: Any,
                  publish_hook: PublishHook | None, tensor_hook: TensorHook | None, keep: bool | None,
-                 resume: bool) -> None:
+                 resume: bool, resumable: bool) -> None:
     out_ids = plan.output_step_ids
     ck_keys, dkeys, copy_keys = plan.inputs_of(out_ids)
     planned = [PlannedTensor(o.name, o.dtype, o.shape) for o in plan.outputs]
@@ -418,11 +422,11 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
     targets = plan.write_targets()
     keep_sd = keep if keep is not None else plan.out is None
     state: dict[str, torch.Tensor] | None = {} if keep_sd else None
-    key = fingerprint(plan) if targets else None
+    key = fingerprint(plan) if targets and resumable else None
     with contextlib.ExitStack() as stack:
         for sid, path in targets.items():
             writers[sid] = stack.enter_context(CheckpointWriter(
-                path, planned, shard_size=plan.shard_size, force=plan.force, partial_key=f"{key}:{sid}",
+                path, planned, shard_size=plan.shard_size, force=plan.force, partial_key=f"{key}:{sid}" if key else None,
                 resume=resume))
         # Tensors every writer already holds (a resumed run) are not computed again.
         skip = set.intersection(*(w.done for w in writers.values())) if writers and state is None else set()

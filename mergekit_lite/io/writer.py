@@ -234,7 +234,12 @@ class CheckpointWriter:
             except FileExistsError:  # another run started this output in between
                 raise self._busy() from None
             self._hold(self.tmp_dir)
-            key_file.write_text(key)
+            try:
+                key_file.write_text(key)
+            except OSError as exc:  # a full disk fails the write, not the open: no file name in it
+                self._release()
+                shutil.rmtree(self.tmp_dir, ignore_errors=True)  # nothing worth keeping yet
+                raise OSError(exc.errno, exc.strerror, str(key_file)) from None
         self._log_fd = os.open(self.tmp_dir / RESUME_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     # ---- streaming ---------------------------------------------------------------------

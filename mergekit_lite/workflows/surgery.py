@@ -225,7 +225,9 @@ def surgery(
         write_sidecar(Path(tmp_dir), record, rows)
         captured["record"], captured["rows"] = record, rows
 
-    run = execute(plan, progress=progress, publish_hook=publish_hook if out_path is not None else None)
+    # not resumable: the sidecar is written at publishing, from this run's selection
+    run = execute(plan, progress=progress, publish_hook=publish_hook if out_path is not None else None,
+                  resumable=False)
     selection: SurgerySelection = run.stats[STEP_ID]
     if "record" not in captured:
         captured["record"], captured["rows"] = sidecar_record(selection, source, model=str(model), probe=str(probe),
