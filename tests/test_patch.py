@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,28 @@ def test_lambda_scales_the_lora_on_top_of_a_saved_embedding(bases: tuple[Path, P
     # the command says that the new base's embedding was replaced, and how not to
     cli = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(adapter), "--out", str(tmp_path / "o")])
     assert cli.exit_code == 0 and "warning: 1 tensor(s) replaced by the adapter's saved copies" in cli.output
+
+
+def test_a_delta_to_a_tensor_the_new_base_stores_as_integers_is_refused(bases: tuple[Path, Path], tmp_path: Path) -> None:
+    """The new base's model.norm.weight as int32: the output copied it from the base and dropped
+    the fine-tune's change to it without a word (exit 0, "20 tensors patched"). A dtype mismatch
+    is a checkpoint problem (exit 4), as `mlite merge` already says."""
+    from safetensors.torch import save_file
+
+    old, new = bases
+    ft = save_llama(tmp_path / "ft", 3)
+    ints = tmp_path / "ints"
+    shutil.copytree(new, ints)
+    state = read_model(ints)
+    state["model.norm.weight"] = state["model.norm.weight"].to(torch.int32)
+    for f in ints.glob("*.safetensors*"):
+        f.unlink()
+    save_file(state, str(ints / "model.safetensors"))
+    res = runner.invoke(app, ["patch", "--base", str(ints), "--delta", str(ft), "--old-base", str(old),
+                              "--out", str(tmp_path / "out")])
+    assert res.exit_code == 4 and res.output.count("error:") == 1 and "Traceback" not in res.output
+    assert f"changes 'model.norm.weight', which the base {ints} stores as I32 (not a float tensor" in res.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_full_finetune_delta(bases: tuple[Path, Path], tmp_path: Path) -> None:

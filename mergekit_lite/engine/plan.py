@@ -546,9 +546,15 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
     plan.outputs = outputs
     base_shapes = {o.name: o.shape for o in outputs}
     allow_growth = bool(plan.recipe.options.get("allow_vocab_growth", False))
+    not_float = {o.name: o.dtype for o in outputs if not o.is_float}
     for delta in plan.deltas.values():
         for problem in delta.check(base_shapes, allow_vocab_growth=allow_growth):
             problems.append(CheckpointError(problem))
+        for name in sorted(set(delta.targets()) & set(not_float)):
+            # the output copies a non-float tensor from the base: the change would be dropped unsaid
+            problems.append(CheckpointError(
+                f"{delta.label}: changes {name!r}, which the base {ref_ck.label} stores as {not_float[name]} "
+                "(not a float tensor, so not patchable)"))
 
 
 def _check_token_ids(plan: Plan) -> None:
