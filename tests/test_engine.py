@@ -617,6 +617,7 @@ def test_one_checkpoint_under_two_names_is_refused(tmp_path, model_set):
     })
     res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "out")])
     assert res.exit_code == 3 and "inputs 'a' and 'b' are the same checkpoint" in res.output, res.output
+    assert re.match(rf"error: {re.escape(str(recipe))}:\d+: step 'm': inputs", res.output), res.output  # the step's line
 
 
 def test_tied_and_untied_models_merge_as_mergekit_merges_them(tmp_path):

@@ -663,3 +663,24 @@ def test_cli_surgery_on_a_full_disk_keeps_nothing_and_offers_no_resume(tmp_path:
     assert r.exit_code == 6
     assert " ".join(r.output.split()) == f"error: {tmp_path / 's' / 'model.safetensors'}: No space left on device"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", "probe.safetensors"])
+
+
+def test_a_recipe_step_asking_too_many_rows_names_its_line_and_step(tmp_path: Path) -> None:
+    """Found by the statistics pass, the error named the method only ("surgery: top_k = ..."),
+    not the recipe line or the step, as every other recipe problem does."""
+    import yaml
+
+    app = _cli_app()
+    model, _ = _model(tmp_path)
+    probe = _probe(tmp_path, _w())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "inputs": {"model": str(model)},
+        "steps": [{"id": "detox", "method": "surgery", "base": "model",
+                   "parameters": {"probe": str(probe), "top_k": 100}}],
+    }, sort_keys=False))
+    r = CliRunner().invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 3 and "Traceback" not in r.output
+    assert " ".join(r.output.split()).startswith(
+        f"error: {recipe}:4: step 'detox': surgery: top_k = 100 is larger than the number of candidate rows"), r.output
+    assert not (tmp_path / "o").exists()

@@ -291,7 +291,8 @@ def build_plan(
                 where = checkpoints[op.key].path.resolve()
                 if where in seen_paths:
                     recipe_problems.append(RecipeError(
-                        f"step {sid!r}: inputs {seen_paths[where]!r} and {op.key!r} are the same checkpoint ({where}); "
+                        f"{s.loc.prefix()}step {sid!r}: inputs {seen_paths[where]!r} and {op.key!r} are the same "
+                        f"checkpoint ({where}); "
                         "list it once (give it a larger weight to count it more)"))
                 seen_paths.setdefault(where, op.key)
         if base_op is not None and spec.needs_base and base_op in models:
@@ -407,7 +408,7 @@ def _input_src(recipe: Recipe, key: str) -> str:
     return loc.prefix() if loc is not None else ""
 
 
-def _step_src(plan: Plan, st: StepPlan) -> str:
+def step_src(plan: Plan, st: StepPlan) -> str:
     """file:line of the step's entry in its recipe, where known (the recipe file otherwise)."""
     loc = st.spec_step.loc
     return str(loc) if loc.line is not None and loc.file is not None else _src(plan.recipe)
@@ -533,7 +534,7 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
             saved = _shape_of(plan, StepRef(st.id), name) if st.save is not None and st.id != plan.final else None
             if saved is not None and saved[0] != shape:
                 problems.append(RecipeError(
-                    f"{_step_src(plan, st)}: step {st.id!r} is saved, but its tensor {name!r} has shape "
+                    f"{step_src(plan, st)}: step {st.id!r} is saved, but its tensor {name!r} has shape "
                     f"{list(saved[0])} where the output's has {list(shape)} (different vocabularies); "
                     "save a step whose reference model has the output's vocabulary"))
         od = out_dtype if out_dtype and info.is_float else dtype
@@ -645,7 +646,7 @@ def _check_parameters(plan: Plan, problems: list[MliteError]) -> None:
         try:
             header_reducer(st)
         except MliteError as exc:
-            problems.append(RecipeError(f"{_step_src(plan, st)}: step {st.id!r}: {exc}"))
+            problems.append(RecipeError(f"{step_src(plan, st)}: step {st.id!r}: {exc}"))
     for st in plan.steps.values():
         if st.spec.check is None:
             continue
@@ -654,7 +655,7 @@ def _check_parameters(plan: Plan, problems: list[MliteError]) -> None:
                 continue
             problem = st.spec.check(st.resolver.for_tensor(o.name), len(st.models))
             if problem is not None:
-                problems.append(RecipeError(f"{_step_src(plan, st)}: step {st.id!r} ({st.spec.name}), "
+                problems.append(RecipeError(f"{step_src(plan, st)}: step {st.id!r} ({st.spec.name}), "
                                             f"tensor {o.name}: {problem}"))
                 break
 

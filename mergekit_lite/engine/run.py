@@ -30,7 +30,7 @@ from ..io.writer import CheckpointWriter, all_finite, config_dtype_update, requi
 from ..methods.registry import TensorJob, reducer_reads
 from .fingerprint import fingerprint
 from .memory import streaming_heap
-from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, scope_numel, step_closure
+from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, scope_numel, step_closure, step_src
 from .stream import (
     BackgroundWriter,
     Bundle,
@@ -346,6 +346,18 @@ def _no_full_collections() -> Iterator[None]:
         gc.unfreeze()
 
 
+@contextlib.contextmanager
+def _blamed_on(plan: Plan, st: StepPlan) -> Iterator[None]:
+    """A recipe problem a step's statistics find (surgery's top_k above the rows the model has)
+    points at the step's line and names it, as the plan's own checks do."""
+    try:
+        yield
+    except RecipeError as exc:
+        if len(exc.problems) != 1:
+            raise
+        raise RecipeError(f"{step_src(plan, st)}: step {st.id!r}: {exc.problems[0]}") from None
+
+
 def _execute(plan: Plan, progress: bool, publish_hook: PublishHook | None, tensor_hook: TensorHook | None,
              keep_state_dict: bool | None, resume: bool, resumable: bool) -> RunResult:
     t0 = time.perf_counter()
@@ -376,19 +388,20 @@ def _execute(plan: Plan, progress: bool, publish_hook: PublishHook | None, tenso
                 return mode(name) == "blocks"
 
             n = 0
-            while True:
-                n += 1
-                task = bar.add_task(f"{st.id}: statistics pass {n}", total=len(names), rate="") if bar else None
-                before = _bytes(plan)
-                items = work_items(names, shapes, blockable)
-                for bundle in prefetch(items, _loader(plan, ck_keys, dkeys, set()), PREFETCH_DEPTH, live, clock):
-                    reducer.observe(evaluator.job(st, bundle, {}, with_stats=False))
-                    if bar and (bundle.rows is None or bundle.rows[1] == shapes[bundle.name][0]):
-                        bar.advance(task)
-                result.passes.append({"step": st.id, "kind": "statistics", "bytes_read": _bytes(plan) - before})
-                if reducer.end_pass():
-                    break
-            stats[st.id] = reducer.result()
+            with _blamed_on(plan, st):
+                while True:
+                    n += 1
+                    task = bar.add_task(f"{st.id}: statistics pass {n}", total=len(names), rate="") if bar else None
+                    before = _bytes(plan)
+                    items = work_items(names, shapes, blockable)
+                    for bundle in prefetch(items, _loader(plan, ck_keys, dkeys, set()), PREFETCH_DEPTH, live, clock):
+                        reducer.observe(evaluator.job(st, bundle, {}, with_stats=False))
+                        if bar and (bundle.rows is None or bundle.rows[1] == shapes[bundle.name][0]):
+                            bar.advance(task)
+                    result.passes.append({"step": st.id, "kind": "statistics", "bytes_read": _bytes(plan) - before})
+                    if reducer.end_pass():
+                        break
+                stats[st.id] = reducer.result()
         # 2. the output pass
         _output_pass(plan, stats, live, clock, result, bar, publish_hook, tensor_hook, keep_state_dict, resume,
                      resumable)
