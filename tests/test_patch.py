@@ -109,6 +109,15 @@ def test_lambda_scales_the_lora_on_top_of_a_saved_embedding(bases: tuple[Path, P
     # the command says that the new base's embedding was replaced, and how not to
     cli = runner.invoke(app, ["patch", "--base", str(new), "--delta", str(adapter), "--out", str(tmp_path / "o")])
     assert cli.exit_code == 0 and "warning: 1 tensor(s) replaced by the adapter's saved copies" in cli.output
+    assert cli.output.count("replaced by the adapter's saved copies") == 1
+    # ... and so does a recipe's portllm step (it said nothing), naming the step's line
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"inputs:\n  new: {new}\n  lora: {adapter}\nsteps:\n  - id: port\n    method: portllm\n"
+                      "    base: new\n    delta: lora\n")
+    cli = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "o2")])
+    assert cli.exit_code == 0, cli.output
+    assert (f"warning: {recipe}:5: step 'port': 1 tensor(s) replaced by the adapter's saved copies, trained from "
+            "the old base (model.embed_tokens.weight)") in " ".join(cli.output.split())
 
 
 def test_a_delta_to_a_tensor_the_new_base_stores_as_integers_is_refused(bases: tuple[Path, Path], tmp_path: Path) -> None:

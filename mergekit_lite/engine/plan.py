@@ -343,6 +343,7 @@ def build_plan(
         raise RecipeError(f"{_src(recipe)}: output.copy_tokenizer_from {copy_key!r} is not a checkpoint input")
     if recipe.options.get("tokenizer_source") is not None:
         _check_token_ids(plan)
+    _note_replaced(plan)
     final_save = plan.steps[plan.final].save
     if plan.out is not None and final_save is not None and final_save.expanduser().absolute() != plan.out.expanduser().absolute():
         raise RecipeError(f"{_src(recipe)}: step {plan.final!r} is the output step, written to {plan.out}; its "
@@ -556,6 +557,22 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
             problems.append(CheckpointError(
                 f"{delta.label}: changes {name!r}, which the base {ref_ck.label} stores as {not_float[name]} "
                 "(not a float tensor, so not patchable)"))
+
+
+def _note_replaced(plan: Plan) -> None:
+    """Warn, before any work, about an adapter's saved tensors (modules_to_save) that replace the
+    base's: trained from the old base, they undo the new base's change to those tensors."""
+    for st in plan.steps.values():
+        delta = plan.deltas.get(st.delta_key) if st.delta_key is not None else None
+        kind = getattr(delta, "kind", None)
+        if delta is None or kind is None:
+            continue
+        replaced = [n for n in delta.targets() if kind(n) == "replace"]
+        if replaced:
+            where = f"{st.spec_step.loc.prefix()}step {st.id!r}: " if st.spec_step.loc.prefix() else ""
+            log.warning("%s%d tensor(s) replaced by the adapter's saved copies, trained from the old base (%s%s); "
+                        "give the old base (--old-base, old_base=) to port them as deltas instead",
+                        where, len(replaced), replaced[0], ", …" if len(replaced) > 1 else "")
 
 
 def _check_token_ids(plan: Plan) -> None:

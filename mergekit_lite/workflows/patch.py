@@ -196,13 +196,15 @@ def patch(
 
     run = execute(plan, progress=progress, tensor_hook=on_tensor, resume=resume,
                   publish_hook=write_report if plan.out is not None else None)
-    return _note_replaced(PatchResult(output=run.output, state_dict=run.state_dict, tensors=_rows(recorder, shifts),
-                                      bytes_read=run.bytes_read, bytes_written=run.bytes_written, seconds=run.seconds))
+    # the plan has warned about tensors the adapter's saved copies replace
+    return PatchResult(output=run.output, state_dict=run.state_dict, tensors=_rows(recorder, shifts),
+                       bytes_read=run.bytes_read, bytes_written=run.bytes_written, seconds=run.seconds)
 
 
 def _note_replaced(result: PatchResult) -> PatchResult:
-    """Warn about saved tensors (modules_to_save) that replaced the new base's: they were trained
-    from the old base, so they undo the new base's change to those tensors."""
+    """Warn about saved tensors (modules_to_save) that replaced the new base's in an adapter
+    output (`--as-adapter` builds no plan, whose own check says it for the other paths): they
+    were trained from the old base, so they undo the new base's change to those tensors."""
     replaced = [r.name for r in result.tensors if r.kind == "replace"]
     if replaced:
         log.warning("%d tensor(s) replaced by the adapter's saved copies, trained from the old base (%s%s); give "
