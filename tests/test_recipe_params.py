@@ -159,6 +159,9 @@ def test_glob_matches_whole_name_and_star_filter() -> None:
     assert r.for_tensor(L0)["lambda"] == 0.5  # a glob without wildcards matches only the whole name
     r = resolver({"lambda": [{"match": "re:^lm_head", "value": 2}]})
     assert r.for_tensor(HEAD)["lambda"] == 2.0 and r.for_tensor(L0)["lambda"] == 1.0  # no match → default
+    # mergekit reads `filter: null` as a catch-all (mlite refused it: "'filter' must be a string")
+    r = resolver({"lambda": [{"filter": "mlp", "value": 0.25}, {"filter": None, "value": 0.75}]})
+    assert r.for_tensor(L0)["lambda"] == 0.25 and r.for_tensor(HEAD)["lambda"] == 0.75
 
 
 def test_rule_value_can_be_a_gradient() -> None:

@@ -7,7 +7,7 @@ A *setting* is what a recipe writes for one parameter (of one model, or of the w
   does (a list of strings/booleans picks an entry instead of interpolating);
 - per-tensor rules: a list of `{match: PATTERN, value: V}` or mergekit's `{filter: SUBSTRING,
   value: V}`; the first rule that matches the tensor name wins, an entry with neither key (or
-  `filter: "*"`) matches everything. `match` is a glob over the whole name (fnmatch), or a
+  `filter: "*"`, or mergekit's `filter: null`) matches everything. `match` is a glob over the whole name (fnmatch), or a
   regular expression searched anywhere in the name when written `re:PATTERN`. A rule's value is
   a scalar or a gradient. A single rule may be written without the list.
 
@@ -201,6 +201,8 @@ def _parse_rule(entry: Any, index: int | None) -> Rule:
     leaf = _parse_leaf(entry["value"], f"{path}.value")
     if "filter" in entry:
         pattern = entry["filter"]
+        if pattern is None:  # mergekit's `filter: null` (or an empty `filter:`): every tensor
+            return Rule("any", "*", leaf)
         if not isinstance(pattern, str):
             raise SettingError(f"'filter' must be a string, got {pattern!r}", f"{path}.filter", index)
         return Rule("any" if pattern == "*" else "filter", pattern, leaf)
