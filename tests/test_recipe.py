@@ -711,6 +711,31 @@ def test_mergekit_slice_rules_fall_back_to_the_recipe_parameters(models: Path) -
     assert at(attn, "lambda") == pytest.approx(0.4) and at(head, "lambda") == pytest.approx(0.2)  # the recipe's gradient
 
 
+def test_mergekit_slice_rules_before_a_per_model_mapping(models: Path) -> None:
+    """mlite's {MODEL: value} mapping at the recipe level cannot follow a slice's rules in one
+    rule list (it is no rule value): the slice's rules stand alone, as before the fallback."""
+    from mergekit_lite.methods import ties  # noqa: F401  registers the real method
+    from mergekit_lite.recipe import ParamResolver
+
+    recipe = load_recipe(write(models, """
+        merge_method: ties
+        base_model: ./models/base
+        slices:
+          - sources:
+              - {model: ./models/base, layer_range: [0, 4]}
+              - {model: ./models/a, layer_range: [0, 4]}
+              - {model: ./models/b, layer_range: [0, 4]}
+            parameters:
+              weight: [{filter: mlp, value: 0.2}]
+        parameters:
+          weight: {./models/a: 0.7, ./models/b: 0.4}
+        """))
+    step = recipe.steps[0]
+    r = ParamResolver(registry.get_method("ties"), step, step.models, 4)
+    assert r.for_tensor("model.layers.1.mlp.up_proj.weight")["weight"] == (0.2, 0.2)
+    assert r.for_tensor("lm_head.weight")["weight"] == (1.0, 1.0)
+
+
 def test_mergekit_rescale_on_breadcrumbs_ties_is_refused(models: Path) -> None:
     msg = one_problem(write(models, """
         merge_method: breadcrumbs_ties

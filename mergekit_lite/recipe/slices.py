@@ -100,6 +100,8 @@ def _before(first: Any, then: Any) -> Any:
     plain value or gradient joins as a catch-all rule), so the first match is mergekit's answer."""
     if then is None or not _is_rules(first):
         return first  # a plain value or gradient always gives a value: the recipe's is never read
+    if isinstance(then, dict) and not is_rule_mapping(then):
+        return first  # mlite's per-model mapping ({MODEL: value}) cannot be a rule's value
     head = list(first) if isinstance(first, list) else [first]
     tail = (list(then) if isinstance(then, list) else [then]) if _is_rules(then) else [{"value": then}]
     joined = LineList(head + tail)
