@@ -275,20 +275,45 @@ def test_extract_of_gpt2_conv1d_loads_in_peft(tmp_path: Path) -> None:
 
 def test_extract_with_tied_embeddings_ties_the_head_in_peft(tmp_path: Path) -> None:
     """A tied base's embedding delta reaches the head in peft too (ensure_weight_tying), as in
-    the fine-tune; without it peft left the head at the base's embedding (logits off by 0.2)."""
+    the fine-tune; without it peft left the head at the base's embedding (logits off by 0.2).
+
+    Merged too: written as a LoRA, peft 0.21 shares its factors with the head and
+    merge_and_unload() adds the delta twice to the one tied weight (2·Δ: logits 2.8 from the
+    fine-tune). The embedding is now saved whole, with the head's copy peft loads."""
+    import peft
     import transformers
+    from safetensors.torch import load_file
 
     for seed, name in ((1, "base"), (2, "ft")):
         save_llama(tmp_path / name, seed, tie_word_embeddings=True)
     res = runner.invoke(app, ["extract", "--model", str(tmp_path / "ft"), "--base", str(tmp_path / "base"),
                               "--rank", "16", "--out", str(tmp_path / "ad")])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["ensure_weight_tying"] is True and "model.embed_tokens" in config["modules_to_save"]
+    assert "model.embed_tokens" not in config["target_modules"]
+    saved = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    emb = saved["base_model.model.model.embed_tokens.weight"]
+    assert torch.equal(saved["base_model.model.lm_head.weight"], emb)
+    # base + (ft − base): the fine-tune's embedding to float32 rounding
+    torch.testing.assert_close(emb, open_checkpoint(tmp_path / "ft").load("model.embed_tokens.weight"),
+                               rtol=0, atol=1e-7)
+    x = torch.arange(12).reshape(1, 12)
     got = _unmerged_logits(tmp_path / "base", tmp_path / "ad", transformers.AutoModelForCausalLM)
     with torch.no_grad():
-        want = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ft").eval()(
-            torch.arange(12).reshape(1, 12)).logits
+        want = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ft").eval()(x).logits
+        merged = peft.PeftModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "ad").merge_and_unload()
+        merged_logits = merged.eval()(x).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merged_logits, want, rtol=1e-4, atol=1e-4)
+    # mlite reads it back: the tied embedding patched once
+    res = runner.invoke(app, ["patch", "--base", str(tmp_path / "base"), "--delta", str(tmp_path / "ad"),
+                              "--out", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    with torch.no_grad():
+        patched = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()(x).logits
+    torch.testing.assert_close(patched, want, rtol=1e-4, atol=1e-4)
 
 
 def test_extract_refuses_a_tensor_whose_dtype_kind_differs(pair: tuple[Path, Path], tmp_path: Path) -> None:

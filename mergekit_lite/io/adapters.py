@@ -33,7 +33,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..precision import full_float32_matmul
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import TIED_HEAD, Checkpoint, open_checkpoint
 from .publish import beside, put_in_place
 from .safetensors_format import write_file
 from .writer import check_output_dir
@@ -470,7 +470,8 @@ def write_adapter(
     replaced tensors travel in a format that only knows low-rank updates. The bias of a
     LoRA-adapted module cannot go that way (a saved module replaces its LoRA): it is stored as
     `<m>.base_layer.bias`, as peft saves an adapter trained with `bias: lora_only`, and peft
-    loads it over the base's bias.
+    loads it over the base's bias. A saved embedding the base ties its head to is written a
+    second time under the head's key, where peft's tying loads the head's copy from.
     """
     out = Path(out_dir).expanduser().absolute()
     check_output_dir(out, force)
@@ -496,6 +497,10 @@ def write_adapter(
             continue
         full_modules.add(module)
         tensors[f"{PREFIX}{name}"] = value
+        if base is not None and name == base.tied_head_source and TIED_HEAD not in full_tensors:
+            # peft (0.18+, ensure_weight_tying) gives the tied head a saved copy that shares the
+            # embedding's and loads it from this key; it is not a module_to_save of its own
+            tensors[f"{PREFIX}{TIED_HEAD}"] = value.clone()  # safetensors stores no shared tensors
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     config = adapter_config(factors, sorted(full_modules), base_model_name_or_path=base_model_name_or_path, base=base,
                             lora_biases=lora_biases)
