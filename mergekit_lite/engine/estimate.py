@@ -138,7 +138,6 @@ def _tensor_statistics_passes(plan: Plan, out_ids: list[str]) -> list[dict[str, 
     """The reads of per-tensor statistics: a tensor too big to compute whole, for a method that
     needs statistics of the whole tensor (TIES' top-k), is read once per statistics pass before
     its output blocks (engine/run.py, `emit_with_local_stats`)."""
-
     mode = _block_mode(plan, out_ids, local_stats=True)
     out: dict[str, dict[str, Any]] = {}
     for o in plan.outputs:

@@ -7,8 +7,9 @@ A *setting* is what a recipe writes for one parameter (of one model, or of the w
   does (a list of strings/booleans picks an entry instead of interpolating);
 - per-tensor rules: a list of `{match: PATTERN, value: V}` or mergekit's `{filter: SUBSTRING,
   value: V}`; the first rule that matches the tensor name wins, an entry with neither key (or
-  `filter: "*"`, or mergekit's `filter: null`) matches everything. `match` is a glob over the whole name (fnmatch), or a
-  regular expression searched anywhere in the name when written `re:PATTERN`. A rule's value is
+  `filter: "*"`, or mergekit's `filter: null`) matches everything. `match` is a glob over the
+  whole name (fnmatch), or a regular expression searched anywhere in the name when written
+  `re:PATTERN`. A rule's value is
   a scalar or a gradient. A single rule may be written without the list.
 
 Evaluation returns None when no rule matches, so the caller can fall back (per-model setting →

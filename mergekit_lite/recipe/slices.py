@@ -5,11 +5,11 @@ model, and spreads layer gradients over that slice's layers (its plan.py). So a 
 single slice, every source over the same range [0, N), is a `models:` recipe: the sources are
 the models (with their own `parameters`), and the slice's `parameters` come before the recipe's
 for the names both give, as mergekit's lookup order has it: a slice's per-tensor rules that
-match no rule for a tensor fall through to the recipe's setting (mergekit's `parameter()` goes
-source → slice → recipe, moving on whenever a level's rules give no value). This is the shape of mergekit's
-best-known SLERP example. The plan checks that N is the models' layer count. Several slices,
-or ranges that leave layers out (frankenmerges, layer stacking), build another architecture
-and stay refused.
+match no tensor fall through to the recipe's setting (mergekit's `parameter()` goes source →
+slice → recipe, moving on whenever a level's rules give no value). This is the shape of
+mergekit's best-known SLERP example. The plan checks that N is the models' layer count.
+Several slices, or ranges that leave layers out (frankenmerges, layer stacking), build another
+architecture and stay refused.
 """
 
 from __future__ import annotations

@@ -111,20 +111,20 @@ def dense_to_adapter(
     targets = delta.targets()
     conv1d = base.conv1d_weights
 
-    def factored(name: str, shape: tuple[int, ...]) -> bool:
-        """Whether a LoRA carries this tensor: a 2-D weight, and in a Conv1D model only its
-        Conv1D layers and embeddings (fan_in_fan_out is one switch for the whole adapter, so a
-        Linear layer there, such as an untied lm_head, goes whole)."""
-        if len(shape) != 2 or not name.endswith(".weight") or name == tied_whole:
-            return False
-        return not conv1d or is_embedding(name) or name.rsplit(".", 2)[-2] in CONV1D_MODULES
-
     # A tied embedding goes whole: peft (0.21) ties a LoRA on it to the head by sharing its
     # factors, and merge_and_unload() then adds the delta twice to the one shared weight (2·Δ,
     # logits 2.8 from the fine-tune); saved whole, with its head copy (`write_adapter`), it is
     # right unmerged and merged. Not for Conv1D models (peft does not find GPT-2's tie) nor
     # without full tensors.
     tied_whole = base.tied_head_source if full_tensors and not conv1d else None
+
+    def factored(name: str, shape: tuple[int, ...]) -> bool:
+        """Whether a LoRA carries this tensor: a 2-D weight, and in a Conv1D model only its
+        Conv1D layers and embeddings (fan_in_fan_out is one switch for the whole adapter, so a
+        Linear layer there, such as an untied lm_head, goes whole; and not a tied embedding)."""
+        if len(shape) != 2 or not name.endswith(".weight") or name == tied_whole:
+            return False
+        return not conv1d or is_embedding(name) or name.rsplit(".", 2)[-2] in CONV1D_MODULES
 
     lora_modules = {n.rsplit(".", 1)[0] for n, s in targets.items() if factored(n, s)}
     biases: list[int] = []  # reports of biases of modules whose weight may get factors
