@@ -646,15 +646,20 @@ def test_mergekit_slices_other_than_one_full_slice_are_refused(tmp_path: Path, t
     assert why in msg and msg.endswith("(slices)")
 
 
-def test_mergekit_single_slice_reads_as_models(models: Path) -> None:
-    """Sources become the models with their own parameters; the slice's parameters override
-    the recipe's (mergekit's lookup order)."""
-    recipe = load_recipe(write(models, """
+# A mergekit recipe with one slice over the 4 layers, its base the first source; tests add the
+# other sources and the parameters.
+ONE_SLICE = """
         merge_method: ties
         base_model: ./models/base
         slices:
           - sources:
-              - {model: ./models/base, layer_range: [0, 4]}
+              - {model: ./models/base, layer_range: [0, 4]}"""
+
+
+def test_mergekit_single_slice_reads_as_models(models: Path) -> None:
+    """Sources become the models with their own parameters; the slice's parameters override
+    the recipe's (mergekit's lookup order)."""
+    recipe = load_recipe(write(models, ONE_SLICE + """
               - {model: ./models/a, layer_range: [0, 4], parameters: {weight: 0.7}}
               - {model: ./models/b, layer_range: [0, 4]}
             parameters: {density: 0.4}
@@ -675,12 +680,7 @@ def test_mergekit_slice_rules_fall_back_to_the_recipe_parameters(models: Path) -
     from mergekit_lite.methods import ties  # noqa: F401  registers the real method
     from mergekit_lite.recipe import ParamResolver
 
-    recipe = load_recipe(write(models, """
-        merge_method: ties
-        base_model: ./models/base
-        slices:
-          - sources:
-              - {model: ./models/base, layer_range: [0, 4]}
+    recipe = load_recipe(write(models, ONE_SLICE + """
               - model: ./models/a
                 layer_range: [0, 4]
                 parameters: {weight: [{filter: mlp, value: 0.9}]}
@@ -717,12 +717,7 @@ def test_mergekit_slice_rules_before_a_per_model_mapping(models: Path) -> None:
     from mergekit_lite.methods import ties  # noqa: F401  registers the real method
     from mergekit_lite.recipe import ParamResolver
 
-    recipe = load_recipe(write(models, """
-        merge_method: ties
-        base_model: ./models/base
-        slices:
-          - sources:
-              - {model: ./models/base, layer_range: [0, 4]}
+    recipe = load_recipe(write(models, ONE_SLICE + """
               - {model: ./models/a, layer_range: [0, 4]}
               - {model: ./models/b, layer_range: [0, 4]}
             parameters:
