@@ -249,6 +249,23 @@ def test_mergekit_ties_recipe_normalises(models: Path) -> None:
     assert any("int8_mask" in n for n in notes) and any("compute dtype" in n for n in notes)
 
 
+def test_mergekit_quoted_numbers_are_numbers(models: Path) -> None:
+    """mergekit reads `weight: "0.5"` as 0.5 (pydantic); mlite refused it ("expected a number").
+    In a mergekit recipe quoted numbers are now numbers, with a note, wherever a value goes;
+    a rule's filter stays a string, and an mlite recipe still refuses them."""
+    quoted = (MERGEKIT_TIES.replace("density: 0.5", 'density: "0.5"').replace("value: 0.3", 'value: "3e-1"')
+              .replace("filter: mlp", 'filter: "1"').replace("[0.2, 0.8]", '["0.2", 0.8]'))
+    recipe = load_recipe(write(models, quoted))
+    assert recipe.steps[0].model_parameters == {
+        "a": {"density": 0.5, "weight": 0.6},
+        "b": {"density": [0.2, 0.8], "weight": [{"filter": "1", "value": 0.3}, {"value": 0.7}]}}
+    assert any("reads the quoted numbers of 'density' as numbers" in n for n in recipe.options["notes"])
+    msg = one_problem({"inputs": {"a": "a", "b": "b"},
+                       "steps": [{"id": "m", "method": "linear", "models": ["a", "b"],
+                                  "parameters": {"weight": "0.5"}}]})
+    assert "expected a number, got '0.5'" in msg
+
+
 def test_mergekit_out_dtype_wins_and_tokenizer_source(models: Path) -> None:
     text = MERGEKIT_TIES + "out_dtype: float16\ntokenizer_source: base\n"
     recipe = load_recipe(write(models, text))

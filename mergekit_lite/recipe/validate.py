@@ -195,6 +195,23 @@ def _arity(step: RawStep, spec: MethodSpec, shape: str, problems: Problems) -> N
         problems.add(step.old_base.loc, "'old_base' is only used together with 'delta'", step.old_base.key)
 
 
+def _quoted_numbers(value: Any) -> Any:
+    """`value` with its quoted numbers ("0.5", "1e-3") read as numbers, as mergekit's pydantic
+    models read them, wherever a setting holds a value: a scalar, a gradient's entries, a rule's
+    `value` (never its `filter` or `match`)."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() and value.strip().lstrip("+-").isdigit() else number
+    if isinstance(value, list):
+        return [_quoted_numbers(v) for v in value]
+    if is_rule_mapping(value):
+        return {**value, "value": _quoted_numbers(value["value"])}
+    return value
+
+
 class _ParamChecker:
     """Checks one step's parameters against its method and returns them under canonical names."""
 
@@ -241,6 +258,11 @@ class _ParamChecker:
         if isinstance(value, bool) and p.kind == "str" and p.choices and spelled.get(value) in p.choices:
             self._note(f"mergekit's '{p.name}: {str(value).lower()}' is read as '{p.name}: {spelled[value]}'", loc)
             value = spelled[value]
+        if self.mergekit and p.kind in ("float", "int"):
+            read = _quoted_numbers(value)
+            if read != value:
+                self._note(f"mergekit reads the quoted numbers of '{p.name}' as numbers: {read!r}", loc)
+                value = read
         try:
             setting = parse_setting(value)
         except SettingError as exc:
