@@ -728,6 +728,33 @@ def test_mergekit_slice_rules_fall_back_to_the_recipe_parameters(models: Path) -
     assert at(attn, "lambda") == pytest.approx(0.4) and at(head, "lambda") == pytest.approx(0.2)  # the recipe's gradient
 
 
+def test_mergekit_slice_and_recipe_parameters_are_checked_where_written(models: Path) -> None:
+    """Joined before they were checked, a mistake in the recipe's `parameters` was reported under
+    the slice's key, with the rule index shifted by the slice's rules (parameters.t[1].valu for
+    the recipe's first rule)."""
+    path = write(models, ONE_SLICE + """
+              - {model: ./models/a, layer_range: [0, 4]}
+            parameters:
+              density: [{filter: self_attn, value: 0.5}]
+        parameters:
+          density:
+            - filter: mlp
+              valu: 0.3
+        """)
+    assert one_problem(path) == (f"{path}:11: parameter 'density': unknown rule key 'valu', did you mean "
+                                 "'value'? (parameters.density[0].valu)")
+    path = write(models, ONE_SLICE + """
+              - {model: ./models/a, layer_range: [0, 4]}
+            parameters:
+              density: [{filter: self_attn, value: 1.5}]
+        parameters:
+          density: 0.5
+        """)
+    msg = one_problem(path)
+    assert msg.startswith(f"{path}:8: parameter 'density' of method 'ties': must be <= 1") and msg.endswith(
+        "(slices[0].parameters.density)")
+
+
 def test_mergekit_slice_rules_before_a_per_model_mapping(models: Path) -> None:
     """mlite's {MODEL: value} mapping at the recipe level cannot follow a slice's rules in one
     rule list (it is no rule value): the slice's rules stand alone, as before the fallback."""

@@ -285,6 +285,7 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
         save=None,
         loc=method_item.loc,
         key="",
+        slice_parameters=_params(full_slice.parameters, "slices[0].parameters", file) if full_slice else {},
     )
 
     output = _output(raw, file)

@@ -41,6 +41,8 @@ class RawStep:
     save: Item | None
     loc: Loc
     key: str
+    # a mergekit recipe's one slice: its own `parameters`, looked up before the recipe's
+    slice_parameters: dict[str, Item] = field(default_factory=dict)
 
 
 @dataclass

@@ -28,16 +28,20 @@ SOURCE_KEYS = frozenset({"model", "layer_range", "parameters"})
 
 @dataclass(frozen=True)
 class FullSlice:
-    """The one slice's layer range [0, layers), and where it was written (for the plan's check)."""
+    """The one slice's layer range [0, layers), and where it was written (for the plan's check);
+    its own `parameters` (a mapping, or None), validated apart from the recipe's and then put
+    before them (`slice_first`)."""
 
     layers: int
     loc: Loc
+    parameters: Any = None
 
 
 def slices_as_models(raw: dict[str, Any], file: str | None,
                      problems: Problems) -> tuple[dict[str, Any], FullSlice] | None:
-    """`raw` with its single full-range slice rewritten as `models:` (and merged `parameters`),
-    or None after adding a problem that says why this slices recipe is not supported."""
+    """`raw` with its single full-range slice rewritten as `models:` (the recipe's own
+    `parameters` kept; the slice's travel in the FullSlice), or None after adding a problem
+    that says why this slices recipe is not supported."""
     refusal = _why_not(raw)
     if refusal is not None:
         line, why = refusal
@@ -52,16 +56,12 @@ def slices_as_models(raw: dict[str, Any], file: str | None,
     out = _like(raw, {k: v for k, v in raw.items() if k != "slices"})
     out["models"] = models
     _set_line(out, "models", line_of(raw, "slices"))
-    shared, own = raw.get("parameters"), piece.get("parameters")
-    if isinstance(own, dict) and isinstance(shared, (dict, type(None))):
-        merged = _like(own, {**(shared or {}), **{k: _before(v, (shared or {}).get(k)) for k, v in own.items()}})
-        if isinstance(merged, LineDict):
-            merged.key_lines = {**getattr(shared, "key_lines", {}), **getattr(own, "key_lines", {})}
-        out["parameters"] = merged
-        _set_line(out, "parameters", line_of(piece, "parameters"))
-    elif own is not None:
+    own = piece.get("parameters")
+    if own is not None and not isinstance(own, dict):
         out["parameters"] = own  # not a mapping: the schema says what is wrong with it
-    return out, FullSlice(sources[0]["layer_range"][1], Loc(file, line_of(sources[0], "layer_range")))
+        _set_line(out, "parameters", line_of(piece, "parameters"))
+        own = None
+    return out, FullSlice(sources[0]["layer_range"][1], Loc(file, line_of(sources[0], "layer_range")), own)
 
 
 def _why_not(raw: dict[str, Any]) -> tuple[int | None, str] | None:
@@ -94,6 +94,12 @@ def _why_not(raw: dict[str, Any]) -> tuple[int | None, str] | None:
     return None
 
 
+def slice_first(slice_params: dict[str, Any], recipe_params: dict[str, Any]) -> dict[str, Any]:
+    """The step's parameters of a one-slice recipe, both levels validated: the slice's setting
+    of a name before the recipe's, as mergekit looks them up (`_before`)."""
+    return {**recipe_params, **{k: _before(v, recipe_params.get(k)) for k, v in slice_params.items()}}
+
+
 def _before(first: Any, then: Any) -> Any:
     """The slice's setting `first`, falling back to the recipe's `then` where `first` is rules
     and none of them matches a tensor: one rule list, `first`'s rules followed by `then`'s (a
@@ -104,16 +110,7 @@ def _before(first: Any, then: Any) -> Any:
         return first  # mlite's per-model mapping ({MODEL: value}) cannot be a rule's value
     head = list(first) if isinstance(first, list) else [first]
     tail = (list(then) if isinstance(then, list) else [then]) if _is_rules(then) else [{"value": then}]
-    joined = LineList(head + tail)
-    joined.line = getattr(first, "line", None)
-    joined.item_lines = _lines(first, len(head)) + _lines(then, len(tail))  # errors name the rule's own line
-    return joined
-
-
-def _lines(value: Any, n: int) -> list[int]:
-    if isinstance(value, LineList):
-        return [line_of(value, i) or 0 for i in range(n)]
-    return [getattr(value, "line", None) or 0] * n
+    return head + tail
 
 
 def _is_rules(value: Any) -> bool:

@@ -20,6 +20,7 @@ from .model import Loc, OutputSpec, Recipe, StepSpec, absolute_path, resolve_inp
 from .problems import Problems, choices_hint, did_you_mean
 from .raw import Item, RawRecipe, RawStep
 from .settings import SettingError, has_gradient, is_rule_mapping, leaves, parse_setting, varies
+from .slices import slice_first
 from .yaml_lines import line_of
 
 # mergekit knobs that never change the output: accepted (with a note) when a method lacks them.
@@ -98,7 +99,9 @@ def validate(raw: RawRecipe, base_dir: Path, problems: Problems) -> Recipe | Non
             problems.add(step.save.loc, "save: the path is empty (it would mean the recipe's own folder)", step.save.key)
         if spec is not None:
             checker = _ParamChecker(spec, refs, ref_alias, base_dir, problems, notes, mergekit=raw.shape == "mergekit")
-            params = checker.step_params(step)
+            params = checker.step_params(step.parameters)
+            if step.slice_parameters:  # each level checked where it was written, then joined
+                params = slice_first(checker.step_params(step.slice_parameters), params)
             model_params = checker.model_params(step)
             checker.required(step, params, model_params)
             checker.exclusive(step, params, model_params)
@@ -290,10 +293,10 @@ class _ParamChecker:
             return _local_path(value, self.base_dir)
         return value
 
-    def step_params(self, step: RawStep) -> dict[str, Any]:
+    def step_params(self, parameters: dict[str, Item]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         written_as: dict[str, str] = {}
-        for name, item in step.parameters.items():
+        for name, item in parameters.items():
             p = self._param(name, item)
             if p is None:
                 continue
