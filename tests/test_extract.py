@@ -314,6 +314,23 @@ def test_extract_with_tied_embeddings_ties_the_head_in_peft(tmp_path: Path) -> N
     with torch.no_grad():
         patched = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()(x).logits
     torch.testing.assert_close(patched, want, rtol=1e-4, atol=1e-4)
+    # The head's key is peft's copy of the tied embedding, not a tensor of its own: patch
+    # --as-adapter refused the adapter ("the base does not have lm_head.weight"), and a patched
+    # model stored the head again and came out untied.
+    base, ad = str(tmp_path / "base"), str(tmp_path / "ad")
+    res = runner.invoke(app, ["patch", "--base", base, "--delta", ad, "--old-base", base, "--as-adapter",
+                              "--out", str(tmp_path / "ad2")])
+    assert res.exit_code == 0, res.output
+    ported = load_file(str(tmp_path / "ad2" / "adapter_model.safetensors"))
+    assert torch.equal(ported["base_model.model.lm_head.weight"], ported["base_model.model.model.embed_tokens.weight"])
+    with torch.no_grad():
+        merged = peft.PeftModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(base), tmp_path / "ad2").merge_and_unload()
+        torch.testing.assert_close(merged.eval()(x).logits, want, rtol=1e-4, atol=1e-4)
+    res = runner.invoke(app, ["patch", "--base", base, "--delta", ad, "--old-base", base, "--out", str(tmp_path / "p2")])
+    assert res.exit_code == 0, res.output
+    assert "lm_head.weight" not in load_dir(tmp_path / "p2")
+    assert json.loads((tmp_path / "p2" / "config.json").read_text())["tie_word_embeddings"] is True
 
 
 def test_extract_refuses_a_tensor_whose_dtype_kind_differs(pair: tuple[Path, Path], tmp_path: Path) -> None:

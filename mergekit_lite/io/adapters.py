@@ -33,7 +33,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..precision import full_float32_matmul
-from .checkpoint import TIED_HEAD, Checkpoint, open_checkpoint
+from .checkpoint import EMBEDDING_MODULES, TIED_HEAD, Checkpoint, open_checkpoint
 from .publish import beside, put_in_place
 from .safetensors_format import write_file
 from .writer import check_output_dir
@@ -224,6 +224,9 @@ class LoraAdapter:
         self.raw_config = raw_config
         self.weights = weights
         self.modules = modules  # base weight name -> module
+        # peft's copy of a saved tied embedding for the head (`lm_head.weight`, not a module to
+        # save): (its key, the embedding's name). Not a tensor of its own: the head is the embedding.
+        self.head_copy = _tied_head_copy(raw_config, settings, saved)
         self.saved = saved  # base tensor name -> adapter key of a full trained tensor
         self.bias_modules = {m.bias_name: m for m in modules.values() if m.bias_key is not None}
 
@@ -326,6 +329,21 @@ def _index_keys(weights: Checkpoint, settings: LoraSettings, file: Path) -> tupl
         mod = _make_module(name, p, weights, settings, file)
         modules[mod.weight_name] = mod
     return modules, saved
+
+
+def _tied_head_copy(raw: Mapping[str, Any], settings: LoraSettings, saved: dict[str, str]) -> tuple[str, str] | None:
+    """Take peft's head copy of a saved tied embedding out of `saved`: with `ensure_weight_tying`,
+    an embedding in `modules_to_save` gets an `lm_head.weight` key that peft loads into the
+    head's copy, which shares the embedding's weight (what `write_adapter` and peft write). Read
+    as a tensor of its own, it would untie the output and store the head twice."""
+    head_module = TIED_HEAD.rsplit(".", 1)[0]
+    if not raw.get("ensure_weight_tying") or TIED_HEAD not in saved or head_module in settings.modules_to_save:
+        return None
+    embedding = next((n for n in saved if n.endswith(".weight")
+                      and n[: -len(".weight")].rsplit(".", 1)[-1] in EMBEDDING_MODULES), None)
+    if embedding is None:
+        return None
+    return saved.pop(TIED_HEAD), embedding
 
 
 def _add_saved(saved: dict[str, str], name: str, key: str, file: Path) -> None:

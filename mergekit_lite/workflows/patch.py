@@ -296,6 +296,9 @@ def _copy_lora(new: Checkpoint, src: LoraDelta, lam: float, out: Path, force: bo
         else:
             value = saved
         tensors[key] = value.to(_dtype(key))
+    if adapter.head_copy is not None:  # peft loads the tied head's copy from its own key
+        head_key, embedding = adapter.head_copy
+        tensors[head_key] = tensors[adapter.saved[embedding]].clone()
     for name in src.targets():
         p = src.patch(name, new.info(name).shape, "cpu")
         assert p is not None
