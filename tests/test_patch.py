@@ -118,6 +118,11 @@ def test_lambda_scales_the_lora_on_top_of_a_saved_embedding(bases: tuple[Path, P
     assert cli.exit_code == 0, cli.output
     assert (f"warning: {recipe}:5: step 'port': 1 tensor(s) replaced by the adapter's saved copies, trained from "
             "the old base (model.embed_tokens.weight)") in " ".join(cli.output.split())
+    # ... but not a mergekit MODEL+LORA: MODEL is the base the adapter was trained on, and its
+    # saved modules replace MODEL's by design (peft's merge_and_unload); nothing to give there
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {old}+{adapter}\n  - model: {new}\n")
+    cli = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "o3")])
+    assert cli.exit_code == 0 and "replaced by the adapter" not in cli.output, cli.output
 
 
 def test_a_delta_to_a_tensor_the_new_base_stores_as_integers_is_refused(bases: tuple[Path, Path], tmp_path: Path) -> None:

@@ -561,8 +561,12 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
 
 def _note_replaced(plan: Plan) -> None:
     """Warn, before any work, about an adapter's saved tensors (modules_to_save) that replace the
-    base's: trained from the old base, they undo the new base's change to those tensors."""
+    base's: trained from the old base, they undo the new base's change to those tensors. Not for
+    a mergekit MODEL+LORA, whose MODEL is the base the adapter was trained on."""
+    merged = set(plan.recipe.options.get("merged_adapters") or ())
     for st in plan.steps.values():
+        if st.id in merged:
+            continue
         delta = plan.deltas.get(st.delta_key) if st.delta_key is not None else None
         kind = getattr(delta, "kind", None)
         if delta is None or kind is None:

@@ -320,6 +320,10 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
                        **_common(raw, model, file))
     if full_slice is not None:
         recipe.options["full_slice"] = full_slice  # the plan checks its range against the layer count
+    if lora_steps:
+        # MODEL+LORA: the adapter merged into the model it was trained on, as peft's
+        # merge_and_unload does: its saved modules replace MODEL's by design, no old base to give
+        recipe.options["merged_adapters"] = list(lora_steps)
     if model.tokenizer_source is not None:
         recipe.options["tokenizer_source"] = model.tokenizer_source  # the plan checks the models' ids agree
     if model.dtype is None and model.out_dtype is None:

@@ -82,8 +82,9 @@ class Recipe:
     (bool), `description` (str or None) and `notes` (list of one-line remarks, e.g. mergekit
     knobs that were accepted but change nothing); a mergekit recipe may add `full_slice` (its
     one slice's layer range), `promote_dtypes` (no dtype given: a float tensor is written in
-    the promotion of its inputs' dtypes, as mergekit's arithmetic leaves it) and
-    `tokenizer_source` (as written; the plan checks that the models' token ids agree with it).
+    the promotion of its inputs' dtypes, as mergekit's arithmetic leaves it),
+    `tokenizer_source` (as written; the plan checks that the models' token ids agree with it)
+    and `merged_adapters` (the ids of its MODEL+LORA steps).
     """
 
     inputs: dict[str, str]
