@@ -1,0 +1,296 @@
+"""Differential check against mergekit: the same mergekit recipes, run by both tools, every tensor compared.
+
+mlite promises that a mergekit recipe for a method it has gives mergekit's tensors (docs/recipes.md,
+"The mergekit shape"). The unit tests check each formula against a re-statement of mergekit's; this
+script checks the whole path against mergekit itself: recipe reading, parameter lookup (per-model
+values, layer gradients, filters), base handling, and the maths. It builds tiny float32
+Llama-layout checkpoints (a base and three fine-tunes), runs each case through `mlite merge` and
+`mergekit-yaml` (float32 both, so that mergekit's arithmetic dtype is mlite's), and compares every
+tensor.
+
+    python benchmarks/vs_mergekit.py --mergekit-venv /work/mk-venv            # every case
+    python benchmarks/vs_mergekit.py --mergekit-venv /work/mk-venv -k ties     # cases matching "ties"
+
+Each case says what agreement to expect: `bits` (identical), `rounding` (within float32
+rounding: the largest difference at most 1e-5 of the tensor's largest magnitude, a few hundred
+ulps at most), or `documented` (a difference the method's docs page explains; the numbers are
+reported, not judged). Random methods (DARE, DELLA) draw different masks by design, so they
+appear only at density 1, where nothing is dropped. The table goes to stdout and, with `--out`,
+to a markdown file. The exit status is 1 when a case misses its expectation or a tool fails.
+Nothing here is a unit test: mergekit is not a dependency of mlite, and CI does not run this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from safetensors import safe_open
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from mergekit_lite.synthetic import LlamaShape, build_model_set  # noqa: E402
+
+Expect = Literal["bits", "rounding", "documented"]
+ROUNDING_REL = 1e-5
+SHAPE = LlamaShape(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2)
+ENV_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One mergekit recipe. Model references are the names base, ft1, ft2, ft3; the script puts
+    the paths in. `expect` is the agreement the docs promise; `why` says where they explain it."""
+
+    key: str
+    method: str
+    models: tuple[Any, ...]  # "ft1" or {"model": "ft1", "parameters": {...}}
+    base: str | None = "base"
+    parameters: dict[str, Any] = field(default_factory=dict)
+    expect: Expect = "rounding"
+    why: str = ""
+
+    def recipe(self, paths: dict[str, Path]) -> dict[str, Any]:
+        def model(m: Any) -> dict[str, Any]:
+            if isinstance(m, str):
+                return {"model": str(paths[m])}
+            return {**m, "model": str(paths[m["model"]])}
+
+        data: dict[str, Any] = {"merge_method": self.method, "models": [model(m) for m in self.models],
+                                "dtype": "float32"}
+        if self.base is not None:
+            data["base_model"] = str(paths[self.base])
+        if self.parameters:
+            data["parameters"] = self.parameters
+        return data
+
+
+def weighted(*weights: Any, **extra: Any) -> tuple[dict[str, Any], ...]:
+    """ft1, ft2, ... with one weight each (and any other per-model parameters, one value each)."""
+    out = []
+    for i, w in enumerate(weights):
+        params = {"weight": w, **{k: v[i] for k, v in extra.items()}}
+        out.append({"model": f"ft{i + 1}", "parameters": params})
+    return tuple(out)
+
+
+FTS = ("ft1", "ft2", "ft3")
+ATTN_RULES = [{"filter": "self_attn", "value": 0.3}, {"filter": "mlp", "value": [0.2, 0.9]}, {"value": 0.6}]
+
+CASES: tuple[Case, ...] = (
+    Case("linear", "linear", weighted(1.0, 2.0, 0.5), base=None),
+    Case("linear normalize:false", "linear", weighted(0.2, 0.3, 0.1), base=None, parameters={"normalize": False}),
+    Case("linear gradient", "linear", weighted([0.0, 1.0], 1.0, [1.0, 0.0]), base=None),
+    Case("task_arithmetic", "task_arithmetic", weighted(0.3, 0.5, -0.2)),
+    Case("task_arithmetic lambda", "task_arithmetic", weighted(0.3, 0.5, 0.2), parameters={"lambda": 0.7}),
+    Case("task_arithmetic filters", "task_arithmetic", FTS, parameters={"weight": ATTN_RULES}),
+    Case("ties", "ties", weighted(0.5, 0.3, 0.2, density=[0.5, 0.7, 0.3])),
+    Case("ties normalize:false lambda", "ties", weighted(1.0, 0.6, 0.4, density=[0.4, 0.4, 0.4]),
+         parameters={"normalize": False, "lambda": 0.8}),
+    Case("dare_linear density 1", "dare_linear", weighted(0.4, 0.3, 0.3)),
+    Case("dare_ties density 1", "dare_ties", weighted(0.4, 0.3, 0.3)),
+    Case("breadcrumbs", "breadcrumbs", weighted(0.5, 0.3, 0.2), parameters={"density": 0.8, "gamma": 0.05}),
+    Case("breadcrumbs_ties", "breadcrumbs_ties", weighted(0.5, 0.3, 0.2),
+         parameters={"density": 0.8, "gamma": 0.05}),
+    Case("della density 1", "della", weighted(0.4, 0.3, 0.3), parameters={"density": 1.0, "epsilon": 0.0}),
+    Case("della_linear density 1", "della_linear", weighted(0.4, 0.3, 0.3),
+         parameters={"density": 1.0, "epsilon": 0.0}),
+    Case("model_stock", "model_stock", FTS),
+    Case("model_stock filter_wise", "model_stock", FTS, parameters={"filter_wise": True}),
+    Case("slerp", "slerp", ("ft1",), parameters={"t": 0.3}),
+    Case("slerp gradient", "slerp", ("ft1",), parameters={"t": [{"filter": "self_attn", "value": [0, 0.5, 1]},
+                                                                  {"value": 0.7}]}),
+    Case("sce", "sce", FTS),
+    Case("sce select_topk", "sce", FTS, parameters={"select_topk": 0.5}),
+    Case("nearswap", "nearswap", ("ft1",), parameters={"t": 0.0005}),
+    Case("nuslerp", "nuslerp", weighted(0.3, 0.7), base=None),
+    Case("nuslerp base", "nuslerp", weighted(0.6, 0.4)),
+    Case("nuslerp rows", "nuslerp", weighted(0.5, 0.5), base=None, parameters={"nuslerp_flatten": False}),
+    Case("nuslerp columns", "nuslerp", weighted(0.5, 0.5), base=None,
+         parameters={"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    Case("multislerp", "multislerp", weighted(0.5, 0.3, 0.2), base=None),
+    Case("multislerp base", "multislerp", weighted(1.0, 2.0, 1.0)),
+    Case("multislerp unnormalised", "multislerp", weighted(0.5, 0.25, 0.25), parameters={"normalize_weights": False}),
+    Case("karcher", "karcher", FTS, base=None),
+    Case("karcher max_iter", "karcher", FTS, base=None, parameters={"max_iter": 3, "tol": 1e-6}),
+    Case("arcee_fusion", "arcee_fusion", ("ft1",)),
+)
+
+
+@dataclass
+class Outcome:
+    case: Case
+    status: str  # "ok", "MISSED", "mlite refused", "mergekit failed", ...
+    tensors: int = 0
+    differing: int = 0
+    elements: int = 0
+    worst_rel: float = 0.0
+    worst_abs: float = 0.0
+    worst_tensor: str = ""
+    detail: str = ""
+
+
+def read_all(out_dir: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(out_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for name in h.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
+                tensors[name] = h.get_tensor(name)
+    return tensors
+
+
+def compare(case: Case, ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> Outcome:
+    """Every tensor mergekit wrote, against ours: largest difference relative to the tensor's
+    largest magnitude (the scale float32 rounding works at), and the count of differing entries."""
+    res = Outcome(case, "ok", tensors=len(theirs))
+    missing = sorted(set(theirs) - set(ours))
+    if missing:
+        res.status, res.detail = "MISSED", f"mlite lacks {missing[0]} (+{len(missing) - 1} more)"
+        return res
+    for name, b in theirs.items():
+        a = ours[name]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            res.status, res.detail = "MISSED", f"{name}: {a.dtype}{list(a.shape)} vs mergekit {b.dtype}{list(b.shape)}"
+            return res
+        a64, b64 = a.double(), b.double()
+        diff = (a64 - b64).abs()
+        res.elements += b.numel()
+        res.differing += int(((a != b) & ~(a.isnan() & b.isnan())).sum())
+        if bool((a64.isnan() != b64.isnan()).any()):
+            res.status, res.detail = "MISSED", f"{name}: NaN in one output only"
+            return res
+        worst = float(diff.nan_to_num(0.0).max()) if b.numel() else 0.0
+        scale = float(b64.abs().max()) if b.numel() else 0.0
+        rel = worst / scale if scale > 0 else (0.0 if worst == 0 else float("inf"))
+        if rel > res.worst_rel or (rel == res.worst_rel and not res.worst_tensor):
+            res.worst_rel, res.worst_abs, res.worst_tensor = rel, worst, name
+    if case.expect == "bits" and res.differing:
+        res.status = "MISSED"
+    elif case.expect == "rounding" and res.worst_rel > ROUNDING_REL:
+        res.status = "MISSED"
+    elif case.expect == "documented":
+        res.status = "documented"
+    return res
+
+
+def run(cmd: list[str], log: Path, env: dict[str, str]) -> int:
+    with log.open("w") as fh:
+        return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False).returncode
+
+
+def last_line(log: Path) -> str:
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error")]
+    return (errors or lines or ["(no output)"])[-1][:160]
+
+
+def run_case(case: Case, paths: dict[str, Path], work: Path, mergekit_yaml: Path, env: dict[str, str]) -> Outcome:
+    slug = re.sub(r"[^a-z0-9]+", "-", case.key.lower()).strip("-")
+    recipe = work / f"{slug}.yaml"
+    recipe.write_text(yaml.safe_dump(case.recipe(paths), sort_keys=False))
+    ours_dir, theirs_dir = work / f"{slug}.mlite", work / f"{slug}.mergekit"
+    mk_log, ml_log = work / f"{slug}.mergekit.log", work / f"{slug}.mlite.log"
+    if run([str(mergekit_yaml), str(recipe), str(theirs_dir), "--no-copy-tokenizer", "--allow-crimes"],
+           mk_log, env) != 0:
+        return Outcome(case, "mergekit failed", detail=last_line(mk_log))
+    mlite = [sys.executable, "-m", "cli.main", "merge", str(recipe), "--out", str(ours_dir), "--force"]
+    if run(mlite, ml_log, {**env, "PYTHONPATH": str(ROOT)}) != 0:
+        return Outcome(case, "mlite refused", detail=last_line(ml_log))
+    return compare(case, read_all(ours_dir), read_all(theirs_dir))
+
+
+def mergekit_version(venv: Path) -> str:
+    try:
+        got = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.metadata as m; "
+                              "print(m.version('mergekit'), m.version('torch'))"],
+                             capture_output=True, text=True, check=True).stdout.split()
+        return f"mergekit {got[0]} (torch {got[1]})"
+    except (subprocess.CalledProcessError, IndexError, OSError):
+        return "mergekit (version unknown)"
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.strip()
+        return rev + (" + uncommitted changes" if dirty else "")
+    except (subprocess.CalledProcessError, OSError):
+        return "unknown"
+
+
+def render(outcomes: Sequence[Outcome], header: str) -> str:
+    rows = ["| case | method | expect | status | worst Δ / max\\|x\\| | worst tensor | differing entries | note |",
+            "|---|---|---|---|---|---|---|---|"]
+    for o in outcomes:
+        frac = f"{o.differing}/{o.elements}" if o.elements else ""
+        rel = f"{o.worst_rel:.1e}" if o.elements else ""
+        rows.append(f"| {o.case.key} | {o.case.method} | {o.case.expect} | {o.status} | {rel} | "
+                    f"{o.worst_tensor} | {frac} | {(o.detail or o.case.why).replace('|', '/')} |")
+    return header + "\n" + "\n".join(rows) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mergekit-venv", required=True, type=Path, help="venv with mergekit installed")
+    ap.add_argument("-k", "--cases", default="*", help="only cases whose name or method matches this glob or text")
+    ap.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    ap.add_argument("--keep", type=Path, help="work here (kept) instead of a temporary directory")
+    args = ap.parse_args(argv)
+
+    mergekit_yaml = args.mergekit_venv / "bin" / "mergekit-yaml"
+    if not mergekit_yaml.exists():
+        print(f"error: {mergekit_yaml} not found (install mergekit in that venv)", file=sys.stderr)
+        return 2
+    pattern = args.cases if any(c in args.cases for c in "*?[") else f"*{args.cases}*"
+    cases = [c for c in CASES if fnmatch.fnmatch(c.key, pattern) or fnmatch.fnmatch(c.method, pattern)]
+    if not cases:
+        print(f"error: no case matches {args.cases!r}", file=sys.stderr)
+        return 2
+    env = {**os.environ, **ENV_OFFLINE}
+    with tempfile.TemporaryDirectory(prefix="mlite-vs-mergekit-") as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        models = build_model_set(work / "models", shape=SHAPE, n_finetunes=3, num_shards=2, seed=7)
+        paths = {"base": models.base, **{f"ft{i + 1}": p for i, p in enumerate(models.finetunes)}}
+        outcomes = []
+        for case in cases:
+            t0 = time.perf_counter()
+            o = run_case(case, paths, work, mergekit_yaml, env)
+            outcomes.append(o)
+            rel = f"{o.worst_rel:.1e}" if o.elements else "-"
+            print(f"{case.key:34s} {o.status:16s} {rel:>8s} {time.perf_counter() - t0:5.1f} s  {o.detail}",
+                  file=sys.stderr)
+    header = (f"# mlite against mergekit, tensor by tensor\n\n"
+              f"`python benchmarks/vs_mergekit.py` on {time.strftime('%Y-%m-%d %H:%M')}, mlite {git_revision()}, "
+              f"{mergekit_version(args.mergekit_venv)}, {platform.machine()} CPU. Models: a float32 Llama-layout base "
+              f"and three fine-tunes ({SHAPE.num_parameters():,} parameters each), recipes in mergekit's shape with "
+              f"`dtype: float32`. `rounding`: largest difference ≤ {ROUNDING_REL:g} × the tensor's largest "
+              f"magnitude.\n")
+    table = render(outcomes, header)
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+    bad = [o for o in outcomes if o.status not in ("ok", "documented")]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
