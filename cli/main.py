@@ -59,6 +59,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mos_cmd",
     "surgery_cmd",
     "probe_cmd",
+    "compat_cmd",
 )
 
 

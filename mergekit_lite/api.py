@@ -31,6 +31,7 @@ from .methods.registry import method_aliases as _method_aliases
 from .methods.surgery import DEFAULT_FRACTION as SURGERY_DEFAULT_FRACTION
 from .methods.surgery import DEFAULT_TARGET as SURGERY_DEFAULT_TARGET
 from .recipe.model import Recipe, load_recipe
+from .workflows import compat as _compat
 from .workflows import demo as _demo
 from .workflows import extract as _extract
 from .workflows import mos as _mos
@@ -39,7 +40,8 @@ from .workflows import surgery as _surgery
 
 __all__ = [
     "SURGERY_DEFAULT_FRACTION", "SURGERY_DEFAULT_TARGET", "all_methods", "get_method", "method_aliases", "run_demo",
-    "bank_add", "bank_export", "bank_list", "bank_set_prototypes", "collect_features", "dry_run", "extract",
+    "bank_add", "bank_export", "bank_list", "bank_set_prototypes", "collect_features", "compare_predictions",
+    "dry_run", "extract",
     "inspect", "merge", "mos_merge", "patch", "plan_recipe", "retrieve", "run_recipe", "surgery", "train_probe",
     "undo_surgery",
 ]
@@ -260,4 +262,8 @@ train_probe = arg.checked(
 collect_features = arg.checked(
     _surgery.collect_features, model_dir=arg.path_arg, pos_texts=arg.texts, neg_texts=arg.texts, out=arg.path_arg,
     batch_size=arg.positive_int, max_length=arg.positive_int, device=arg.device,
+)
+compare_predictions = arg.checked(
+    _compat.compare_predictions, old=arg.path_arg, new=arg.path_arg, metric=arg.optional(arg.string),
+    id_field=arg.optional(arg.string), where=arg.optional(arg.mapping),
 )

@@ -154,6 +154,14 @@ CASES: list[tuple[str, Call, str]] = [
     ("plan_recipe-recipe-None", lambda i, t: api.plan_recipe(None), "recipe"),
     # inspect
     ("inspect-path-int", lambda i, t: api.inspect(5), "path"),
+    ("compare_predictions-old-int", lambda i, t: api.compare_predictions(5, "n.jsonl"), "old"),
+    ("compare_predictions-new-None", lambda i, t: api.compare_predictions("o.jsonl", None), "new"),
+    ("compare_predictions-metric-list",
+     lambda i, t: api.compare_predictions("o.jsonl", "n.jsonl", metric=["acc"]), "metric"),
+    ("compare_predictions-id_field-int",
+     lambda i, t: api.compare_predictions("o.jsonl", "n.jsonl", id_field=1), "id_field"),
+    ("compare_predictions-where-list",
+     lambda i, t: api.compare_predictions("o.jsonl", "n.jsonl", where=["filter=x"]), "where"),
     ("inspect-path-None", lambda i, t: api.inspect(None), "path"),
     # patch, extract
     ("patch-base-None", _patch(base=None), "base"),
@@ -292,7 +300,7 @@ def test_accepted_forms_still_work(inputs: Inputs, tmp_path: Path) -> None:
 
 WRAPPED = ["get_method", "method_aliases", "run_demo", "patch", "extract", "bank_add", "bank_list", "bank_export",
            "bank_set_prototypes", "mos_merge", "retrieve", "surgery", "undo_surgery", "train_probe",
-           "collect_features"]
+           "collect_features", "compare_predictions"]
 
 
 @pytest.mark.parametrize("name", WRAPPED)
