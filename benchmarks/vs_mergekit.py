@@ -65,6 +65,7 @@ class Case:
     parameters: dict[str, Any] = field(default_factory=dict)
     expect: Expect = "rounding"
     why: str = ""
+    top: dict[str, Any] = field(default_factory=dict)  # other top-level keys (out_dtype, ...)
 
     def recipe(self, paths: dict[str, Path]) -> dict[str, Any]:
         def model(m: Any) -> dict[str, Any]:
@@ -78,7 +79,7 @@ class Case:
             data["base_model"] = str(paths[self.base])
         if self.parameters:
             data["parameters"] = self.parameters
-        return data
+        return {**data, **self.top}
 
 
 def weighted(*weights: Any, **extra: Any) -> tuple[dict[str, Any], ...]:
@@ -100,7 +101,13 @@ CASES: tuple[Case, ...] = (
     Case("task_arithmetic", "task_arithmetic", weighted(0.3, 0.5, -0.2)),
     Case("task_arithmetic lambda", "task_arithmetic", weighted(0.3, 0.5, 0.2), parameters={"lambda": 0.7}),
     Case("task_arithmetic filters", "task_arithmetic", FTS, parameters={"weight": ATTN_RULES}),
+    Case("task_arithmetic base listed", "task_arithmetic", ("base", *weighted(0.3, 0.5))),
+    Case("task_arithmetic lambda gradient", "task_arithmetic", weighted(0.3, 0.5, 0.2),
+         parameters={"lambda": [0.5, 1.5]}),
+    Case("task_arithmetic out_dtype bf16", "task_arithmetic", weighted(0.3, 0.5, 0.2),
+         top={"out_dtype": "bfloat16"}),
     Case("ties", "ties", weighted(0.5, 0.3, 0.2, density=[0.5, 0.7, 0.3])),
+    Case("ties density gradient", "ties", weighted(0.5, -0.3, 0.2, density=[[0.2, 0.9], 0.5, [0.9, 0.2]])),
     Case("ties normalize:false lambda", "ties", weighted(1.0, 0.6, 0.4, density=[0.4, 0.4, 0.4]),
          parameters={"normalize": False, "lambda": 0.8}),
     Case("dare_linear density 1", "dare_linear", weighted(0.4, 0.3, 0.3)),
@@ -111,7 +118,11 @@ CASES: tuple[Case, ...] = (
     Case("della density 1", "della", weighted(0.4, 0.3, 0.3), parameters={"density": 1.0, "epsilon": 0.0}),
     Case("della_linear density 1", "della_linear", weighted(0.4, 0.3, 0.3),
          parameters={"density": 1.0, "epsilon": 0.0}),
+    Case("breadcrumbs gamma 0", "breadcrumbs", weighted(0.5, 0.3, 0.2), parameters={"density": 0.5, "gamma": 0.0}),
     Case("model_stock", "model_stock", FTS),
+    Case("model_stock base listed", "model_stock", ("base", *FTS)),
+    Case("linear base_model", "linear", ("ft1", "ft2"), parameters={"weight": 1.0}),
+    Case("slerp both listed", "slerp", ("base", "ft2"), parameters={"t": 0.6}),
     Case("model_stock filter_wise", "model_stock", FTS, parameters={"filter_wise": True}),
     Case("slerp", "slerp", ("ft1",), parameters={"t": 0.3}),
     Case("slerp gradient", "slerp", ("ft1",), parameters={"t": [{"filter": "self_attn", "value": [0, 0.5, 1]},
