@@ -34,7 +34,7 @@ def methods(
         data = [
             {
                 "name": s.name, "aliases": api.method_aliases(s.name), "summary": s.summary, "paper": s.paper,
-                "needs_base": s.needs_base,
+                "needs_base": s.needs_base, "optional_base": s.optional_base,
                 "min_models": s.min_models, "max_models": s.max_models, "ordered": s.ordered,
                 "params": [
                     {"name": p.name, "aliases": list(p.aliases), "kind": p.kind, "default": p.default,

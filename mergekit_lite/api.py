@@ -162,7 +162,7 @@ def merge(
     rules as in a recipe); `model_parameters` gives one mapping per model for per-model values
     such as `weight` or `density`. For methods without a base (linear, slerp) a given `base`
     becomes the first model of an ordered method (mergekit's slerp shape) and is refused
-    otherwise.
+    otherwise; methods whose base is optional (nuslerp, multislerp) take it as their base.
     """
     arg.string(method, "method")
     base = arg.optional_path(base, "base")
@@ -176,7 +176,7 @@ def merge(
     # device, dtype, shard_size, seed, force and progress are checked by run_recipe before anything is read
 
     spec = _get_method(method)
-    if spec is not None and base is not None and not spec.needs_base:
+    if spec is not None and base is not None and not spec.needs_base and not spec.optional_base:
         if not spec.ordered:
             raise UsageError(f"method {method!r} takes no base model; list every model in `models`")
         models, base = [base, *models], None  # mergekit's slerp shape: the base is the start point

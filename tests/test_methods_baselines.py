@@ -78,6 +78,8 @@ LAMBDA = "lambda"
         ("breadcrumbs_ties", True, 1, None, False),
         ("della", True, 1, None, False),
         ("della_linear", True, 1, None, False),
+        ("nuslerp", False, 2, 2, False),
+        ("multislerp", False, 1, None, False),
     ],
 )
 def test_registry_entries(name: str, needs_base: bool, min_models: int, max_models: int | None, ordered: bool) -> None:

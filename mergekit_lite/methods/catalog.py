@@ -13,6 +13,8 @@ METHOD_MODULES: tuple[str, ...] = (
     "ties",
     "dare",
     "slerp",
+    "nuslerp",
+    "multislerp",
     "model_stock",
     "breadcrumbs",
     "della",

@@ -189,6 +189,9 @@ class MethodSpec:
     params: tuple[Param, ...]
     merge: MergeFn
     needs_base: bool = True
+    # With needs_base False: a base may still be given, and then the method uses it (mergekit's
+    # optional base: nuslerp and multislerp work on task vectors when there is one).
+    optional_base: bool = False
     min_models: int = 1
     max_models: int | None = None
     uses_delta: bool = False

@@ -17,6 +17,7 @@ with two models, v₀ = models[0] and v₁ = models[1] and no base is used. t = 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,15 +57,17 @@ class SlerpSums:
 
 class SlerpAngle:
     """Reducer over the row blocks of one tensor (in order): its `SlerpSums`, with the bits
-    `float64_sums` gives on the whole tensor."""
+    `float64_sums` gives on the whole tensor. `ends` picks the two vectors from a job (nuslerp
+    passes its own: the task vectors when there is a base)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ends: Callable[[TensorJob], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         self._sums = (FlatSum(), FlatSum(), FlatSum())
         self._order = BlockOrder()
+        self._ends = ends if ends is not None else endpoints
 
     def observe(self, job: TensorJob) -> None:
         self._order.check(job)
-        _add_products(self._sums, *endpoints(job))
+        _add_products(self._sums, *self._ends(job))
 
     def end_pass(self) -> bool:
         return True

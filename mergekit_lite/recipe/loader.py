@@ -255,7 +255,7 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
     if base_name is not None and base_item is not None:
         base_ref = Item(base_name, base_item.loc, base_item.key)
         listed = [m for m in models if m.ref.value == base_name]
-        if spec is None or spec.needs_base:
+        if spec is None or spec.needs_base or spec.optional_base:
             # mergekit lists the base among the models; it is θ₀, not a task vector.
             with_params = [m for m in listed if m.parameters]
             if with_params:

@@ -187,7 +187,7 @@ def _arity(step: RawStep, spec: MethodSpec, shape: str, problems: Problems) -> N
     base_key = "base_model" if shape == "mergekit" else "base"
     if spec.needs_base and step.base is None:
         problems.add(step.loc, f"{what} needs a base model ('{base_key}:')", _sub(step, base_key))
-    if not spec.needs_base and step.base is not None:
+    if not spec.needs_base and not spec.optional_base and step.base is not None:
         problems.add(step.base.loc, f"{what} takes no base model", step.base.key)
     if spec.uses_delta and step.delta is None:
         problems.add(step.loc, f"{what} needs a delta ('delta:': a PEFT adapter or a fine-tuned model)",
