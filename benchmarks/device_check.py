@@ -64,10 +64,12 @@ def cases() -> list[Case]:
         Case("della", step("della", three, density=0.5, epsilon=0.1, weight=0.3), True),
         Case("pcb (tensor)", step("pcb", three, ratio=0.1, clamp_ratio=0.01, scope="tensor"), True),
         Case("pcb (global)", step("pcb", three, ratio=0.1, clamp_ratio=0.01, scope="global"), True),
+        Case("nearswap", step("nearswap", ["ft1"], t=0.01), True),
         Case("dare_ties (rescale l1)", step("dare_ties", three, density=0.3, weight=0.3, rescale="l1"), False),
         Case("slerp", step("slerp", ["ft1", "ft2"], None, t=0.3), False),
         Case("model_stock", step("model_stock", three), False),
         Case("model_stock (filter_wise)", step("model_stock", three, filter_wise=True), False),
+        Case("sce", step("sce", three, select_topk=0.5), False),  # whole-tensor mean squares
         # the engine builds a LoRA's ΔW = B·A on the CPU (reader thread), whatever the device
         Case("portllm (LoRA)", {"id": "m", "method": "portllm", "base": "base", "delta": "lora"}, True),
     ]

@@ -80,6 +80,8 @@ LAMBDA = "lambda"
         ("della_linear", True, 1, None, False),
         ("nuslerp", False, 2, 2, False),
         ("multislerp", False, 1, None, False),
+        ("sce", True, 1, None, False),
+        ("nearswap", True, 1, 1, False),
     ],
 )
 def test_registry_entries(name: str, needs_base: bool, min_models: int, max_models: int | None, ordered: bool) -> None:
@@ -471,7 +473,7 @@ def test_model_stock_degenerate_cases() -> None:
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-                                    "della", "della_linear", "model_stock", "linear", "slerp"])
+                                    "della", "della_linear", "model_stock", "linear", "slerp", "sce"])
 @pytest.mark.parametrize("rescale", ["paper", "l1"])
 def test_all_zero_task_vectors_give_base(method: str, rescale: str) -> None:
     base = [0.5, -1.0, 2.0, 0.0, 3.0, -0.25]

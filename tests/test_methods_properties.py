@@ -25,7 +25,7 @@ SETTINGS = settings(max_examples=25, deadline=None)
 
 TASK_METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
                 "della_linear"]
-ALL_METHODS = [*TASK_METHODS, "linear", "model_stock", "slerp"]
+ALL_METHODS = [*TASK_METHODS, "linear", "model_stock", "slerp", "sce"]
 UNNORMALISED = {"task_arithmetic", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della_linear"}
 
 # quantised values: small tensors full of ties in magnitude, exactly representable in bf16

@@ -22,6 +22,8 @@ METHOD_MODULES: tuple[str, ...] = (
     "portllm",
     "mos",
     "surgery",
+    "sce",
+    "nearswap",
 )
 
 for _module in METHOD_MODULES:

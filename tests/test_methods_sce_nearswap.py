@@ -1,0 +1,336 @@
+"""SCE and NearSwap: golden values worked by hand, their laws, mergekit's formulas re-stated from
+the maths (arcee-ai/mergekit 0.1.5: merge_methods/sce.py, nearswap.py, and the sign consensus of
+generalized_task_arithmetic.py), mergekit-shaped recipes through the engine, and recipe errors.
+
+Against mergekit itself (tiny float32 Llama checkpoints, `mergekit-yaml`), see docs/methods/sce.md
+and nearswap.md for the measured numbers: NearSwap is bit for bit, SCE within an ulp or two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from helpers import load_dir
+from hypothesis import given
+from hypothesis import strategies as st
+from test_method_laws import LAWS
+from test_methods_properties import merge, tensors
+
+import mergekit_lite as mlite
+from mergekit_lite.errors import RecipeError
+from mergekit_lite.methods import sce
+from mergekit_lite.methods.registry import TensorJob, get_method
+from mergekit_lite.recipe.model import load_recipe
+from mergekit_lite.synthetic import build_model_set
+
+
+def T(values: Any) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def close(a: torch.Tensor, b: Any, tol: float = 1e-6) -> None:
+    torch.testing.assert_close(a, b if isinstance(b, torch.Tensor) else T(b), rtol=tol, atol=tol)
+
+
+def run_sce(base: Any, models: list[Any], select_topk: float = 1.0) -> torch.Tensor:
+    return merge("sce", T(base), [T(m) for m in models], select_topk=select_topk)
+
+
+def run_nearswap(base: Any, model: Any, t: float) -> torch.Tensor:
+    return merge("nearswap", T(base), [T(model)], t=t)
+
+
+# ============================================================================ golden values
+
+
+def test_sce_golden_equal_energies() -> None:
+    # τ1 = [1, −2, 0, 3], τ2 = [3, 2, 0, −1]: mean τ² = 14/4 for both → w = ½ each.
+    # Σ τ = [4, 0, 0, 2] → γ = + everywhere (a zero sum elects +).
+    # Agreeing: entry 0 both; entry 1 τ2 only (τ1 = −2); entry 2 none (zeros never agree); entry 3 τ1 only.
+    # Σ wᵢeᵢτᵢ = [2, 1, 0, 1.5], Σ wᵢeᵢ = [1, ½, 0 → 1e-6, ½] → τ = [2, 2, 0, 3]; + base 1.
+    close(run_sce([1, 1, 1, 1], [[2, -1, 1, 4], [4, 3, 1, 0]]), [3, 3, 1, 4])
+
+
+def test_sce_golden_energy_weights() -> None:
+    # τ1 = [2, 2] (mean τ² = 4), τ2 = [1, −1] (mean τ² = 1): w = [0.8, 0.2]. γ = sign([3, 1]) = +.
+    # entry 0: (0.8·2 + 0.2·1) / (0.8 + 0.2) = 1.8; entry 1: τ2 disagrees, 0.8·2 / 0.8 = 2.
+    close(run_sce([0, 0], [[2, 2], [1, -1]]), [1.8, 2.0])
+
+
+def test_sce_golden_selection_and_a_zero_sum() -> None:
+    # τ1 = [1, 0, 2, 5], τ2 = [1, 4, 2, 1], τ3 = [1, 2, −4, 3]. Population variances per entry:
+    # [0, 8/3, 8, 8/3]: 3 non-zero. select_topk 0.5 → k = int(3·0.5) = 1 → entry 2 alone.
+    # Masked: τ = [0,0,2,0], [0,0,2,0], [0,0,−4,0]; mean τ² = 1, 1, 4 → w = [1/6, 1/6, 4/6].
+    # Entry 2: Σ τ = 0 → γ = +; τ1, τ2 agree: (2/6 + 2/6) / (2/6) = 2. Others: nothing agrees → 0.
+    models = [[1, 0, 2, 5], [1, 4, 2, 1], [1, 2, -4, 3]]
+    close(run_sce([0, 0, 0, 0], models, 0.5), [0, 0, 2, 0])
+    # 0.7: k = int(2.1) = 2; entries 1 and 3 tie at 8/3 for second place: both kept (mergekit keeps
+    # one of them). All but entry 0 (variance 0) are then kept; entry 0's τ is 1 in every model but
+    # it is dropped. Masked τ1 = [0, 0, 2, 5], τ2 = [0, 4, 2, 1], τ3 = [0, 2, −4, 3]: mean τ² =
+    # [29/4, 21/4, 29/4] → w = [29, 21, 29]/79.
+    # Entry 1: τ = [0, 4, 2], γ = +, τ2 and τ3 agree: (21·4 + 29·2)/(21 + 29) = 142/50 = 2.84.
+    # Entry 2: τ = [2, 2, −4], Σ = 0 → +: (29·2 + 21·2)/(29 + 21) = 2.
+    # Entry 3: τ = [5, 1, 3], all agree: (29·5 + 21·1 + 29·3)/79 = 253/79.
+    close(run_sce([0, 0, 0, 0], models, 0.7), [0, 2.84, 2, 253 / 79])
+    close(run_sce([0, 0, 0, 0], models, 0.0), [0, 0, 0, 0])
+
+
+def test_sce_small_energies_fall_back_to_equal_weights() -> None:
+    # τ1 = [1e-4, 1e-4], τ2 = [4e-4, 0]: mean τ² = 1e-8 and 8e-8, sum 9e-8 < 1e-6 → w = ½ each
+    # (proportional weights would be 1/9 and 8/9). Entry 0: (1e-4 + 4e-4)/2 = 2.5e-4 (vs 3.7e-4).
+    # Entry 1: τ2 = 0 never agrees → τ1 = 1e-4.
+    close(run_sce([0, 0], [[1e-4, 1e-4], [4e-4, 0]]), [2.5e-4, 1e-4], tol=1e-10)
+    # Scaled up 100×, sum 9e-4: the energy weights apply: (1/9·0.01 + 8/9·0.04)/1 = 0.03667.
+    close(run_sce([0, 0], [[1e-2, 1e-2], [4e-2, 0]]), [(0.01 + 8 * 0.04) / 9, 1e-2], tol=1e-8)
+
+
+def test_sce_divisor_floor() -> None:
+    # τ1 = [1, 0], τ2 = [0, 2e-4]: w2 = mean(τ2²)/Σ = 2e-8/(0.5 + 2e-8) ≈ 4e-8 < 1e-6. At entry 1
+    # τ2 alone agrees, and the entry is w2·τ2 / 1e-6 ≈ 0.04·τ2, not τ2 (mergekit's floor, kept).
+    out = run_sce([0, 0], [[1.0, 0.0], [0.0, 2e-4]])
+    w2 = T(2e-8) / (T(0.5) + T(2e-8))
+    torch.testing.assert_close(out, torch.stack([T(1.0), T(2e-4) * w2 / T(1e-6)]), rtol=1e-6, atol=0)
+    assert 7e-6 < float(out[1]) < 9e-6
+
+
+def test_nearswap_golden() -> None:
+    # t = 0.1. entry 0: |d| = 0.001 ≤ t → w = 1 → 0.001. entry 1: |d| = 0.5 → w = 0.2 → −0.1.
+    # entry 2: equal → w = 1 (t/1e-6 clamped) → 0. entry 3: base 1, model 3 → w = 0.05 → 1.1.
+    # entry 4: base 5, model 4.95 → w = 1 → 4.95. So θ₀ + clamp(θ₁ − θ₀, −t, t).
+    base, model = [0, 0, 0, 1, 5], [0.001, -0.5, 0, 3, 4.95]
+    close(run_nearswap(base, model, 0.1), [0.001, -0.1, 0, 1.1, 4.95])
+    assert torch.equal(run_nearswap(base, model, 0.0), T(base))
+    assert torch.equal(run_nearswap(base, model, 10.0), T(model))
+
+
+def test_nearswap_below_the_distance_floor() -> None:
+    # |d| = 1e-7 < 1e-6: w = t/1e-6 = 0.5 for t = 5e-7, so the entry moves by 5e-8 (half of d).
+    out = run_nearswap([1.0], [1.0 + 2.0**-23], 5e-7)
+    w = 0.5
+    close(out, [w * (1.0 + 2.0**-23) + (1 - w) * 1.0], tol=0)
+
+
+def test_registry() -> None:
+    s, n = get_method("sce"), get_method("nearswap")
+    assert s is not None and n is not None
+    assert (s.needs_base, s.min_models, s.max_models, s.ordered) == (True, 1, None, False)
+    assert (n.needs_base, n.min_models, n.max_models, n.ordered) == (True, 1, 1, False)
+    assert s.defaults() == {"select_topk": 1.0, "int8_mask": False}
+    assert n.param("t").required and n.param("t").check(-0.1) and n.param("t").check(3.0) is None  # type: ignore[union-attr]
+    assert s.param("select_topk").check(1.5) and s.param("select_topk").check(0.0) is None  # type: ignore[union-attr]
+    assert n.row_local({}) and n.light and not s.row_local({}) and not s.light
+
+
+# ============================================================================ laws
+
+
+@LAWS
+@given(data=tensors(n_models=(1, 1)), n=st.integers(1, 4), k=st.sampled_from([0.2, 0.5, 0.99]))
+def test_sce_n_copies(data: Any, n: int, k: float) -> None:
+    """n copies give the model at select_topk 1 (every copy agrees, equal weights); below 1 the
+    variance across copies is 0 everywhere, nothing is selected, and the base comes back (as
+    in mergekit: SCE selects disagreement, and copies have none)."""
+    base, (model,) = data
+    copies = [model.clone() for _ in range(n)]
+    close(merge("sce", base, copies), model, 1e-5)
+    assert torch.equal(merge("sce", base, [model.clone() for _ in range(n)], select_topk=k), base)
+
+
+@LAWS
+@given(flat=st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=1, max_size=12),
+       n=st.integers(1, 4), k=st.sampled_from([0.0, 0.3, 1.0]))
+def test_sce_zero_task_vectors_give_the_base_exactly(flat: list[float], n: int, k: float) -> None:
+    base = T(flat)
+    assert torch.equal(merge("sce", base, [base.clone() for _ in range(n)], select_topk=k), base)
+
+
+@LAWS
+@given(data=tensors(n_models=(2, 4)), perm_seed=st.randoms(use_true_random=False),
+       k=st.sampled_from([0.3, 0.6, 1.0]))
+def test_sce_order_does_not_matter(data: Any, perm_seed: Any, k: float) -> None:
+    """Selection (variance: symmetric, exact float64 sums), election (exact in any order) and the
+    weights do not depend on the order; only float32 sums of the weights round differently."""
+    base, models = data
+    perm = list(range(len(models)))
+    perm_seed.shuffle(perm)
+    close(merge("sce", base, models, select_topk=k), merge("sce", base, [models[i] for i in perm], select_topk=k),
+          1e-5)
+
+
+@LAWS
+@given(data=tensors(n_models=(1, 1)), t=st.sampled_from([0.0, 0.1, 0.25, 0.6, 2.0]))
+def test_nearswap_moves_each_entry_by_at_most_t(data: Any, t: float) -> None:
+    """θ = θ₀ + clamp(θ₁ − θ₀, −t, t) up to rounding (every |θ₁ − θ₀| here is 0 or ≥ 0.25 ≫ 1e-6);
+    t = 0 is the base and a t ≥ 2·max|θ₁ − θ₀| the model, exactly."""
+    base, (model,) = data
+    out = merge("nearswap", base, [model], t=t)
+    close(out, base + (model - base).clamp(-t, t), 1e-5)
+    if t == 0:
+        assert torch.equal(out, base)
+    d = float((model - base).abs().max())
+    assert torch.equal(merge("nearswap", base, [model], t=2 * d + 1e-5), model)
+
+
+@pytest.mark.parametrize("method,params", [("sce", {"select_topk": 0.5}), ("sce", {}), ("nearswap", {"t": 0.05})])
+def test_disposable_models_give_the_same_bits(method: str, params: dict[str, Any], rng: torch.Generator) -> None:
+    base = torch.randn(17, 9, generator=rng)
+    n = 1 if method == "nearswap" else 3
+    models = [base + 0.1 * torch.randn(17, 9, generator=rng) for _ in range(n)]
+    spec = get_method(method)
+    job = TensorJob("w", base, models, {**spec.defaults(), **params})  # type: ignore[union-attr]
+    want = spec.merge(job)  # type: ignore[union-attr]
+    assert all(torch.equal(a, b) for a, b in zip(job.models, models, strict=True))
+    got = spec.merge(dataclasses.replace(job, models=[m.clone() for m in models], models_disposable=True))  # type: ignore[union-attr]
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+
+
+def test_empty_tensors() -> None:
+    for shape in ((0,), (0, 4), (3, 0)):
+        assert merge("sce", torch.zeros(shape), [torch.zeros(shape)] * 2, select_topk=0.5).shape == shape
+        assert merge("nearswap", torch.zeros(shape), [torch.zeros(shape)], t=0.1).shape == shape
+
+
+# ============================================================================ mergekit, re-stated
+
+
+def mk_sce(base: torch.Tensor, models: list[torch.Tensor], topk: float) -> torch.Tensor:
+    """mergekit's sce, re-stated: stacked task vectors, a float32 top-k of the variance, weights from
+    the mean square, a float32 sum for the sign vote and for both sums of the combination."""
+    tv = torch.stack([m - base for m in models])
+    n = tv.shape[0]
+    if topk < 1:
+        if topk <= 0:
+            keep = torch.zeros(base.shape)
+        else:
+            var = ((tv - tv.mean(0)) ** 2).mean(0)
+            k = int(torch.count_nonzero(var) * topk)
+            keep = torch.zeros(base.numel())
+            if k:
+                keep[torch.argsort(var.reshape(-1), descending=True)[:k]] = 1
+            keep = keep.view(base.shape)
+        tv = tv * keep
+    vote = torch.where(tv.sum(0) >= 0, 1.0, -1.0)
+    agree = (torch.sign(tv) == vote).float()
+    energy = (tv * tv).reshape(n, -1).mean(1)
+    total = float(energy.sum())
+    w = torch.full((n,), 1.0 / n) if abs(total) < 1e-6 else energy / total
+    ew = w.view(-1, *([1] * base.dim())) * agree
+    return base + (tv * ew).sum(0) / ew.sum(0).clamp(min=1e-6)
+
+
+def mk_nearswap(base: torch.Tensor, model: torch.Tensor, t: float) -> torch.Tensor:
+    w = (t / (base - model).abs().clamp(min=1e-6)).clamp(0, 1)
+    return w * model + (1 - w) * base
+
+
+def test_sce_is_mergekit_sce(rng: torch.Generator) -> None:
+    for shape, n, scale in (((24, 16), 3, 0.05), ((40,), 2, 0.01), ((12, 10), 4, 1.0), ((9, 7), 5, 3e-4)):
+        base = torch.randn(shape, generator=rng)
+        models = [base + scale * torch.randn(shape, generator=rng) for _ in range(n)]
+        models[0].view(-1)[::5] = base.view(-1)[::5]  # zero entries in one task vector: they never agree
+        for k in (1.0, 0.8, 0.3, 0.05, 0.0):
+            torch.testing.assert_close(merge("sce", base, models, select_topk=k), mk_sce(base, models, k),
+                                       rtol=1e-5, atol=1e-6 * (1 + scale))
+
+
+def test_sce_keep_count_is_mergekits_float32_product() -> None:
+    """mergekit multiplies a 0-d int64 count by a Python float: a float32 product. Past 2²⁴ the count
+    itself rounds, and near an integer the product may too; k is that product's floor."""
+    for nonzero, frac in ((10, 0.7), (131_072_003, 0.5), (33_554_431, 0.3), (7, 0.1), (1000, 0.999)):
+        assert sce.keep_count(nonzero, frac) == int(np.float32(nonzero) * np.float32(frac))
+    assert sce.keep_count(131_072_003, 0.5) == 65_536_000  # float64 would give 65_536_001
+
+
+def test_sce_variance_ties_keep_every_tied_entry() -> None:
+    """The documented difference: mergekit keeps exactly k entries, ours every entry tied with the
+    k-th largest variance (here k = 1 of two equal variances)."""
+    base = T([0, 0, 0])
+    models = [T([1, -1, 0]), T([-1, 1, 0])]
+    keep = sce.variance_mask([m - base for m in models], 0.5)  # k = int(2·0.5) = 1, variances [1, 1, 0]
+    assert keep.tolist() == [True, True, False]
+
+
+def test_nearswap_is_mergekit_nearswap_bit_for_bit(rng: torch.Generator) -> None:
+    base = torch.randn(64, 33, generator=rng)
+    model = base + 0.01 * torch.randn(64, 33, generator=rng)
+    model.view(-1)[::7] = base.view(-1)[::7]
+    for t in (0.0, 1e-7, 1e-3, 0.0071, 0.5, 3.0):
+        got = merge("nearswap", base, [model], t=t)
+        assert torch.equal(got, mk_nearswap(base, model, t)), t
+
+
+# ============================================================================ recipes and the engine
+
+
+def _mk_recipe(ms: Any, method: str, models: list[Any], parameters: dict[str, Any]) -> dict[str, Any]:
+    return {"merge_method": method, "base_model": str(ms.base),
+            "models": [{"model": str(ms.base)}, *({"model": str(m)} for m in models)],
+            "parameters": parameters, "dtype": "float32"}
+
+
+def test_mergekit_sce_recipe_through_the_engine(model_set: Any) -> None:
+    ms = model_set
+    recipe = _mk_recipe(ms, "sce", list(ms.finetunes), {"select_topk": 0.4, "int8_mask": True, "weight": 0.5})
+    result = mlite.run_recipe(recipe)
+    assert any("'weight' is not a parameter of 'sce'; ignored" in n for n in load_recipe(recipe).options["notes"])
+    base, fts = load_dir(ms.base), [load_dir(f) for f in ms.finetunes]
+    out = result.state_dict
+    assert set(out) == set(base)
+    for name, b in base.items():
+        if not b.is_floating_point():
+            continue
+        want = mk_sce(b.float(), [f[name].float() for f in fts], 0.4)
+        torch.testing.assert_close(out[name], want, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(out[k], base[k]) for k in out)
+
+
+def test_mergekit_nearswap_recipe_through_the_engine_in_row_blocks(model_set: Any, monkeypatch: Any) -> None:
+    """Row-local: with every matrix streamed in 64-entry blocks the output is mergekit's, bit for bit."""
+    from mergekit_lite.engine import stream
+
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 64)
+    ms = model_set
+    out = mlite.run_recipe(_mk_recipe(ms, "nearswap", [ms.finetunes[1]], {"t": 0.01})).state_dict
+    base, ft = load_dir(ms.base), load_dir(ms.finetunes[1])
+    for name, b in base.items():
+        if b.is_floating_point():
+            assert torch.equal(out[name], mk_nearswap(b.float(), ft[name].float(), 0.01)), name
+
+
+@pytest.mark.parametrize("recipe,message", [
+    ({"merge_method": "nearswap", "models": ["FT1", "FT2"], "parameters": {"t": 0.1}},
+     "method 'nearswap' takes at most 1 model(s), got 2"),
+    ({"merge_method": "nearswap", "models": ["FT1"]}, "method 'nearswap' needs parameter 't'"),
+    ({"merge_method": "nearswap", "models": ["FT1"], "parameters": {"t": -1}},
+     "parameter 't' of method 'nearswap': must be >= 0, got -1"),
+    ({"merge_method": "sce", "models": ["FT1"], "parameters": {"select_topk": 1.5}},
+     "parameter 'select_topk' of method 'sce': must be <= 1, got 1.5"),
+    ({"merge_method": "sce", "base_model": None, "models": ["FT1", "FT2"]}, "method 'sce' needs a base model"),
+])
+def test_recipe_mistakes_are_one_line_errors(model_set: Any, recipe: dict[str, Any], message: str) -> None:
+    ms = model_set
+    names = {"FT1": str(ms.finetunes[0]), "FT2": str(ms.finetunes[1])}
+    recipe = {"base_model": str(ms.base), **recipe, "models": [names[m] for m in recipe["models"]]}
+    if recipe["base_model"] is None:
+        del recipe["base_model"]
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_recipe(recipe)
+
+
+def test_shipped_recipes_run(tmp_path: Path) -> None:
+    """recipes/sce.yaml and recipes/nearswap.yaml run as shipped, on models beside them."""
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("sce.yaml", "nearswap.yaml"):
+        shutil.copy(repo / "recipes" / name, tmp_path / name)
+    build_model_set(tmp_path / "models")
+    base = load_dir(tmp_path / "models" / "base")
+    for name in ("sce.yaml", "nearswap.yaml"):
+        result = mlite.run_recipe(tmp_path / name, out=tmp_path / "out" / name)
+        out = load_dir(result.output)
+        assert set(out) == set(base) and any(not torch.equal(out[k], base[k]) for k in out)
