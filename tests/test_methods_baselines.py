@@ -82,6 +82,8 @@ LAMBDA = "lambda"
         ("multislerp", False, 1, None, False),
         ("sce", True, 1, None, False),
         ("nearswap", True, 1, 1, False),
+        ("karcher", False, 1, None, False),
+        ("arcee_fusion", True, 1, 1, False),
     ],
 )
 def test_registry_entries(name: str, needs_base: bool, min_models: int, max_models: int | None, ordered: bool) -> None:

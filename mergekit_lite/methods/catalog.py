@@ -24,6 +24,8 @@ METHOD_MODULES: tuple[str, ...] = (
     "surgery",
     "sce",
     "nearswap",
+    "karcher",
+    "arcee_fusion",
 )
 
 for _module in METHOD_MODULES:

@@ -213,6 +213,10 @@ class MethodSpec:
     # Inputs the method needs counting the base (slerp: two endpoints, a base and a model or two
     # models), checked with the recipe rather than at the first tensor.
     min_inputs: int = 0
+    # For a method that takes no base: a mergekit recipe's `base_model` left out of `models` is
+    # one more model, last (mergekit adds it to the inputs, and a method that ignores base-ness
+    # averages it in: karcher). Otherwise such a base_model is refused.
+    base_joins_models: bool = False
     # A problem with one tensor's resolved parameters (params, number of models) that ranges
     # alone cannot express (DELLA: density ± epsilon in (0, 1]); the plan asks it for every
     # tensor before the run, so a bad recipe fails before reading any tensor data.

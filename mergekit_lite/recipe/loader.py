@@ -270,6 +270,11 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
             # mergekit adds base_model to the inputs even when 'models' leaves it out (slerp's
             # base + one model); an ordered method takes it as its first endpoint.
             models = [RawModel(ref=base_ref), *models]
+        elif spec.base_joins_models:
+            # mergekit appends base_model to the inputs, and a method without a base averages it in
+            notes.append(f"{base_item.loc.prefix()}base_model '{model.base_model}' is not among 'models': "
+                         f"'{spec.name}' merges it as one more model (the last), as mergekit does")
+            models = [*models, RawModel(ref=base_ref)]
         else:
             problems.add(base_item.loc, f"method '{spec.name}' takes no base model and base_model "
                          f"'{model.base_model}' is not among 'models': list it there or remove it", "base_model")
