@@ -129,7 +129,7 @@ CASES: tuple[Case, ...] = (
                                                                   {"value": 0.7}]}),
     Case("sce", "sce", FTS),
     Case("sce select_topk", "sce", FTS, parameters={"select_topk": 0.5}),
-    Case("nearswap", "nearswap", ("ft1",), parameters={"t": 0.0005}),
+    Case("nearswap", "nearswap", ("ft1",), parameters={"t": 0.0005}, expect="bits"),
     Case("nuslerp", "nuslerp", weighted(0.3, 0.7), base=None),
     Case("nuslerp base", "nuslerp", weighted(0.6, 0.4)),
     Case("nuslerp rows", "nuslerp", weighted(0.5, 0.5), base=None, parameters={"nuslerp_flatten": False}),

@@ -340,6 +340,15 @@ def test_mergekit_tokenizer_union_and_base_without_base(models: Path) -> None:
     assert "needs a base_model" in msg
 
 
+def test_mergekit_linear_averages_a_base_model_left_out_of_models(models: Path) -> None:
+    """mergekit 0.1.5 adds base_model to linear's inputs (measured: the mean of base, a and b)."""
+    recipe = load_recipe(write(models, "merge_method: linear\nbase_model: ./models/base\n"
+                                       "models: [{model: ./models/a}]\nparameters: {weight: 1.0}\n"))
+    assert recipe.steps[0].models == ["a", "base"] and recipe.steps[0].base is None
+    assert any("'linear' merges it as one more model (the last), as mergekit does" in n
+               for n in recipe.options["notes"])
+
+
 def test_mergekit_base_not_used_by_method(models: Path) -> None:
     msg = one_problem(write(models, "merge_method: flinear\nbase_model: ./models/base\n"
                                     "models: [{model: ./models/a}]\n"))

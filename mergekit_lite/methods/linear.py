@@ -54,6 +54,7 @@ SPEC = register(
         merge=merge_linear,
         needs_base=False,
         min_models=1,
+        base_joins_models=True,  # mergekit averages a base_model that models leaves out in
         paper="https://arxiv.org/abs/2203.05482",
         doc="methods/linear.md",
         row_local=lambda params: True,
