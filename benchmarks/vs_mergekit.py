@@ -140,7 +140,12 @@ CASES: tuple[Case, ...] = (
     Case("multislerp unnormalised", "multislerp", weighted(0.5, 0.25, 0.25), parameters={"normalize_weights": False}),
     Case("karcher", "karcher", FTS, base=None),
     Case("karcher max_iter", "karcher", FTS, base=None, parameters={"max_iter": 3, "tol": 1e-6}),
-    Case("arcee_fusion", "arcee_fusion", ("ft1",)),
+    Case("arcee_fusion", "arcee_fusion", ("ft1",), expect="bits"),
+    Case("karcher base_model", "karcher", ("ft1", "ft2")),
+    Case("passthrough scale rules", "passthrough", ({"model": "ft1", "parameters": {"scale": ATTN_RULES}},),
+         base=None, expect="bits"),
+    Case("passthrough scale gradient", "passthrough", ("ft2",), base=None, parameters={"scale": [0.0, 2.0]},
+         expect="bits"),
 )
 
 

@@ -84,6 +84,7 @@ LAMBDA = "lambda"
         ("nearswap", True, 1, 1, False),
         ("karcher", False, 1, None, False),
         ("arcee_fusion", True, 1, 1, False),
+        ("passthrough", False, 1, 1, False),
     ],
 )
 def test_registry_entries(name: str, needs_base: bool, min_models: int, max_models: int | None, ordered: bool) -> None:

@@ -26,6 +26,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "nearswap",
     "karcher",
     "arcee_fusion",
+    "passthrough",
 )
 
 for _module in METHOD_MODULES:

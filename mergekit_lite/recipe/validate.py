@@ -36,6 +36,7 @@ MERGEKIT_PARAM_NAMES = frozenset({
     "weight", "density", "gamma", "epsilon", "lambda", "normalize", "int8_mask", "rescale", "t",
     "filter_wise", "select_topk", "eps", "max_iter", "tol", "nuslerp_flatten", "nuslerp_row_wise",
     "normalize_weights",
+    "scale",  # passthrough
 })
 
 # Parameters mergekit applies for a method where mlite does not implement them: ignoring them
