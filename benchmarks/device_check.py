@@ -70,6 +70,11 @@ def cases() -> list[Case]:
         Case("model_stock", step("model_stock", three), False),
         Case("model_stock (filter_wise)", step("model_stock", three, filter_wise=True), False),
         Case("sce", step("sce", three, select_topk=0.5), False),  # whole-tensor mean squares
+        Case("passthrough", step("passthrough", ["ft1"], None, scale=0.7), True),
+        Case("nuslerp", step("nuslerp", ["ft1", "ft2"], weight=0.4), False),  # float64 sums
+        Case("multislerp", step("multislerp", weighted), False),
+        Case("karcher", step("karcher", three, None), False),
+        Case("arcee_fusion", step("arcee_fusion", ["ft1"]), False),  # softmax and row sums
         # the engine builds a LoRA's ΔW = B·A on the CPU (reader thread), whatever the device
         Case("portllm (LoRA)", {"id": "m", "method": "portllm", "base": "base", "delta": "lora"}, True),
     ]
@@ -106,7 +111,8 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str,
 # Methods whose big tensors stream in row blocks after a pass that sums over them, or whose rows
 # are summed block by block: on the CPU the blocks give the whole tensor's bits (tests pin it);
 # on CUDA they may not (docs/cli.md), and this measures by how much.
-BLOCK_CASES = ("ties", "dare_ties (rescale l1)", "slerp", "model_stock", "model_stock (filter_wise)")
+BLOCK_CASES = ("ties", "dare_ties (rescale l1)", "slerp", "model_stock", "model_stock (filter_wise)", "nuslerp",
+               "multislerp", "karcher")
 SMALL_BLOCK = 1 << 14  # entries per row block in the blocked run: every matrix here streams
 
 
