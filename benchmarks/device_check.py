@@ -65,6 +65,8 @@ def cases() -> list[Case]:
         Case("pcb (tensor)", step("pcb", three, ratio=0.1, clamp_ratio=0.01, scope="tensor"), True),
         Case("pcb (global)", step("pcb", three, ratio=0.1, clamp_ratio=0.01, scope="global"), True),
         Case("nearswap", step("nearswap", ["ft1"], t=0.01), True),
+        Case("ram", step("ram", three, epsilon=1e-3), True),
+        Case("ramplus_tl", step("ramplus_tl", three, epsilon=1e-4, r=0.5, alpha=1.0), True),  # integer counts
         Case("dare_ties (rescale l1)", step("dare_ties", three, density=0.3, weight=0.3, rescale="l1"), False),
         Case("slerp", step("slerp", ["ft1", "ft2"], None, t=0.3), False),
         Case("model_stock", step("model_stock", three), False),
@@ -108,11 +110,11 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str,
     return {"differing": differing, "values": total, "max_abs_diff": worst}
 
 
-# Methods whose big tensors stream in row blocks after a pass that sums over them, or whose rows
+# Methods whose big tensors stream in row blocks after a pass that sums (or counts) over them, or whose rows
 # are summed block by block: on the CPU the blocks give the whole tensor's bits (tests pin it);
 # on CUDA they may not (docs/cli.md), and this measures by how much.
 BLOCK_CASES = ("ties", "dare_ties (rescale l1)", "slerp", "model_stock", "model_stock (filter_wise)", "nuslerp",
-               "multislerp", "karcher")
+               "multislerp", "karcher", "ramplus_tl")
 SMALL_BLOCK = 1 << 14  # entries per row block in the blocked run: every matrix here streams
 
 

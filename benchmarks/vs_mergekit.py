@@ -146,6 +146,18 @@ CASES: tuple[Case, ...] = (
          base=None, expect="bits"),
     Case("passthrough scale gradient", "passthrough", ("ft2",), base=None, parameters={"scale": [0.0, 2.0]},
          expect="bits"),
+    Case("ram", "ram", FTS, expect="bits"),
+    Case("ram epsilon 1e-2", "ram", FTS, parameters={"epsilon": 1e-2}, expect="bits"),
+    Case("ram epsilon 0, weights ignored", "ram", weighted(0.3, 2.0, -1.0), parameters={"epsilon": 0.0},
+         expect="bits"),
+    Case("ram base listed", "ram", ("base", "ft1", "ft2"), expect="bits"),
+    Case("ramplus_tl", "ramplus_tl", FTS, expect="bits"),
+    Case("ramplus_tl r alpha", "ramplus_tl", FTS, parameters={"r": 0.3, "alpha": 0.5}, expect="bits"),
+    Case("ramplus_tl epsilon 1e-3", "ramplus_tl", FTS, parameters={"epsilon": 1e-3, "r": 0.5, "alpha": 2.0},
+         expect="bits"),
+    Case("ramplus_tl two models", "ramplus_tl", ("ft1", "ft2"), parameters={"epsilon": 1e-2, "r": 2.0, "alpha": 5.0},
+         expect="bits"),
+    Case("ramplus_tl r gradient", "ramplus_tl", FTS, parameters={"r": [0.0, 1.0], "alpha": 1.0}, expect="bits"),
 )
 
 

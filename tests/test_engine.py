@@ -216,6 +216,7 @@ def test_dry_run_json_counts_equal_real_run(tmp_path, model_set):
     {"method": "della", "parameters": {"density": 0.5, "epsilon": 0.1, "rescale": "l1"}},  # ... their L1 norms
     {"method": "slerp", "base": None, "parameters": {"t": 0.3}},  # big tensors: a pass for their angle
     {"method": "karcher", "base": None},  # big tensors: a pass for their Gram matrix
+    {"method": "ramplus_tl", "parameters": {"r": 0.5}},  # big tensors: a pass for their shared/unique counts
 ])
 def test_dry_run_bytes_equal_real_run_with_statistics(tmp_path, model_set, monkeypatch, step):
     from mergekit_lite.engine import stream
@@ -781,6 +782,7 @@ def test_row_blocks_equal_whole_tensors(tmp_path, model_set, monkeypatch, method
     [{"id": "s", "method": "slerp", "models": ["a", "b"], "parameters": {"t": 0.3}}],
     [{"id": "s", "method": "model_stock", "base": "base", "models": ["a", "b", "c"]}],
     [{"id": "s", "method": "karcher", "models": ["a", "b", "c"]}],  # its Gram matrix, then blocks
+    [{"id": "s", "method": "ramplus_tl", "base": "base", "models": ["a", "b", "c"]}],  # its counts, then blocks
     [{"id": "s", "method": "model_stock", "base": "base", "models": ["a", "b"], "parameters": {"filter_wise": True}}],
     # six pairs of cosines per row: their mean rounded by the block's height before (blocks of 6 rows, 3 rows)
     [{"id": "s", "method": "model_stock", "base": "base", "models": ["a", "b", "c", "d"],

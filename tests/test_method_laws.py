@@ -235,7 +235,7 @@ def test_slerp_swapping_the_endpoints_mirrors_t(data: Any, t: float) -> None:
 # =============================================================================================
 
 EXACT_ZERO_METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-                      "della", "della_linear", "model_stock", "pcb", "sce"]
+                      "della", "della_linear", "model_stock", "pcb", "sce", "ram", "ramplus_tl"]
 floats32 = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 
 

@@ -85,6 +85,8 @@ LAMBDA = "lambda"
         ("karcher", False, 1, None, False),
         ("arcee_fusion", True, 1, 1, False),
         ("passthrough", False, 1, 1, False),
+        ("ram", True, 1, None, False),
+        ("ramplus_tl", True, 1, None, False),
     ],
 )
 def test_registry_entries(name: str, needs_base: bool, min_models: int, max_models: int | None, ordered: bool) -> None:

@@ -25,7 +25,7 @@ SETTINGS = settings(max_examples=25, deadline=None)
 
 TASK_METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
                 "della_linear"]
-ALL_METHODS = [*TASK_METHODS, "linear", "model_stock", "slerp", "sce"]
+ALL_METHODS = [*TASK_METHODS, "linear", "model_stock", "slerp", "sce", "ram", "ramplus_tl"]
 UNNORMALISED = {"task_arithmetic", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della_linear"}
 
 # quantised values: small tensors full of ties in magnitude, exactly representable in bf16
@@ -66,7 +66,7 @@ def sparse_params(method: str, n: int, draw_density: float, rescale: str = "pape
     out: dict[str, Any] = {}
     if spec.param("density"):  # type: ignore[union-attr]
         out["density"] = (draw_density,) * n
-    if spec.param("epsilon"):  # type: ignore[union-attr]
+    if getattr(spec.param("epsilon"), "per_model", False):  # DELLA's; ram's is a threshold, left at its default
         out["epsilon"] = (min(0.1, draw_density / 2, 1 - draw_density) if draw_density < 1 else 0.1,) * n
     if spec.param("rescale"):  # type: ignore[union-attr]
         out["rescale"] = rescale

@@ -31,9 +31,10 @@ TIES = {"id": "ties", "method": "ties", "base": "base", "models": ["a", "b"], "p
 
 def test_light_methods_are_the_cheap_elementwise_ones():
     assert get_method("linear").light and get_method("task_arithmetic").light and get_method("nearswap").light
+    assert get_method("ram").light
     assert not any(get_method(m).light
                    for m in ("dare_linear", "dare_ties", "ties", "breadcrumbs", "della", "pcb", "slerp", "portllm",
-                             "sce"))
+                             "sce", "ramplus_tl"))
 
 
 def test_compute_threads_rule(model_set):
@@ -104,6 +105,7 @@ def test_cli_threads_reaches_the_engine(tmp_path, model_set, four_threads, monke
     ("della", {"density": 0.5, "epsilon": 0.1, "rescale": "l1", "weight": 0.3}),
     ("slerp", {"t": 0.3}),
     ("sce", {"select_topk": 0.5}),
+    ("ramplus_tl", {"r": 0.5, "alpha": 1.0}),  # per-model counts over the tensor
 ])
 def test_whole_tensor_reductions_do_not_depend_on_threads(method, params):
     """Model Stock's cosines, the L1 rescale and slerp's dot products sum whole tensors: torch's

@@ -27,6 +27,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "karcher",
     "arcee_fusion",
     "passthrough",
+    "ram",
 )
 
 for _module in METHOD_MODULES:

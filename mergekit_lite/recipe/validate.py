@@ -37,6 +37,7 @@ MERGEKIT_PARAM_NAMES = frozenset({
     "filter_wise", "select_topk", "eps", "max_iter", "tol", "nuslerp_flatten", "nuslerp_row_wise",
     "normalize_weights",
     "scale",  # passthrough
+    "r", "alpha",  # ramplus_tl
 })
 
 # Parameters mergekit applies for a method where mlite does not implement them: ignoring them
