@@ -19,7 +19,7 @@ rounded exp/tanh except for arguments within ~1e-16 relative of a float32 roundi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -172,6 +172,35 @@ def flat_pieces(*tensors: torch.Tensor, size: int = _SUM_CHUNK) -> Iterator[tupl
     flat = [t.reshape(-1) for t in tensors]
     for start in range(0, flat[0].numel(), size):
         yield tuple(f[start : start + size] for f in flat)
+
+
+def combine64(vectors: Sequence[torch.Tensor], coefficients: Sequence[float], out: torch.Tensor, *,
+              minus: torch.Tensor | None = None) -> torch.Tensor:
+    """out = Σ kᵢ·(vᵢ − minus), the products and their sum in float64, rounded once to out's dtype.
+
+    For coefficients found from a whole tensor's sums (karcher, multislerp): they can be large
+    and of opposite signs when the inputs nearly cancel (a mean direction of near-opposite
+    vectors divides by its small norm), where a float32 sum of the products loses every digit
+    the float64 one keeps. vᵢ − minus is rounded in vᵢ's dtype first, as task vectors are
+    everywhere else. Elementwise, a bounded piece at a time, so a row block gives the bits of
+    the whole tensor; `out` may be one of the inputs (each piece is read before it is written).
+    """
+    terms = [(v, k) for v, k in zip(vectors, coefficients, strict=True) if k != 0.0]
+    if not terms:
+        return out.zero_()
+    flat_out = out.view(-1)
+    start = 0
+    extra = () if minus is None else (minus,)
+    for pieces in flat_pieces(*(v for v, _ in terms), *extra):
+        base = pieces[-1] if minus is not None else None
+        acc: torch.Tensor | None = None
+        for piece, (_, k) in zip(pieces, terms, strict=False):
+            x = (piece if base is None else piece - base).to(torch.float64).mul_(k)
+            acc = x if acc is None else acc.add_(x)  # product rounded, then added: no fused multiply-add
+        assert acc is not None
+        flat_out[start : start + acc.numel()] = acc
+        start += acc.numel()
+    return out
 
 
 def fixed_order_sum(x: torch.Tensor) -> float:

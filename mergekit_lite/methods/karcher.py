@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RecipeError
-from .detmath import FlatSum, flat_pieces
+from .detmath import FlatSum, combine64, flat_pieces
 from .registry import BlockOrder, MethodSpec, Param, TensorJob, register
 from .task_arithmetic import check_shapes
 
@@ -173,24 +173,6 @@ def _inputs(job: TensorJob) -> Sequence[torch.Tensor]:
         raise RecipeError(f"karcher: needs at least one model (tensor {job.name})")
     check_shapes(job, job.models, job.models[0])
     return job.models
-
-
-def combine64(models: Sequence[torch.Tensor], coefficients: Sequence[float], out: torch.Tensor) -> torch.Tensor:
-    """out = Σ kᵢvᵢ summed in float64 a bounded piece at a time, rounded once to out's dtype.
-
-    Elementwise, so a row block gives the bits of the whole tensor. `out` may be one of the
-    models: each piece is read before it is written.
-    """
-    terms = [(m, k) for m, k in zip(models, coefficients, strict=True) if k != 0.0]
-    flat_out = out.view(-1)
-    start = 0
-    for pieces in flat_pieces(*(m for m, _ in terms)):
-        acc = pieces[0].to(torch.float64).mul_(terms[0][1])
-        for piece, (_, k) in zip(pieces[1:], terms[1:], strict=True):
-            acc.add_(piece.to(torch.float64).mul_(k))  # product rounded, then added: no fused multiply-add
-        flat_out[start : start + acc.numel()] = acc
-        start += acc.numel()
-    return out
 
 
 def merge_karcher(job: TensorJob) -> torch.Tensor:

@@ -14,7 +14,7 @@ The tangent mean is zero: Σ wᵢuᵢ = m and Σ wᵢ(uᵢ·m̂) = m·m̂ = ‖m
 the result is m̂ · cos(eps) · Σ wᵢnᵢ, a linear combination Σ cᵢvᵢ of the inputs. Every cᵢ
 follows from the Gram matrix Gᵢⱼ = vᵢ·vⱼ (nᵢ² = Gᵢᵢ, ‖m‖² = Σ aᵢaⱼGᵢⱼ with aᵢ = wᵢ/(nᵢ + eps)),
 which we take as float64 sums of the exact float64 products in `detmath`'s fixed order; the
-combination runs in float32. mergekit computes T in its compute dtype, where it is rounding
+combination is summed in float64 and rounded once (`detmath.combine64`). mergekit computes T in its compute dtype, where it is rounding
 noise of the size of that dtype's epsilon relative to m̂, and adds it: the one difference from
 it beyond the rounding of the final combination. Like slerp, a big tensor streams in row blocks
 after a pass that takes the Gram sums over all of them (`GramSums`).
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import RecipeError
-from .detmath import FlatSum, flat_pieces
+from .detmath import FlatSum, combine64, flat_pieces
 from .registry import BlockOrder, MethodSpec, Param, TensorJob, register
 from .task_arithmetic import check_shapes, weight_sum
 
@@ -114,9 +114,10 @@ def multislerp_coefficients(gram: Sequence[Sequence[float]], weights: Sequence[f
 
 
 def merge_multislerp(job: TensorJob) -> torch.Tensor:
-    """Σ cᵢvᵢ (+ θ₀), each task vector made (and scaled) in turn in one scratch buffer, or in the
-    models' own buffers when the engine hands them over; on a row block the coefficients come
-    from the Gram sums over the whole tensor (`job.stats`)."""
+    """Σ cᵢvᵢ (+ θ₀), the sum in float64 rounded once (`detmath.combine64`: the cᵢ grow as 1/‖m‖
+    and cancel when the directions nearly do, where a float32 sum of the terms would keep
+    nothing), written into a model's own buffer when the engine hands them over; on a row block
+    the coefficients come from the Gram sums over the whole tensor (`job.stats`)."""
     _check_job(job)
     if len(job.models) == 1:  # no interpolation: the model itself, as mergekit (base or not)
         return job.models[0] if job.models_disposable else job.models[0].clone()
@@ -130,24 +131,11 @@ def merge_multislerp(job: TensorJob) -> torch.Tensor:
         raise RuntimeError(f"multislerp: no Gram sums for a row block of tensor {job.name}")
     coeffs = multislerp_coefficients(gram, job.params["weight"], normalize=bool(job.params["normalize_weights"]),
                                      eps=float(job.params["eps"]), name=job.name)
-    base, own = job.base, job.models_disposable
-    out: torch.Tensor | None = None
-    scratch: torch.Tensor | None = None
-    for m, c in zip(job.models, coeffs, strict=True):
-        if own:  # cᵢ(θᵢ − θ₀) in the model's own buffer
-            term = (m if base is None else m.sub_(base)).mul_(c)
-        elif out is None:  # the first term is the output buffer
-            term = m * c if base is None else torch.sub(m, base).mul_(c)
-        else:
-            scratch = torch.empty_like(m) if scratch is None else scratch
-            term = torch.mul(m, c, out=scratch) if base is None else torch.sub(m, base, out=scratch).mul_(c)
-        if out is None:
-            out = term
-        else:
-            out += term
-    assert out is not None
-    if base is not None:
-        out += base
+    first = job.models[0]
+    out = first if job.models_disposable and first.is_contiguous() else torch.empty_like(first)
+    combine64(job.models, coeffs, out, minus=job.base)
+    if job.base is not None:
+        out += job.base  # the rounded Σ cᵢτᵢ, then the base, as mergekit adds it
     return out
 
 
