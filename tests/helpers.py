@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
 from mergekit_lite.io import shard_file
 from mergekit_lite.io.shard_file import DirectShardFile
+from mergekit_lite.methods.registry import TensorJob, get_method
 
 
 def load_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -43,3 +47,17 @@ def force_direct_io(monkeypatch) -> None:
         return real(cls, path, size) or direct_file_on_plain_fd(path, size)
 
     monkeypatch.setattr(DirectShardFile, "open", classmethod(open_or_emulate))
+
+
+def assert_disposable_gives_the_same_bits(method: str, base: torch.Tensor | None, models: Sequence[torch.Tensor],
+                                          params: Mapping[str, Any]) -> None:
+    """The method leaves its inputs alone when they are not disposable, and given disposable
+    copies (the engine's `models_disposable`) returns the same bits, signed zeros included."""
+    spec = get_method(method)
+    assert spec is not None
+    job = TensorJob("w", base, list(models), {**spec.defaults(), **params})
+    originals = [m.clone() for m in models]
+    want = spec.merge(job)
+    assert all(torch.equal(a, b) for a, b in zip(job.models, originals, strict=True))
+    got = spec.merge(dataclasses.replace(job, models=[m.clone() for m in originals], models_disposable=True))
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())

@@ -8,14 +8,13 @@ Against mergekit 0.1.5 itself (`mergekit-yaml`, `dtype: float32`), both methods 
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import load_dir
+from helpers import assert_disposable_gives_the_same_bits, load_dir
 from hypothesis import given
 from hypothesis import strategies as st
 from test_method_laws import LAWS
@@ -195,12 +194,7 @@ def test_disposable_models_give_the_same_bits(method: str, params: dict[str, Any
     base = torch.randn(17, 9, generator=rng)
     models = [base + 0.1 * torch.randn(17, 9, generator=rng) * (torch.rand(17, 9, generator=rng) < 0.6)
               for _ in range(3)]
-    spec = get_method(method)
-    job = TensorJob("w", base, models, {**spec.defaults(), **params})  # type: ignore[union-attr]
-    want = spec.merge(job)  # type: ignore[union-attr]
-    assert all(torch.equal(a, b) for a, b in zip(job.models, models, strict=True))
-    got = spec.merge(dataclasses.replace(job, models=[m.clone() for m in models], models_disposable=True))  # type: ignore[union-attr]
-    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+    assert_disposable_gives_the_same_bits(method, base, models, params)
 
 
 def test_empty_tensors_and_no_models() -> None:

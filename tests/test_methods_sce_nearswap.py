@@ -8,7 +8,6 @@ and nearswap.md for the measured numbers: NearSwap is bit for bit, SCE within an
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import load_dir
+from helpers import assert_disposable_gives_the_same_bits, load_dir
 from hypothesis import given
 from hypothesis import strategies as st
 from test_method_laws import LAWS
@@ -25,7 +24,7 @@ from test_methods_properties import merge, tensors
 import mergekit_lite as mlite
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.methods import sce
-from mergekit_lite.methods.registry import TensorJob, get_method
+from mergekit_lite.methods.registry import get_method
 from mergekit_lite.recipe.model import load_recipe
 from mergekit_lite.synthetic import build_model_set
 
@@ -182,12 +181,7 @@ def test_disposable_models_give_the_same_bits(method: str, params: dict[str, Any
     base = torch.randn(17, 9, generator=rng)
     n = 1 if method == "nearswap" else 3
     models = [base + 0.1 * torch.randn(17, 9, generator=rng) for _ in range(n)]
-    spec = get_method(method)
-    job = TensorJob("w", base, models, {**spec.defaults(), **params})  # type: ignore[union-attr]
-    want = spec.merge(job)  # type: ignore[union-attr]
-    assert all(torch.equal(a, b) for a, b in zip(job.models, models, strict=True))
-    got = spec.merge(dataclasses.replace(job, models=[m.clone() for m in models], models_disposable=True))  # type: ignore[union-attr]
-    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+    assert_disposable_gives_the_same_bits(method, base, models, params)
 
 
 def test_empty_tensors() -> None:
