@@ -229,3 +229,89 @@ def test_mergekit_recipe_runs_unchanged(tmp_path: Path, model_set: Any, listed_b
         assert torch.equal(out[name], mk_fusion(base[name], model[name])), name
         changed += int(not torch.equal(out[name], base[name]))
     assert changed > 0
+
+
+# ------------------------------------------------------------ row blocks
+
+
+def streamed(base: torch.Tensor, model: torch.Tensor, bounds: list[tuple[int, int]]) -> tuple[torch.Tensor, int]:
+    """What the engine does for a big tensor: `FenceSelect` over its row blocks, then each block."""
+    spec = get_method("arcee_fusion")
+    assert spec is not None and spec.tensor_reducer is not None
+    reducer = spec.tensor_reducer({}, 1)
+    assert reducer is not None
+    passes = 0
+    while True:
+        passes += 1
+        for a, b in bounds:
+            reducer.observe(TensorJob("w", base[a:b], [model[a:b]], {}, rows=(a, b)))
+        if reducer.end_pass():
+            break
+    stats = reducer.result()
+    blocks = [spec.merge(TensorJob("w", base[a:b], [model[a:b].clone()], {}, stats=stats, rows=(a, b),
+                                   models_disposable=True)) for a, b in bounds]
+    return torch.cat(blocks), passes
+
+
+def blocks_of(rows: int, *cuts: int) -> list[tuple[int, int]]:
+    edges = [0, *cuts, rows]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (700, 500), (40, 6, 9)])
+@pytest.mark.parametrize("kind", ["dense", "sparse", "scaled rows"])
+def test_row_blocks_give_the_whole_tensors_bits(shape: tuple[int, ...], kind: str) -> None:
+    """(700×500: more importances than the selection's sample, so it brackets and gathers.)"""
+    g = torch.Generator().manual_seed(shape[0] + len(kind))
+    base = torch.randn(shape, generator=g)
+    delta = 0.02 * torch.randn(shape, generator=g)
+    if kind == "sparse":  # most importances 0: quantiles inside a run of zeros
+        delta *= torch.rand(shape, generator=g) < 0.1
+    elif kind == "scaled rows":
+        delta *= torch.rand(*shape[:-1], 1, generator=g) * 10
+    model = base + delta
+    got, passes = streamed(base, model, blocks_of(shape[0], 1, shape[0] // 3, shape[0] // 3 + 1))
+    assert torch.equal(got, fusion(base, model)) and passes == 2
+    if shape == (300, 200):
+        assert torch.equal(got, mk_fusion(base, model))
+
+
+def test_row_blocks_of_constant_rows_and_of_a_model_equal_to_the_base() -> None:
+    """Rows of ones (norm weights stacked): a change that keeps a row constant has KL 0, every
+    importance is 0, the fence is 0 and every entry takes the model's value; a model equal to
+    the base gives the base. Blocks agree with the whole tensor (and with mergekit) on both."""
+    g = torch.Generator().manual_seed(13)
+    ones = torch.ones(30, 16)
+    lifted = torch.cat([torch.full((10, 16), 1.01), torch.ones(20, 16)])
+    for base, model in ((ones, lifted), (ones, ones.clone()), (ones, 1 + 0.05 * torch.randn(30, 16, generator=g))):
+        got, _ = streamed(base, model, blocks_of(30, 7, 8, 19))
+        assert torch.equal(got, fusion(base, model)) and torch.equal(got, mk_fusion(base, model))
+    assert torch.equal(streamed(ones, lifted, blocks_of(30, 7))[0], lifted)
+    base = torch.randn(50, 20, generator=g)
+    assert torch.equal(streamed(base, base.clone(), blocks_of(50, 25))[0], base)
+
+
+def test_row_block_without_a_fence_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="no whole-tensor fence"):
+        get_method("arcee_fusion").merge(TensorJob("w", torch.zeros(4, 2), [torch.ones(4, 2)], {}, rows=(0, 4)))  # type: ignore[union-attr]
+
+
+def test_big_tensors_stream_through_the_engine(tmp_path: Path, model_set: Any, monkeypatch: Any) -> None:
+    """Tensors over the whole-tensor limit stream in row blocks after the fence's two passes, the
+    others (1-D norms of ones among them) stay whole: the bits of whole tensors, mergekit's."""
+    from mergekit_lite.engine import stream
+
+    ms = model_set
+    recipe = {"merge_method": "arcee_fusion", "base_model": str(ms.base), "models": [{"model": str(ms.finetunes[0])}],
+              "dtype": "float32"}
+    whole = mlite.run_recipe(recipe).state_dict
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 100)  # blocks of 6 rows of 16; whole up to 800 entries
+    monkeypatch.setattr(stream, "WHOLE_TENSOR_BLOCKS", 8)
+    seen: list[tuple[str, tuple[int, int] | None]] = []
+    result = mlite.run_recipe(recipe, tensor_hook=lambda name, job, out: seen.append((name, job.rows)))
+    assert sum(1 for n, r in seen if n == "model.embed_tokens.weight" and r is not None) > 4
+    assert ("model.layers.0.input_layernorm.weight", None) in seen
+    assert [k for k in whole if not torch.equal(whole[k], result.state_dict[k])] == []
+    base, model = load_dir(ms.base), load_dir(ms.finetunes[0])
+    assert all(torch.equal(result.state_dict[n], mk_fusion(base[n], model[n])) for n in base)
+    assert [p["passes"] for p in result.passes if p["kind"] == "tensor statistics"] == [2]

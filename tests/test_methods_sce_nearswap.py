@@ -8,6 +8,7 @@ and nearswap.md for the measured numbers: NearSwap is bit for bit, SCE within an
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from test_methods_properties import merge, tensors
 import mergekit_lite as mlite
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.methods import sce
-from mergekit_lite.methods.registry import get_method
+from mergekit_lite.methods.registry import TensorJob, get_method
 from mergekit_lite.recipe.model import load_recipe
 from mergekit_lite.synthetic import build_model_set
 
@@ -328,3 +329,146 @@ def test_shipped_recipes_run(tmp_path: Path) -> None:
         result = mlite.run_recipe(tmp_path / name, out=tmp_path / "out" / name)
         out = load_dir(result.output)
         assert set(out) == set(base) and any(not torch.equal(out[k], base[k]) for k in out)
+
+
+# ============================================================================ row blocks
+
+
+def streamed(method: str, base: torch.Tensor, models: list[torch.Tensor], params: dict[str, Any],
+             bounds: list[tuple[int, int]]) -> tuple[torch.Tensor, Any, int]:
+    """What the engine does for a big tensor: the method's `tensor_reducer` over the row blocks
+    (as many passes as it asks for), then every block merged with its statistics."""
+    spec = get_method(method)
+    assert spec is not None and spec.tensor_reducer is not None
+    resolved = {**spec.defaults(), **params}
+    reducer = spec.tensor_reducer(resolved, len(models))
+    assert reducer is not None
+    passes = 0
+    while True:
+        passes += 1
+        for a, b in bounds:
+            reducer.observe(TensorJob("w", base[a:b], [m[a:b] for m in models], resolved, rows=(a, b)))
+        if reducer.end_pass():
+            break
+    stats = reducer.result()
+    blocks = [spec.merge(TensorJob("w", base[a:b], [m[a:b].clone() for m in models], resolved, stats=stats,
+                                   rows=(a, b), models_disposable=True)) for a, b in bounds]
+    return torch.cat(blocks), stats, passes
+
+
+def blocks_of(rows: int, *cuts: int) -> list[tuple[int, int]]:
+    edges = [0, *cuts, rows]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def whole_sce(base: torch.Tensor, models: list[torch.Tensor], **params: Any) -> torch.Tensor:
+    return merge("sce", base, [m.clone() for m in models], **params)
+
+
+def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
+
+
+@pytest.mark.parametrize("topk", [0.5, 0.3, 0.05, 0.999, 1.0, 0.0])
+@pytest.mark.parametrize("scale", [1e-1, 1e-4])  # energy weights; the 1e-6 guard firing (equal weights)
+def test_sce_row_blocks_give_the_whole_tensors_bits(topk: float, scale: float) -> None:
+    g = torch.Generator().manual_seed(int(topk * 1000) + int(scale * 1e4))
+    base = torch.randn(300, 70, generator=g)
+    models = [base + scale * torch.randn(300, 70, generator=g) * s for s in (1.0, 2.0, 0.5)]
+    models[1][::7] = base[::7]  # zero task-vector entries: they never agree
+    want = whole_sce(base, models, select_topk=topk)
+    got, stats, passes = streamed("sce", base, models, {"select_topk": topk}, blocks_of(300, 1, 90, 91, 200))
+    assert_same_bits(got, want)
+    assert passes == (3 if 0 < topk < 1 else 1)
+    guard = scale < 1e-3 or topk == 0.0  # Σ mean(τ²) ≈ 5e-8 < 1e-6 (or 0): equal weights
+    assert len(set(stats.weights)) == (1 if guard else 3)
+
+
+def test_sce_row_blocks_with_more_values_than_the_selection_sample() -> None:
+    """700×500 spreads: the float32 selection samples them (more than SAMPLE_CAP) and is still exact."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(700, 500, generator=g)
+    models = [base + 0.01 * torch.randn(700, 500, generator=g) for _ in range(3)]
+    want = whole_sce(base, models, select_topk=0.4)
+    got, _, _ = streamed("sce", base, models, {"select_topk": 0.4}, blocks_of(700, 100, 333, 600))
+    assert_same_bits(got, want)
+
+
+def test_sce_row_blocks_with_ties_at_the_variance_cut() -> None:
+    """bf16-quantised deltas of a few sizes: many entries share a spread, and the cut falls inside a
+    run of ties, which both paths keep whole (more than k entries)."""
+    g = torch.Generator().manual_seed(10)
+    base = torch.zeros(64, 50)
+    steps = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]) * 2.0**-10
+    models = [steps[torch.randint(5, (64, 50), generator=g)] for _ in range(3)]
+    taus = [m - base for m in models]
+    v = sce.spread(taus)
+    for topk in (0.5, 0.3, 0.77):
+        k = sce.keep_count(int(torch.count_nonzero(v)), topk)
+        kept = sce.variance_mask(taus, topk)
+        assert int(kept.sum()) > k  # a tie at the cut, all of it kept
+        want = whole_sce(base, models, select_topk=topk)
+        got, stats, _ = streamed("sce", base, models, {"select_topk": topk}, blocks_of(64, 5, 6, 40))
+        assert stats.cut == float(sce.kth_largest(v, k))
+        assert_same_bits(got, want)
+
+
+@pytest.mark.parametrize("topk", [0.5, 1.0])
+def test_sce_row_blocks_where_every_variance_is_zero(topk: float) -> None:
+    """Copies of one model (and zero task vectors): no spread to select, k = 0, the base; at
+    select_topk 1 the copies give the model."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(40, 30, generator=g)
+    model = base + 0.1 * torch.randn(40, 30, generator=g)
+    for models in ([model.clone() for _ in range(3)], [base.clone(), base.clone()]):
+        want = whole_sce(base, models, select_topk=topk)
+        got, stats, _ = streamed("sce", base, models, {"select_topk": topk}, blocks_of(40, 13, 27))
+        assert_same_bits(got, want)
+        assert stats.cut == (None if topk == 1.0 else math.inf)
+    assert torch.equal(want, base)
+
+
+def test_sce_row_blocks_at_the_weight_guard() -> None:
+    """Σ mean(τᵢ²) on either side of 1e-6 (mergekit's float32 sum): the blocks' weights are the
+    whole tensor's, guard decision included."""
+    g = torch.Generator().manual_seed(12)
+    base = torch.zeros(50, 40)
+    noise = [torch.randn(50, 40, generator=g) for _ in range(2)]
+    decided = set()
+    for target in (0.99e-6, 1.01e-6):
+        # scale each model's τ so that its mean square is target/2: the sum sits just off the guard
+        models = [n * math.sqrt(target / 2 / float((n.double() ** 2).mean())) for n in noise]
+        want = whole_sce(base, models)
+        got, stats, _ = streamed("sce", base, models, {}, blocks_of(50, 17, 18))
+        assert_same_bits(got, want)
+        assert list(stats.weights) == sce.sce_weights([m - base for m in models])
+        decided.add(stats.weights == (0.5, 0.5))
+    assert decided == {True, False}  # equal weights below the guard, energy weights above
+
+
+def test_sce_row_block_without_statistics_is_refused() -> None:
+    spec = get_method("sce")
+    with pytest.raises(RuntimeError, match="no whole-tensor statistics"):
+        spec.merge(TensorJob("w", torch.zeros(4, 2), [torch.ones(4, 2)], spec.defaults(), rows=(0, 4)))  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("params", [{"select_topk": 0.5}, {"select_topk": 1.0}, {"select_topk": 0.2}])
+def test_sce_big_tensors_stream_through_the_engine(tmp_path: Path, monkeypatch: Any, params: dict[str, Any]) -> None:
+    """Tensors over the whole-tensor limit stream in row blocks after SCE's statistics passes,
+    the others stay whole; the output is the bits of whole tensors (bf16 checkpoints: tied spreads)."""
+    from mergekit_lite.engine import stream
+
+    ms = build_model_set(tmp_path / "m", n_finetunes=3, num_shards=2, dtype=torch.bfloat16)
+    recipe = {"merge_method": "sce", "base_model": str(ms.base), "models": [{"model": str(f)} for f in ms.finetunes],
+              "parameters": params, "dtype": "float32"}
+    whole = mlite.run_recipe(recipe).state_dict
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 100)  # blocks of 6 rows of 16; whole up to 800 entries
+    monkeypatch.setattr(stream, "WHOLE_TENSOR_BLOCKS", 8)
+    seen: list[tuple[str, tuple[int, int] | None]] = []
+    result = mlite.run_recipe(recipe, tensor_hook=lambda name, job, out: seen.append((name, job.rows)))
+    blocked = result.state_dict
+    assert sum(1 for n, r in seen if n == "model.embed_tokens.weight" and r is not None) > 4
+    assert ("model.layers.0.mlp.up_proj.weight", None) in seen  # 32×16 = 512 entries: whole
+    assert [k for k in whole if not torch.equal(whole[k], blocked[k])] == []
+    stats_passes = [p for p in result.passes if p["kind"] == "tensor statistics"]
+    assert stats_passes and stats_passes[0]["passes"] == (3 if params["select_topk"] < 1 else 1)

@@ -7,6 +7,7 @@ order statistic; the tests also check that misses are finished by the radix fall
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -183,3 +184,66 @@ def test_bracket_select_many_tiny_blocks_keep_seeds_in_range(monkeypatch: pytest
     row = torch.randn(8_000, generator=torch.Generator().manual_seed(4))
     got, _, _ = run_select(BracketSelect, [row], lambda r, n: [n // 2], 4)
     assert torch.equal(got[0], exact_select(row, [4_000]))
+
+
+def run_select64(values: torch.Tensor, rank: Callable[[int], int], chunk: int) -> tuple[float, int, int]:
+    sel = stats.Float64Select(rank)
+    passes = 0
+    while True:
+        passes += 1
+        for part in values.split(chunk):
+            sel.observe(part)
+        if sel.end_pass():
+            return sel.value(), (sel.count() if values.numel() else 0), passes
+
+
+@pytest.mark.parametrize("cap", [1 << 18, 1000])
+def test_float64_select_is_the_float64_order(cap: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Values that round to one float32 are told apart: the answer is sorted(values)[rank] in float64."""
+    monkeypatch.setattr(stats, "SAMPLE_CAP", cap)
+    g = torch.Generator().manual_seed(3)
+    coarse = torch.randn(40_000, generator=g, dtype=torch.float64).to(torch.float32).to(torch.float64)
+    # each float32 value, and eight distinct float64 values within a fraction of its float32 spacing
+    fine = coarse.repeat(8) * (1 + torch.arange(8, dtype=torch.float64).repeat_interleave(40_000) * 2.0**-40)
+    values = fine[torch.randperm(fine.numel(), generator=g)]
+    assert int(torch.unique(values.to(torch.float32)).numel()) < int(torch.unique(values).numel())
+    ordered = torch.sort(values).values
+    for rank in (0, 1, 7, 8, 159_999, 160_000, 319_999):
+        got, count, passes = run_select64(values, lambda n, r=rank: r, 7_001)
+        assert got == float(ordered[rank]) and count == 320_000 and passes == 2, rank
+
+
+def test_float64_select_cut_inside_many_equal_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cut inside a long run of equal values: they are merged with counts, not all held."""
+    monkeypatch.setattr(stats, "GROUP_CAP", 100)
+    g = torch.Generator().manual_seed(4)
+    values = torch.cat([torch.full((50_000,), 0.1, dtype=torch.float64),
+                        torch.full((20_000,), 0.1 * (1 + 2.0**-40), dtype=torch.float64),
+                        torch.rand(30_000, generator=g, dtype=torch.float64)])
+    values = values[torch.randperm(values.numel(), generator=g)]
+    ordered = torch.sort(values).values
+    for rank in (10, 40_000, 60_000, 75_000, 99_999):
+        got, _, _ = run_select64(values, lambda n, r=rank: r, 3_333)
+        assert got == float(ordered[rank]), rank
+
+
+def test_float64_select_no_values() -> None:
+    got, count, passes = run_select64(torch.empty(0, dtype=torch.float64), lambda n: 0, 10)
+    assert math.isnan(got) and passes == 2
+
+
+def test_float64_select_finishes_with_one_more_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More float64 values inside the bracket than GATHER_CAP (30,000 distinct values that all round
+    to 1.0 in float32, a one-value bracket the float32 selection only counts): a third pass
+    gathers those that round to the float32 answer. A bracket the float32 selection itself gives
+    up on (radix selection, two passes more): the same extra pass after it. Exact either way."""
+    monkeypatch.setattr(stats, "GATHER_CAP", 10)
+    g = torch.Generator().manual_seed(6)
+    tied = 1.0 + torch.arange(30_000, dtype=torch.float64) * 2.0**-45
+    values = torch.cat([tied, torch.rand(20_000, generator=g, dtype=torch.float64) * 3])
+    values = values[torch.randperm(values.numel(), generator=g)]
+    ordered = torch.sort(values).values
+    for sample_cap, rank, passes in ((1 << 18, 25_000, 3), (1 << 18, 49_990, 2), (1000, 49_990, 5)):
+        monkeypatch.setattr(stats, "SAMPLE_CAP", sample_cap)
+        got, _, n = run_select64(values, lambda n, r=rank: r, 3_000)
+        assert got == float(ordered[rank]) and n == passes, (sample_cap, rank, n)

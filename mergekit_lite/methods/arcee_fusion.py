@@ -18,11 +18,20 @@ The elementwise maths (softmax, the 1e-8, log, products) is float32 torch, as in
 each row's KL sum is a float64 sum in a fixed order (`detmath.row_sums64`), rounded to float32,
 so the result does not depend on threads (torch splits a single long row's float32 sum by
 thread count). Rows are scored a bounded group at a time: the temporaries stay small.
+
+Memory. An importance depends on its own row alone (a row's KL sum has the same bits in any
+group of rows), so a row block's importances are the whole tensor's importances of those rows;
+only the fence is tensor-wide. A tensor above the engine's whole-tensor limit therefore streams
+in row blocks: two passes select the three quantiles exactly over the blocks' importances
+(`FenceSelect`, the method's `tensor_reducer`, on `stats.BracketSelect`), then each block is
+masked against that fence. Both selections are exact, so blocks give the whole tensor's bits
+(a quantile of 0 may come back as +0.0 where the whole tensor's is −0.0: the same fence).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +39,7 @@ from ..errors import RecipeError
 from .detmath import row_sums64
 from .registry import MethodSpec, TensorJob, register
 from .select import kth_smallest_many
+from .stats import BracketSelect
 from .task_arithmetic import check_shapes, require_base
 
 SOFTMAX_EPS = 1e-8
@@ -66,25 +76,78 @@ def quantile_positions(count: int) -> list[int]:
     return [int(v) for v in scaled.tolist()]
 
 
+def fence_of(q1: torch.Tensor, median: torch.Tensor, q3: torch.Tensor) -> torch.Tensor:
+    """median + 1.5·(Q3 − Q1) from the three quantiles (float32 0-d tensors), in float32 as mergekit."""
+    return median + FENCE * (q3 - q1)
+
+
 def fence(importance: torch.Tensor) -> torch.Tensor:
     """median + 1.5·(Q3 − Q1) of every entry, a float32 0-d tensor on importance's device."""
     q1, median, q3 = kth_smallest_many(importance, [i + 1 for i in quantile_positions(importance.numel())])
-    return (median + FENCE * (q3 - q1)).to(importance.device)
+    return fence_of(q1, median, q3).to(importance.device)
 
 
-def merge_arcee_fusion(job: TensorJob) -> torch.Tensor:
+def importance_of(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """|θ₁ − θ₀| · KL(row), one row per vector along the last dimension ([rows, last dim])."""
+    kl = row_kl(model, base)
+    return _rows(model - base).abs_().mul_(kl)
+
+
+def _model(job: TensorJob) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, the one model), checked."""
     base = require_base(job, "arcee_fusion")
     if len(job.models) != 1:
         raise RecipeError(f"arcee_fusion: needs exactly one model besides the base, got {len(job.models)} "
                           f"(tensor {job.name})")
-    model = job.models[0]
-    check_shapes(job, [model], base)
+    check_shapes(job, job.models, base)
+    return base, job.models[0]
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A whole tensor's fence, for its row blocks (a float32 value)."""
+
+    value: float
+
+
+class FenceSelect:
+    """Q1, the median and Q3 of a big tensor's importances over its row blocks: the exact order
+    statistics `fence` takes on the whole tensor (`stats.BracketSelect`, two passes, or four if
+    its sample misses), at mergekit's float32 positions."""
+
+    expected_passes = 2  # read by the planner
+
+    def __init__(self) -> None:
+        self._select = BracketSelect(1, lambda _row, count: quantile_positions(count))
+
+    def observe(self, job: TensorJob) -> None:
+        base, model = _model(job)
+        if model.numel():
+            self._select.observe(0, importance_of(model, base))
+
+    def end_pass(self) -> bool:
+        return self._select.end_pass()
+
+    def result(self) -> Fence:
+        q1, median, q3 = self._select.values()[0]
+        return Fence(float(fence_of(q1, median, q3)))
+
+
+def merge_arcee_fusion(job: TensorJob) -> torch.Tensor:
+    """A whole tensor finds its own fence; a row block takes its tensor's from `FenceSelect`."""
+    base, model = _model(job)
     if model.numel() == 0:
         return base.clone()
     kl = row_kl(model, base)
     diff = model.sub_(base) if job.models_disposable else model - base
     importance = _rows(diff).abs().mul_(kl)
-    keep = importance.ge_(fence(importance))  # 1.0 where the change is kept, in importance's buffer
+    if isinstance(job.stats, Fence):
+        cut = torch.tensor(job.stats.value, dtype=importance.dtype, device=importance.device)
+    elif job.rows is not None:
+        raise RuntimeError(f"arcee_fusion: no whole-tensor fence for a row block of tensor {job.name}")
+    else:
+        cut = fence(importance)
+    keep = importance.ge_(cut)  # 1.0 where the change is kept, in importance's buffer
     return diff.mul_(keep.view(diff.shape)).add_(base)  # θ₀ + x and x + θ₀ are the same bits
 
 
@@ -97,6 +160,9 @@ SPEC = register(
         needs_base=True,
         min_models=1,
         max_models=1,
+        # the fence is tensor-wide: tensors above the engine's whole-tensor limit stream in row
+        # blocks after `FenceSelect`'s passes, the others stay whole
+        tensor_reducer=lambda params, n_models: FenceSelect(),
         paper="https://arcee.ai",
         doc="methods/arcee_fusion.md",
     )

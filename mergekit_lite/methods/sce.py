@@ -23,26 +23,41 @@ two thresholds matter in practice:
 
 Selection ranks the variance computed in float64 (every float32 τ enters exactly; mergekit's is
 float32), and keeps every entry tied with the k-th largest, as `sparsify`'s masks do; the keep
-count k is mergekit's, float32 product included. Memory: the task vectors (in the models' own
-buffers when the engine hands them over), one float64 variance while selecting, and three
-tensors for the combination; the whole tensor is held (not row-local: the variance cut and the
-weights are tensor-wide).
+count k is mergekit's, float32 product included.
+
+Memory. Steps 1 and 2 are tensor-wide, step 3 is per entry once the cut and the weights are
+known, so a tensor bigger than the engine's whole-tensor limit streams in row blocks after
+per-tensor statistics passes (`SceSums`, the method's `tensor_reducer`): with select_topk in
+(0, 1), the exact k-th largest float64 spread over three passes (`stats.Float64Select`), then
+one pass for the masked mean squares, summed in block order with the bits of the whole tensor
+(`detmath.FlatSum`); with select_topk 0 or 1 only the last. Each block is then selected and
+combined from these, giving the whole-tensor path's bits. Within a block or a whole tensor, the
+float64 spreads and the election's float64 sums are made a bounded piece at a time. A tensor
+held whole (up to the limit) still keeps its float64 spread while its cut is selected.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .detmath import FlatSum, flat_pieces
-from .registry import MethodSpec, Param, TensorJob, register
+from .registry import BlockOrder, MethodSpec, Param, TensorJob, register
 from .select import kth_largest
+from .stats import Float64Select
 from .task_arithmetic import INT8_MASK, _elect, require_base, task_vectors
 
 # mergekit's guards: below this |Σⱼ mean(τⱼ²)| every model weighs 1/N; the divisor's floor.
 WEIGHT_SUM_EPS = 1e-6
 DIVISOR_MIN = 1e-6
+# Entries per piece of the elementwise work (float64 spreads, the election's float64 sums):
+# bounded temporaries (about 40 MB) whatever the block or tensor size; a streamed block (512K
+# entries) is one piece. Smaller pieces ran slower (more torch calls, less work per thread).
+_PIECE = 1 << 20
 
 SELECT_TOPK = Param(
     "select_topk",
@@ -73,23 +88,32 @@ def spread(taus: Sequence[torch.Tensor]) -> torch.Tensor:
     mergekit's count of non-zero variances needs. Computed a bounded slice at a time, so the
     float64 temporaries stay small beside the output.
     """
-    n = len(taus)
     out = torch.empty(taus[0].numel(), dtype=torch.float64, device=taus[0].device)
     start = 0
     for piece in flat_pieces(*taus):
-        cols = [p.to(torch.float64) for p in piece]
-        mean = cols[0].clone()
-        for c in cols[1:]:
-            mean += c
-        mean /= n
-        acc = out[start : start + mean.numel()]
-        acc.zero_()
-        for c in cols:
-            # three separately rounded ops, not addcmul: a fused multiply-add (CUDA, and CPU vector
-            # lanes but not the scalar tail) would round an entry by where it falls in the buffer
-            acc += c.sub_(mean).square_()
-        start += mean.numel()
+        _piece_spread(piece, out[start : start + piece[0].numel()])
+        start += piece[0].numel()
     return out.view(taus[0].shape)
+
+
+def _piece_spread(piece: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """`spread` of the same flat slice of every τᵢ, into `out` (or a new float64 tensor).
+
+    Every operation is elementwise and separately rounded, so an entry's spread is the same
+    bits in any slice: blocks and whole tensors select alike. (The sum starts from the first
+    square rather than from 0: 0 + x is x, so the bits are those of Σ from 0.)
+    """
+    cols = [p.to(torch.float64, copy=True) for p in piece]  # copies: the in-place ops below must not reach τ
+    mean = cols[0] + cols[1] if len(cols) > 1 else cols[0].clone()
+    for c in cols[2:]:
+        mean += c
+    mean /= len(cols)
+    acc = torch.sub(cols[0], mean, out=out).square_() if out is not None else cols[0].sub_(mean).square_()
+    for c in cols[1:]:
+        # three separately rounded ops, not addcmul: a fused multiply-add (CUDA, and CPU vector
+        # lanes but not the scalar tail) would round an entry by where it falls in the buffer
+        acc += c.sub_(mean).square_()
+    return acc
 
 
 def variance_mask(taus: Sequence[torch.Tensor], select_topk: float) -> torch.Tensor:
@@ -106,44 +130,151 @@ def variance_mask(taus: Sequence[torch.Tensor], select_topk: float) -> torch.Ten
     return v >= kth_largest(v, k)  # the k-th largest is > 0 (k ≤ the non-zero count): zeros never kept
 
 
+def keep_selected(taus: Sequence[torch.Tensor], cut: float | None) -> None:
+    """Select with a cut found over the whole tensor: τᵢ ← τᵢ ⊙ [spread ≥ cut], in place, a
+    bounded piece at a time. `cut` None keeps everything, inf nothing; the factors are the
+    bytes of a bool mask, as the whole-tensor path multiplies by, so the bits are its bits."""
+    if cut is None:
+        return
+    for piece in flat_pieces(*taus, size=_PIECE):
+        if math.isinf(cut):
+            keep = torch.zeros(piece[0].shape, dtype=torch.uint8, device=piece[0].device)
+        else:
+            keep = _piece_spread(piece).ge_(cut).to(torch.uint8)
+        for p in piece:
+            p.mul_(keep)
+
+
+def mean_square(total: float, numel: int, dtype: torch.dtype) -> float:
+    """mean(τ²) from the float64 sum of its squares, rounded to the tensors' dtype as mergekit's are."""
+    return float(torch.tensor(total / numel, dtype=torch.float64).to(dtype))
+
+
 def mean_squares(taus: Sequence[torch.Tensor]) -> list[float]:
     """mean(τᵢ²) over each whole tensor, rounded to the tensors' dtype as mergekit's are: float64
     squares (exact for float32) summed in `detmath`'s fixed order, so the weights do not depend
-    on the thread count."""
+    on the thread count (nor on row blocks: `SceSums` feeds the same `FlatSum`s block by block)."""
     numel = taus[0].numel()
-    dtype = taus[0].dtype
     out = []
     for t in taus:
         acc = FlatSum()
         for (p,) in flat_pieces(t):
             x = p.to(torch.float64)
             acc.add(x * x)
-        out.append(float(torch.tensor(acc.total() / numel, dtype=torch.float64).to(dtype)))
+        out.append(mean_square(acc.total(), numel, taus[0].dtype))
     return out
 
 
-def sce_weights(taus: Sequence[torch.Tensor]) -> list[float]:
+def energy_weights(means: Sequence[float], dtype: torch.dtype) -> list[float]:
     """Calculate: wᵢ = mean(τᵢ²) / Σⱼ mean(τⱼ²), or 1/N each below mergekit's 1e-6 guard.
 
     The sum, its guard and the divisions are done in the tensors' dtype as mergekit does them
     (a float32 sum of float32 means), so the guard decides alike at its boundary.
     """
-    dtype = taus[0].dtype
-    means = torch.tensor(mean_squares(taus), dtype=dtype)
-    total = float(means.sum())
+    values = torch.tensor(list(means), dtype=dtype)
+    total = float(values.sum())
     if abs(total) < WEIGHT_SUM_EPS:
-        return (torch.ones_like(means) / len(taus)).tolist()
-    return (means / total).tolist()
+        return (torch.ones_like(values) / len(means)).tolist()
+    return (values / total).tolist()
+
+
+def sce_weights(taus: Sequence[torch.Tensor]) -> list[float]:
+    """Calculate on whole (selected) task vectors: `energy_weights` of their `mean_squares`."""
+    return energy_weights(mean_squares(taus), taus[0].dtype)
+
+
+@dataclass(frozen=True)
+class SceStats:
+    """What a row block needs from its whole tensor: the Select cut (None keeps every entry,
+    inf none, else the k-th largest float64 spread, kept with its ties) and the weights."""
+
+    cut: float | None
+    weights: tuple[float, ...]
+
+
+class SceSums:
+    """SCE's per-tensor statistics over a big tensor's row blocks (`MethodSpec.tensor_reducer`).
+
+    With select_topk in (0, 1): every spread feeds an exact float64 selection (two passes, three
+    to five where its sample misses), which also counts the non-zero ones in its first pass:
+    mergekit's k comes from that count, and since k never exceeds it, the k-th largest of all
+    spreads is the k-th largest non-zero one, the whole-tensor path's cut. Then one pass, in
+    block order, sums each model's selected squares in `FlatSum`s, which regroup the pieces as
+    `mean_squares` groups the whole tensor's: the same means, the same weights.
+    """
+
+    def __init__(self, params: Mapping[str, Any], n_models: int) -> None:
+        self._topk = float(params["select_topk"])
+        self._select: Float64Select | None = None
+        self._cut: float | None = None
+        if self._topk <= 0:
+            self._cut = math.inf
+        elif self._topk < 1:
+            self._select = Float64Select(self._rank)
+        self.expected_passes = 1 if self._select is None else 3  # read by the planner (a sample miss adds 1-3)
+        self._nonzero = 0
+        self._select_passes = 0
+        self._sums = [FlatSum() for _ in range(n_models)]
+        self._numel = 0
+        self._dtype = torch.float32
+        self._order = BlockOrder()
+
+    def _rank(self, count: int) -> int:
+        """Ascending position of the k-th largest of `count` spreads (clamped when k is 0)."""
+        return min(max(count - keep_count(self._nonzero, self._topk), 0), count - 1)
+
+    def observe(self, job: TensorJob) -> None:
+        taus = [t.contiguous() for t in task_vectors(job, "sce")]
+        if self._select is not None:
+            for piece in flat_pieces(*taus, size=_PIECE):
+                v = _piece_spread(piece)
+                if self._select_passes == 0:
+                    self._nonzero += int(torch.count_nonzero(v))
+                self._select.observe(v)
+            return
+        self._order.check(job)
+        self._numel += taus[0].numel()
+        self._dtype = taus[0].dtype
+        if self._cut == math.inf:
+            return  # nothing selected: every sum stays 0, as the whole tensor's zeros sum to
+        keep_selected(taus, self._cut)
+        for piece in flat_pieces(*taus):
+            for acc, p in zip(self._sums, piece, strict=True):
+                x = p.to(torch.float64)
+                acc.add(x * x)
+
+    def end_pass(self) -> bool:
+        if self._select is None:
+            return True
+        self._select_passes += 1
+        if self._select.end_pass():
+            k = keep_count(self._nonzero, self._topk)
+            self._cut = math.inf if k == 0 else self._select.value()
+            self._select = None  # next: the energy pass
+        return False
+
+    def result(self) -> SceStats:
+        means = [mean_square(acc.total(), self._numel, self._dtype) for acc in self._sums]
+        return SceStats(cut=self._cut, weights=tuple(energy_weights(means, self._dtype)))
 
 
 def erase_and_combine(taus: list[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Erase: Σᵢ wᵢeᵢτᵢ / max(Σᵢ wᵢeᵢ, 1e-6), eᵢ = 1 where τᵢ has the elected sign γ = sign(Σ τᵢ).
 
-    Consumes `taus` (overwritten; the first becomes the result). The election is
-    `task_arithmetic`'s, on unit weights: exact in any model order. Each wᵢτᵢ is rounded
-    before it is added, as mergekit's `(task_vectors * weights).sum(0)` rounds it; the agree
-    factor is 0 or 1, so multiplying by it rounds nothing.
+    Consumes `taus` (contiguous; overwritten, the first becomes the result), a bounded piece at
+    a time: every operation is per entry, so pieces give the bits of the whole, and the
+    election's float64 sums stay small. The election is `task_arithmetic`'s, on unit weights:
+    exact in any model order. Each wᵢτᵢ is rounded before it is added, as mergekit's
+    `(task_vectors * weights).sum(0)` rounds it; the agree factor is 0 or 1, so multiplying by
+    it rounds nothing.
     """
+    for piece in flat_pieces(*taus, size=_PIECE):
+        _erase_piece(list(piece), weights)
+    return taus[0]
+
+
+def _erase_piece(taus: list[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """`erase_and_combine` of one flat slice, written into the first τ's slice."""
     gamma = _elect(taus, [1.0] * len(taus), lambda d, _w: d)
     agree = torch.empty_like(taus[0])
     divisor = torch.zeros_like(taus[0])
@@ -162,15 +293,25 @@ def erase_and_combine(taus: list[torch.Tensor], weights: Sequence[float]) -> tor
 
 
 def merge_sce(job: TensorJob) -> torch.Tensor:
+    """Whole tensors select and weigh themselves; a row block takes the cut and the weights of
+    its tensor from `SceSums` (`job.stats`)."""
     base = require_base(job, "sce")
-    taus = task_vectors(job, "sce")  # our own buffers either way: fresh, or the disposable models
+    # our own buffers either way (fresh, or the disposable models), contiguous for the in-place pieces
+    taus = [t.contiguous() for t in task_vectors(job, "sce")]
     if base.numel() == 0:
         return base.clone()
-    keep = variance_mask(taus, float(job.params["select_topk"]))
-    if not bool(keep.all()):
-        taus = [t.mul_(keep.view(torch.uint8)) for t in taus]  # `sparsify.apply_mask`, in place
-    del keep
-    weights = sce_weights(taus)
+    if isinstance(job.stats, SceStats):
+        keep_selected(taus, job.stats.cut)
+        weights = list(job.stats.weights)
+    elif job.rows is not None:
+        raise RuntimeError(f"sce: no whole-tensor statistics for a row block of tensor {job.name}")
+    else:
+        keep = variance_mask(taus, float(job.params["select_topk"]))
+        if not bool(keep.all()):
+            for t in taus:
+                t.mul_(keep.view(torch.uint8))  # `sparsify.apply_mask`, in place
+        del keep
+        weights = sce_weights(taus)
     return erase_and_combine(taus, weights).add_(base)
 
 
@@ -183,6 +324,9 @@ SPEC = register(
         merge=merge_sce,
         needs_base=True,
         min_models=1,
+        # not row-local (the cut and the weights are tensor-wide): tensors above the engine's
+        # whole-tensor limit stream in row blocks after `SceSums`' passes, the others stay whole
+        tensor_reducer=lambda params, n_models: SceSums(params, n_models),
         paper="https://arxiv.org/abs/2408.07990",
         doc="methods/sce.md",
     )

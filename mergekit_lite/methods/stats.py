@@ -380,6 +380,15 @@ class BracketSelect(_Selection):
             else:
                 store.append(inside)
 
+    def brackets(self, row: int) -> list[tuple[float | None, float | None]] | None:
+        """The value intervals [lo, hi] (None: unbounded) that the second pass counts below and
+        gathers inside, one per rank of `row`; None outside that pass (before it, or once radix
+        selection has taken over). Each requested value lies in its interval whenever the
+        selection finishes in two passes: a caller can gather what it needs there alongside."""
+        if self._pass != 2 or self._fallback is not None or self.done:
+            return None
+        return list(self._bounds[row])
+
     def end_pass(self) -> bool:
         """Close the current pass; True once `values()` is ready."""
         if self.done:
@@ -445,3 +454,146 @@ class BracketSelect(_Selection):
     def _finish_fallback(self) -> None:
         assert self._fallback is not None
         self._result = self._fallback.values()
+
+
+GROUP_CAP = 1 << 20  # float64 values `Float64Select` holds before merging equal ones
+
+
+class Float64Select:
+    """The exact value at one ascending position of a streamed row of float64 values.
+
+    `BracketSelect` and `RadixSelect` select float32 values; a method that ranks float64
+    values (SCE's variance spread) needs the float64 order. Rounding to float32 is monotone, so
+    the wanted value's rounding c is the value at the same position among the roundings,
+    which a `BracketSelect` finds. Its second pass counts the roundings below a bracket
+    [lo, hi] around c and gathers those inside; alongside, this gathers the float64 values
+    whose rounding is inside, among which the wanted value is then picked: two passes, as for
+    float32. Where the bracket misses (radix selection takes over for two passes) or holds too
+    many values, one more pass counts the values whose rounding is below c and gathers those
+    that round to c. Exact whatever the data: no float64 order is ever approximated.
+
+    Memory: `BracketSelect`'s, and the float64 values gathered: within the bracket (about as
+    many as it gathers, at most GATHER_CAP), or those that round to c; a run of equal values is
+    merged into distinct values with counts whenever GROUP_CAP are pending. NaN is not supported.
+
+    `rank(count)` gives the 0-based ascending position once the number of values is known
+    (it is not asked when no value was seen); `value()` is then a Python float, `count()` that
+    number.
+    """
+
+    def __init__(self, rank: Callable[[int], int]) -> None:
+        self._rank = rank
+        self._coarse = BracketSelect(1, lambda _row, count: [rank(count)] if count else [0])
+        self._pass = 1
+        self._cut: torch.Tensor | None = None  # 0-d float32: the wanted value's rounding, for the last pass
+        self._bracket: tuple[float | None, float | None] | None = None
+        self._position = 0
+        self._below = 0
+        self._gathered = 0
+        self._pending: list[torch.Tensor] = []
+        self._n_pending = 0
+        self._distinct = torch.empty(0, dtype=torch.float64)
+        self._counts = torch.empty(0, dtype=torch.int64)
+        self._count: int | None = None
+        self._value: float | None = None
+        self._done = False
+
+    def observe(self, values: torch.Tensor) -> None:
+        if self._done:
+            raise RuntimeError("Float64Select: observe() after the selection finished")
+        flat = values.reshape(-1).to(torch.float64)
+        rounded = flat.to(torch.float32)
+        if self._cut is not None:  # the extra pass: below c, and the values that round to c
+            self._below += int(torch.count_nonzero(rounded < self._cut))
+            self._gather(flat[rounded == self._cut])
+            return
+        self._coarse.observe(0, rounded)
+        if self._pass == 2 and self._bracket is not None:
+            lo, hi = self._bracket
+            inside = torch.ones_like(rounded, dtype=torch.bool)
+            if lo is not None:
+                below = rounded < lo
+                self._below += int(torch.count_nonzero(below))
+                inside &= ~below
+            if hi is not None:
+                inside &= rounded <= hi
+            self._gather(flat[inside])
+            if self._gathered > GATHER_CAP:
+                self._bracket = None  # as many as BracketSelect holds: finish with the extra pass
+                self._reset_group()
+
+    def _gather(self, values: torch.Tensor) -> None:
+        if values.numel():
+            self._pending.append(values.cpu())
+            self._gathered += values.numel()
+            self._n_pending += values.numel()
+            if self._n_pending > GROUP_CAP:
+                self._merge_pending()
+
+    def _merge_pending(self) -> None:
+        if not self._pending:
+            return
+        values = torch.cat([self._distinct, *self._pending])
+        counts = torch.cat([self._counts, *(torch.ones(p.numel(), dtype=torch.int64) for p in self._pending)])
+        self._distinct, inverse = torch.unique(values, sorted=True, return_inverse=True)
+        self._counts = torch.zeros(self._distinct.numel(), dtype=torch.int64).index_add_(0, inverse, counts)
+        self._pending, self._n_pending = [], 0
+
+    def _reset_group(self) -> None:
+        self._below, self._gathered, self._pending, self._n_pending = 0, 0, [], 0
+        self._distinct, self._counts = torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.int64)
+
+    def end_pass(self) -> bool:
+        """Close the current pass; True once `value()` is ready."""
+        if self._done:
+            return True
+        if self._cut is not None:
+            return self._pick(self._below)
+        finished = self._coarse.end_pass()
+        self._pass += 1
+        if not finished:
+            bounds = self._coarse.brackets(0) if self._pass == 2 else None
+            self._bracket = bounds[0] if bounds else None
+            self._reset_group()
+            return False
+        self._count = int(self._coarse.counts()[0])
+        if self._count == 0:
+            self._done = True
+            return True
+        self._position = int(self._rank(self._count))
+        cut = self._coarse.values()[0, 0].clone()
+        if self._pass == 3 and self._bracket is not None:  # finished in two passes: the values are here
+            self._merge_pending()
+            rounded = self._distinct.to(torch.float32)
+            below = self._below + int(self._counts[rounded < cut].sum())
+            keep = rounded == cut
+            self._distinct, self._counts = self._distinct[keep], self._counts[keep]
+            return self._pick(below)
+        self._cut = cut  # one more pass
+        self._reset_group()
+        return False
+
+    def _pick(self, below: int) -> bool:
+        """The value at the position among the gathered values that round to c, `below` being
+        how many values round below c."""
+        self._merge_pending()
+        offset = self._position - below
+        cum = self._counts.cumsum(0)
+        if not 0 <= offset < (int(cum[-1]) if cum.numel() else 0):
+            raise RuntimeError("Float64Select: a later pass saw different values than the first ones")
+        self._value = float(self._distinct[int(torch.searchsorted(cum, torch.tensor(offset), right=True))])
+        self._reset_group()
+        self._done = True
+        return True
+
+    def count(self) -> int:
+        """How many values the row holds (once the float32 selection has ended)."""
+        if self._count is None:
+            raise RuntimeError("Float64Select: count() before the float32 selection ended")
+        return self._count
+
+    def value(self) -> float:
+        """sorted(values)[rank(count)], exactly; NaN for a row with no values."""
+        if not self._done:
+            raise RuntimeError("Float64Select: value() before the selection finished")
+        return math.nan if self._value is None else self._value
