@@ -125,6 +125,7 @@ def run_tool(
         "command": " ".join(cmd),
         "mlite_git": bench_report.git_revision(HERE.parent) if tool == "mlite" else None,
         "parameters": method.parameters,
+        "inputs": method.inputs,
     }
     if tool == "mlite":
         record["cpu_split"] = bench_report.parse_cpu_line(logs[best_i].read_text(errors="replace"))

@@ -24,6 +24,11 @@ class BenchMethod:
     parameters: dict[str, Any] = field(default_factory=dict)
     uses_base: bool = True
     random: bool = False  # seeded: the two tools' outputs differ by design
+    n_models: int = 3  # fine-tunes merged (the first n); fewer than 3 read less than the I/O floor's inputs
+
+    @property
+    def inputs(self) -> int:
+        return self.n_models + (1 if self.uses_base else 0)
 
 
 METHODS: dict[str, BenchMethod] = {
@@ -37,6 +42,16 @@ METHODS: dict[str, BenchMethod] = {
         BenchMethod("della", "della", "della", {"density": 0.5, "epsilon": 0.1, "weight": 0.3}, random=True),
         BenchMethod("pcb_tensor", "pcb", None, {"ratio": 0.1, "clamp_ratio": 0.01, "scope": "tensor"}),
         BenchMethod("pcb_global", "pcb", None, {"ratio": 0.1, "clamp_ratio": 0.01, "scope": "global"}),
+        # mergekit's other methods (no targets in the performance issue: measured against mergekit)
+        BenchMethod("sce", "sce", "sce", {"select_topk": 0.5}),
+        BenchMethod("multislerp", "multislerp", "multislerp", {"weight": 1.0}),
+        BenchMethod("karcher", "karcher", "karcher", {}, uses_base=False),
+        BenchMethod("nuslerp", "nuslerp", "nuslerp", {"weight": 1.0}, uses_base=False, n_models=2),
+        BenchMethod("ram", "ram", "ram", {}),
+        BenchMethod("ramplus_tl", "ramplus_tl", "ramplus_tl", {}),
+        BenchMethod("nearswap", "nearswap", "nearswap", {"t": 0.001}, n_models=1),
+        BenchMethod("arcee_fusion", "arcee_fusion", "arcee_fusion", {}, n_models=1),
+        BenchMethod("passthrough", "passthrough", "passthrough", {}, uses_base=False, n_models=1),
     )
 }
 
@@ -47,7 +62,7 @@ def mlite_recipe(method: BenchMethod, base: Path, finetunes: list[Path], out: Pa
     """mlite's native shape: named inputs, one step, bf16 output."""
     inputs = {"base": str(base)} if method.uses_base else {}
     names = []
-    for i, ft in enumerate(finetunes, 1):
+    for i, ft in enumerate(finetunes[: method.n_models], 1):
         inputs[f"ft{i}"] = str(ft)
         names.append(f"ft{i}")
     step: dict[str, Any] = {"id": method.key, "method": method.mlite_method}
@@ -70,7 +85,7 @@ def mergekit_recipe(method: BenchMethod, base: Path, finetunes: list[Path]) -> d
     cfg: dict[str, Any] = {"merge_method": method.mergekit_method}
     if method.uses_base:
         cfg["base_model"] = str(base)
-    cfg["models"] = [{"model": str(ft)} for ft in finetunes]
+    cfg["models"] = [{"model": str(ft)} for ft in finetunes[: method.n_models]]
     cfg["parameters"] = dict(method.parameters)
     cfg["dtype"] = "bfloat16"
     return cfg

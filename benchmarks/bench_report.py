@@ -158,7 +158,9 @@ def rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         floor = index.get((size, "io", "floor", "cpu"))
         ours_wall = ours["wall_s"] if _ok(ours) else None
         mk_wall = mk["wall_s"] if _ok(mk) else None
-        floor_s = floor["floor_s"] if floor else None
+        # The floor reads a base and three fine-tunes: it is no floor for a merge of fewer inputs.
+        full = all((r or {}).get("inputs", FLOOR_INPUTS) == FLOOR_INPUTS for r in (ours, mk))
+        floor_s = floor["floor_s"] if floor and full else None
         startup = (floor or {}).get("startup_s", {}).get("mlite")
         row = {
             "size": size,
@@ -184,8 +186,13 @@ def rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+FLOOR_INPUTS = 4  # the I/O floor reads a base and three fine-tunes
+
+
 def _method_order(m: str) -> int:
-    order = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "pcb_tensor", "pcb_global")
+    order = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "pcb_tensor", "pcb_global",
+             "sce", "multislerp", "karcher", "nuslerp", "ram", "ramplus_tl", "nearswap", "arcee_fusion",
+             "passthrough")
     return order.index(m) if m in order else 99
 
 
