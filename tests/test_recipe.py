@@ -349,6 +349,17 @@ def test_mergekit_linear_averages_a_base_model_left_out_of_models(models: Path) 
                for n in recipe.options["notes"])
 
 
+@pytest.mark.parametrize("method", ["linear", "karcher", "passthrough"])
+def test_mergekit_slices_leave_a_base_model_out_of_a_method_without_base(models: Path, method: str) -> None:
+    """mergekit adds base_model to the inputs only when it turns `models:` into a slice: with
+    `slices:` written out, linear and karcher average the sources alone (measured against 0.1.5)."""
+    recipe = load_recipe(write(models, f"merge_method: {method}\nbase_model: ./models/base\n"
+                                       "slices:\n  - sources:\n      - {model: ./models/a, layer_range: [0, 4]}\n"))
+    assert recipe.steps[0].models == ["a"] and recipe.steps[0].base is None
+    assert any(f"'{method}' takes no base, and mergekit's slices form leaves it out; ignored" in n
+               for n in recipe.options["notes"])
+
+
 def test_mergekit_base_not_used_by_method(models: Path) -> None:
     msg = one_problem(write(models, "merge_method: flinear\nbase_model: ./models/base\n"
                                     "models: [{model: ./models/a}]\n"))

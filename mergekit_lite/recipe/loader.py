@@ -266,6 +266,11 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
         elif listed:
             if spec.ordered:
                 models = listed + [m for m in models if m.ref.value != base_name]
+        elif full_slice is not None and not spec.ordered:
+            # mergekit adds base_model to the inputs when it turns `models:` into a slice, not
+            # for a recipe written with `slices:`: a method without a base never sees it there
+            notes.append(f"{base_item.loc.prefix()}base_model '{model.base_model}' is not among the slice's sources: "
+                         f"'{spec.name}' takes no base, and mergekit's slices form leaves it out; ignored")
         elif spec.ordered:
             # mergekit adds base_model to the inputs even when 'models' leaves it out (slerp's
             # base + one model); an ordered method takes it as its first endpoint.
