@@ -137,3 +137,35 @@ def test_cli_table_json_and_errors(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--where 'filter': expected FIELD=VALUE" in res.output
     res = cli("compat", o, tmp_path / "missing.jsonl")
     assert res.exit_code == 5 and "missing.jsonl: no such file" in res.output
+
+
+def test_harness_text_bom_and_crlf(tmp_path: Path) -> None:
+    """lm-evaluation-harness writes JSON with ensure_ascii=False: U+2028, U+2029 and U+0085 come
+    raw inside strings and must not split a record (str.splitlines would). A UTF-8 byte-order
+    mark and CRLF line ends are read too."""
+    recs = [{"doc_id": i, "resps": f"a\u2028b\u2029c\u0085d {i}", "acc": 1} for i in range(3)]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in recs)
+    o = tmp_path / "o.jsonl"
+    o.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    n = jsonl(tmp_path / "n.jsonl", [{"doc_id": i, "acc": int(i != 1)} for i in range(3)])
+    r = mlite.compare_predictions(o, n)
+    assert (r.examples, r.negative_flips) == (3, ("1",))
+
+
+def test_different_measures_or_keys_are_refused(tmp_path: Path) -> None:
+    em = jsonl(tmp_path / "em.jsonl", [{"doc_id": 0, "exact_match": 1}])
+    corr = jsonl(tmp_path / "corr.jsonl", [{"doc_id": 0, "correct": True}])
+    with pytest.raises(UsageError, match="verdict is exact_match and .*correct: flips compare one measure"):
+        mlite.compare_predictions(em, corr)
+    other_id = jsonl(tmp_path / "id.jsonl", [{"id": 0, "exact_match": 1}])
+    with pytest.raises(UsageError, match="keyed by doc_id and .* by id: pass --id"):
+        mlite.compare_predictions(em, other_id)
+
+
+def test_where_numbers_match_as_numbers(tmp_path: Path) -> None:
+    # --where gives text: "1.0" and "1" both select the records whose field is the number 1.0
+    recs = [{"doc_id": i, "acc": 1.0, "shots": float(i % 2)} for i in range(4)]
+    o, n = jsonl(tmp_path / "o.jsonl", recs), jsonl(tmp_path / "n.jsonl", recs)
+    for value in ("1.0", "1", 1):
+        assert mlite.compare_predictions(o, n, where={"shots": value}).examples == 2
+    assert mlite.compare_predictions(o, n, where={"shots": "0"}).examples == 2

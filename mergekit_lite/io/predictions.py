@@ -14,7 +14,7 @@ rather than thresholded behind the user's back.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,56 +43,79 @@ def read_verdicts(path: str | Path, *, metric: str | None = None, id_field: str 
     """Read `path` (JSON Lines). `metric` names the verdict field (else the first of
     VERDICT_FIELDS in the first record, else prediction == label); `id_field` the id (else the
     first of ID_FIELDS, else the record's position); `where` keeps only the records whose fields
-    hold the given values (compared as ids are: `3` matches `"3"`)."""
+    hold the given values (compared as ids are: `3` matches `"3"`, and `"1.0"` a number 1).
+
+    Records are read one line at a time and only their id and verdict are kept: an
+    lm-evaluation-harness samples file carries each prompt and response, hundreds of MB."""
     p = Path(path)
     if not p.is_file():
         raise ResolveError(f"{p}: no such file" if not p.exists() else f"{p}: not a file")
-    records = [(line, rec) for line, rec in _records(p) if _selected(rec, where)]
-    if not records:
-        kept = f" with {_describe(where)}" if where else ""
-        raise UsageError(f"{p}: no records{kept}")
-    first_line, first = records[0]
-    ids = id_field or next((f for f in ID_FIELDS if f in first), None)
-    read_one, verdict = _verdict_reader(p, first_line, first, metric)
+    ids: str | None = None
+    read_one: Any = None
+    verdict = ""
     right: dict[str, bool] = {}
     seen_at: dict[str, int] = {}
-    for n, (line, rec) in enumerate(records, 1):
+    for line, rec in _records(p):
+        if not _selected(rec, where):
+            continue
+        if read_one is None:  # the first record kept decides the id and the verdict fields
+            ids = id_field or next((f for f in ID_FIELDS if f in rec), None)
+            read_one, verdict = _verdict_reader(p, line, rec, metric)
         if ids is None:
-            key = str(n)
+            key = str(len(right) + 1)
         elif ids not in rec:
             raise UsageError(f"{p}:{line}: no {ids!r} field (the id of every record; pass the id field's name)")
         else:
             key = _id_text(rec[ids])
         if key in seen_at:
-            hint = (" (lm-evaluation-harness writes one record per filter: keep one with where/--where "
-                    "filter=NAME)" if "filter" in rec else "")
+            hint = (" (lm-evaluation-harness writes one record per filter: pick one with --where filter=NAME)"
+                    if ids == "doc_id" and "filter" in rec and not (where and "filter" in where) else "")
             raise UsageError(f"{p}:{line}: {ids} {key} already on line {seen_at[key]}{hint}")
         seen_at[key] = line
         right[key] = read_one(line, rec)
+    if read_one is None:
+        kept = f" with {_describe(where)}" if where else ""
+        raise UsageError(f"{p}: no records{kept}")
     return Verdicts(p, right, ids, verdict)
 
 
-def _records(p: Path) -> list[tuple[int, dict[str, Any]]]:
-    out = []
+def _records(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-blank line. Lines end at \n alone (a \r before it is
+    dropped): harnesses write JSON with ensure_ascii=False, so U+2028 and U+0085 appear raw
+    inside strings, where `str.splitlines` would cut a record in two. A UTF-8 byte-order mark
+    is skipped."""
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open(encoding="utf-8-sig", newline="\n") as fh:
+            for line, raw in enumerate(fh, 1):
+                text = raw.rstrip("\n").rstrip("\r")
+                if not text.strip():
+                    continue
+                try:
+                    rec = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{p}:{line}: not JSON ({e.msg}, column {e.colno}); expected one object per "
+                                     "line") from None
+                if not isinstance(rec, dict):
+                    raise UsageError(f"{p}:{line}: a JSON {type(rec).__name__}, expected an object per line")
+                yield line, rec
     except UnicodeDecodeError as e:
-        raise UsageError(f"{p}: not UTF-8 text (byte {e.start}); expected JSON Lines") from None
-    for line, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{p}:{line}: not JSON ({e.msg}, column {e.colno}); expected one object per line") from None
-        if not isinstance(rec, dict):
-            raise UsageError(f"{p}:{line}: a JSON {type(rec).__name__}, expected an object per line")
-        out.append((line, rec))
-    return out
+        raise UsageError(f"{p}: not UTF-8 text (byte {e.start} of a chunk); expected JSON Lines") from None
 
 
 def _selected(rec: Mapping[str, Any], where: Mapping[str, Any] | None) -> bool:
-    return not where or all(k in rec and _id_text(rec[k]) == _id_text(v) for k, v in where.items())
+    return not where or all(k in rec and _same_value(rec[k], v) for k, v in where.items())
+
+
+def _same_value(value: Any, wanted: Any) -> bool:
+    """`--where` values come as text: "1.0" matches a number 1 as well as the text "1.0"."""
+    if _id_text(value) == _id_text(wanted):
+        return True
+    if isinstance(wanted, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(wanted) == float(value)
+        except ValueError:
+            return False
+    return False
 
 
 def _describe(where: Mapping[str, Any] | None) -> str:

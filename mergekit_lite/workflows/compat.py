@@ -87,11 +87,21 @@ def compare_predictions(old: str | Path, new: str | Path, *, metric: str | None 
         with_ids, without = (a, b) if a.id_field is not None else (b, a)
         raise UsageError(f"{with_ids.path} has ids ({with_ids.id_field}) and {without.path} has none: "
                          "examples cannot be matched (pass the id field's name)")
+    if a.id_field != b.id_field:
+        raise UsageError(f"{a.path} is keyed by {a.id_field} and {b.path} by {b.id_field}: pass --id (id_field) to "
+                         "match both files by one field")
+    if _measure(a.verdict) != _measure(b.verdict):
+        raise UsageError(f"{a.path}'s verdict is {a.verdict} and {b.path}'s {b.verdict}: flips compare one "
+                         "measure; pass --metric (metric) to read the same field in both")
     if a.id_field is None and len(a.right) != len(b.right):
         raise UsageError(f"{a.path} has {len(a.right)} records and {b.path} {len(b.right)}, and neither has ids "
                          "to match them by")
     report = flip_rates(a.right, b.right, old_name=str(a.path), new_name=str(b.path))
-    matched = "position" if a.id_field is None else (
-        a.id_field if a.id_field == b.id_field else f"{a.id_field} / {b.id_field}")
     verdict = a.verdict if a.verdict == b.verdict else f"{a.verdict} / {b.verdict}"
-    return replace(report, matched_by=matched, verdict=verdict)
+    return replace(report, matched_by=a.id_field or "position", verdict=verdict)
+
+
+def _measure(verdict: str) -> str:
+    """What a verdict measures: its field, or an exact match of prediction and label whatever
+    the two files call them (`prediction == label` against `pred == target`)."""
+    return "prediction == label" if " == " in verdict else verdict
