@@ -199,7 +199,8 @@ def compare(case: Case, ours: dict[str, torch.Tensor], theirs: dict[str, torch.T
         a64, b64 = a.double(), b.double()
         diff = (a64 - b64).abs()
         res.elements += b.numel()
-        res.differing += int(((a != b) & ~(a.isnan() & b.isnan())).sum())
+        # bits: −0 against +0 differs, NaN against NaN does not
+        res.differing += int((((a != b) | (a.signbit() != b.signbit())) & ~(a.isnan() & b.isnan())).sum())
         if bool((a64.isnan() != b64.isnan()).any()):
             res.status, res.detail = "MISSED", f"{name}: NaN in one output only"
             return res
