@@ -70,14 +70,15 @@ def test_sce_golden_selection_and_a_zero_sum() -> None:
     # Entry 2: Σ τ = 0 → γ = +; τ1, τ2 agree: (2/6 + 2/6) / (2/6) = 2. Others: nothing agrees → 0.
     models = [[1, 0, 2, 5], [1, 4, 2, 1], [1, 2, -4, 3]]
     close(run_sce([0, 0, 0, 0], models, 0.5), [0, 0, 2, 0])
-    # 0.7: k = int(2.1) = 2; entries 1 and 3 tie at 8/3 for second place: both kept (mergekit keeps
-    # one of them). All but entry 0 (variance 0) are then kept; entry 0's τ is 1 in every model but
-    # it is dropped. Masked τ1 = [0, 0, 2, 5], τ2 = [0, 4, 2, 1], τ3 = [0, 2, −4, 3]: mean τ² =
-    # [29/4, 21/4, 29/4] → w = [29, 21, 29]/79.
-    # Entry 1: τ = [0, 4, 2], γ = +, τ2 and τ3 agree: (21·4 + 29·2)/(21 + 29) = 142/50 = 2.84.
-    # Entry 2: τ = [2, 2, −4], Σ = 0 → +: (29·2 + 21·2)/(29 + 21) = 2.
-    # Entry 3: τ = [5, 1, 3], all agree: (29·5 + 21·1 + 29·3)/79 = 253/79.
-    close(run_sce([0, 0, 0, 0], models, 0.7), [0, 2.84, 2, 253 / 79])
+    # 0.7: k = int(2.1) = 2; entries 1 and 3 tie at 8/3 for second place: exactly k are kept, entry
+    # 2 and the first tied entry in index order, entry 1 (mergekit keeps one of the two as well).
+    # Entry 0 (variance 0, τ = 1 in every model) is dropped. Masked τ1 = [0, 0, 2, 0],
+    # τ2 = [0, 4, 2, 0], τ3 = [0, 2, −4, 0]: mean τ² = [1, 5, 5] → w = [1, 5, 5]/11.
+    # Entry 1: τ = [0, 4, 2], γ = +, τ2 and τ3 agree: (5·4 + 5·2)/(5 + 5) = 3.
+    # Entry 2: τ = [2, 2, −4], Σ = 0 → +: (1·2 + 5·2)/(1 + 5) = 2. Entry 3: dropped → 0.
+    close(run_sce([0, 0, 0, 0], models, 0.7), [0, 3, 2, 0])
+    # (keeping both tied entries, as mlite did before, gave [0, 2.84, 2, 253/79]: 3 entries, and
+    # weights [29, 21, 29]/79 that moved entry 1 too.)
     close(run_sce([0, 0, 0, 0], models, 0.0), [0, 0, 0, 0])
 
 
@@ -196,7 +197,9 @@ def test_empty_tensors() -> None:
 
 def mk_sce(base: torch.Tensor, models: list[torch.Tensor], topk: float) -> torch.Tensor:
     """mergekit's sce, re-stated: stacked task vectors, a float32 top-k of the variance, weights from
-    the mean square, a float32 sum for the sign vote and for both sums of the combination."""
+    the mean square, a float32 sum for the sign vote and for both sums of the combination. Its
+    torch.topk breaks ties at the cut in no stated order; here a stable sort takes the first ones
+    in flat index order, as mlite does."""
     tv = torch.stack([m - base for m in models])
     n = tv.shape[0]
     if topk < 1:
@@ -207,7 +210,7 @@ def mk_sce(base: torch.Tensor, models: list[torch.Tensor], topk: float) -> torch
             k = int(torch.count_nonzero(var) * topk)
             keep = torch.zeros(base.numel())
             if k:
-                keep[torch.argsort(var.reshape(-1), descending=True)[:k]] = 1
+                keep[torch.argsort(var.reshape(-1), descending=True, stable=True)[:k]] = 1
             keep = keep.view(base.shape)
         tv = tv * keep
     vote = torch.where(tv.sum(0) >= 0, 1.0, -1.0)
@@ -242,13 +245,62 @@ def test_sce_keep_count_is_mergekits_float32_product() -> None:
     assert sce.keep_count(131_072_003, 0.5) == 65_536_000  # float64 would give 65_536_001
 
 
-def test_sce_variance_ties_keep_every_tied_entry() -> None:
-    """The documented difference: mergekit keeps exactly k entries, ours every entry tied with the
-    k-th largest variance (here k = 1 of two equal variances)."""
+def test_sce_variance_ties_keep_exactly_k_in_index_order() -> None:
+    """mergekit keeps exactly k entries (torch.topk); so do we, taking the entries tied with the
+    k-th largest variance in flat index order (torch.topk's own tie order is unspecified)."""
     base = T([0, 0, 0])
     models = [T([1, -1, 0]), T([-1, 1, 0])]
     keep = sce.variance_mask([m - base for m in models], 0.5)  # k = int(2·0.5) = 1, variances [1, 1, 0]
-    assert keep.tolist() == [True, True, False]
+    assert keep.tolist() == [True, False, False]
+    # τ2 = −τ1, so the spread is 2τ1²: [2, 8, 2, 2, 0, 2, 8], 6 non-zero, on a 1×7 and a 7×1 shape.
+    tau = T([1, 2, 1, -1, 0, 1, -2])
+    for shape in ((7,), (1, 7), (7, 1)):
+        taus = [tau.view(shape), (-tau).view(shape)]
+        # 0.5: k = 3, the two 8s and the first 2 (entry 0); 0.7: k = int(4.2) = 4, entries 0 and 2 of
+        # the 2s; 0.99: k = int(5.94) = 5, entries 0, 2 and 3 of the 2s (entry 5 is the one left out)
+        for topk, want, tie_end in ((0.5, [0, 1, 6], 1), (0.7, [0, 1, 2, 6], 3), (0.99, [0, 1, 2, 3, 6], 4)):
+            keep = sce.variance_mask(taus, topk).view(-1)
+            assert torch.nonzero(keep).view(-1).tolist() == want, (shape, topk)
+            assert sce.variance_cut(sce.spread(taus), len(want)) == sce.Cut(2.0, tie_end)
+    # through the merge (τ1 = τ, τ2 = −τ, base 0): at 0.5 the kept entries are 0, 1, 6; entry 0's
+    # Σ τ = 0 elects +, τ1 = 1 agrees alone → 1; entry 1: τ1 = 2 → 2; entry 6: Σ = 0, τ2 = 2 → 2.
+    close(run_sce([0] * 7, [tau.tolist(), (-tau).tolist()], 0.5), [1, 2, 0, 0, 0, 0, 2])
+
+
+def test_sce_every_spread_tied() -> None:
+    """τ1 = +d, τ2 = −d everywhere: every spread is 2d², so k = int(numel · select_topk) entries
+    are kept, the first k in flat index order; whole and streamed alike, both mergekit's count.
+    select_topk 1 keeps every entry and 0 none, as before."""
+    base = torch.zeros(30, 7)
+    d = 2.0**-9
+    models = [base + d, base - d]
+    for topk in (0.5, 0.3, 0.01, 0.999):
+        k = sce.keep_count(210, topk)
+        keep = sce.variance_mask([m - base for m in models], topk)
+        assert keep.view(-1).tolist() == [i < k for i in range(210)], topk
+        want = whole_sce(base, models, select_topk=topk)
+        got, stats, _ = streamed("sce", base, models, {"select_topk": topk}, blocks_of(30, 1, 2, 11, 29))
+        assert_same_bits(got, want)
+        assert stats.cut == sce.Cut(2 * d * d, k)
+        torch.testing.assert_close(want, mk_sce(base, models, topk), rtol=0, atol=0)
+        # kept entries: Σ τ = 0 elects +, τ1 alone agrees: d; the others the base
+        assert torch.equal(want.view(-1), torch.where(torch.arange(210) < k, d, 0.0))
+    assert bool(sce.variance_mask([m - base for m in models], 1.0).all())
+    assert not bool(sce.variance_mask([m - base for m in models], 0.0).any())
+    assert torch.equal(whole_sce(base, models, select_topk=0.0), base)
+    torch.testing.assert_close(whole_sce(base, models, select_topk=1.0), mk_sce(base, models, 1.0), rtol=0, atol=0)
+
+
+def test_sce_keep_count_zero_keeps_nothing() -> None:
+    """One non-zero spread and select_topk 0.5: k = int(0.5) = 0, nothing kept, the base, whole
+    and streamed (the cut is inf)."""
+    base = torch.zeros(4, 3)
+    m1, m2 = base.clone(), base.clone()
+    m1[2, 1] = 0.5
+    assert not bool(sce.variance_mask([m1 - base, m2 - base], 0.5).any())
+    got, stats, _ = streamed("sce", base, [m1, m2], {"select_topk": 0.5}, blocks_of(4, 1, 3))
+    assert stats.cut == sce.Cut(math.inf, 0)
+    assert_same_bits(got, base) and assert_same_bits(whole_sce(base, [m1, m2], select_topk=0.5), base)
 
 
 def test_nearswap_is_mergekit_nearswap_bit_for_bit(rng: torch.Generator) -> None:
@@ -396,7 +448,7 @@ def test_sce_row_blocks_with_more_values_than_the_selection_sample() -> None:
 
 def test_sce_row_blocks_with_ties_at_the_variance_cut() -> None:
     """bf16-quantised deltas of a few sizes: many entries share a spread, and the cut falls inside a
-    run of ties, which both paths keep whole (more than k entries)."""
+    run of ties; both paths keep exactly k entries, the tied ones in flat index order."""
     g = torch.Generator().manual_seed(10)
     base = torch.zeros(64, 50)
     steps = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]) * 2.0**-10
@@ -406,11 +458,39 @@ def test_sce_row_blocks_with_ties_at_the_variance_cut() -> None:
     for topk in (0.5, 0.3, 0.77):
         k = sce.keep_count(int(torch.count_nonzero(v)), topk)
         kept = sce.variance_mask(taus, topk)
-        assert int(kept.sum()) > k  # a tie at the cut, all of it kept
+        value = float(sce.kth_largest(v, k))
+        above, tied = int((v > value).sum()), int((v == value).sum())
+        assert above < k < above + tied  # a tie at the cut, only part of it kept
+        assert int(kept.sum()) == k and bool(kept[v > value].all())
+        kept_ties = torch.nonzero((v == value).view(-1) & kept.view(-1)).view(-1)
+        assert kept_ties.tolist() == torch.nonzero((v == value).view(-1)).view(-1)[: k - above].tolist()
         want = whole_sce(base, models, select_topk=topk)
         got, stats, _ = streamed("sce", base, models, {"select_topk": topk}, blocks_of(64, 5, 6, 40))
-        assert stats.cut == float(sce.kth_largest(v, k))
+        assert stats.cut == sce.Cut(value, int(kept_ties[-1]) + 1)
         assert_same_bits(got, want)
+
+
+@pytest.mark.parametrize("piece", [1 << 20, 37])
+def test_sce_row_blocks_with_ties_across_many_blocks(piece: int, monkeypatch: Any) -> None:
+    """Spreads of three values, the cut's ties spread over every block: the tied entries to keep
+    are counted across blocks (and across the pieces inside a block: `piece` 37) in flat index
+    order, so one-row and uneven blocks give the whole tensor's bits; the weights are those of
+    exactly k entries, and mergekit's merge with index-ordered ties."""
+    monkeypatch.setattr(sce, "_PIECE", piece)
+    g = torch.Generator().manual_seed(13)
+    base = torch.randint(-4, 5, (90, 11), generator=g).float()  # θ₀ + d − θ₀ is d exactly: ties stay ties
+    d = torch.tensor([1.0, 2.0, 4.0])[torch.randint(3, (90, 11), generator=g)] * 2.0**-4
+    models = [base + d, base - d, base + 0.5 * d]
+    taus = [m - base for m in models]
+    for topk in (0.2, 0.5, 0.9):
+        want = whole_sce(base, models, select_topk=topk)
+        for bounds in (blocks_of(90, 1, 2, 3, 50, 89), [(i, i + 1) for i in range(90)]):
+            got, stats, _ = streamed("sce", base, models, {"select_topk": topk}, bounds)
+            assert_same_bits(got, want)
+            assert stats.cut == sce.variance_cut(sce.spread(taus), sce.keep_count(990, topk))
+            assert list(stats.weights) == sce.sce_weights([t * sce.variance_mask(taus, topk) for t in taus])
+        assert int(sce.variance_mask(taus, topk).sum()) == sce.keep_count(990, topk)
+        torch.testing.assert_close(want, mk_sce(base, models, topk), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("topk", [0.5, 1.0])
@@ -424,7 +504,7 @@ def test_sce_row_blocks_where_every_variance_is_zero(topk: float) -> None:
         want = whole_sce(base, models, select_topk=topk)
         got, stats, _ = streamed("sce", base, models, {"select_topk": topk}, blocks_of(40, 13, 27))
         assert_same_bits(got, want)
-        assert stats.cut == (None if topk == 1.0 else math.inf)
+        assert stats.cut == (None if topk == 1.0 else sce.Cut(math.inf, 0))
     assert torch.equal(want, base)
 
 

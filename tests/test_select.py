@@ -187,6 +187,8 @@ def test_bracket_select_many_tiny_blocks_keep_seeds_in_range(monkeypatch: pytest
 
 
 def run_select64(values: torch.Tensor, rank: Callable[[int], int], chunk: int) -> tuple[float, int, int]:
+    """Select, and check `count_above` (how many values exceed the answer: SCE keeps exactly k
+    entries with it) on every way the selection finishes."""
     sel = stats.Float64Select(rank)
     passes = 0
     while True:
@@ -194,7 +196,9 @@ def run_select64(values: torch.Tensor, rank: Callable[[int], int], chunk: int) -
         for part in values.split(chunk):
             sel.observe(part)
         if sel.end_pass():
-            return sel.value(), (sel.count() if values.numel() else 0), passes
+            value = sel.value()
+            assert sel.count_above() == (int((values > value).sum()) if values.numel() else 0)
+            return value, (sel.count() if values.numel() else 0), passes
 
 
 @pytest.mark.parametrize("cap", [1 << 18, 1000])

@@ -22,15 +22,19 @@ two thresholds matter in practice:
   with γ at an entry adds wᵢτᵢ/1e-6, not τᵢ.
 
 Selection ranks the variance computed in float64 (every float32 τ enters exactly; mergekit's is
-float32), and keeps every entry tied with the k-th largest, as `sparsify`'s masks do; the keep
-count k is mergekit's, float32 product included.
+float32) and keeps exactly mergekit's k entries (its float32 product included), as its
+torch.topk does; of the entries tied with the k-th largest (common with bf16 checkpoints), the
+first ones in flat index order (torch.topk's tie order is unspecified: the count is mergekit's,
+which tied entries can differ). Keeping every tied entry instead would select more than k, and
+since the energy weights are means over the selected entries, move every output entry.
 
 Memory. Steps 1 and 2 are tensor-wide, step 3 is per entry once the cut and the weights are
 known, so a tensor bigger than the engine's whole-tensor limit streams in row blocks after
 per-tensor statistics passes (`SceSums`, the method's `tensor_reducer`): with select_topk in
-(0, 1), the exact k-th largest float64 spread over three passes (`stats.Float64Select`), then
-one pass for the masked mean squares, summed in block order with the bits of the whole tensor
-(`detmath.FlatSum`); with select_topk 0 or 1 only the last. Each block is then selected and
+(0, 1), the exact k-th largest float64 spread and the count above it over three passes
+(`stats.Float64Select`), then one pass, in block order, that finds the last tied entry to keep
+and sums the masked mean squares with the bits of the whole tensor (`detmath.FlatSum`); with
+select_topk 0 or 1 only the last. Each block is then selected and
 combined from these, giving the whole-tensor path's bits. Within a block or a whole tensor, the
 float64 spreads and the election's float64 sums are made a bounded piece at a time. A tensor
 held whole (up to the limit) still keeps its float64 spread while its cut is selected.
@@ -117,32 +121,77 @@ def _piece_spread(piece: Sequence[torch.Tensor], out: torch.Tensor | None = None
 
 
 def variance_mask(taus: Sequence[torch.Tensor], select_topk: float) -> torch.Tensor:
-    """Select: True at the k entries of largest variance across the models (every entry tied
-    with the k-th largest included), k = `keep_count` of the non-zero variances."""
+    """Select: True at exactly the k entries of largest variance across the models, k =
+    `keep_count` of the non-zero variances; of the entries tied with the k-th largest, the
+    first ones in flat index order (`Cut`)."""
     if select_topk >= 1:
         return torch.ones_like(taus[0], dtype=torch.bool)
     if select_topk <= 0:
         return torch.zeros_like(taus[0], dtype=torch.bool)
     v = spread(taus)
-    k = keep_count(int(torch.count_nonzero(v)), select_topk)
+    cut = variance_cut(v, keep_count(int(torch.count_nonzero(v)), select_topk))
+    keep = torch.empty(v.shape, dtype=torch.bool, device=v.device)
+    _piece_keep(v.view(-1), cut, 0, out=keep.view(-1))
+    return keep
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Which entries Select keeps: those whose spread is above `value`, and those equal to it
+    whose flat index is below `tie_end` (the first tied entries in flat index order, as many as
+    k leaves room for). `value` inf keeps nothing. A rule on flat indices, not on blocks: any
+    row blocks, in any order, select what the whole tensor selects."""
+
+    value: float
+    tie_end: int
+
+
+def variance_cut(v: torch.Tensor, k: int) -> Cut:
+    """The `Cut` keeping exactly k entries of the spreads `v` (the whole tensor's), 0 ≤ k ≤ its
+    non-zero count: the k-th largest spread (> 0, so zeros are never kept), with the first
+    k − #(spread > it) of its ties."""
     if k == 0:
-        return torch.zeros_like(taus[0], dtype=torch.bool)
-    return v >= kth_largest(v, k)  # the k-th largest is > 0 (k ≤ the non-zero count): zeros never kept
+        return Cut(math.inf, 0)
+    flat = v.reshape(-1)
+    value = kth_largest(flat, k)
+    wanted = k - int(torch.count_nonzero(flat > value))  # ≥ 1: the k-th largest itself is tied with it
+    tied = torch.nonzero(flat == value).view(-1)
+    return Cut(float(value), int(tied[wanted - 1]) + 1)
 
 
-def keep_selected(taus: Sequence[torch.Tensor], cut: float | None) -> None:
-    """Select with a cut found over the whole tensor: τᵢ ← τᵢ ⊙ [spread ≥ cut], in place, a
-    bounded piece at a time. `cut` None keeps everything, inf nothing; the factors are the
-    bytes of a bool mask, as the whole-tensor path multiplies by, so the bits are its bits."""
+def _piece_keep(v: torch.Tensor, cut: Cut, offset: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The keep mask of a flat piece of spreads starting at flat index `offset`: v > cut, or
+    v == cut before `tie_end`. Comparisons only, so any piece gives the whole tensor's bits."""
+    keep = torch.gt(v, cut.value, out=out) if out is not None else v.gt(cut.value)
+    ties = min(max(cut.tie_end - offset, 0), v.numel())
+    if ties:
+        keep[:ties] |= v[:ties] == cut.value
+    return keep
+
+
+def keep_selected(taus: Sequence[torch.Tensor], cut: Cut | None, offset: int = 0) -> None:
+    """Select with a `Cut` found over the whole tensor, on τ's whose first entry is the
+    tensor's flat index `offset` (a row block's): τᵢ ← τᵢ ⊙ keep, in place, a bounded piece at
+    a time. `cut` None keeps everything; the factors are the bytes of a bool mask, as the
+    whole-tensor path multiplies by, so the bits are its bits."""
     if cut is None:
         return
     for piece in flat_pieces(*taus, size=_PIECE):
-        if math.isinf(cut):
+        if math.isinf(cut.value):
             keep = torch.zeros(piece[0].shape, dtype=torch.uint8, device=piece[0].device)
         else:
-            keep = _piece_spread(piece).ge_(cut).to(torch.uint8)
+            keep = _piece_keep(_piece_spread(piece), cut, offset).view(torch.uint8)
         for p in piece:
             p.mul_(keep)
+        offset += piece[0].numel()
+
+
+def block_offset(rows: tuple[int, int] | None, numel: int) -> int:
+    """The flat index, in its tensor, of the first entry of a row block of `numel` entries
+    (0 for a whole tensor)."""
+    if rows is None or rows[1] <= rows[0]:
+        return 0
+    return rows[0] * (numel // (rows[1] - rows[0]))
 
 
 def mean_square(total: float, numel: int, dtype: torch.dtype) -> float:
@@ -185,10 +234,10 @@ def sce_weights(taus: Sequence[torch.Tensor]) -> list[float]:
 
 @dataclass(frozen=True)
 class SceStats:
-    """What a row block needs from its whole tensor: the Select cut (None keeps every entry,
-    inf none, else the k-th largest float64 spread, kept with its ties) and the weights."""
+    """What a row block needs from its whole tensor: the Select `Cut` (None keeps every entry)
+    and the weights."""
 
-    cut: float | None
+    cut: Cut | None
     weights: tuple[float, ...]
 
 
@@ -198,17 +247,23 @@ class SceSums:
     With select_topk in (0, 1): every spread feeds an exact float64 selection (two passes, three
     to five where its sample misses), which also counts the non-zero ones in its first pass:
     mergekit's k comes from that count, and since k never exceeds it, the k-th largest of all
-    spreads is the k-th largest non-zero one, the whole-tensor path's cut. Then one pass, in
-    block order, sums each model's selected squares in `FlatSum`s, which regroup the pieces as
-    `mean_squares` groups the whole tensor's: the same means, the same weights.
+    spreads is the k-th largest non-zero one, the whole-tensor path's cut value. The selection
+    also counts the spreads above it, so k − that many tied entries are to be kept. Then one
+    pass, in block order, finds where the last of them lies (the `Cut`'s tie_end: tied entries
+    are counted in flat index order across blocks) and sums each model's selected squares in
+    `FlatSum`s, which regroup the pieces as `mean_squares` groups the whole tensor's: exactly k
+    entries, the same means, the same weights.
     """
 
     def __init__(self, params: Mapping[str, Any], n_models: int) -> None:
         self._topk = float(params["select_topk"])
         self._select: Float64Select | None = None
-        self._cut: float | None = None
+        self._cut: Cut | None = None
+        self._ties_left = 0  # tied entries still to keep, in block order, during the energy pass
+        self._tie_end: int | None = None
+        self._offset = 0
         if self._topk <= 0:
-            self._cut = math.inf
+            self._cut = Cut(math.inf, 0)
         elif self._topk < 1:
             self._select = Float64Select(self._rank)
         self.expected_passes = 1 if self._select is None else 3  # read by the planner (a sample miss adds 1-3)
@@ -235,13 +290,35 @@ class SceSums:
         self._order.check(job)
         self._numel += taus[0].numel()
         self._dtype = taus[0].dtype
-        if self._cut == math.inf:
+        if self._cut is not None and math.isinf(self._cut.value):
             return  # nothing selected: every sum stays 0, as the whole tensor's zeros sum to
-        keep_selected(taus, self._cut)
+        if self._cut is not None:
+            self._select_block(taus, self._cut.value)
+        self._offset += taus[0].numel()
         for piece in flat_pieces(*taus):
             for acc, p in zip(self._sums, piece, strict=True):
                 x = p.to(torch.float64)
                 acc.add(x * x)
+
+    def _select_block(self, taus: Sequence[torch.Tensor], value: float) -> None:
+        """`keep_selected` for a block of the energy pass, which also finds tie_end: the tied
+        entries are counted, in flat index order, against those still to keep, and the flat
+        index after the last one to keep is noted. Until then every tied entry is kept."""
+        start = self._offset
+        for piece in flat_pieces(*taus, size=_PIECE):
+            v = _piece_spread(piece)
+            if self._tie_end is None:
+                tied = v == value
+                n = int(torch.count_nonzero(tied))
+                if n >= self._ties_left:
+                    self._tie_end = start + int(torch.nonzero(tied).view(-1)[self._ties_left - 1]) + 1
+                else:
+                    self._ties_left -= n
+            tie_end = self._tie_end if self._tie_end is not None else start + v.numel()
+            keep = _piece_keep(v, Cut(value, tie_end), start).view(torch.uint8)
+            for p in piece:
+                p.mul_(keep)
+            start += v.numel()
 
     def end_pass(self) -> bool:
         if self._select is None:
@@ -249,13 +326,22 @@ class SceSums:
         self._select_passes += 1
         if self._select.end_pass():
             k = keep_count(self._nonzero, self._topk)
-            self._cut = math.inf if k == 0 else self._select.value()
+            if k == 0:
+                self._cut = Cut(math.inf, 0)
+            else:
+                self._cut = Cut(self._select.value(), 0)  # tie_end: found by the energy pass
+                self._ties_left = k - self._select.count_above()  # ≥ 1: the k-th largest is tied with itself
             self._select = None  # next: the energy pass
         return False
 
     def result(self) -> SceStats:
+        cut = self._cut
+        if cut is not None and not math.isinf(cut.value):
+            if self._tie_end is None:
+                raise RuntimeError("sce: the energy pass did not reach the last tied entry to keep")
+            cut = Cut(cut.value, self._tie_end)
         means = [mean_square(acc.total(), self._numel, self._dtype) for acc in self._sums]
-        return SceStats(cut=self._cut, weights=tuple(energy_weights(means, self._dtype)))
+        return SceStats(cut=cut, weights=tuple(energy_weights(means, self._dtype)))
 
 
 def erase_and_combine(taus: list[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -301,7 +387,7 @@ def merge_sce(job: TensorJob) -> torch.Tensor:
     if base.numel() == 0:
         return base.clone()
     if isinstance(job.stats, SceStats):
-        keep_selected(taus, job.stats.cut)
+        keep_selected(taus, job.stats.cut, block_offset(job.rows, taus[0].numel()))
         weights = list(job.stats.weights)
     elif job.rows is not None:
         raise RuntimeError(f"sce: no whole-tensor statistics for a row block of tensor {job.name}")

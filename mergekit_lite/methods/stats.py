@@ -478,7 +478,8 @@ class Float64Select:
 
     `rank(count)` gives the 0-based ascending position once the number of values is known
     (it is not asked when no value was seen); `value()` is then a Python float, `count()` that
-    number.
+    number, and `count_above()` how many values exceed it (a selection that keeps exactly the
+    top ones must know how many of the values equal to the cut it may take).
     """
 
     def __init__(self, rank: Callable[[int], int]) -> None:
@@ -496,6 +497,7 @@ class Float64Select:
         self._counts = torch.empty(0, dtype=torch.int64)
         self._count: int | None = None
         self._value: float | None = None
+        self._above = 0
         self._done = False
 
     def observe(self, values: torch.Tensor) -> None:
@@ -581,7 +583,11 @@ class Float64Select:
         cum = self._counts.cumsum(0)
         if not 0 <= offset < (int(cum[-1]) if cum.numel() else 0):
             raise RuntimeError("Float64Select: a later pass saw different values than the first ones")
-        self._value = float(self._distinct[int(torch.searchsorted(cum, torch.tensor(offset), right=True))])
+        index = int(torch.searchsorted(cum, torch.tensor(offset), right=True))
+        self._value = float(self._distinct[index])
+        # the values above rounded to c or above it; those that round to c are all gathered
+        assert self._count is not None
+        self._above = self._count - below - int(cum[index])
         self._reset_group()
         self._done = True
         return True
@@ -591,6 +597,12 @@ class Float64Select:
         if self._count is None:
             raise RuntimeError("Float64Select: count() before the float32 selection ended")
         return self._count
+
+    def count_above(self) -> int:
+        """How many values are greater than `value()` (0 for a row with no values)."""
+        if not self._done:
+            raise RuntimeError("Float64Select: count_above() before the selection finished")
+        return self._above
 
     def value(self) -> float:
         """sorted(values)[rank(count)], exactly; NaN for a row with no values."""
