@@ -13,7 +13,7 @@ tensor.
 
 Each case says what agreement to expect: `bits` (identical), `rounding` (within float32
 rounding: the largest difference at most 1e-5 of the tensor's largest magnitude, a few hundred
-ulps at most), or `documented` (a difference the method's docs page explains; the numbers are
+ulps at most; for bfloat16 outputs one bfloat16 step, 2⁻⁸), or `documented` (a difference the method's docs page explains; the numbers are
 reported, not judged). Random methods (DARE, DELLA) draw different masks by design, so they
 appear only at density 1, where nothing is dropped. The table goes to stdout and, with `--out`,
 to a markdown file. The exit status is 1 when a case misses its expectation or a tool fails.
@@ -48,6 +48,9 @@ from mergekit_lite.synthetic import LlamaShape, build_model_set  # noqa: E402
 
 Expect = Literal["bits", "rounding", "documented"]
 ROUNDING_REL = 1e-5
+# bf16 outputs: a float32 result a few ulps off can round to the neighbouring bf16 value, one bf16
+# step (2⁻⁸ of the value) away
+BF16_ROUNDING_REL = 2.0**-8
 SHAPE = LlamaShape(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2)
 ENV_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -66,8 +69,12 @@ class Case:
     expect: Expect = "rounding"
     why: str = ""
     top: dict[str, Any] = field(default_factory=dict)  # other top-level keys (out_dtype, ...)
+    bf16: bool = False  # read the bfloat16 copies of the models (written bf16: out_dtype bfloat16)
 
     def recipe(self, paths: dict[str, Path]) -> dict[str, Any]:
+        if self.bf16:
+            paths = {k[: -len("-bf16")]: v for k, v in paths.items() if k.endswith("-bf16")}
+
         def model(m: Any) -> dict[str, Any]:
             if isinstance(m, str):
                 return {"model": str(paths[m])}
@@ -79,6 +86,8 @@ class Case:
             data["base_model"] = str(paths[self.base])
         if self.parameters:
             data["parameters"] = self.parameters
+        if self.bf16:
+            data["out_dtype"] = "bfloat16"
         return {**data, **self.top}
 
 
@@ -92,6 +101,8 @@ def weighted(*weights: Any, **extra: Any) -> tuple[dict[str, Any], ...]:
 
 
 FTS = ("ft1", "ft2", "ft3")
+TIED_CUT = ("bf16 deltas tie at the top-k cut: mlite keeps every tied entry, mergekit exactly k "
+            "(docs/methods/ties.md)")
 ATTN_RULES = [{"filter": "self_attn", "value": 0.3}, {"filter": "mlp", "value": [0.2, 0.9]}, {"value": 0.6}]
 
 CASES: tuple[Case, ...] = (
@@ -146,6 +157,32 @@ CASES: tuple[Case, ...] = (
          base=None, expect="bits"),
     Case("passthrough scale gradient", "passthrough", ("ft2",), base=None, parameters={"scale": [0.0, 2.0]},
          expect="bits"),
+    # bfloat16 models, computed in float32 by both (dtype: float32) and written in bfloat16: one
+    # rounding of the float32 result, so the last-bit differences above mostly vanish
+    *(Case(f"{c.key} (bf16 in and out)", c.method, c.models, c.base, c.parameters, expect=c.expect, why=c.why,
+           bf16=True)
+      for c in (
+          Case("linear", "linear", weighted(1.0, 2.0, 0.5), base=None, expect="bits"),
+          Case("task_arithmetic", "task_arithmetic", weighted(0.3, 0.5, -0.2), expect="bits"),
+          Case("ties", "ties", weighted(0.5, 0.3, 0.2, density=[0.5, 0.7, 0.3]), expect="documented",
+               why=TIED_CUT),
+          Case("breadcrumbs", "breadcrumbs", weighted(0.5, 0.3, 0.2), parameters={"density": 0.8, "gamma": 0.05},
+               expect="documented", why=TIED_CUT),
+          Case("model_stock", "model_stock", FTS, expect="bits"),
+          Case("slerp", "slerp", ("ft1",), parameters={"t": 0.3}, expect="bits"),
+          Case("nuslerp", "nuslerp", weighted(0.3, 0.7), base=None, expect="rounding"),
+          Case("multislerp", "multislerp", weighted(0.5, 0.3, 0.2), base=None, expect="rounding"),
+          Case("karcher", "karcher", FTS, base=None, expect="rounding"),
+          Case("nearswap", "nearswap", ("ft1",), parameters={"t": 0.0005}, expect="bits"),
+          Case("arcee_fusion", "arcee_fusion", ("ft1",), expect="documented",
+               why="an importance equal to the fence, where the last bit of the row's KL sum decides "
+                   "(docs/methods/arcee_fusion.md)"),
+          Case("ram", "ram", FTS, expect="bits"),
+          Case("ramplus_tl", "ramplus_tl", FTS, parameters={"epsilon": 1e-3}, expect="bits"),
+          Case("passthrough", "passthrough", ("ft1",), base=None, parameters={"scale": 0.7}, expect="bits"),
+      )),
+    Case("sce select_topk (bf16 in and out)", "sce", FTS, parameters={"select_topk": 0.5}, expect="documented",
+         bf16=True, why="bf16 deltas tie at the variance cut: which tied entries are kept differs (docs/methods/sce.md)"),
     Case("ram", "ram", FTS, expect="bits"),
     Case("ram epsilon 1e-2", "ram", FTS, parameters={"epsilon": 1e-2}, expect="bits"),
     Case("ram epsilon 0, weights ignored", "ram", weighted(0.3, 2.0, -1.0), parameters={"epsilon": 0.0},
@@ -211,7 +248,7 @@ def compare(case: Case, ours: dict[str, torch.Tensor], theirs: dict[str, torch.T
             res.worst_rel, res.worst_abs, res.worst_tensor = rel, worst, name
     if case.expect == "bits" and res.differing:
         res.status = "MISSED"
-    elif case.expect == "rounding" and res.worst_rel > ROUNDING_REL:
+    elif case.expect == "rounding" and res.worst_rel > (BF16_ROUNDING_REL if case.bf16 else ROUNDING_REL):
         res.status = "MISSED"
     elif case.expect == "documented":
         res.status = "documented"
@@ -299,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         models = build_model_set(work / "models", shape=SHAPE, n_finetunes=3, num_shards=2, seed=7)
         paths = {"base": models.base, **{f"ft{i + 1}": p for i, p in enumerate(models.finetunes)}}
+        halves = build_model_set(work / "models-bf16", shape=SHAPE, n_finetunes=3, num_shards=2, seed=7,
+                                 dtype=torch.bfloat16)
+        paths.update({"base-bf16": halves.base, **{f"ft{i + 1}-bf16": p for i, p in enumerate(halves.finetunes)}})
         outcomes = []
         for case in cases:
             t0 = time.perf_counter()
@@ -310,9 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     header = (f"# mlite against mergekit, tensor by tensor\n\n"
               f"`python benchmarks/vs_mergekit.py` on {time.strftime('%Y-%m-%d %H:%M')}, mlite {git_revision()}, "
               f"{mergekit_version(args.mergekit_venv)}, {platform.machine()} CPU. Models: a float32 Llama-layout base "
-              f"and three fine-tunes ({SHAPE.num_parameters():,} parameters each), recipes in mergekit's shape with "
-              f"`dtype: float32`. `rounding`: largest difference ≤ {ROUNDING_REL:g} × the tensor's largest "
-              f"magnitude.\n")
+              f"and three fine-tunes ({SHAPE.num_parameters():,} parameters each; the bf16 cases read bfloat16 copies "
+              f"and write bfloat16), recipes in mergekit's shape with `dtype: float32`. `rounding`: largest difference ≤ {ROUNDING_REL:g} × the tensor's largest "
+              f"magnitude ({BF16_ROUNDING_REL:g} for the bf16 cases: one bf16 step).\n")
     table = render(outcomes, header)
     print(table)
     if args.out:
