@@ -70,6 +70,9 @@ class Case:
     why: str = ""
     top: dict[str, Any] = field(default_factory=dict)  # other top-level keys (out_dtype, ...)
     bf16: bool = False  # read the bfloat16 copies of the models (written bf16: out_dtype bfloat16)
+    # mergekit's `slices:` instead of `models:` (then `models` is empty): each slice's sources
+    # name models as above, with their layer_range (the models have 3 layers)
+    slices: tuple[dict[str, Any], ...] = ()
 
     def recipe(self, paths: dict[str, Path]) -> dict[str, Any]:
         if self.bf16:
@@ -80,8 +83,11 @@ class Case:
                 return {"model": str(paths[m])}
             return {**m, "model": str(paths[m["model"]])}
 
-        data: dict[str, Any] = {"merge_method": self.method, "models": [model(m) for m in self.models],
-                                "dtype": "float32"}
+        data: dict[str, Any] = {"merge_method": self.method, "dtype": "float32"}
+        if self.slices:
+            data["slices"] = [{**piece, "sources": [model(m) for m in piece["sources"]]} for piece in self.slices]
+        else:
+            data["models"] = [model(m) for m in self.models]
         if self.base is not None:
             data["base_model"] = str(paths[self.base])
         if self.parameters:
@@ -98,6 +104,12 @@ def weighted(*weights: Any, **extra: Any) -> tuple[dict[str, Any], ...]:
         params = {"weight": w, **{k: v[i] for k, v in extra.items()}}
         out.append({"model": f"ft{i + 1}", "parameters": params})
     return tuple(out)
+
+
+def src(model: str, first: int, end: int, **params: Any) -> dict[str, Any]:
+    """A slice source: layers [first, end) of a model, with its own parameters."""
+    out: dict[str, Any] = {"model": model, "layer_range": [first, end]}
+    return {**out, "parameters": params} if params else out
 
 
 FTS = ("ft1", "ft2", "ft3")
@@ -183,6 +195,30 @@ CASES: tuple[Case, ...] = (
       )),
     Case("sce select_topk (bf16 in and out)", "sce", FTS, parameters={"select_topk": 0.5}, expect="documented",
          bf16=True, why="bf16 deltas tie at the variance cut: which tied entries are kept differs (docs/methods/sce.md)"),
+    # layer stacks (mergekit's `slices:`): frankenmerges, depth up-scaling, pruning, per-slice settings
+    Case("slices: passthrough frankenmerge", "passthrough", (), base=None, expect="bits", slices=(
+        {"sources": [src("base", 0, 2)]}, {"sources": [src("ft1", 1, 3)]})),
+    Case("slices: passthrough depth up-scaling, o_proj scaled", "passthrough", (), base=None, expect="bits", slices=(
+        {"sources": [src("ft2", 0, 2)]},
+        {"sources": [src("ft2", 1, 3)], "parameters": {"scale": [{"filter": "o_proj", "value": 0.0},
+                                                                  {"value": 1.0}]}})),
+    Case("slices: passthrough pruning", "passthrough", (), base=None, expect="bits", slices=(
+        {"sources": [src("ft3", 0, 1)]}, {"sources": [src("ft3", 2, 3)]})),
+    Case("slices: slerp per-slice t gradients", "slerp", (), parameters={"t": 0.5}, slices=(
+        {"sources": [src("base", 0, 2), src("ft1", 0, 2)], "parameters": {"t": [0.0, 0.8]}},
+        {"sources": [src("base", 2, 3), src("ft1", 2, 3)],
+         "parameters": {"t": [{"filter": "self_attn", "value": 0.9}]}})),
+    Case("slices: slerp shifted ranges", "slerp", (), parameters={"t": [0.2, 0.7]}, slices=(
+        {"sources": [src("base", 0, 2), src("ft2", 1, 3)]},)),
+    Case("slices: task_arithmetic per-slice weights", "task_arithmetic", (), slices=(
+        {"sources": [src("base", 0, 1), src("ft1", 0, 1, weight=0.7), src("ft2", 0, 1, weight=0.2)]},
+        {"sources": [src("base", 1, 3), src("ft1", 1, 3, weight=-0.3), src("ft2", 1, 3, weight=[0.1, 0.9])],
+         "parameters": {"lambda": 0.5}})),
+    Case("slices: ties mixed models", "ties", (), parameters={"density": 0.6}, slices=(
+        {"sources": [src("base", 0, 2), src("ft1", 0, 2, weight=0.6), src("ft2", 1, 3, weight=0.4)]},
+        {"sources": [src("base", 2, 3), src("ft3", 2, 3, weight=0.5), src("ft1", 0, 1, weight=0.5)]})),
+    Case("slices: linear, base_model left out", "linear", (), slices=(
+        {"sources": [src("ft1", 0, 3, weight=1.0), src("ft2", 0, 3, weight=3.0)]},)),
     Case("ram", "ram", FTS, expect="bits"),
     Case("ram epsilon 1e-2", "ram", FTS, parameters={"epsilon": 1e-2}, expect="bits"),
     Case("ram epsilon 0, weights ignored", "ram", weighted(0.3, 2.0, -1.0), parameters={"epsilon": 0.0},

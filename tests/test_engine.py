@@ -1338,7 +1338,7 @@ def test_demo_into_a_file_is_a_usage_error(tmp_path):
 
 def test_mergekit_single_slice_recipe_merges_as_its_models_form(tmp_path, model_set):
     """mergekit's best-known SLERP example is written with one slice over every layer; it
-    gives the models-form merge, and a range that leaves layers out is refused before reading."""
+    gives the models-form merge, and a range past the models' layers is refused before reading."""
     ms = model_set
     t = {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}
@@ -1352,9 +1352,9 @@ def test_mergekit_single_slice_recipe_merges_as_its_models_form(tmp_path, model_
 
     got = mlite.run_recipe(sliced(layers)).state_dict
     assert [k for k in want if not torch.equal(want[k], got[k])] == []
-    recipe = _write(tmp_path / "r.yaml", {**sliced(layers - 1), "output": {"path": str(tmp_path / "out")}})
+    recipe = _write(tmp_path / "r.yaml", {**sliced(layers + 1), "output": {"path": str(tmp_path / "out")}})
     res = runner.invoke(app, ["merge", str(recipe)])
-    assert res.exit_code == 3 and f"mergekit 'slices' not supported here (layer_range [0, {layers - 1}] but" in res.output
+    assert res.exit_code == 3 and f"layer_range [0, {layers + 1}] but {ms.base} has {layers} layers" in res.output
     assert not (tmp_path / "out").exists()
 
 

@@ -322,8 +322,6 @@ def test_mergekit_per_model_mapping_by_path(models: Path) -> None:
 
 
 @pytest.mark.parametrize(("key", "text"), [
-    ("slices", "slices:\n  - sources:\n      - {model: a, layer_range: [0, 4]}\n"
-               "  - sources:\n      - {model: a, layer_range: [4, 8]}\n"),
     ("modules", "modules: {}\n"),
     ("tokenizer", "tokenizer: {source: union}\n"),
     ("chat_template", "chat_template: chatml\n"),
@@ -669,18 +667,26 @@ def test_slerp_with_one_endpoint_is_a_recipe_error() -> None:
 
 @pytest.mark.parametrize(("text", "line", "why"), [
     ("slices:\n  - sources:\n      - {model: a, layer_range: [0, 4]}\n      - {model: b, layer_range: [0, 3]}\n",
-     4, "the sources' layer ranges [[0, 3], [0, 4]] differ"),
-    ("slices:\n  - sources:\n      - {model: a, layer_range: [2, 4]}\n", 4, "do not start at 0"),
-    ("slices:\n  - sources:\n      - {model: a}\n", 5, "each source needs 'layer_range: [0, N]'"),
+     4, "the sources of a slice must give the same number of layers, got [[0, 4], [0, 3]] (slices[0].sources)"),
+    ("slices:\n  - sources:\n      - {model: a, layer_range: [2, 2]}\n", 5,
+     "layer_range [2, 2] is empty or negative: it takes layers FIRST to END - 1 (slices[0].sources[0].layer_range)"),
+    ("slices:\n  - sources:\n      - {model: a}\n", 5,
+     "a source needs 'layer_range: [FIRST, END]' (two integers, END excluded) (slices[0].sources[0].layer_range)"),
     ("slices:\n  - sources:\n      - {model: a, layer_range: [0, 4]}\n    merge_method: slerp\n", 6,
-     "a slice has 'merge_method'"),
+     "unknown key 'merge_method' in a slice (expected base_model, parameters, sources) (slices[0].merge_method)"),
     ("models: [{model: a}]\nslices:\n  - sources:\n      - {model: a, layer_range: [0, 4]}\n", 4,
-     "given together with 'models'"),
+     "give 'slices' or 'models', not both (slices)"),
+    ("slices: []\n", 3, "'slices' must be a non-empty list of slices, each with 'sources' (slices)"),
+    ("slices:\n  - sources:\n      - {model: a, layer_range: [0, 4]}\n      - {model: a, layer_range: [4, 8]}\n", 6,
+     "model 'a' is listed twice in slices[0] (first at"),
+    ("slices:\n  - sources:\n      - {model: a, layer_range: [0, 4]}\n      - {model: x, layer_range: [0, 4]}\n"
+     "  - sources:\n      - {model: x, layer_range: [4, 8]}\n      - {model: a, layer_range: [4, 8]}\n"
+     "      - {model: b, layer_range: [4, 8]}\n", 7,
+     "slices[1] merges 3 models and slices[0] 2 (counting the base): every slice needs the same number of sources"),
 ])
-def test_mergekit_slices_other_than_one_full_slice_are_refused(tmp_path: Path, text: str, line: int, why: str) -> None:
+def test_mergekit_slices_shape_mistakes_are_one_line_errors(tmp_path: Path, text: str, line: int, why: str) -> None:
     msg = one_problem(write(tmp_path, "merge_method: ties\nbase_model: x\n" + text))
-    assert msg.startswith(f"{tmp_path / 'recipe.yaml'}:{line}: mergekit 'slices' not supported here (")
-    assert why in msg and msg.endswith("(slices)")
+    assert msg.startswith(f"{tmp_path / 'recipe.yaml'}:{line}: ") and why in msg, msg
 
 
 # A mergekit recipe with one slice over the 4 layers, its base the first source; tests add the
@@ -704,9 +710,11 @@ def test_mergekit_single_slice_reads_as_models(models: Path) -> None:
         """))
     step = recipe.steps[0]
     assert step.base == "base" and step.models == ["a", "b"]
-    assert step.parameters["density"] == 0.4 and step.parameters["normalize"] is False
-    assert step.model_parameters == {"a": {"weight": 0.7}}
-    assert recipe.options["full_slice"].layers == 4
+    assert step.parameters == {"density": 0.9, "normalize": False}  # the recipe's own
+    (piece,) = step.slices
+    assert piece.parameters["density"] == 0.4 and piece.parameters["normalize"] is False
+    assert piece.model_parameters == {"a": {"weight": 0.7}}
+    assert recipe.options["layer_stack"].num_layers == 4
 
 
 def test_mergekit_slice_rules_fall_back_to_the_recipe_parameters(models: Path) -> None:
@@ -715,7 +723,7 @@ def test_mergekit_slice_rules_fall_back_to_the_recipe_parameters(models: Path) -
     unmatched tensors took the method default (t = 0.5 instead of 0.8 for a slerp's mlp, norm,
     embeddings and head; a ties' lm_head weighted 1.0 instead of 0.5)."""
     from mergekit_lite.methods import ties  # noqa: F401  registers the real method
-    from mergekit_lite.recipe import ParamResolver
+    from mergekit_lite.recipe.params import SlicedResolver
 
     recipe = load_recipe(write(models, ONE_SLICE + """
               - model: ./models/a
@@ -732,7 +740,7 @@ def test_mergekit_slice_rules_fall_back_to_the_recipe_parameters(models: Path) -
           lambda: [0.2, 0.8]
         """))
     step = recipe.steps[0]
-    r = ParamResolver(registry.get_method("ties"), step, step.models, 4)
+    r = SlicedResolver(registry.get_method("ties"), step, step.models, recipe.options["layer_stack"])
 
     def at(name: str, key: str) -> object:
         return r.for_tensor(name)[key]
@@ -779,7 +787,7 @@ def test_mergekit_slice_rules_before_a_per_model_mapping(models: Path) -> None:
     """mlite's {MODEL: value} mapping at the recipe level cannot follow a slice's rules in one
     rule list (it is no rule value): the slice's rules stand alone, as before the fallback."""
     from mergekit_lite.methods import ties  # noqa: F401  registers the real method
-    from mergekit_lite.recipe import ParamResolver
+    from mergekit_lite.recipe.params import SlicedResolver
 
     recipe = load_recipe(write(models, ONE_SLICE + """
               - {model: ./models/a, layer_range: [0, 4]}
@@ -790,7 +798,7 @@ def test_mergekit_slice_rules_before_a_per_model_mapping(models: Path) -> None:
           weight: {./models/a: 0.7, ./models/b: 0.4}
         """))
     step = recipe.steps[0]
-    r = ParamResolver(registry.get_method("ties"), step, step.models, 4)
+    r = SlicedResolver(registry.get_method("ties"), step, step.models, recipe.options["layer_stack"])
     assert r.for_tensor("model.layers.1.mlp.up_proj.weight")["weight"] == (0.2, 0.2)
     assert r.for_tensor("lm_head.weight")["weight"] == (1.0, 1.0)
 

@@ -46,8 +46,9 @@ def fingerprint(plan: Plan) -> str:
         "deltas": {k: [d.label, [(p.name, file_identity(p)) for p in d.files() if p.is_file()]]
                    for k, d in sorted(plan.deltas.items())},
         "steps": [[s.id, s.spec.name, s.spec_step.base, s.spec_step.models, s.spec_step.delta,
-                   s.spec_step.old_base, s.spec_step.parameters, s.spec_step.model_parameters]
+                   s.spec_step.old_base, s.spec_step.parameters, s.spec_step.model_parameters, s.spec_step.slices]
                   for s in plan.steps.values()],
+        "layer_stack": stack.describe() if (stack := plan.recipe.options.get("layer_stack")) else None,
         "tensor_files": {k: files_of(Path(k)) for k in sorted(plan.tensor_files)},
         "outputs": [[o.name, list(o.shape), o.dtype] for o in plan.outputs],
         "shard_size": plan.shard_size,

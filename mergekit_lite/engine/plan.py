@@ -27,9 +27,10 @@ from ..io.tokenizer_vocab import first_differences, read_vocab
 from ..io.writer import DEFAULT_SHARD_SIZE, check_output_dir
 from ..methods.registry import MethodSpec, Reducer, get_method
 from ..recipe.model import Recipe, StepSpec
-from ..recipe.params import ParamResolver
+from ..recipe.params import ParamResolver, SlicedResolver
 from ..recipe.settings import count_layers
 from ..recipe.validate import MPS_UNSUPPORTED
+from .stack import stacked_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class StepPlan:
     base: Operand | None
     models: list[Operand]
     delta_key: str | None
-    resolver: ParamResolver
+    resolver: ParamResolver | SlicedResolver
     scope: str
     save: Path | None
     spec_step: StepSpec
@@ -215,8 +216,9 @@ def build_plan(
     }
     checkpoints: dict[str, Checkpoint] = {}
     deltas: dict[str, Any] = {}
+    stack = recipe.options.get("layer_stack")  # a mergekit layer stack: positions built below
     for key, ref in recipe.inputs.items():
-        if key in used_as_delta:
+        if key in used_as_delta or (stack is not None and key in stack.virtual):
             continue
         try:
             checkpoints[key] = open_checkpoint(ref, allow_bin=allow_bin)
@@ -246,15 +248,12 @@ def build_plan(
             except MliteError as exc:
                 ckpt_problems.append(type(exc)(f"{_input_src(recipe, key)}input {key!r}: {exc}"))
 
-    full_slice = recipe.options.get("full_slice")  # a mergekit recipe's single slice, read as `models:`
-    if full_slice is not None:
-        for ck in checkpoints.values():
-            layers = count_layers(ck.names())
-            if layers is not None and layers != full_slice.layers:
-                recipe_problems.append(RecipeError(
-                    f"{full_slice.loc}: mergekit 'slices' not supported here (layer_range [0, {full_slice.layers}] "
-                    f"but {ck.label} has {layers} layers): only a single slice over every layer of every model is "
-                    "read (the same merge as 'models:')"))
+    if stack is not None:
+        views, problems = stacked_checkpoints(stack, checkpoints)
+        checkpoints.update(views)
+        recipe_problems += [p for p in problems if isinstance(p, RecipeError)]
+        ckpt_problems += [p for p in problems if not isinstance(p, RecipeError)]
+        recipe_problems += _whole_steps_in_stack(stack, step_specs, checkpoints)
 
     # Step plans.
     num_layers = _num_layers(checkpoints)  # once: a config that promises more layers is warned about once
@@ -299,7 +298,9 @@ def build_plan(
             log.warning("%s: step %r lists its base %r among its models: a zero task vector, which adds nothing but "
                         "still counts in normalize's weight sum and TIES' vote", s.loc, sid, s.base)
         try:
-            resolver = ParamResolver(spec, s, list(s.models), num_layers)
+            resolver: ParamResolver | SlicedResolver = (
+                SlicedResolver(spec, s, list(s.models), stack) if s.slices and stack is not None
+                else ParamResolver(spec, s, list(s.models), num_layers))
             scalars = resolver.scalar_values()
             scope = spec.scope(scalars)
         except MliteError as exc:
@@ -443,6 +444,22 @@ def resolve_device(name: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise UsageError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)")
     return dev
+
+
+def _whole_steps_in_stack(stack: Any, step_specs: Mapping[str, StepSpec],
+                          checkpoints: Mapping[str, Checkpoint]) -> list[MliteError]:
+    """A MODEL+LORA place of a layer stack is a step, used as it is: its slices must give all of
+    MODEL's layers (the loader checked that they start at 0 and run in order)."""
+    problems: list[MliteError] = []
+    for j, name in enumerate(stack.positions):
+        step = step_specs.get(name)
+        ck = checkpoints.get(step.base) if step is not None and step.base is not None else None
+        held = count_layers(ck.names()) if ck is not None else None
+        if held is not None and held != stack.num_layers:
+            problems.append(RecipeError(f"{stack.slices[-1].sources[j].loc}: '{name}' (MODEL+LORA) can only give its "
+                                        f"layers whole in a slices recipe: the slices take {stack.num_layers} of its "
+                                        f"{held} layers; merge the adapter into its model first (mlite patch)"))
+    return problems
 
 
 def _num_layers(checkpoints: Mapping[str, Checkpoint]) -> int | None:

@@ -7,18 +7,19 @@ stage in one run. Shape errors stop before meaning is checked (meaning needs a s
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
 from .model import Loc, Recipe
 from .problems import Problems
-from .raw import Item, RawModel, RawRecipe, RawStep
+from .raw import Item, RawModel, RawRecipe, RawSlice, RawStep
 from .schema import MERGEKIT_UNSUPPORTED, MergekitRecipe, ModelEntry, NativeRecipe, validate_shape
-from .slices import slices_as_models
+from .slices import DraftSlice, Positions, assign_positions, read_slices
+from .stack import LayerStack, StackSlice, StackSource
 from .validate import validate
-from .yaml_lines import YamlSyntaxError, line_of, parse_yaml, plain, start_line
+from .yaml_lines import LineDict, YamlSyntaxError, line_of, parse_yaml, plain, start_line
 
 
 def _python_numbers(value: Any) -> Any:
@@ -189,13 +190,48 @@ def _input_name(ref: str, taken: dict[str, str]) -> str:
     return candidate
 
 
+def _stack_as_models(raw: Any, file: str | None, problems: Problems) -> tuple[Any, list[DraftSlice], Positions] | None:
+    """A layer-stacking `slices:` recipe as a `models:` recipe over its positions (`stack.base`,
+    `stack.1`, …; see slices.py), with the slices to wire them, or None after problems."""
+    from ..methods.registry import get_method
+
+    drafts = read_slices(raw, file, problems)
+    if drafts is None:
+        return None
+    method = raw.get("merge_method")
+    spec = get_method(method) if isinstance(method, str) else None
+    written = raw.get("base_model")
+    base = (Item(written, Loc(file, line_of(raw, "base_model")), "base_model")
+            if isinstance(written, str) and written.strip() else None)
+    positions = assign_positions(drafts, base, str(method), takes_base=spec is not None and (spec.needs_base or spec.optional_base),
+                                 ordered=spec is not None and spec.ordered, problems=problems)
+    if positions is None:
+        return None
+    out = LineDict({k: v for k, v in raw.items() if k not in ("slices", "base_model")})
+    out.line = getattr(raw, "line", None)
+    out.key_lines = {k: n for k, n in getattr(raw, "key_lines", {}).items() if k in out}
+    out["models"] = [{"model": n} for n in positions.names if n != positions.base]
+    _keep_line(out, "models", line_of(raw, "slices"))
+    if positions.base is not None:
+        out["base_model"] = positions.base
+        _keep_line(out, "base_model", line_of(raw, "base_model"))
+    elif base is not None and raw.get("tokenizer_source") == "base":
+        out["tokenizer_source"] = base.value  # the base is no position: its own files
+    return out, drafts, positions
+
+
+def _keep_line(container: LineDict, key: str, line: int | None) -> None:
+    if line is not None:
+        container.key_lines[key] = line
+
+
 def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe | None:
-    full_slice = None
-    if "slices" in raw:  # one slice over every layer is the same merge as `models:`
-        converted = slices_as_models(raw, file, problems)
-        if converted is None:
+    stacked = None
+    if "slices" in raw:  # layer ranges: read as `models:` over the stack's positions
+        stacked = _stack_as_models(raw, file, problems)
+        if stacked is None:
             return None
-        raw, full_slice = converted
+        raw = stacked[0]
     unsupported = False
     for key, message in MERGEKIT_UNSUPPORTED.items():
         if key in raw:
@@ -225,10 +261,18 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
 
     lora_steps: dict[str, RawStep] = {}
 
+    if stacked is not None:
+        for name in stacked[2].virtual:  # the stack's own positions, named before any input can take their names
+            names[name] = name
+
     def add_model(ref: str, item: Item) -> str:
         """An input's name; for mergekit's `MODEL+LORA`, the id of a step that merges the LoRA
         into the model first (as mergekit does with peft's merge_and_unload): the reference as
-        written, so per-model mappings keyed by it find it."""
+        written, so per-model mappings keyed by it find it. A layer stack's position is an input
+        the plan builds from the slices' sources."""
+        if stacked is not None and ref in stacked[2].virtual:
+            inputs[ref] = Item(ref, item.loc, item.key)
+            return ref
         parts = ref.split("+")
         if len(parts) == 1:
             return add_input(ref, item)
@@ -266,11 +310,6 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
         elif listed:
             if spec.ordered:
                 models = listed + [m for m in models if m.ref.value != base_name]
-        elif full_slice is not None and not spec.ordered:
-            # mergekit adds base_model to the inputs when it turns `models:` into a slice, not
-            # for a recipe written with `slices:`: a method without a base never sees it there
-            notes.append(f"{base_item.loc.prefix()}base_model '{model.base_model}' is not among the slice's sources: "
-                         f"'{spec.name}' takes no base, and mergekit's slices form leaves it out; ignored")
         elif spec.ordered:
             # mergekit adds base_model to the inputs even when 'models' leaves it out (slerp's
             # base + one model); an ordered method takes it as its first endpoint.
@@ -295,8 +334,12 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
         save=None,
         loc=method_item.loc,
         key="",
-        slice_parameters=_params(full_slice.parameters, "slices[0].parameters", file) if full_slice else {},
     )
+    layer_stack = None
+    if stacked is not None:
+        _, drafts, positions = stacked
+        notes += positions.notes
+        step.slices, layer_stack = _wire_stack(drafts, positions, add_input, problems)
 
     output = _output(raw, file)
     if model.dtype is not None or model.out_dtype is not None:
@@ -328,8 +371,8 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
 
     recipe = RawRecipe("mergekit", inputs, [*lora_steps.values(), step], output, notes=notes,
                        **_common(raw, model, file))
-    if full_slice is not None:
-        recipe.options["full_slice"] = full_slice  # the plan checks its range against the layer count
+    if layer_stack is not None:
+        recipe.options["layer_stack"] = layer_stack  # the plan builds the positions' checkpoints from it
     if lora_steps:
         # MODEL+LORA: the adapter merged into the model it was trained on, as peft's
         # merge_and_unload does: its saved modules replace MODEL's by design, no old base to give
@@ -342,3 +385,34 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
         recipe.options["promote_dtypes"] = True
     return recipe
 
+
+
+def _wire_stack(drafts: list[DraftSlice], positions: Positions, add_input: Callable[[str, Item], str],
+                problems: Problems) -> tuple[list[RawSlice], LayerStack]:
+    """Per slice, the parameters of the step's models (each position's source's own, a base
+    position's left out: the base takes none), and the layout with the sources' input names."""
+    inputs_of = {name: name if name in positions.virtual or "+" in name else add_input(name, Item(name, Loc(), ""))
+                 for name in positions.names}
+    raw_slices: list[RawSlice] = []
+    slices: list[StackSlice] = []
+    start = 0
+    for piece, sources in zip(drafts, positions.per_slice, strict=True):
+        models = [RawModel(Item(inputs_of[name], src.ref.loc, src.ref.key), src.parameters)
+                  for name, src in zip(positions.names, sources, strict=True) if name != positions.base]
+        raw_slices.append(RawSlice(piece.parameters, models, piece.loc, piece.key))
+        wired: list[StackSource] = []
+        for name, src in zip(positions.names, sources, strict=True):
+            if "+" not in src.ref.value:
+                wired.append(StackSource(add_input(src.ref.value, src.ref), src.start, src.loc))
+                continue
+            # MODEL+LORA is a step (the adapter merged in), not a checkpoint: it can only be
+            # given whole, in order (the plan checks its layer count)
+            if name in positions.virtual or src.start != start:
+                problems.add(src.ref.loc, f"'{src.ref.value}': a MODEL+LORA source can only give its layers whole "
+                             "and in order in a slices recipe; merge the adapter into its model first "
+                             "(mlite patch) to stack its layers", src.ref.key)
+            wired.append(StackSource(src.ref.value, src.start, src.loc))
+        slices.append(StackSlice(start, piece.length, tuple(wired), piece.loc))
+        start += piece.length
+    return raw_slices, LayerStack(tuple(inputs_of[n] for n in positions.names), tuple(slices),
+                                  frozenset(positions.virtual))

@@ -32,6 +32,16 @@ class Loc:
 
 
 @dataclass
+class SliceParams:
+    """A layer-stacking recipe's settings for one slice (see `recipe/stack.py`), in the form of
+    `StepSpec.parameters` and `StepSpec.model_parameters`: the slice's own settings already
+    put before the recipe's, and each model's source's own."""
+
+    parameters: dict[str, Any] = field(default_factory=dict)
+    model_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
 class StepSpec:
     """One step: a method applied to inputs or to earlier steps' results.
 
@@ -52,6 +62,9 @@ class StepSpec:
     model_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
     save: str | None = None
     loc: Loc = field(default_factory=Loc)
+    # a layer stack's slices, in output order: their settings replace `parameters` and
+    # `model_parameters` for the tensors of each slice's layers
+    slices: list[SliceParams] = field(default_factory=list)
 
     def references(self) -> list[str]:
         """Every input or step this step reads, base first, in a stable order."""
@@ -81,7 +94,8 @@ class Recipe:
     `options` holds `allow_bin` (bool), `vocab` ("strict" | "shared"), `allow_vocab_growth`
     (bool), `description` (str or None) and `notes` (list of one-line remarks, e.g. mergekit
     knobs that were accepted but change nothing); a mergekit recipe may add `full_slice` (its
-    one slice's layer range), `promote_dtypes` (no dtype given: a float tensor is written in
+    one slice's layer range) or `layer_stack` (a `recipe.stack.LayerStack`: slices that stack,
+repeat or leave out layers), `promote_dtypes` (no dtype given: a float tensor is written in
     the promotion of its inputs' dtypes, as mergekit's arithmetic leaves it),
     `tokenizer_source` (as written; the plan checks that the models' token ids agree with it)
     and `merged_adapters` (the ids of its MODEL+LORA steps).

@@ -12,13 +12,15 @@ rule falls through to the next level.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 from ..errors import RecipeError
 from ..methods.registry import MethodSpec, Param
 from .model import StepSpec
 from .settings import Const, Setting, SettingError, is_rule_mapping, layer_position, parse_setting
+from .stack import LayerStack
 
 _CACHE_LIMIT = 1 << 16
 
@@ -41,11 +43,13 @@ class ParamResolver:
     order). `num_layers` is needed only when a layer gradient is used on a layer tensor.
     """
 
-    def __init__(self, spec: MethodSpec, step: StepSpec, model_refs: Sequence[str], num_layers: int | None) -> None:
+    def __init__(self, spec: MethodSpec, step: StepSpec, model_refs: Sequence[str], num_layers: int | None,
+                 position: Callable[[str], float] | None = None) -> None:
         self.spec = spec
         self.step_id = step.id
         self.model_refs = list(model_refs)
         self.num_layers = num_layers
+        self._place = position  # a layer stack's own gradient positions (per slice)
         # For each parameter: one chain of settings per model (per_model) or a single chain.
         self._chains: dict[str, list[list[Setting]] | list[Setting]] = {}
         self._fixed: dict[str, Any] = {}
@@ -130,7 +134,7 @@ class ParamResolver:
 
     def _position(self, name: str) -> float:
         try:
-            return layer_position(name, self.num_layers)
+            return self._place(name) if self._place is not None else layer_position(name, self.num_layers)
         except ValueError as exc:
             raise RecipeError(f"step '{self.step_id}': a layer gradient cannot be placed for tensor "
                               f"'{name}': {exc}") from None
@@ -167,3 +171,42 @@ class ParamResolver:
     @property
     def varies_by_tensor(self) -> bool:
         return bool(self._varying)
+
+
+class SlicedResolver:
+    """A layer stack's parameters: each tensor takes its slice's values (`LayerStack.slice_index`),
+    with layer gradients spread over that slice's layers, as mergekit resolves a slice's
+    parameters. The same interface as `ParamResolver`."""
+
+    def __init__(self, spec: MethodSpec, step: StepSpec, model_refs: Sequence[str], stack: LayerStack) -> None:
+        if len(step.slices) != len(stack.slices):
+            raise ValueError("one SliceParams per slice of the stack")
+        self.spec = spec
+        self.step_id = step.id
+        self._stack = stack
+        self._parts = [ParamResolver(spec, replace(step, parameters=sp.parameters, model_parameters=sp.model_parameters),
+                                     model_refs, stack.num_layers, stack.position) for sp in step.slices]
+        self._fixed = {name: value for name, value in self._parts[0].scalar_values().items()
+                       if all(name in part.scalar_values() and part.scalar_values()[name] == value
+                              for part in self._parts[1:])}
+        for p in spec.params:
+            if not p.per_tensor and p.name not in self._fixed:
+                values = [part.scalar_values().get(p.name) for part in self._parts]
+                k = next(k for k, v in enumerate(values) if v != values[0])
+                raise RecipeError(f"step '{step.id}': parameter '{p.name}' of method '{spec.name}' is the same for "
+                                  f"every tensor, but slices[0] gives {values[0]!r} and slices[{k}] {values[k]!r}")
+
+    def for_tensor(self, name: str) -> dict[str, Any]:
+        try:
+            k = self._stack.slice_index(name)
+        except ValueError as exc:
+            raise RecipeError(f"step '{self.step_id}': tensor '{name}': {exc}") from None
+        return self._parts[k].for_tensor(name)
+
+    def scalar_values(self) -> dict[str, Any]:
+        """Parameters with one value in every slice for every tensor."""
+        return dict(self._fixed)
+
+    @property
+    def varies_by_tensor(self) -> bool:
+        return len(self._fixed) < len(self.spec.params) or any(p.varies_by_tensor for p in self._parts)

@@ -30,6 +30,17 @@ class RawModel:
 
 
 @dataclass
+class RawSlice:
+    """One slice of a layer-stacking mergekit recipe: its own `parameters`, and per position
+    (`models`, named by position) the parameters its source gives."""
+
+    parameters: dict[str, Item]
+    models: list[RawModel]
+    loc: Loc
+    key: str
+
+
+@dataclass
 class RawStep:
     id: Item
     method: Item
@@ -41,8 +52,8 @@ class RawStep:
     save: Item | None
     loc: Loc
     key: str
-    # a mergekit recipe's one slice: its own `parameters`, looked up before the recipe's
-    slice_parameters: dict[str, Item] = field(default_factory=dict)
+    # a layer-stacking mergekit recipe's slices, in output order (parameters looked up per slice)
+    slices: list[RawSlice] = field(default_factory=list)
 
 
 @dataclass

@@ -37,6 +37,12 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def layer_span(name: str) -> tuple[int, int] | None:
+    """Where the layer index is written in `name` (start, end), None outside the layers."""
+    m = _LAYER_RE.search(name)
+    return m.span(1) if m else None
+
+
 def count_layers(names: Sequence[str]) -> int | None:
     """The number of layers implied by tensor names (max index + 1), None when there are none."""
     indices = [i for i in (layer_index(n) for n in names) if i is not None]

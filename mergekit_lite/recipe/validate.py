@@ -16,9 +16,9 @@ from ..dtypes import parse_user_dtype
 from ..errors import UsageError
 from ..methods.registry import MethodSpec, Param, get_method, method_names
 from ..units import parse_size
-from .model import Loc, OutputSpec, Recipe, StepSpec, absolute_path, resolve_input_path
+from .model import Loc, OutputSpec, Recipe, SliceParams, StepSpec, absolute_path, resolve_input_path
 from .problems import Problems, choices_hint, did_you_mean
-from .raw import Item, RawRecipe, RawStep
+from .raw import Item, RawModel, RawRecipe, RawSlice, RawStep
 from .settings import SettingError, has_gradient, is_rule_mapping, leaves, parse_setting, varies
 from .slices import slice_first
 from .yaml_lines import line_of
@@ -96,17 +96,24 @@ def validate(raw: RawRecipe, base_dir: Path, problems: Problems) -> Recipe | Non
             _arity(step, spec, raw.shape, problems)
         refs = [m.ref.value for m in step.models]
         params: dict[str, Any] = {}
+        slices: list[SliceParams] = []
         model_params: dict[str, dict[str, Any]] = {}
         if step.save is not None and not str(step.save.value).strip():
             problems.add(step.save.loc, "save: the path is empty (it would mean the recipe's own folder)", step.save.key)
         if spec is not None:
             checker = _ParamChecker(spec, refs, ref_alias, base_dir, problems, notes, mergekit=raw.shape == "mergekit")
             params = checker.step_params(step.parameters)
-            if step.slice_parameters:  # each level checked where it was written, then joined
-                params = slice_first(checker.step_params(step.slice_parameters), params)
-            model_params = checker.model_params(step)
-            checker.required(step, params, model_params)
-            checker.exclusive(step, params, model_params)
+            model_params = checker.model_params(step.models)
+            if step.slices:  # a layer stack: each slice's settings go before the recipe's
+                for piece in step.slices:
+                    own = slice_first(checker.step_params(piece.parameters), params)
+                    per_model = checker.model_params(piece.models)
+                    checker.required(step, own, per_model, piece)
+                    checker.exclusive(step, own, per_model)
+                    slices.append(SliceParams(own, per_model))
+            else:
+                checker.required(step, params, model_params)
+                checker.exclusive(step, params, model_params)
         specs.append(StepSpec(
             id=step.id.value,
             method=spec.name if spec is not None else step.method.value,
@@ -116,6 +123,7 @@ def validate(raw: RawRecipe, base_dir: Path, problems: Problems) -> Recipe | Non
             old_base=step.old_base.value if step.old_base else None,
             parameters=params,
             model_parameters=model_params,
+            slices=slices,
             save=_local_path(step.save.value, base_dir) if step.save else None,
             loc=step.loc,
         ))
@@ -337,10 +345,10 @@ class _ParamChecker:
                 out[ref_s] = checked
         return out if len(out) == len(item.value) else None
 
-    def model_params(self, step: RawStep) -> dict[str, dict[str, Any]]:
+    def model_params(self, models: list[RawModel]) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         shared: dict[str, tuple[Any, Item]] = {}  # non-per-model params written per model
-        for m in step.models:
+        for m in models:
             values: dict[str, Any] = {}
             for name, item in m.parameters.items():
                 p = self._param(name, item)
@@ -378,7 +386,12 @@ class _ParamChecker:
                 self.problems.add(step.loc, f"method '{self.spec.name}' takes '{a}' or '{b}', not both",
                                   _sub(step, "parameters"))
 
-    def required(self, step: RawStep, params: dict[str, Any], model_params: dict[str, dict[str, Any]]) -> None:
+    def required(self, step: RawStep, params: dict[str, Any], model_params: dict[str, dict[str, Any]],
+                 piece: RawSlice | None = None) -> None:
+        """Every required parameter has a value (for each model, when per model); for a layer
+        stack, in each slice (`piece`), which the message then names."""
+        loc, key = (piece.loc, piece.key) if piece is not None else (step.loc, _sub(step, "parameters"))
+        where = f"{piece.key}: " if piece is not None else ""
         for p in self.spec.params:
             if not p.required:
                 continue
@@ -388,11 +401,10 @@ class _ParamChecker:
                     has_step = step_value is not None and (not isinstance(step_value, dict) or is_rule_mapping(
                         step_value) or ref in step_value)
                     if not has_step and p.name not in model_params.get(ref, {}):
-                        self.problems.add(step.loc, f"method '{self.spec.name}' needs parameter '{p.name}' "
-                                          f"for model '{ref}'", _sub(step, "parameters"))
+                        self.problems.add(loc, f"{where}method '{self.spec.name}' needs parameter '{p.name}' "
+                                          f"for model '{ref}'", key)
             elif step_value is None and not any(p.name in v for v in model_params.values()):
-                self.problems.add(step.loc, f"method '{self.spec.name}' needs parameter '{p.name}'",
-                                  _sub(step, "parameters"))
+                self.problems.add(loc, f"{where}method '{self.spec.name}' needs parameter '{p.name}'", key)
 
 
 def _order(specs: list[StepSpec], raws: list[RawStep], ids: set[str], problems: Problems) -> list[StepSpec] | None:

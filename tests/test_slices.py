@@ -1,0 +1,239 @@
+"""mergekit's `slices:` as layer stacks: frankenmerges, depth up-scaling, pruning, per-slice settings.
+
+Golden tests build tiny checkpoints whose every tensor holds one known value (layer i of model m
+is filled with 10·m + i + 0.5 fractions below), so each output tensor says which source layer it
+came from and how it was combined. benchmarks/vs_mergekit.py compares the same shapes against
+mergekit itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import load_dir
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mergekit_lite.cli.main import app
+from typer.testing import CliRunner
+
+import mergekit_lite as mlite
+from mergekit_lite.engine.run import execute
+from mergekit_lite.errors import RecipeError
+from mergekit_lite.methods import registry
+from mergekit_lite.recipe import load_recipe
+from mergekit_lite.recipe.params import SlicedResolver
+from mergekit_lite.recipe.stack import is_pre_weight, renumbered
+from mergekit_lite.synthetic import LlamaShape, make_base, save_checkpoint
+
+runner = CliRunner()
+SHAPE = LlamaShape(vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=4,
+                   num_attention_heads=2, num_key_value_heads=1)
+LAYER = "model.layers.{}.mlp.up_proj.weight"
+
+
+def filled(model: int) -> dict[str, torch.Tensor]:
+    """Model `model`: layer i's tensors all equal 10·model + i; embeddings 10·model + 0.25, the
+    final norm 10·model + 0.5, the head 10·model + 0.75."""
+    state = make_base(SHAPE)
+    out = {}
+    for name, t in state.items():
+        if ".layers." in name:
+            value = 10.0 * model + int(name.split(".layers.")[1].split(".")[0])
+        else:
+            value = 10.0 * model + (0.25 if "embed" in name else 0.75 if "lm_head" in name else 0.5)
+        out[name] = torch.full_like(t, value)
+    return out
+
+
+@pytest.fixture
+def family(tmp_path: Path) -> dict[str, str]:
+    """Models m0 (the base), m1, m2, each 4 layers, 2 shards, with a per-layer config list."""
+    paths = {}
+    for m in range(3):
+        extra = {"layer_types": [f"m{m}-L{i}" for i in range(SHAPE.num_hidden_layers)]}
+        paths[f"m{m}"] = str(save_checkpoint(filled(m), tmp_path / f"m{m}", shape=SHAPE, num_shards=2,
+                                             extra_config=extra))
+    return paths
+
+
+def src(path: str, first: int, end: int, **params: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": path, "layer_range": [first, end]}
+    return {**out, "parameters": params} if params else out
+
+
+def layer_values(state: dict[str, torch.Tensor]) -> list[float]:
+    """The value each output layer holds (its up_proj's first entry), in layer order."""
+    n = 1 + max(int(k.split(".layers.")[1].split(".")[0]) for k in state if ".layers." in k)
+    return [float(state[LAYER.format(i)].flatten()[0]) for i in range(n)]
+
+
+def test_frankenmerge_stacks_the_ranges_and_renumbers_the_layers(family: dict[str, str], tmp_path: Path) -> None:
+    recipe = {"merge_method": "passthrough", "slices": [{"sources": [src(family["m1"], 0, 3)]},
+                                                          {"sources": [src(family["m2"], 1, 4)]}]}
+    out_dir = mlite.run_recipe(recipe, out=tmp_path / "out").output
+    out = load_dir(out_dir)
+    assert layer_values(out) == [10.0, 11.0, 12.0, 21.0, 22.0, 23.0]
+    # every tensor of every layer is there, from the right source layer
+    for i, want in enumerate([10.0, 11.0, 12.0, 21.0, 22.0, 23.0]):
+        layer = {k: v for k, v in out.items() if f".layers.{i}." in k}
+        assert len(layer) == 9 and all(torch.all(v == want) for v in layer.values())
+    # embeddings from the first slice's model, final norm and head from the last slice's
+    assert torch.all(out["model.embed_tokens.weight"] == 10.25)
+    assert torch.all(out["model.norm.weight"] == 20.5) and torch.all(out["lm_head.weight"] == 20.75)
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+    assert config["layer_types"] == ["m1-L0", "m1-L1", "m1-L2", "m2-L1", "m2-L2", "m2-L3"]
+
+
+def test_depth_up_scaling_repeats_layers_with_per_slice_scale(family: dict[str, str]) -> None:
+    """The SOLAR-style stack: a model's layers [0, 3) then [1, 4), the second copy's o_proj
+    scaled to 0 by that slice's own rule (mergekit's way of starting duplicated layers inert)."""
+    rule = [{"filter": "o_proj", "value": 0.0}, {"value": 1.0}]
+    recipe = {"merge_method": "passthrough", "slices": [
+        {"sources": [src(family["m1"], 0, 3)]},
+        {"sources": [src(family["m1"], 1, 4)], "parameters": {"scale": rule}}]}
+    out = mlite.run_recipe(recipe).state_dict
+    assert layer_values(out) == [10.0, 11.0, 12.0, 11.0, 12.0, 13.0]
+    for i in range(6):
+        o_proj = out[f"model.layers.{i}.self_attn.o_proj.weight"]
+        assert torch.all(o_proj == (0.0 if i >= 3 else 10.0 + i))
+
+
+def test_pruning_leaves_layers_out_and_reads_only_the_layers_kept(family: dict[str, str]) -> None:
+    recipe = {"merge_method": "passthrough", "slices": [{"sources": [src(family["m2"], 0, 1)]},
+                                                          {"sources": [src(family["m2"], 3, 4)]}]}
+    plan = mlite.plan_recipe(recipe)
+    result = execute(plan)
+    assert layer_values(result.state_dict) == [20.0, 23.0]
+    view = plan.checkpoints[plan.steps[plan.final].models[0].key]  # type: ignore[union-attr]
+    read = {name for name, _ in view.reads}
+    assert read == set(result.state_dict) and view.bytes_read == sum(
+        t.numel() * t.element_size() for t in result.state_dict.values())
+
+
+def test_task_arithmetic_takes_each_slices_weights_and_lambda(family: dict[str, str]) -> None:
+    """Output layer 0: m0's layer 0 + 0.5·(m1 − m0) at layer 0 + 0.2·(m2 − m0) at layer 0;
+    the second slice pairs m0's layer 1 with m1's layer 2 and m2's layer 3 (shifted ranges), its
+    own weights, and lambda 0.5."""
+    recipe = {"merge_method": "task_arithmetic", "base_model": family["m0"], "slices": [
+        {"sources": [src(family["m0"], 0, 1), src(family["m1"], 0, 1, weight=0.5), src(family["m2"], 0, 1, weight=0.2)]},
+        {"sources": [src(family["m0"], 1, 2), src(family["m1"], 2, 3, weight=1.0), src(family["m2"], 3, 4, weight=-1.0)],
+         "parameters": {"lambda": 0.5}}]}
+    out = mlite.run_recipe(recipe).state_dict
+    first = 0.0 + 0.5 * (10.0 - 0.0) + 0.2 * (20.0 - 0.0)
+    second = 1.0 + 0.5 * (1.0 * (12.0 - 1.0) - 1.0 * (23.0 - 1.0))
+    assert layer_values(out) == pytest.approx([first, second], abs=1e-6)
+    # embeddings: the first slice's weights; head and norm: the last slice's weights and lambda
+    assert float(out["model.embed_tokens.weight"][0, 0]) == pytest.approx(0.25 + 0.5 * 10 + 0.2 * 20)
+    assert float(out["lm_head.weight"][0, 0]) == pytest.approx(0.75 + 0.5 * (10 - 20))
+
+
+def test_a_slice_that_does_not_list_the_base_takes_it_over_its_first_sources_layers(family: dict[str, str]) -> None:
+    recipe = {"merge_method": "task_arithmetic", "base_model": family["m0"], "slices": [
+        {"sources": [src(family["m1"], 2, 4, weight=1.0)]}]}
+    out = mlite.run_recipe(recipe).state_dict
+    assert layer_values(out) == [12.0, 13.0]  # m0's layers 2, 3 + (m1 − m0) there
+
+
+def test_slerp_gradients_spread_over_each_slices_own_layers(family: dict[str, str]) -> None:
+    """mergekit's t within a slice: layer i of L is i / (L − 1), 1 for a one-layer slice;
+    tensors outside the layers take t = 0 with the first (embeddings) or last (head) slice's setting."""
+    recipe = load_recipe({"merge_method": "slerp", "base_model": family["m0"], "parameters": {"t": 0.3}, "slices": [
+        {"sources": [src(family["m0"], 0, 3), src(family["m1"], 0, 3)], "parameters": {"t": [0.0, 1.0]}},
+        {"sources": [src(family["m0"], 3, 4), src(family["m1"], 3, 4)], "parameters": {"t": [0.2, 0.6]}}]})
+    step = recipe.steps[0]
+    stack = recipe.options["layer_stack"]
+    r = SlicedResolver(registry.get_method("slerp"), step, step.models, stack)
+    assert [r.for_tensor(LAYER.format(i))["t"] for i in range(4)] == pytest.approx([0.0, 0.5, 1.0, 0.6])
+    assert r.for_tensor("model.embed_tokens.weight")["t"] == 0.0  # slice 0's gradient at t = 0
+    assert r.for_tensor("lm_head.weight")["t"] == pytest.approx(0.2)  # the last slice's at t = 0
+    assert step.models == ["m0", "m1"]  # one model per position: named as in a models: recipe
+
+
+def test_positions_filled_by_several_models_are_named_by_the_stack(family: dict[str, str]) -> None:
+    recipe = load_recipe({"merge_method": "linear", "slices": [
+        {"sources": [src(family["m0"], 0, 2), src(family["m1"], 0, 2)]},
+        {"sources": [src(family["m2"], 2, 4), src(family["m1"], 2, 4)]}]})
+    assert recipe.steps[0].models == ["stack.1", "m1"]
+    out = mlite.run_recipe(recipe).state_dict
+    assert layer_values(out) == pytest.approx([5.0, 6.0, 17.0, 18.0])
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(min_value=1, max_value=3))
+def test_slices_that_give_a_model_back_in_order_return_it(family: dict[str, str], cut: int) -> None:
+    """Law: a model cut into consecutive slices and stacked again is that model, bit for bit."""
+    recipe = {"merge_method": "passthrough", "slices": [{"sources": [src(family["m2"], 0, cut)]},
+                                                          {"sources": [src(family["m2"], cut, 4)]}]}
+    out = mlite.run_recipe(recipe).state_dict
+    want = load_dir(Path(family["m2"]))
+    assert set(out) == set(want) and all(torch.equal(out[k], want[k]) for k in want)
+
+
+def test_a_range_past_a_models_layers_is_a_one_line_error_naming_the_recipe_line(family: dict[str, str],
+                                                                                tmp_path: Path) -> None:
+    text = (f"merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {family['m1']}, layer_range: [0, 2]}}\n"
+            f"  - sources:\n      - {{model: {family['m2']}, layer_range: [2, 6]}}\n"
+            f"output: {{path: {tmp_path / 'out'}}}\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    res = runner.invoke(app, ["merge", str(recipe)])
+    assert res.exit_code == 3, res.output
+    assert f"{recipe}:6: layer_range [2, 6] but {family['m2']} has 4 layers (0 to 3)" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()
+
+
+def test_a_setting_that_cannot_vary_must_agree_across_slices(family: dict[str, str]) -> None:
+    recipe = {"merge_method": "pcb", "base_model": family["m0"], "slices": [
+        {"sources": [src(family["m1"], 0, 2)], "parameters": {"ratio": 0.1}},
+        {"sources": [src(family["m1"], 2, 4)], "parameters": {"ratio": 0.2}}]}
+    with pytest.raises(RecipeError, match=r"parameter 'ratio' .* slices\[0\] gives 0.1 and slices\[1\] 0.2"):
+        mlite.plan_recipe(recipe)
+
+
+def test_pre_and_post_weights_and_renumbering() -> None:
+    assert is_pre_weight("model.embed_tokens.weight") and is_pre_weight("transformer.wpe.weight")
+    assert not is_pre_weight("lm_head.weight") and not is_pre_weight("gpt_neox.embed_out.weight")
+    assert not is_pre_weight("model.layers.0.embed_scale")  # inside a layer
+    assert renumbered("model.layers.7.mlp.up_proj.weight", 12) == "model.layers.12.mlp.up_proj.weight"
+    assert renumbered("transformer.h.3.attn.c_attn.bias", 0) == "transformer.h.0.attn.c_attn.bias"
+
+
+def test_model_plus_lora_is_a_whole_place_of_the_stack(model_set: Any) -> None:
+    """MODEL+LORA is a step (the adapter merged in): as one slice over all its layers it gives
+    the `models:` merge; a part of its layers is a one-line error."""
+    lora = f"{model_set.base}+{model_set.adapter}"
+    layers = model_set.shape.num_hidden_layers
+    common = {"merge_method": "linear", "dtype": "float32"}
+    want = mlite.run_recipe({**common, "models": [lora, str(model_set.finetunes[0])]}).state_dict
+    got = mlite.run_recipe({**common, "slices": [{"sources": [
+        src(lora, 0, layers), src(str(model_set.finetunes[0]), 0, layers)]}]}).state_dict
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(RecipeError, match=r"\(MODEL\+LORA\) can only give its layers whole in a slices recipe: "
+                                          rf"the slices take {layers - 1} of its {layers} layers"):
+        mlite.plan_recipe({**common, "slices": [{"sources": [src(lora, 0, layers - 1),
+                                                             src(str(model_set.finetunes[0]), 0, layers - 1)]}]})
+    with pytest.raises(RecipeError, match=r"a MODEL\+LORA source can only give its layers whole and in order"):
+        mlite.plan_recipe({**common, "slices": [{"sources": [src(lora, 1, 2), src(str(model_set.finetunes[0]), 0, 1)]}]})
+
+
+def test_shipped_frankenmerge_recipe_runs(tmp_path: Path) -> None:
+    """recipes/mergekit_frankenmerge.yaml runs as shipped, on the demo models beside it."""
+    import shutil
+
+    from mergekit_lite.synthetic import build_model_set
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy(repo / "recipes" / "mergekit_frankenmerge.yaml", tmp_path / "r.yaml")
+    ms = build_model_set(tmp_path / "models")
+    out_dir = mlite.run_recipe(tmp_path / "r.yaml", out=tmp_path / "out").output
+    out, ft1, ft2 = load_dir(out_dir), load_dir(ms.finetunes[0]), load_dir(ms.finetunes[1])
+    assert json.loads((out_dir / "config.json").read_text())["num_hidden_layers"] == 3
+    assert torch.equal(out[LAYER.format(1)], ft1[LAYER.format(1)].to(torch.bfloat16))
+    assert torch.equal(out[LAYER.format(2)], ft2[LAYER.format(1)].to(torch.bfloat16))
+    assert torch.all(out["model.layers.2.self_attn.o_proj.weight"] == 0)
+    assert torch.equal(out["lm_head.weight"], ft2["lm_head.weight"].to(torch.bfloat16))
