@@ -55,6 +55,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "demo_cmd",
     "patch_cmd",
     "extract_cmd",
+    "hadamard_cmd",
     "bank_cmd",
     "mos_cmd",
     "surgery_cmd",

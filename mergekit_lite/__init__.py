@@ -21,6 +21,7 @@ if os.name != "posix":
 _API = (
     "merge", "run_recipe", "dry_run", "plan_recipe", "inspect",
     "patch", "extract", "mos_merge", "bank_add", "bank_list", "bank_export", "bank_set_prototypes", "retrieve",
+    "hadamard_to_multiplier", "hadamard_apply", "hadamard_to_delta",
     "surgery", "undo_surgery", "train_probe", "collect_features", "compare_predictions",
     "run_demo", "get_method", "all_methods", "method_aliases",
 )

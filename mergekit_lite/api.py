@@ -34,6 +34,7 @@ from .recipe.model import Recipe, load_recipe
 from .workflows import compat as _compat
 from .workflows import demo as _demo
 from .workflows import extract as _extract
+from .workflows import hadamard as _hadamard
 from .workflows import mos as _mos
 from .workflows import patch as _patch
 from .workflows import surgery as _surgery
@@ -41,7 +42,7 @@ from .workflows import surgery as _surgery
 __all__ = [
     "SURGERY_DEFAULT_FRACTION", "SURGERY_DEFAULT_TARGET", "all_methods", "get_method", "method_aliases", "run_demo",
     "bank_add", "bank_export", "bank_list", "bank_set_prototypes", "collect_features", "compare_predictions",
-    "dry_run", "extract",
+    "dry_run", "extract", "hadamard_apply", "hadamard_to_delta", "hadamard_to_multiplier",
     "inspect", "merge", "mos_merge", "patch", "plan_recipe", "retrieve", "run_recipe", "surgery", "train_probe",
     "undo_surgery",
 ]
@@ -233,6 +234,16 @@ extract = arg.checked(
     energy=arg.optional(arg.fraction), out=arg.optional_path, seed=arg.seed,
     device=arg.device, dtype=arg.optional_dtype, on_tensor=arg.optional(arg.function),
 )
+
+# Multiplicative (HUT) patches: `mlite hadamard to-multiplier | apply | to-delta`.
+_HADAMARD_CHECKS: dict[str, Check] = {
+    "out": arg.optional_path, "device": arg.device, "dtype": arg.optional_dtype, "shard_size": arg.optional(arg.shard_size),
+}
+hadamard_to_multiplier = arg.checked(_hadamard.hadamard_to_multiplier, base=arg.path_arg, model=arg.path_arg,
+                                     **_HADAMARD_CHECKS)
+hadamard_apply = arg.checked(_hadamard.hadamard_apply, base=arg.path_arg, multiplier=arg.path_arg, **_HADAMARD_CHECKS)
+hadamard_to_delta = arg.checked(_hadamard.hadamard_to_delta, base=arg.path_arg, multiplier=arg.path_arg,
+                                **_HADAMARD_CHECKS)
 
 bank_add = arg.checked(
     _mos.bank_add, bank=arg.path_arg, task=arg.string, source=arg.path_arg, scale=arg.optional(arg.positive),

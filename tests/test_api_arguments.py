@@ -83,6 +83,17 @@ def _extract(**kw: Any) -> Call:
     return lambda i, t: api.extract(**{"model": i.ft1, "base": i.base, "rank": 2, **kw})
 
 
+def _to_multiplier(**kw: Any) -> Call:
+    return lambda i, t: api.hadamard_to_multiplier(**{"base": i.base, "model": i.ft1, "out": t / "o", **kw})
+
+
+def _hadamard(fn: str, **kw: Any) -> Call:
+    """hadamard_apply / hadamard_to_delta with a model given as an (unmarked) multiplier: each
+    case's bad argument is refused before the multiplier is even opened."""
+    return lambda i, t: getattr(api, fn)(**{"base": i.base, "multiplier": i.ft1, "out": t / "o",
+                                            "allow_unmarked": True, **kw})
+
+
 def _surgery(**kw: Any) -> Call:
     return lambda i, t: api.surgery(**{"model": i.ft1, "probe": i.probe, "top_k": 4, "out": t / "o", **kw})
 
@@ -181,6 +192,20 @@ CASES: list[tuple[str, Call, str]] = [
     ("extract-dtype-torch-bool", _extract(dtype=torch.bool), "dtype"),
     ("extract-seed-negative", _extract(seed=-1), "seed"),
     ("extract-on_tensor-int", _extract(on_tensor=5), "on_tensor"),
+    # multiplicative (HUT) patches
+    ("hadamard_to_multiplier-base-None", _to_multiplier(base=None), "base"),
+    ("hadamard_to_multiplier-model-int", _to_multiplier(model=5), "model"),
+    ("hadamard_to_multiplier-out-int", _to_multiplier(out=5), "out"),
+    ("hadamard_to_multiplier-dtype-torch-int8", _to_multiplier(dtype=torch.int8), "dtype"),
+    ("hadamard_to_multiplier-shard_size-float", _to_multiplier(shard_size=2.5), "shard_size"),
+    ("hadamard_to_multiplier-allow_unrepresentable-str", _to_multiplier(allow_unrepresentable="no"),
+     "allow_unrepresentable"),
+    ("hadamard_apply-multiplier-None", _hadamard("hadamard_apply", multiplier=None), "multiplier"),
+    ("hadamard_apply-device-float", _hadamard("hadamard_apply", device=3.5), "device"),
+    ("hadamard_apply-allow_unmarked-str", _hadamard("hadamard_apply", allow_unmarked="yes"), "allow_unmarked"),
+    ("hadamard_to_delta-base-int", _hadamard("hadamard_to_delta", base=5), "base"),
+    ("hadamard_to_delta-dtype-int", _hadamard("hadamard_to_delta", dtype=16), "dtype"),
+    ("hadamard_to_delta-force-str", _hadamard("hadamard_to_delta", force="false"), "force"),
     # banks and MOS
     ("bank_add-bank-int", lambda i, t: api.bank_add(5, "t0", i.lora), "bank"),
     ("bank_add-source-int", lambda i, t: api.bank_add(str(t / "b.safetensors"), "t0", 5), "source"),
@@ -298,7 +323,8 @@ def test_accepted_forms_still_work(inputs: Inputs, tmp_path: Path) -> None:
     assert (plan.shard_size, plan.seed, plan.device) == (4000, 3, torch.device("cpu"))
 
 
-WRAPPED = ["get_method", "method_aliases", "run_demo", "patch", "extract", "bank_add", "bank_list", "bank_export",
+WRAPPED = ["get_method", "method_aliases", "run_demo", "patch", "extract", "hadamard_to_multiplier", "hadamard_apply",
+           "hadamard_to_delta", "bank_add", "bank_list", "bank_export",
            "bank_set_prototypes", "mos_merge", "retrieve", "surgery", "undo_surgery", "train_probe",
            "collect_features", "compare_predictions"]
 

@@ -18,7 +18,7 @@ def test_every_python_block_of_the_api_page_runs(tmp_path: Path, monkeypatch: py
     for i, code in enumerate(blocks):
         exec(compile(code, f"{DOC.name}[block {i}]", "exec"), {"__name__": f"api_doc_{i}"})
     # what the blocks promise to leave behind
-    for name in ("merged", "patched", "lora", "task1-merged", "edited", "restored"):
+    for name in ("merged", "patched", "lora", "mult", "ft1-again", "delta", "task1-merged", "edited", "restored"):
         assert (tmp_path / name).is_dir(), name
     for name in ("probe.safetensors", "bank.safetensors", "merged-bank.safetensors"):
         assert (tmp_path / name).is_file(), name

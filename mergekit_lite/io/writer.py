@@ -54,11 +54,13 @@ class ShardLayout:
         return len(self.header) + sum(t.nbytes for t in self.tensors)
 
 
-def plan_shards(tensors: Sequence[PlannedTensor], shard_size: int = DEFAULT_SHARD_SIZE) -> list[ShardLayout]:
+def plan_shards(tensors: Sequence[PlannedTensor], shard_size: int = DEFAULT_SHARD_SIZE,
+                metadata: Mapping[str, str] | None = None) -> list[ShardLayout]:
     """Cut `tensors` (in order) into shards of at most `shard_size` data bytes.
 
     A tensor larger than the limit gets a shard of its own. Names follow Hugging Face:
-    `model.safetensors` for one shard, `model-0000i-of-0000n.safetensors` otherwise.
+    `model.safetensors` for one shard, `model-0000i-of-0000n.safetensors` otherwise. Every
+    shard's header gets `metadata` beside `format: pt` (what marks a file as a patch, say).
     """
     groups: list[list[PlannedTensor]] = []
     current: list[PlannedTensor] = []
@@ -75,7 +77,7 @@ def plan_shards(tensors: Sequence[PlannedTensor], shard_size: int = DEFAULT_SHAR
     layouts = []
     for i, group in enumerate(groups, start=1):
         name = SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-        header, spans = layout_header(group, {"format": "pt"})
+        header, spans = layout_header(group, {"format": "pt", **(metadata or {})})
         layouts.append(ShardLayout(name, tuple(group), header, spans))
     return layouts
 
@@ -161,15 +163,17 @@ class CheckpointWriter:
     processes, not against power loss (nothing is fsynced).
 
     `direct_io` (default: on unless `MLITE_DIRECT_IO=0`) writes big new shards with O_DIRECT.
+    `metadata` goes into every shard's header (`plan_shards`).
     """
 
     def __init__(self, out_dir: str | os.PathLike, tensors: Sequence[PlannedTensor], *,
                  shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False,
-                 partial_key: str | None = None, resume: bool = False, direct_io: bool | None = None) -> None:
+                 partial_key: str | None = None, resume: bool = False, direct_io: bool | None = None,
+                 metadata: Mapping[str, str] | None = None) -> None:
         self.out_dir = Path(out_dir).expanduser().absolute()
         check_output_dir(self.out_dir, force)
         self.force = force
-        self.layouts = plan_shards(list(tensors), shard_size)
+        self.layouts = plan_shards(list(tensors), shard_size, metadata)
         self._where: dict[str, tuple[ShardLayout, int]] = {}
         for layout in self.layouts:
             for t in layout.tensors:
