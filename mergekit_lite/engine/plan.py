@@ -29,6 +29,7 @@ from ..methods.registry import MethodSpec, Reducer, get_method
 from ..recipe.model import Recipe, StepSpec
 from ..recipe.params import ParamResolver, SlicedResolver
 from ..recipe.settings import count_layers
+from ..recipe.stack import LayerStack
 from ..recipe.validate import MPS_UNSUPPORTED
 from .stack import stacked_checkpoints
 
@@ -446,7 +447,7 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def _whole_steps_in_stack(stack: Any, step_specs: Mapping[str, StepSpec],
+def _whole_steps_in_stack(stack: LayerStack, step_specs: Mapping[str, StepSpec],
                           checkpoints: Mapping[str, Checkpoint]) -> list[MliteError]:
     """A MODEL+LORA place of a layer stack is a step, used as it is: its slices must give all of
     MODEL's layers (the loader checked that they start at 0 and run in order)."""

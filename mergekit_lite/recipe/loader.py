@@ -203,7 +203,8 @@ def _stack_as_models(raw: Any, file: str | None, problems: Problems) -> tuple[An
     written = raw.get("base_model")
     base = (Item(written, Loc(file, line_of(raw, "base_model")), "base_model")
             if isinstance(written, str) and written.strip() else None)
-    positions = assign_positions(drafts, base, str(method), takes_base=spec is not None and (spec.needs_base or spec.optional_base),
+    takes_base = spec is not None and (spec.needs_base or spec.optional_base)
+    positions = assign_positions(drafts, base, str(method), takes_base=takes_base,
                                  ordered=spec is not None and spec.ordered, problems=problems)
     if positions is None:
         return None
@@ -384,7 +385,6 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
         # fp16 give float32): the written dtype is the promoted one, not the base's
         recipe.options["promote_dtypes"] = True
     return recipe
-
 
 
 def _wire_stack(drafts: list[DraftSlice], positions: Positions, add_input: Callable[[str, Item], str],
