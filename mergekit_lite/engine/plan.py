@@ -20,9 +20,9 @@ import torch
 
 from ..dtypes import from_torch, is_float, parse_user_dtype, to_torch
 from ..errors import CheckpointError, MliteError, RecipeError, UsageError, combine
-from ..io.adapters import is_adapter_dir
 from ..io.checkpoint import TIED_HEAD, Checkpoint, load_small_file, open_checkpoint
 from ..io.deltas import is_vocab_tensor
+from ..io.patch_marks import ADDITIVE, not_a_model, patch_kind, stored_patch_kind
 from ..io.tokenizer_vocab import first_differences, read_vocab
 from ..io.writer import DEFAULT_SHARD_SIZE, check_output_dir
 from ..methods.registry import MethodSpec, Reducer, get_method
@@ -222,7 +222,10 @@ def build_plan(
         if key in used_as_delta or (stack is not None and key in stack.virtual):
             continue
         try:
-            checkpoints[key] = open_checkpoint(ref, allow_bin=allow_bin)
+            checkpoints[key] = ck = open_checkpoint(ref, allow_bin=allow_bin)
+            kind = patch_kind(ck)
+            if kind is not None:  # a multiplier or ΔW merged as a model: well-formed, meaningless
+                ckpt_problems.append(CheckpointError(f"{_input_src(recipe, key)}input {key!r}: {not_a_model(ck, kind)}"))
         except MliteError as exc:
             ckpt_problems.append(type(exc)(f"{_input_src(recipe, key)}input {key!r}: {exc}"))
     for step in recipe.steps:
@@ -238,7 +241,7 @@ def build_plan(
                 else:
                     recipe_problems.append(RecipeError(f"step {step.id!r}: old_base {step.old_base!r} is not a checkpoint input"))
             ref = recipe.inputs[key]
-            if old is None and not step.old_base and Path(ref).expanduser().exists() and not is_adapter_dir(ref):
+            if old is None and not step.old_base and takes_old_base(ref):
                 # a full checkpoint as delta is (fine-tune − old base): the recipe must name that base
                 recipe_problems.append(RecipeError(
                     f"{step.loc}: step {step.id!r}: delta {key!r} is a full checkpoint, so the step needs "
@@ -273,7 +276,8 @@ def build_plan(
                 return Leaf(ref)
             if ref in deltas:
                 if base_op is None:
-                    recipe_problems.append(RecipeError(f"step {step.id!r}: adapter {ref!r} used as a model needs a base"))
+                    recipe_problems.append(RecipeError(f"step {step.id!r}: {ref!r} is a patch (an adapter or a stored "
+                                                       "delta): used as a model (base + Δ) it needs the step's base"))
                     return None
                 return Patched(ref, base_op)
             if ref not in recipe.inputs:
@@ -418,14 +422,21 @@ def step_src(plan: Plan, st: StepPlan) -> str:
 
 
 def _is_adapter(ref: str) -> bool:
+    """A model reference that is a patch, used as `base + Δ`: an adapter or a stored ΔW."""
     p = Path(ref).expanduser()
-    return p.is_dir() and (p / "adapter_config.json").is_file()
+    return (p.is_dir() and (p / "adapter_config.json").is_file()) or stored_patch_kind(p) == ADDITIVE
 
 
 def _open_delta(ref: str, old_base: Checkpoint | None, allow_bin: bool) -> Any:
     from ..io.deltas import open_delta
 
     return open_delta(ref, old_base=old_base, allow_bin=allow_bin)
+
+
+def takes_old_base(ref: str) -> bool:
+    from ..io.deltas import takes_old_base as needs
+
+    return needs(ref)
 
 
 def resolve_device(name: str) -> torch.device:

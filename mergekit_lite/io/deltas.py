@@ -20,8 +20,9 @@ from ..dtypes import is_float
 from ..errors import CheckpointError, UsageError
 from .adapters import LoraAdapter, LoraModule, is_adapter_dir, open_adapter
 from .checkpoint import EMBEDDING_MODULES, Checkpoint, open_checkpoint
+from .patch_marks import ADDITIVE, MULTIPLICATIVE, PATCH_KEY, stored_patch_kind
 
-__all__ = ["Patch", "DeltaSource", "LoraDelta", "FullDelta", "open_delta", "needs_old_base", "is_adapter_dir",
+__all__ = ["Patch", "DeltaSource", "LoraDelta", "FullDelta", "StoredDelta", "open_delta", "takes_old_base", "needs_old_base", "is_adapter_dir",
            "vocab_growth", "is_vocab_tensor", "EMBEDDING_MODULES"]
 
 
@@ -315,16 +316,71 @@ class FullDelta:
                    for n in wanted if n in self.old_base)
 
 
+class StoredDelta:
+    """A checkpoint that holds ΔW itself (marked `mlite_patch: additive`, as `mlite hadamard
+    to-delta` writes it): every float tensor is added to the base's tensor of that name."""
+
+    def __init__(self, deltas: Checkpoint) -> None:
+        self.deltas = deltas
+        self.label = deltas.label
+        self._targets = {n: i.shape for n, i in deltas.tensors.items() if is_float(i.dtype)}
+
+    def targets(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._targets)
+
+    def check(self, base_shapes: Mapping[str, tuple[int, ...]], *, allow_vocab_growth: bool = False) -> list[str]:
+        problems = [f"{info.shard}: {name!r} is {info.dtype}: an additive delta holds float tensors only"
+                    for name, info in self.deltas.tensors.items() if not is_float(info.dtype)]
+        for name, shape in self._targets.items():
+            problem = _shape_problem(f"{self.deltas.info(name).shard}: {name!r}", name, shape, base_shapes,
+                                     allow_vocab_growth)
+            if problem is not None:
+                problems.append(problem)
+        return problems
+
+    def patch(self, name: str, base_shape: tuple[int, ...], device: torch.device | str) -> Patch | None:
+        if name not in self._targets:
+            return None
+        return Patch("add", pad_rows(self.deltas.load(name, device=device, dtype=torch.float32), tuple(base_shape)))
+
+    @property
+    def bytes_read(self) -> int:
+        return self.deltas.bytes_read
+
+    def files(self) -> list[Path]:
+        return self.deltas.shards
+
+    def bytes_to_read(self, names: Collection[str] | None = None) -> int:
+        wanted = self._targets if names is None else set(names) & set(self._targets)
+        return sum(self.deltas.info(n).nbytes for n in wanted)
+
+
 def open_delta(ref: str | os.PathLike, *, old_base: Checkpoint | None = None, allow_bin: bool = False) -> DeltaSource:
-    """A PEFT adapter directory → LoraDelta; a full checkpoint → FullDelta (needs the old base)."""
+    """A PEFT adapter directory → LoraDelta; a checkpoint marked as an additive delta →
+    StoredDelta; any other full checkpoint → FullDelta (needs the old base)."""
     path = Path(ref).expanduser()
     if is_adapter_dir(path):
         return LoraDelta(open_adapter(path), old_base)
+    kind = stored_patch_kind(path)
+    if kind == MULTIPLICATIVE:
+        raise UsageError(f"{ref}: is a multiplicative patch (W' = W ⊙ M), which is not added: apply it with "
+                         "'mlite hadamard apply', or make it additive against its base with 'mlite hadamard to-delta'")
+    if kind == ADDITIVE:
+        if old_base is not None:
+            raise UsageError(f"{ref}: is an additive delta (ΔW itself, {PATCH_KEY}={ADDITIVE}); it takes no old base")
+        return StoredDelta(open_checkpoint(ref, allow_bin=allow_bin))
     if old_base is None:
         if not path.exists():  # a missing path (exit 5) or a Hub reference says so first
             open_checkpoint(ref, allow_bin=allow_bin)
         raise UsageError(needs_old_base(ref))
     return FullDelta(open_checkpoint(ref, allow_bin=allow_bin), old_base)
+
+
+def takes_old_base(ref: str | os.PathLike) -> bool:
+    """True when `ref` is a delta that needs its old base to mean anything: a full checkpoint on
+    disk that is neither an adapter directory nor a marked patch."""
+    path = Path(ref).expanduser()
+    return path.exists() and not is_adapter_dir(path) and stored_patch_kind(path) is None
 
 
 def needs_old_base(ref: str | os.PathLike) -> str:

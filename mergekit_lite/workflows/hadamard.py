@@ -29,7 +29,8 @@ from ..dtypes import parse_user_dtype, to_torch, torch_name
 from ..engine.plan import resolve_device
 from ..errors import CheckpointError, RecipeError, UsageError
 from ..io.checkpoint import Checkpoint, open_checkpoint
-from ..io.safetensors_format import PlannedTensor, read_header
+from ..io.patch_marks import ADDITIVE, MULTIPLICATIVE, PATCH_KEY, patch_kind
+from ..io.safetensors_format import PlannedTensor
 from ..io.writer import (
     DEFAULT_SHARD_SIZE,
     CheckpointWriter,
@@ -42,9 +43,6 @@ from ..methods.hadamard import COMPUTE, apply_multiplier, delta_from_multiplier,
 PathLike = str | os.PathLike
 
 REPORT_FILE = "mlite_hadamard_report.json"
-PATCH_KEY = "mlite_patch"  # safetensors metadata key marking a patch checkpoint
-MULTIPLICATIVE = "multiplicative"
-ADDITIVE = "additive"
 # Elements per row block: each float64 temporary of a block is 32 MB (a handful are alive at once).
 BLOCK_ELEMENTS = 1 << 22
 Rows = tuple[int, int] | None
@@ -271,20 +269,6 @@ def hadamard_to_delta(
 
 
 # ---- checks from headers -----------------------------------------------------------------------
-def patch_kind(ck: Checkpoint) -> str | None:
-    """The `mlite_patch` mark of a checkpoint's shards (None: unmarked, e.g. a model).
-
-    Shards that disagree are a damaged or hand-assembled patch: refused, since a multiplier
-    applied to half a model's tensors and a model's weights used as factors for the other
-    half would be silently wrong.
-    """
-    marks = {read_header(s).metadata.get(PATCH_KEY) if s.suffix == ".safetensors" else None for s in ck.shards}
-    if len(marks) > 1:
-        raise CheckpointError(f"{ck.label}: some shards are marked {PATCH_KEY}={sorted(m or '' for m in marks)}; "
-                              "a patch's shards all carry the same mark")
-    return next(iter(marks), None)
-
-
 def _open_model(ref: PathLike, role: str, allow_bin: bool) -> Checkpoint:
     ck = open_checkpoint(ref, allow_bin=allow_bin)
     kind = patch_kind(ck)

@@ -25,9 +25,9 @@ import torch
 from ..dtypes import parse_user_dtype, to_torch
 from ..engine.plan import resolve_device
 from ..errors import CheckpointError, UsageError
-from ..io.adapters import copy_adapter, is_adapter_dir, write_adapter
+from ..io.adapters import copy_adapter, write_adapter
 from ..io.checkpoint import Checkpoint, open_checkpoint
-from ..io.deltas import DeltaSource, LoraDelta, Patch, needs_old_base, open_delta, pad_rows
+from ..io.deltas import DeltaSource, LoraDelta, Patch, needs_old_base, open_delta, pad_rows, takes_old_base
 from ..io.hub import looks_like_hub_ref
 from ..io.writer import check_output_dir
 from ..methods.lowrank import norm64
@@ -159,7 +159,7 @@ def patch(
         raise UsageError("--rank and --energy (rank=, energy=) compress the patch into an adapter: they need --as-adapter (as_adapter=True)")
     if not isinstance(lam, numbers.Real) or isinstance(lam, bool) or not math.isfinite(lam):
         raise UsageError(f"--lambda (lam=) must be a finite number, got {lam!r}")
-    if old_base is None and Path(delta).expanduser().exists() and not is_adapter_dir(delta):
+    if old_base is None and takes_old_base(delta):
         raise UsageError(needs_old_base(delta))
     from ..api import plan_recipe
     from ..engine.run import execute
