@@ -237,3 +237,25 @@ def test_shipped_frankenmerge_recipe_runs(tmp_path: Path) -> None:
     assert torch.equal(out[LAYER.format(2)], ft2[LAYER.format(1)].to(torch.bfloat16))
     assert torch.all(out["model.layers.2.self_attn.o_proj.weight"] == 0)
     assert torch.equal(out["lm_head.weight"], ft2["lm_head.weight"].to(torch.bfloat16))
+
+
+def test_tied_and_untied_models_stacked_keep_a_working_head(family: dict[str, str], tmp_path: Path) -> None:
+    """The head is the last slice's model's: its lm_head, or, when that model ties its head to
+    its embedding, that embedding, written as lm_head with the config untied."""
+    from dataclasses import replace
+
+    tied_shape = replace(SHAPE, tie_word_embeddings=True)
+    state = {k: v for k, v in filled(5).items() if k != "lm_head.weight"}
+    tied = str(save_checkpoint(state, tmp_path / "tied", shape=tied_shape))
+    out_dir = mlite.run_recipe({"merge_method": "passthrough", "slices": [
+        {"sources": [src(family["m1"], 0, 2)]}, {"sources": [src(tied, 2, 4)]}]}, out=tmp_path / "a").output
+    out = load_dir(out_dir)
+    assert torch.all(out["lm_head.weight"] == 50.25)  # the tied model's embedding is its head
+    assert torch.all(out["model.embed_tokens.weight"] == 10.25)
+    assert json.loads((out_dir / "config.json").read_text())["tie_word_embeddings"] is False
+    out_dir = mlite.run_recipe({"merge_method": "passthrough", "slices": [
+        {"sources": [src(tied, 0, 2)]}, {"sources": [src(family["m1"], 2, 4)]}]}, out=tmp_path / "b").output
+    out = load_dir(out_dir)
+    assert torch.all(out["lm_head.weight"] == 10.75) and torch.all(out["model.embed_tokens.weight"] == 50.25)
+    assert json.loads((out_dir / "config.json").read_text())["tie_word_embeddings"] is False
+    assert layer_values(out) == [50.0, 51.0, 12.0, 13.0]
