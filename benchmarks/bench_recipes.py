@@ -7,6 +7,7 @@ once for all models (top-level `parameters` in mergekit), and both produce bfloa
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ class BenchMethod:
     uses_base: bool = True
     random: bool = False  # seeded: the two tools' outputs differ by design
     n_models: int = 3  # fine-tunes merged (the first n); fewer than 3 read less than the I/O floor's inputs
+    # a layer stack (mergekit's `slices:`, one source per slice): (fine-tune number, first, end)
+    # with first and end as fractions of the models' layers; both tools read the mergekit shape
+    stack: tuple[tuple[int, float, float], ...] = ()
 
     @property
     def inputs(self) -> int:
@@ -52,6 +56,9 @@ METHODS: dict[str, BenchMethod] = {
         BenchMethod("nearswap", "nearswap", "nearswap", {"t": 0.001}, n_models=1),
         BenchMethod("arcee_fusion", "arcee_fusion", "arcee_fusion", {}, n_models=1),
         BenchMethod("passthrough", "passthrough", "passthrough", {}, uses_base=False, n_models=1),
+        # a frankenmerge: the first 3/4 of ft1's layers, then the last 3/4 of ft2's (1.5× the layers)
+        BenchMethod("frankenmerge", "passthrough", "passthrough", {}, uses_base=False, n_models=2,
+                    stack=((1, 0.0, 0.75), (2, 0.25, 1.0))),
     )
 }
 
@@ -59,7 +66,9 @@ SEED = 0
 
 
 def mlite_recipe(method: BenchMethod, base: Path, finetunes: list[Path], out: Path) -> dict[str, Any]:
-    """mlite's native shape: named inputs, one step, bf16 output."""
+    """mlite's native shape: named inputs, one step, bf16 output (a layer stack: mergekit's shape)."""
+    if method.stack:
+        return {**mergekit_recipe(method, base, finetunes), "seed": SEED, "output": {"path": str(out)}}
     inputs = {"base": str(base)} if method.uses_base else {}
     names = []
     for i, ft in enumerate(finetunes[: method.n_models], 1):
@@ -85,7 +94,13 @@ def mergekit_recipe(method: BenchMethod, base: Path, finetunes: list[Path]) -> d
     cfg: dict[str, Any] = {"merge_method": method.mergekit_method}
     if method.uses_base:
         cfg["base_model"] = str(base)
-    cfg["models"] = [{"model": str(ft)} for ft in finetunes[: method.n_models]]
+    if method.stack:
+        layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+        cfg["slices"] = [{"sources": [{"model": str(finetunes[i - 1]),
+                                       "layer_range": [round(first * layers), round(end * layers)]}]}
+                         for i, first, end in method.stack]
+    else:
+        cfg["models"] = [{"model": str(ft)} for ft in finetunes[: method.n_models]]
     cfg["parameters"] = dict(method.parameters)
     cfg["dtype"] = "bfloat16"
     return cfg

@@ -192,7 +192,7 @@ FLOOR_INPUTS = 4  # the I/O floor reads a base and three fine-tunes
 def _method_order(m: str) -> int:
     order = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "pcb_tensor", "pcb_global",
              "sce", "multislerp", "karcher", "nuslerp", "ram", "ramplus_tl", "nearswap", "arcee_fusion",
-             "passthrough")
+             "passthrough", "frankenmerge")
     return order.index(m) if m in order else 99
 
 
