@@ -259,3 +259,25 @@ def test_tied_and_untied_models_stacked_keep_a_working_head(family: dict[str, st
     assert torch.all(out["lm_head.weight"] == 10.75) and torch.all(out["model.embed_tokens.weight"] == 50.25)
     assert json.loads((out_dir / "config.json").read_text())["tie_word_embeddings"] is False
     assert layer_values(out) == [50.0, 51.0, 12.0, 13.0]
+
+
+def test_transformers_loads_a_frankenmerge_and_runs_it(tmp_path: Path) -> None:
+    """The written config and tensors agree: transformers builds the deeper model from them, each
+    layer holding its source layer's weights, and runs it."""
+    transformers = pytest.importorskip("transformers")
+    from mergekit_lite.synthetic import make_finetune
+
+    base = make_base(SHAPE, seed=3)
+    extra = {"layer_types": ["full_attention"] * SHAPE.num_hidden_layers}
+    a = save_checkpoint(base, tmp_path / "a", shape=SHAPE, extra_config=extra)
+    b = save_checkpoint(make_finetune(base, seed=4), tmp_path / "b", shape=SHAPE, extra_config=extra)
+    out_dir = mlite.run_recipe({"merge_method": "passthrough", "slices": [
+        {"sources": [src(str(a), 0, 3)]}, {"sources": [src(str(b), 1, 4)]}]}, out=tmp_path / "fm").output
+    model = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    assert model.config.num_hidden_layers == 6 and len(model.model.layers) == 6
+    assert model.config.layer_types == ["full_attention"] * 6
+    b_state = load_dir(b)
+    got = model.model.layers[4].mlp.up_proj.weight.detach()
+    assert torch.equal(got, b_state["model.layers.2.mlp.up_proj.weight"])
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, SHAPE.vocab_size) and bool(torch.isfinite(logits).all())
