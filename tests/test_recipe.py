@@ -324,7 +324,6 @@ def test_mergekit_per_model_mapping_by_path(models: Path) -> None:
 @pytest.mark.parametrize(("key", "text"), [
     ("modules", "modules: {}\n"),
     ("tokenizer", "tokenizer: {source: union}\n"),
-    ("chat_template", "chat_template: chatml\n"),
 ])
 def test_mergekit_unsupported_features_are_errors(tmp_path: Path, key: str, text: str) -> None:
     msg = one_problem(write(tmp_path, "merge_method: fties\nbase_model: x\n" + text))

@@ -22,6 +22,8 @@ import torch
 
 from ..dtypes import to_torch
 from ..errors import CheckpointError, RecipeError
+from ..io import chat_template
+from ..io.chat_template import TOKENIZER_FILES
 from ..io.checkpoint import TIED_HEAD
 from ..io.deltas import is_vocab_tensor
 from ..io.model_card import model_card
@@ -559,6 +561,7 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
         stats_read = sum(e["bytes_read"] for e in tensor_stats.values())
         result.passes.append({"step": plan.final, "kind": "output", "bytes_read": _bytes(plan) - before - stats_read})
         result.state_dict = state
+        chat_files = _chat_template_files(plan)
         for sid, writer in writers.items():
             st = plan.steps[sid]
             card = _card(plan, st)
@@ -566,7 +569,8 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
                 result.output = writer.out_dir
                 publish_hook(writer.tmp_dir, result)
             dtype_update = _config_dtype(plan)
-            path = writer.finish(copy_from=plan.copy_from, config_updates=dtype_update, model_card=card)
+            path = writer.finish(copy_from=plan.copy_from, config_updates=dtype_update, model_card=card,
+                                 extra_files=chat_files)
             result.bytes_written += writer.bytes_written
             if sid == plan.final:
                 result.output = path
@@ -590,6 +594,22 @@ def _config_dtype(plan: Plan) -> dict[str, Any]:
     if config is not None and isinstance(config.get("vocab_size"), int) and rows is not None and config["vocab_size"] != rows:
         update["vocab_size"] = rows
     return update
+
+
+def _chat_template_files(plan: Plan) -> dict[str, bytes]:
+    """The files that set the output's chat template (none when the recipe sets none)."""
+    setting = plan.recipe.output.chat_template
+    if setting is None:
+        return {}
+    tokenizer_dir = plan.copy_from.source_dir if plan.copy_from is not None else None
+    template = chat_template.resolve(setting, (ck.source_dir for ck in plan.checkpoints.values()))
+    if template is None:
+        log.warning("chat_template: auto: no input model carries a chat template; the output gets none")
+        return {}
+    if tokenizer_dir is None or not any((tokenizer_dir / f).is_file() for f in TOKENIZER_FILES):
+        log.warning("chat_template: the output has no tokenizer files to carry it; written as %s only",
+                    chat_template.TEMPLATE_FILE)
+    return chat_template.template_files(template, tokenizer_dir)
 
 
 def _card(plan: Plan, st: StepPlan) -> str:

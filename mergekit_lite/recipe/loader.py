@@ -352,6 +352,12 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
         if model.dtype is not None:
             notes.append(f"{Loc(file, line_of(raw, 'dtype')).prefix()}mergekit's 'dtype' is the compute dtype there; "
                          "mlite computes in float32 and writes the output in out_dtype, else dtype")
+    if model.chat_template is not None:
+        item = _item(raw, "chat_template", model.chat_template, "chat_template", file)
+        if "chat_template" in output:
+            problems.add(output["chat_template"].loc, "the chat template is given twice ('chat_template' and "
+                         "'output.chat_template')", "output.chat_template")
+        output["chat_template"] = item
     if model.tokenizer_source is not None:
         src = model.tokenizer_source
         tok_item = _item(raw, "tokenizer_source", src, "tokenizer_source", file)

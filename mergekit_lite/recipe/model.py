@@ -82,6 +82,7 @@ class OutputSpec:
     dtype: str | None = None
     shard_size: int | None = None
     copy_tokenizer_from: str | None = None
+    chat_template: str | None = None  # auto, a built-in format's name, or a Jinja template
     step: str | None = None
 
 

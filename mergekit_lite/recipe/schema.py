@@ -86,6 +86,7 @@ class OutputModel(_Strict):
     dtype: str | None = None
     shard_size: Any = None  # "5GB", 500000000; parsed in validate.py
     copy_tokenizer_from: str | None = None
+    chat_template: str | None = None  # auto, a built-in format's name, or a Jinja template
     step: str | None = None
 
 
@@ -119,6 +120,7 @@ class MergekitRecipe(_ModelsAndParameters):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    chat_template: str | None = None
     description: str | None = None
     output: OutputModel = Field(default_factory=OutputModel)
     device: str | None = None
@@ -131,7 +133,6 @@ MERGEKIT_UNSUPPORTED: dict[str, str] = {
     "modules": "mergekit 'modules' recipes are not supported; merge whole models with 'models:'",
     "tokenizer": "mergekit's 'tokenizer' block (vocabulary merging) is not supported; "
                  "use 'tokenizer_source: base' or a model to copy a tokenizer from",
-    "chat_template": "mergekit's 'chat_template' is not supported; edit tokenizer_config.json of the output",
 }
 
 

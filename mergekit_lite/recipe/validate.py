@@ -14,6 +14,7 @@ from typing import Any
 
 from ..dtypes import parse_user_dtype
 from ..errors import UsageError
+from ..io.chat_template import setting_problem as chat_template_problem
 from ..methods.registry import MethodSpec, Param, get_method, method_names
 from ..units import parse_size
 from .model import Loc, OutputSpec, Recipe, SliceParams, StepSpec, absolute_path, resolve_input_path
@@ -479,4 +480,9 @@ def _output(raw: RawRecipe, inputs: dict[str, str], ids: dict[str, RawStep], bas
             problems.add(o["copy_tokenizer_from"].loc, f"copy_tokenizer_from '{src}' is not an input{hint}",
                          o["copy_tokenizer_from"].key)
         out.copy_tokenizer_from = src
+    if "chat_template" in o:
+        problem = chat_template_problem(o["chat_template"].value)
+        if problem is not None:
+            problems.add(o["chat_template"].loc, problem, o["chat_template"].key)
+        out.chat_template = o["chat_template"].value
     return out if len(problems) == before else None
