@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 import mergekit_lite as mlite
 from mergekit_lite.engine.run import execute
-from mergekit_lite.errors import RecipeError
+from mergekit_lite.errors import MliteError, RecipeError
 from mergekit_lite.methods import registry
 from mergekit_lite.recipe import load_recipe
 from mergekit_lite.recipe.params import SlicedResolver
@@ -187,6 +187,14 @@ def test_a_range_past_a_models_layers_is_a_one_line_error_naming_the_recipe_line
     assert "Traceback" not in res.output and not (tmp_path / "out").exists()
 
 
+def test_slices_of_the_base_alone_are_an_error_saying_so(family: dict[str, str]) -> None:
+    recipe = {"merge_method": "ties", "base_model": family["m0"],
+              "slices": [{"sources": [src(family["m0"], 0, 2)]}, {"sources": [src(family["m0"], 2, 4)]}]}
+    with pytest.raises(RecipeError, match=r"every slice's only source is the base model .*: 'ties' merges models "
+                                          r"into it, so give each slice at least one other source \(slices\)"):
+        load_recipe(recipe)
+
+
 def test_a_setting_that_cannot_vary_must_agree_across_slices(family: dict[str, str]) -> None:
     recipe = {"merge_method": "pcb", "base_model": family["m0"], "slices": [
         {"sources": [src(family["m1"], 0, 2)], "parameters": {"ratio": 0.1}},
@@ -281,3 +289,31 @@ def test_transformers_loads_a_frankenmerge_and_runs_it(tmp_path: Path) -> None:
     assert torch.equal(got, b_state["model.layers.2.mlp.up_proj.weight"])
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, SHAPE.vocab_size) and bool(torch.isfinite(logits).all())
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_slices_recipe_merges_or_fails_with_one_line_errors(family: dict[str, str], data: st.DataObject) -> None:
+    """Random stacks (ranges in or past the 4 layers, one to three sources, several methods):
+    the output has the stack's layers, each from the right place, or the plan refuses cleanly."""
+    method = data.draw(st.sampled_from(["passthrough", "linear", "task_arithmetic", "ties", "slerp"]))
+    n_sources = 1 if method == "passthrough" else data.draw(st.integers(1, 3))
+    pieces = []
+    for _ in range(data.draw(st.integers(1, 3))):
+        length = data.draw(st.integers(1, 4))
+        models = data.draw(st.permutations(["m0", "m1", "m2"]))[:n_sources]
+        pieces.append({"sources": [src(family[m], f := data.draw(st.integers(0, 4)), f + length) for m in models]})
+    recipe: dict[str, Any] = {"merge_method": method, "slices": pieces}
+    if method in ("task_arithmetic", "ties", "slerp"):
+        recipe["base_model"] = family["m0"]
+    try:
+        out = mlite.run_recipe(recipe).state_dict
+    except MliteError as exc:
+        assert str(exc) and "Traceback" not in str(exc)
+        return
+    total = sum(p["sources"][0]["layer_range"][1] - p["sources"][0]["layer_range"][0] for p in pieces)
+    assert len(layer_values(out)) == total
+    if method == "passthrough":  # every layer is its source layer
+        want = [10.0 * int(Path(s["model"]).name[1]) + i for p in pieces for s in p["sources"]
+                for i in range(*s["layer_range"])]
+        assert layer_values(out) == want

@@ -208,6 +208,11 @@ def _stack_as_models(raw: Any, file: str | None, problems: Problems) -> tuple[An
                                  ordered=spec is not None and spec.ordered, problems=problems)
     if positions is None:
         return None
+    if all(name == positions.base for name in positions.names):
+        problems.add(Loc(file, line_of(raw, "slices")), f"every slice's only source is the base model "
+                     f"'{base.value if base else positions.base}': '{method}' merges models into it, so give each "
+                     "slice at least one other source", "slices")
+        return None
     out = LineDict({k: v for k, v in raw.items() if k not in ("slices", "base_model")})
     out.line = getattr(raw, "line", None)
     out.key_lines = {k: n for k, n in getattr(raw, "key_lines", {}).items() if k in out}
