@@ -317,3 +317,22 @@ def test_any_slices_recipe_merges_or_fails_with_one_line_errors(family: dict[str
         want = [10.0 * int(Path(s["model"]).name[1]) + i for p in pieces for s in p["sources"]
                 for i in range(*s["layer_range"])]
         assert layer_values(out) == want
+
+
+def test_pickle_checkpoints_stack_when_allowed_and_do_not_mix_with_safetensors(family: dict[str, str],
+                                                                               tmp_path: Path) -> None:
+    import shutil
+
+    pickled = {}
+    for m in ("m1", "m2"):
+        dest = tmp_path / f"{m}-bin"
+        dest.mkdir()
+        torch.save(load_dir(Path(family[m])), dest / "pytorch_model.bin")
+        shutil.copy(Path(family[m]) / "config.json", dest / "config.json")
+        pickled[m] = str(dest)
+    stack = [{"sources": [src(pickled["m1"], 0, 2)]}, {"sources": [src(pickled["m2"], 2, 4)]}]
+    out = mlite.run_recipe({"merge_method": "passthrough", "slices": stack, "options": {"allow_bin": True}}).state_dict
+    assert layer_values(out) == [10.0, 11.0, 22.0, 23.0] and torch.all(out["lm_head.weight"] == 20.75)
+    mixed = [{"sources": [src(pickled["m1"], 0, 2)]}, {"sources": [src(family["m2"], 2, 4)]}]
+    with pytest.raises(MliteError, match=r"stack.1: its slices mix .bin and safetensors checkpoints"):
+        mlite.plan_recipe({"merge_method": "passthrough", "slices": mixed, "options": {"allow_bin": True}})
