@@ -195,6 +195,16 @@ def test_slices_of_the_base_alone_are_an_error_saying_so(family: dict[str, str])
         load_recipe(recipe)
 
 
+def test_a_wrong_number_of_sources_is_reported_at_the_slices(family: dict[str, str], tmp_path: Path) -> None:
+    text = (f"merge_method: slerp\nbase_model: {family['m0']}\nparameters: {{t: 0.5}}\nslices:\n  - sources:\n"
+            + "".join(f"      - {{model: {family[m]}, layer_range: [0, 2]}}\n" for m in ("m0", "m1", "m2")))
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tmp_path / "r.yaml")
+    assert str(info.value) == (f"{tmp_path / 'r.yaml'}:5: method 'slerp' takes at most 2 model(s) per slice, got 3 "
+                               "(slices[0].sources)")
+
+
 def test_a_setting_that_cannot_vary_must_agree_across_slices(family: dict[str, str]) -> None:
     recipe = {"merge_method": "pcb", "base_model": family["m0"], "slices": [
         {"sources": [src(family["m1"], 0, 2)], "parameters": {"ratio": 0.1}},

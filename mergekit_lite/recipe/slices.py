@@ -202,7 +202,7 @@ def assign_positions(drafts: list[DraftSlice], base: Item | None, method: str, *
             notes.append(f"{listed.ref.loc.prefix()}the parameters given to base model '{listed.ref.value}' in "
                          f"{piece.key} are ignored, as in mergekit")
         per_slice.append([listed, *(s for s in piece.sources if s is not listed)])
-    if problems and len(problems) > before:
+    if len(problems) > before:
         return None
     has_base = wants_base and any(p.base or base for p in drafts)
     if has_base and not all(p.base or base for p in drafts):

@@ -188,13 +188,15 @@ def _sub(step: RawStep, key: str) -> str:
 def _arity(step: RawStep, spec: MethodSpec, shape: str, problems: Problems) -> None:
     n = len(step.models)
     what = f"method '{spec.name}'"
+    # a layer stack's models are each slice's sources: say so, at the first slice
+    loc, key, per = (step.slices[0].loc, "slices[0].sources", " per slice") if step.slices else (
+        step.loc, _sub(step, "models"), "")
     if n < spec.min_models:
-        problems.add(step.loc, f"{what} needs at least {spec.min_models} model(s), got {n}", _sub(step, "models"))
+        problems.add(loc, f"{what} needs at least {spec.min_models} model(s){per}, got {n}", key)
     elif n + (step.base is not None) < spec.min_inputs:
-        problems.add(step.loc, f"{what} needs {spec.min_inputs} inputs (models, or a base and models), got {n}",
-                     _sub(step, "models"))
+        problems.add(loc, f"{what} needs {spec.min_inputs} inputs{per} (models, or a base and models), got {n}", key)
     if spec.max_models is not None and n > spec.max_models:
-        problems.add(step.loc, f"{what} takes at most {spec.max_models} model(s), got {n}", _sub(step, "models"))
+        problems.add(loc, f"{what} takes at most {spec.max_models} model(s){per}, got {n}", key)
     base_key = "base_model" if shape == "mergekit" else "base"
     if spec.needs_base and step.base is None:
         problems.add(step.loc, f"{what} needs a base model ('{base_key}:')", _sub(step, base_key))
