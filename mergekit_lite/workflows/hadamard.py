@@ -204,9 +204,7 @@ def hadamard_apply(
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    base_ck = _open_model(base, "base", allow_bin)
-    m_ck = _open_multiplier(multiplier, allow_bin, allow_unmarked)
-    _refuse(_mismatches(base_ck, m_ck, multiplier=True))
+    base_ck, m_ck = _base_and_multiplier(base, multiplier, allow_bin, allow_unmarked)
     out_dtype = parse_user_dtype(dtype) if dtype is not None else None
     planned = [PlannedTensor(n, out_dtype if out_dtype and i.is_float else i.dtype, i.shape)
                for n, i in base_ck.tensors.items()]
@@ -248,9 +246,7 @@ def hadamard_to_delta(
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    base_ck = _open_model(base, "base", allow_bin)
-    m_ck = _open_multiplier(multiplier, allow_bin, allow_unmarked)
-    _refuse(_mismatches(base_ck, m_ck, multiplier=True))
+    base_ck, m_ck = _base_and_multiplier(base, multiplier, allow_bin, allow_unmarked)
     d_st = parse_user_dtype(dtype) if dtype is not None else "F32"
     d_dtype = to_torch(d_st)
     names = [n for n in base_ck.tensors if n in m_ck.tensors]
@@ -276,6 +272,15 @@ def _open_model(ref: PathLike, role: str, allow_bin: bool) -> Checkpoint:
         raise UsageError(f"{ck.label}: is an mlite {kind} patch (safetensors metadata {PATCH_KEY}={kind}), "
                          f"not a model; it cannot be the {role}")
     return ck
+
+
+def _base_and_multiplier(base: PathLike, multiplier: PathLike, allow_bin: bool,
+                         allow_unmarked: bool) -> tuple[Checkpoint, Checkpoint]:
+    """A model and a multiplier for it, each what it claims to be, every tensor of M in the base."""
+    base_ck = _open_model(base, "base", allow_bin)
+    m_ck = _open_multiplier(multiplier, allow_bin, allow_unmarked)
+    _refuse(_mismatches(base_ck, m_ck, multiplier=True))
+    return base_ck, m_ck
 
 
 def _open_multiplier(ref: PathLike, allow_bin: bool, allow_unmarked: bool) -> Checkpoint:
