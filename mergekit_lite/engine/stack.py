@@ -27,10 +27,12 @@ log = logging.getLogger(__name__)
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
-def stacked_checkpoints(stack: LayerStack, inputs: Mapping[str, Checkpoint]) -> tuple[dict[str, Checkpoint], list[MliteError]]:
+def stacked_checkpoints(stack: LayerStack,
+                        inputs: Mapping[str, Checkpoint]) -> tuple[dict[str, Checkpoint], list[MliteError]]:
     """One checkpoint per position, and the problems found (a range past a model's layers, a
-    mix of pickle and safetensors sources). Positions whose sources failed to open are left out
-    (that failure is reported where the inputs are opened)."""
+    mix of pickle and safetensors sources). Positions with a source that is no opened checkpoint
+    are left out: one that failed to open is reported where the inputs are opened, and a
+    MODEL+LORA place is a step, used whole (the plan checks its layer count)."""
     views: dict[str, Checkpoint] = {}
     problems: list[MliteError] = []
     for j, name in enumerate(stack.positions):
@@ -42,7 +44,7 @@ def stacked_checkpoints(stack: LayerStack, inputs: Mapping[str, Checkpoint]) -> 
         if errors:
             problems += errors
             continue
-        whole = _whole_model(stack, j, opened)
+        whole = _whole_model(j, opened)
         if whole is not None:  # the slices give this model's layers in order: the model itself
             views[name] = whole
             continue
@@ -67,7 +69,7 @@ def _range_problem(piece: StackSlice, j: int, ck: Checkpoint) -> MliteError | No
                        f"(0 to {held - 1})")
 
 
-def _whole_model(stack: LayerStack, j: int, opened: list[tuple[StackSlice, Checkpoint]]) -> Checkpoint | None:
+def _whole_model(j: int, opened: list[tuple[StackSlice, Checkpoint]]) -> Checkpoint | None:
     first = opened[0][1]
     if any(ck is not first for _, ck in opened):
         return None
