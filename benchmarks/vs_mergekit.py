@@ -214,6 +214,13 @@ CASES: tuple[Case, ...] = (
         {"sources": [src("base", 0, 1), src("ft1", 0, 1, weight=0.7), src("ft2", 0, 1, weight=0.2)]},
         {"sources": [src("base", 1, 3), src("ft1", 1, 3, weight=-0.3), src("ft2", 1, 3, weight=[0.1, 0.9])],
          "parameters": {"lambda": 0.5}})),
+    Case("slices: passthrough frankenmerge (bf16 in and out)", "passthrough", (), base=None, expect="bits",
+         bf16=True, slices=({"sources": [src("base", 0, 2)]}, {"sources": [src("ft1", 1, 3)]})),
+    Case("slices: task_arithmetic per-slice weights (bf16 in and out)", "task_arithmetic", (), expect="bits",
+         bf16=True, slices=(
+             {"sources": [src("base", 0, 1), src("ft1", 0, 1, weight=0.7), src("ft2", 0, 1, weight=0.2)]},
+             {"sources": [src("base", 1, 3), src("ft1", 1, 3, weight=-0.3), src("ft2", 1, 3, weight=[0.1, 0.9])],
+              "parameters": {"lambda": 0.5}})),
     Case("slices: ties mixed models", "ties", (), parameters={"density": 0.6}, slices=(
         {"sources": [src("base", 0, 2), src("ft1", 0, 2, weight=0.6), src("ft2", 1, 3, weight=0.4)]},
         {"sources": [src("base", 2, 3), src("ft3", 2, 3, weight=0.5), src("ft1", 0, 1, weight=0.5)]})),
