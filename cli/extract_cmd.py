@@ -22,6 +22,9 @@ def extract(
     base: str = typer.Option(..., "--base", help="The base it was fine-tuned from."),
     rank: int = typer.Option(None, "--rank", help="Rank of every module's factors."),
     energy: float = typer.Option(None, "--energy", help="Per module, the smallest rank holding this fraction of ‖Δ‖²."),
+    budget_rank: int = typer.Option(None, "--budget-rank",
+                                    help="The parameters of this rank on every module, shared among them by "
+                                         "singular-value importance."),
     out_path: str = typer.Option(None, "--out", "-o", help="Adapter directory (omit to only report)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the randomized SVD (large matrices)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N."),
@@ -34,7 +37,7 @@ def extract(
 ) -> None:
     """Factor θ_model − θ_base per module into a PEFT LoRA adapter and report each error."""
     setup_logging(verbose)
-    result = api.extract(model, base, rank=rank, energy=energy, out=out_path, seed=seed, device=device, dtype=dtype,
+    result = api.extract(model, base, rank=rank, energy=energy, budget_rank=budget_rank, out=out_path, seed=seed, device=device, dtype=dtype,
                          full_tensors=not no_full, force=force, allow_bin=allow_bin)
     if as_json:
         out.print_json(json.dumps(result.to_json()))

@@ -231,7 +231,7 @@ patch = arg.checked(
 )
 extract = arg.checked(
     _extract.extract, model=arg.path_arg, base=arg.path_arg, rank=arg.optional(arg.positive_int),
-    energy=arg.optional(arg.fraction), out=arg.optional_path, seed=arg.seed,
+    energy=arg.optional(arg.fraction), budget_rank=arg.optional(arg.positive_int), out=arg.optional_path, seed=arg.seed,
     device=arg.device, dtype=arg.optional_dtype, on_tensor=arg.optional(arg.function),
 )
 

@@ -365,3 +365,92 @@ def test_report_norms_by_row_blocks_equal_the_whole_float64_ones(monkeypatch):
         assert lowrank.relative_error(d, b, a) == pytest.approx(want_rel, rel=1e-13)
     assert lowrank.norm64(torch.tensor([3.0, 4.0])) == 5.0 and lowrank.norm64(torch.tensor(-2.0)) == 2.0
     assert lowrank.relative_error(torch.zeros(2, 2), torch.zeros(2, 1), torch.zeros(1, 2)) == 0.0
+
+
+# ---- a rank budget shared across modules ----------------------------------------------------
+
+
+def test_allocate_ranks_golden() -> None:
+    """Two modules: A (cost 10) with σ = 4, 1; B (cost 5) with σ = 3, 2, 0.5. Ratios σ²/cost:
+    A 1.6, 0.1; B 1.8, 0.8, 0.05. Budget 20: B₁ (5), A₁ (10), B₂ (5) = 20; nothing else fits."""
+    from mergekit_lite.methods.lowrank import allocate_ranks
+
+    spectra = {"A": torch.tensor([4.0, 1.0]), "B": torch.tensor([3.0, 2.0, 0.5])}
+    assert allocate_ranks(spectra, {"A": 10, "B": 5}, 20) == {"A": 1, "B": 2}
+    assert allocate_ranks(spectra, {"A": 10, "B": 5}, 14) == {"A": 0, "B": 2}  # A₁ no longer fits: B₂ does
+    assert allocate_ranks(spectra, {"A": 10, "B": 5}, 1000) == {"A": 2, "B": 3}
+    assert allocate_ranks(spectra, {"A": 10, "B": 5}, 4) == {"A": 0, "B": 0}
+
+
+def test_allocate_ranks_falls_back_to_the_baseline_where_greedy_loses() -> None:
+    """Ten cheap terms whose ratio just beats A's first take the budget A's one big term needs:
+    greedy keeps about 10.25 of the energy, rank 1 everywhere about 11.03; the baseline is returned."""
+    from mergekit_lite.methods.lowrank import allocate_ranks
+
+    spectra = {"A": torch.tensor([10.0]).sqrt(), "B": torch.tensor([1.02] + [1.03 - 0.001 * i for i in range(1, 10)]).sqrt()}
+    spectra["B"] = spectra["B"].sort(descending=True).values
+    costs = {"A": 10, "B": 1}
+    assert allocate_ranks(spectra, costs, 11) == {"A": 0, "B": 10}
+    assert allocate_ranks(spectra, costs, 11, baseline={"A": 1, "B": 1}) == {"A": 1, "B": 1}
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.floats(0.01, 10), min_size=1, max_size=6), min_size=1, max_size=5),
+       st.lists(st.integers(1, 9), min_size=5, max_size=5), st.integers(0, 80))
+def test_allocate_ranks_fits_the_budget_and_takes_the_best_terms(sigmas: list[list[float]], costs: list[int],
+                                                                 budget: int) -> None:
+    from mergekit_lite.methods.lowrank import allocate_ranks
+
+    spectra = {f"m{i}": torch.tensor(sorted(s, reverse=True)) for i, s in enumerate(sigmas)}
+    cost = {f"m{i}": costs[i] for i in range(len(sigmas))}
+    ranks = allocate_ranks(spectra, cost, budget)
+    assert sum(r * cost[m] for m, r in ranks.items()) <= budget
+    # with the same rank everywhere as the baseline (when it fits), never less energy than it
+    uniform = {m: min(1, len(s)) for m, s in spectra.items()}
+    if sum(uniform[m] * cost[m] for m in spectra) <= budget:
+        best = allocate_ranks(spectra, cost, budget, baseline=uniform)
+
+        def kept(alloc: dict[str, int]) -> float:
+            return sum(float((s[: alloc[m]].double() ** 2).sum()) for m, s in spectra.items())
+        assert kept(best) >= kept(uniform) - 1e-12
+    assert all(0 <= ranks[m] <= len(s) for m, s in spectra.items())
+    # greedy: a module's next term was passed over only because it did not fit the budget left
+    # when its turn came (what is left now, plus what the terms of a lower ratio took after it)
+    left = budget - sum(r * cost[m] for m, r in ranks.items())
+    taken = [(float(s[i]) ** 2 / cost[m], cost[m]) for m, s in spectra.items() for i in range(ranks[m])]
+    for m, s in spectra.items():
+        if ranks[m] < len(s):
+            ratio = float(s[ranks[m]]) ** 2 / cost[m]
+            after = sum(c for r, c in taken if r < ratio * (1 - 1e-9))
+            assert cost[m] > left + after, (m, ratio, left, after)
+
+
+def test_cli_extract_budget_rank_spends_the_budget_where_the_delta_is(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """The adapter has at most the parameters of rank 2 everywhere, its ranks differ by module,
+    it keeps at least as much of ‖Δ‖² as rank 2 everywhere, and peft reproduces it."""
+    base, ft = pair
+    runs = {}
+    for flag, value in (("--budget-rank", "2"), ("--rank", "2")):
+        out = tmp_path / flag.strip("-")
+        res = runner.invoke(app, ["extract", "--model", str(ft), "--base", str(base), flag, value, "--out", str(out),
+                                  "--json", "--no-full-tensors"])
+        assert res.exit_code == 0, res.output
+        runs[flag] = (out, json.loads(res.stdout))
+    out, report = runs["--budget-rank"]
+    loras = [t for t in report["tensors"] if t["kind"] == "lora"]
+    params = sum(t["rank"] * (t["shape"][0] + t["shape"][1]) for t in loras)
+    budget = sum(2 * (t["shape"][0] + t["shape"][1]) for t in runs["--rank"][1]["tensors"] if t["kind"] == "lora")
+    assert 0 < params <= budget and len({t["rank"] for t in loras}) > 1
+
+    def lost(rep: dict) -> float:  # Σ ‖Δ − B·A‖² over the factored and the left-out modules
+        return sum((t["rel_error"] * t["delta_norm"]) ** 2 for t in rep["tensors"]
+                   if t["kind"] == "lora" or t["note"].startswith("rank 0"))
+    assert lost(report) <= lost(runs["--rank"][1]) * (1 + 1e-6)
+    _check_reproduces(base, ft, out, {"tensors": loras})
+
+
+def test_budget_rank_is_exclusive_with_rank_and_energy(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, ft = pair
+    res = runner.invoke(app, ["extract", "--model", str(ft), "--base", str(base), "--rank", "2", "--budget-rank", "2",
+                              "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "give exactly one of --rank, --energy or --budget-rank" in res.output

@@ -15,6 +15,7 @@ close), not the error reached.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,6 +115,47 @@ def truncated_svd(
     err = relative_error(m, b, a)
     kept = float((s.double() ** 2).sum()) / total
     return LowRank(a.contiguous(), b.contiguous(), k, err, min(kept, 1.0), exact)
+
+
+def spectrum(delta: torch.Tensor, cap: int, *, seed: int = 0, exact_max_dim: int = EXACT_MAX_DIM) -> torch.Tensor:
+    """The `cap` largest singular values of a 2-D delta (fewer when it has fewer), descending:
+    exact up to `exact_max_dim` on the smaller side, from a seeded randomized SVD beyond."""
+    m = delta.float()
+    k = min(cap, *m.shape)
+    if min(m.shape) <= exact_max_dim:
+        return torch.linalg.svdvals(m)[:k]
+    return randomized_svd(m, k, seed=seed)[1][:k]
+
+
+def allocate_ranks(spectra: Mapping[str, torch.Tensor], costs: Mapping[str, int], budget: int,
+                   baseline: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Per module, the rank that a shared parameter budget gives it, by singular-value importance.
+
+    A rank-1 term of module m keeps σ² of ‖Δ_m‖² and costs `costs[m]` parameters (its rows plus
+    columns in a LoRA). Terms are taken greedily by σ²/cost, largest first, while they fit the
+    budget, to keep as much of Σ_m ‖Δ_m‖² as possible (so to make the summed squared error
+    Σ_m ‖Δ_m − B_m·A_m‖² small). σ decreases along a spectrum, so each module's terms come in
+    order; equal ratios go by module order, then index. Greedy is not optimal when terms of
+    different costs compete for the last of the budget; given a `baseline` allocation that fits
+    the budget (the same rank everywhere), the one keeping more energy is returned, so the
+    shared budget never does worse than it.
+    """
+    terms = sorted((-(v * v) / costs[name], order, i, name)
+                   for order, (name, s) in enumerate(spectra.items())
+                   for i, v in enumerate(s.double().tolist()))
+    ranks = dict.fromkeys(spectra, 0)
+    left = budget
+    for _, _, i, name in terms:
+        if i == ranks[name] and costs[name] <= left:  # the next term of its module, and it fits
+            ranks[name] += 1
+            left -= costs[name]
+    if baseline is None:
+        return ranks
+
+    def kept(alloc: Mapping[str, int]) -> float:
+        return sum(float((s[: alloc.get(name, 0)].double() ** 2).sum()) for name, s in spectra.items())
+
+    return dict(baseline) if kept(baseline) > kept(ranks) else ranks
 
 
 def _energy_randomized(

@@ -25,7 +25,7 @@ from ..errors import CheckpointError, UsageError
 from ..io.adapters import Factors, write_adapter
 from ..io.checkpoint import CONV1D_MODULES, Checkpoint, open_checkpoint
 from ..io.deltas import EMBEDDING_MODULES, DeltaSource, FullDelta
-from ..methods.lowrank import EXACT_MAX_DIM, norm64, relative_error, truncated_svd
+from ..methods.lowrank import EXACT_MAX_DIM, allocate_ranks, norm64, relative_error, spectrum, truncated_svd
 from ..methods.registry import tensor_seed
 
 PathLike = str | os.PathLike
@@ -70,11 +70,14 @@ def is_embedding(name: str) -> bool:
     return module.rsplit(".", 1)[-1] in (*EMBEDDING_MODULES, *OTHER_EMBEDDINGS)
 
 
-def check_rank_args(rank: int | None, energy: float | None) -> None:
-    if (rank is None) == (energy is None):
-        raise UsageError("give exactly one of --rank or --energy (rank= or energy=)")
+def check_rank_args(rank: int | None, energy: float | None, budget_rank: int | None = None) -> None:
+    if sum(x is not None for x in (rank, energy, budget_rank)) != 1:
+        raise UsageError("give exactly one of --rank, --energy or --budget-rank (rank=, energy= or budget_rank=)")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral)):
         raise UsageError(f"--rank (rank=) must be a positive integer, got {rank!r}")
+    if budget_rank is not None and (isinstance(budget_rank, bool) or not isinstance(budget_rank, numbers.Integral)
+                                    or budget_rank < 1):
+        raise UsageError(f"--budget-rank (budget_rank=) must be a positive integer, got {budget_rank!r}")
     if energy is not None and (isinstance(energy, bool) or not isinstance(energy, numbers.Real)):
         raise UsageError(f"--energy (energy=) must be a number in (0, 1], got {energy!r}")
     if rank is not None and rank < 1:
@@ -90,6 +93,7 @@ def dense_to_adapter(
     lam: float = 1.0,
     rank: int | None = None,
     energy: float | None = None,
+    budget_rank: int | None = None,
     seed: int = 0,
     device: str = "cpu",
     full_tensors: bool = True,
@@ -104,6 +108,10 @@ def dense_to_adapter(
     expressed by PEFT, so its full tensor is skipped and reported, except a bias (written as the
     module's `base_layer.bias`, which peft loads beside the LoRA). The relative errors are
     those of the factors as written in `factor_dtype` (rounding them to bf16 adds ~1e-3).
+
+    `budget_rank` shares the parameters that rank on every factored module would cost among the
+    modules by singular-value importance (`allocate_ranks`; a module gets at most
+    BUDGET_CAP × that rank): a first pass reads every delta for its spectrum.
     """
     factors: list[Factors] = []
     full: dict[str, torch.Tensor] = {}
@@ -127,6 +135,9 @@ def dense_to_adapter(
         return not conv1d or is_embedding(name) or name.rsplit(".", 2)[-2] in CONV1D_MODULES
 
     lora_modules = {n.rsplit(".", 1)[0] for n, s in targets.items() if factored(n, s)}
+    ranks = (_budget_ranks(base, delta, [n for n in base.names() if n in targets and factored(n, targets[n])],
+                           budget_rank, lam=lam, seed=seed, device=device, exact_max_dim=exact_max_dim)
+             if budget_rank is not None else None)
     biases: list[int] = []  # reports of biases of modules whose weight may get factors
 
     def is_bias(name: str, shape: tuple[int, ...]) -> bool:
@@ -138,20 +149,22 @@ def dense_to_adapter(
         if name not in targets:
             continue
         info = base.info(name)
-        p = delta.patch(name, info.shape, device)
-        if p is None:
+        d = _delta_of(base, delta, name, info.shape, lam, device)
+        if d is None:
             continue
-        d = p.tensor * lam if p.kind == "add" else p.value(None, lam) - base.load(name, device, torch.float32)
         norm = norm64(d)
         module = name.rsplit(".", 1)[0]
         if norm == 0.0:
             rep = TensorReport(name, info.shape, "skipped", 0.0, note="zero delta")
+        elif ranks is not None and factored(name, info.shape) and ranks.get(name, 0) == 0:
+            rep = TensorReport(name, info.shape, "skipped", norm, 0, 1.0, "rank 0 in the shared budget: not carried")
         elif factored(name, info.shape):
             emb = is_embedding(name)
             # PEFT stores an embedding's ΔE [vocab, dim] and a Conv1D's ΔW [in, out] as (B·A)ᵀ,
             # so factor the transpose.
             m = d.T if emb or conv1d else d
-            lr = truncated_svd(m, rank=rank, energy=energy, seed=tensor_seed(seed, name), exact_max_dim=exact_max_dim)
+            lr = truncated_svd(m, rank=ranks[name] if ranks is not None else rank, energy=energy,
+                               seed=tensor_seed(seed, name), exact_max_dim=exact_max_dim)
             factors.append(Factors(module, lr.a.cpu(), lr.b.cpu(), embedding=emb, fan_in_fan_out=conv1d and not emb))
             rel = lr.rel_error
             if factor_dtype != torch.float32:  # the error of what is written, not of the float32 factors
@@ -198,12 +211,46 @@ def dense_to_adapter(
     return factors, full, reports
 
 
+# A module's rank under a shared budget is at most this many times the budget rank: the width of
+# the randomized SVD sketch its spectrum comes from (and a bound no one module can exceed).
+BUDGET_CAP = 4
+
+
+def _delta_of(base: Checkpoint, delta: DeltaSource, name: str, shape: tuple[int, ...], lam: float,
+              device: str) -> torch.Tensor | None:
+    """λ·Δ of one tensor in float32 (a replaced tensor: its new value minus the base's), None
+    when the delta does not touch it."""
+    p = delta.patch(name, shape, device)
+    if p is None:
+        return None
+    return p.tensor * lam if p.kind == "add" else p.value(None, lam) - base.load(name, device, torch.float32)
+
+
+def _budget_ranks(base: Checkpoint, delta: DeltaSource, names: list[str], budget_rank: int, *, lam: float,
+                  seed: int, device: str, exact_max_dim: int) -> dict[str, int]:
+    """Each factored tensor's rank in the shared budget: the parameters of `budget_rank` on every
+    module with a non-zero delta, allocated by σ²/(rows + cols) over all their spectra."""
+    spectra: dict[str, torch.Tensor] = {}
+    costs: dict[str, int] = {}
+    for name in names:
+        shape = base.info(name).shape
+        d = _delta_of(base, delta, name, shape, lam, device)
+        if d is None or norm64(d) == 0.0:
+            continue
+        spectra[name] = spectrum(d, BUDGET_CAP * budget_rank, seed=tensor_seed(seed, name),
+                                 exact_max_dim=exact_max_dim).cpu()
+        costs[name] = shape[0] + shape[1]
+    uniform = {name: min(budget_rank, len(s)) for name, s in spectra.items()}  # fits: ≤ budget_rank each
+    return allocate_ranks(spectra, costs, budget_rank * sum(costs.values()), baseline=uniform)
+
+
 def extract(
     model: PathLike,
     base: PathLike,
     *,
     rank: int | None = None,
     energy: float | None = None,
+    budget_rank: int | None = None,
     out: PathLike | None = None,
     seed: int = 0,
     device: str = "cpu",
@@ -216,10 +263,12 @@ def extract(
     """Factor θ_model − θ_base into a PEFT LoRA adapter (written to `out` when given).
 
     `rank` fixes every module's rank; `energy` picks per module the smallest rank holding that
-    fraction of ‖Δ‖_F². Returns per-tensor ranks and relative errors ‖Δ − B·A‖_F / ‖Δ‖_F.
+    fraction of ‖Δ‖_F²; `budget_rank` gives the adapter the parameters of that rank on every
+    module, shared among them by singular-value importance (the most ‖Δ‖² kept in all). Returns
+    per-tensor ranks and relative errors ‖Δ − B·A‖_F / ‖Δ‖_F.
     `allow_bin` accepts pickle (.bin) checkpoints, loaded with weights_only=True.
     """
-    check_rank_args(rank, energy)
+    check_rank_args(rank, energy, budget_rank)
     device = str(resolve_device(device))
     base_ck = open_checkpoint(base, allow_bin=allow_bin)
     ft = open_checkpoint(model, allow_bin=allow_bin)
@@ -236,7 +285,8 @@ def extract(
         from ..io.writer import check_output_dir
 
         check_output_dir(Path(out).expanduser().absolute(), force, [*base_ck.shards, *delta.files()])
-    factors, full, reports = dense_to_adapter(base_ck, delta, rank=rank, energy=energy, seed=seed, device=device,
+    factors, full, reports = dense_to_adapter(base_ck, delta, rank=rank, energy=energy, budget_rank=budget_rank,
+                                              seed=seed, device=device,
                                               full_tensors=full_tensors, on_tensor=on_tensor,
                                               factor_dtype=_out_dtype(dtype))
     if out is not None:
