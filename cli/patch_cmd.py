@@ -29,6 +29,9 @@ def patch(
     as_adapter: bool = typer.Option(False, "--as-adapter", help="Write a PEFT adapter for NEW instead of a model."),
     rank: int = typer.Option(None, "--rank", help="With --as-adapter and a dense delta: SVD rank."),
     energy: float = typer.Option(None, "--energy", help="With --as-adapter and a dense delta: energy fraction kept."),
+    budget_rank: int = typer.Option(None, "--budget-rank",
+                                    help="With --as-adapter and a dense delta: rank R's parameters, shared by "
+                                         "singular-value importance."),
     allow_vocab_growth: bool = typer.Option(False, "--allow-vocab-growth", help="Patch rows [:old_vocab] only."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option(None, "--dtype", help="Output dtype (default: the base's; with --as-adapter, a LoRA's stored dtype)."),
@@ -44,7 +47,7 @@ def patch(
     if not math.isfinite(lam):  # typer reads "nan" and "inf" as floats
         raise UsageError(f"--lambda must be a finite number, got {lam}")
     result = api.patch(base, delta, old_base=old_base, lam=lam, out=out_path, as_adapter=as_adapter, rank=rank,
-                       energy=energy, allow_vocab_growth=allow_vocab_growth, device=device, dtype=dtype,
+                       energy=energy, budget_rank=budget_rank, allow_vocab_growth=allow_vocab_growth, device=device, dtype=dtype,
                        shard_size=shard_size, force=force, progress=not as_json and err.is_terminal,
                        allow_bin=allow_bin, resume=resume)
     if as_json:

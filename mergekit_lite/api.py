@@ -226,8 +226,9 @@ run_demo = arg.checked(_demo.run_demo, folder=arg.path_arg, report=arg.function)
 
 patch = arg.checked(
     _patch.patch, base=arg.path_arg, delta=arg.path_arg, old_base=arg.optional_path, lam=arg.finite,
-    rank=arg.optional(arg.positive_int), energy=arg.optional(arg.fraction), out=arg.optional_path,
-    device=arg.device, dtype=arg.optional_dtype, shard_size=arg.optional(arg.shard_size), seed=arg.seed,
+    rank=arg.optional(arg.positive_int), energy=arg.optional(arg.fraction), budget_rank=arg.optional(arg.positive_int),
+    out=arg.optional_path, device=arg.device, dtype=arg.optional_dtype, shard_size=arg.optional(arg.shard_size),
+    seed=arg.seed,
 )
 extract = arg.checked(
     _extract.extract, model=arg.path_arg, base=arg.path_arg, rank=arg.optional(arg.positive_int),

@@ -289,7 +289,9 @@ def test_patch_usage_mistakes_are_one_line_exit_2(bases: tuple[Path, Path], tmp_
         (["--delta", str(ft)], "a full fine-tuned checkpoint as delta needs its old base (--old-base)"),
         (["--delta", str(adapter), "--lambda", "nan"], "--lambda must be a finite number, got nan"),
         (["--delta", str(adapter), "--lambda", "inf"], "--lambda must be a finite number, got inf"),
-        (["--delta", str(adapter), "--rank", "4"], "--rank and --energy (rank=, energy=) compress the patch into an adapter"),
+        (["--delta", str(adapter), "--rank", "4"],
+         "--rank, --energy and --budget-rank (rank=, energy=, budget_rank=) compress the patch into an adapter"),
+        (["--delta", str(adapter), "--budget-rank", "4"], "--budget-rank (rank=, energy=, budget_rank=) compress"),
     ):
         res = runner.invoke(app, ["patch", "--base", str(new), *args, "--out", str(tmp_path / "o")])
         lines = [ln for ln in res.output.splitlines() if ln.strip()]

@@ -107,3 +107,23 @@ def test_a_stored_delta_factors_into_an_adapter(model_set: Any, tmp_path: Path) 
     base = load_dir(model_set.base)
     torch.testing.assert_close(ported[Q], base[Q] + torch.outer(u, v), rtol=0, atol=1e-5)
     assert all(torch.equal(ported[k], base[k]) for k in base if k != Q)
+
+
+def test_a_stored_delta_factors_into_an_adapter_under_a_shared_budget(model_set: Any, tmp_path: Path) -> None:
+    """Two deltas, one rank 1 and one rank 3: with the parameters of rank 2 on both, the budget
+    gives the rank-3 one its three terms (its σ² per parameter wins) and the other its one."""
+    base = load_dir(model_set.base)
+    k = "model.layers.0.self_attn.k_proj.weight"
+    q_shape, k_shape = base[Q].shape, base[k].shape
+    g = torch.Generator().manual_seed(0)
+    q_delta = torch.outer(torch.linspace(-0.1, 0.1, q_shape[0]), torch.linspace(0.5, 1, q_shape[1]))
+    k_delta = sum(torch.outer(torch.randn(k_shape[0], generator=g), torch.randn(k_shape[1], generator=g))
+                  for _ in range(3))
+    assert isinstance(k_delta, torch.Tensor)
+    d = write_patch(tmp_path / "d", {Q: q_delta, k: k_delta})
+    res = mlite.patch(model_set.base, d, as_adapter=True, budget_rank=2, out=tmp_path / "lora")
+    ranks = {r.name: r.rank for r in res.tensors if r.kind == "lora"}
+    assert ranks == {Q: 1, k: 3}
+    ported = load_dir(mlite.patch(model_set.base, res.output, out=tmp_path / "p").output)
+    torch.testing.assert_close(ported[k], base[k] + k_delta, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ported[Q], base[Q] + q_delta, rtol=0, atol=1e-5)

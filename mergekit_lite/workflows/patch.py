@@ -127,6 +127,7 @@ def patch(
     as_adapter: bool = False,
     rank: int | None = None,
     energy: float | None = None,
+    budget_rank: int | None = None,
     allow_vocab_growth: bool = False,
     device: str = "cpu",
     dtype: str | None = None,
@@ -153,10 +154,11 @@ def patch(
         if shard_size is not None:
             raise UsageError("--shard-size (shard_size=) does not apply to --as-adapter (an adapter is written as one file)")
         return _note_replaced(_as_adapter(base, delta, old_base=old_base, lam=lam, out=out, rank=rank, energy=energy,
-                           allow_vocab_growth=allow_vocab_growth, device=device, dtype=dtype, seed=seed, force=force,
+                           budget_rank=budget_rank, allow_vocab_growth=allow_vocab_growth, device=device, dtype=dtype, seed=seed, force=force,
                            allow_bin=allow_bin))
-    if rank is not None or energy is not None:
-        raise UsageError("--rank and --energy (rank=, energy=) compress the patch into an adapter: they need --as-adapter (as_adapter=True)")
+    if rank is not None or energy is not None or budget_rank is not None:
+        raise UsageError("--rank, --energy and --budget-rank (rank=, energy=, budget_rank=) compress the patch into "
+                         "an adapter: they need --as-adapter (as_adapter=True)")
     if not isinstance(lam, numbers.Real) or isinstance(lam, bool) or not math.isfinite(lam):
         raise UsageError(f"--lambda (lam=) must be a finite number, got {lam!r}")
     if old_base is None and takes_old_base(delta):
@@ -224,7 +226,7 @@ def _abs(p: PathLike) -> str:
 
 # ---- --as-adapter ------------------------------------------------------------------------------
 def _as_adapter(base: PathLike, delta_ref: PathLike, *, old_base: PathLike | None, lam: float, out: PathLike,
-                rank: int | None, energy: float | None, allow_vocab_growth: bool, device: str, dtype: str | None,
+                rank: int | None, energy: float | None, budget_rank: int | None, allow_vocab_growth: bool, device: str, dtype: str | None,
                 seed: int, force: bool, allow_bin: bool) -> PatchResult:
     import time
 
@@ -240,14 +242,15 @@ def _as_adapter(base: PathLike, delta_ref: PathLike, *, old_base: PathLike | Non
     out_path = Path(out).expanduser().absolute()
     check_output_dir(out_path, force, [*new.shards, *src.files()])
     if isinstance(src, LoraDelta) and not src.adapter.settings.use_dora:
-        if rank is not None or energy is not None:
-            raise UsageError(f"{delta_ref}: a LoRA adapter keeps its own factors with --as-adapter; --rank and "
-                             "--energy only apply to a full fine-tune or a DoRA adapter")
+        if rank is not None or energy is not None or budget_rank is not None:
+            raise UsageError(f"{delta_ref}: a LoRA adapter keeps its own factors with --as-adapter; --rank, "
+                             "--energy and --budget-rank only apply to a dense delta or a DoRA adapter")
         rows = _copy_lora(new, src, lam, out_path, force, to_torch(parse_user_dtype(dtype)) if dtype else None)
     else:
-        check_rank_args(rank, energy)
+        check_rank_args(rank, energy, budget_rank)
         factor_dtype = to_torch(parse_user_dtype(dtype)) if dtype else torch.float32
-        factors, full, reports = dense_to_adapter(new, src, lam=lam, rank=rank, energy=energy, seed=seed,
+        factors, full, reports = dense_to_adapter(new, src, lam=lam, rank=rank, energy=energy, budget_rank=budget_rank,
+                                                  seed=seed,
                                                   device=str(dev), factor_dtype=factor_dtype)
         require_factors(factors, reports, str(delta_ref))
         write_adapter(out_path, factors, full, base_model_name_or_path=str(base), dtype=factor_dtype, force=force, base=new,
