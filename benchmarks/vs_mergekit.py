@@ -85,7 +85,9 @@ class Case:
 
         data: dict[str, Any] = {"merge_method": self.method, "dtype": "float32"}
         if self.slices:
-            data["slices"] = [{**piece, "sources": [model(m) for m in piece["sources"]]} for piece in self.slices]
+            data["slices"] = [{**piece, "sources": [model(m) for m in piece["sources"]],
+                               **({"base_model": str(paths[piece["base_model"]])} if "base_model" in piece else {})}
+                              for piece in self.slices]
         else:
             data["models"] = [model(m) for m in self.models]
         if self.base is not None:
@@ -224,6 +226,9 @@ CASES: tuple[Case, ...] = (
     Case("slices: ties mixed models", "ties", (), parameters={"density": 0.6}, slices=(
         {"sources": [src("base", 0, 2), src("ft1", 0, 2, weight=0.6), src("ft2", 1, 3, weight=0.4)]},
         {"sources": [src("base", 2, 3), src("ft3", 2, 3, weight=0.5), src("ft1", 0, 1, weight=0.5)]})),
+    Case("slices: task_arithmetic, a slice's own base_model", "task_arithmetic", (), slices=(
+        {"sources": [src("base", 0, 2), src("ft1", 0, 2, weight=0.5)]},
+        {"sources": [src("ft3", 2, 3), src("ft1", 2, 3, weight=0.5)], "base_model": "ft3"})),
     Case("slices: linear, base_model left out", "linear", (), slices=(
         {"sources": [src("ft1", 0, 3, weight=1.0), src("ft2", 0, 3, weight=3.0)]},)),
     Case("ram", "ram", FTS, expect="bits"),
