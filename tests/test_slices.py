@@ -139,6 +139,20 @@ def test_a_slice_that_does_not_list_the_base_takes_it_over_its_first_sources_lay
     assert layer_values(out) == [12.0, 13.0]  # m0's layers 2, 3 + (m1 − m0) there
 
 
+def test_a_slice_may_name_its_own_base(family: dict[str, str]) -> None:
+    """Slice 0 merges into m0, slice 1 into m2 (its own base_model): the base place is m0's
+    layers then m2's, and the head comes from the last slice, merged into m2."""
+    recipe = {"merge_method": "task_arithmetic", "base_model": family["m0"], "slices": [
+        {"sources": [src(family["m0"], 0, 2), src(family["m1"], 0, 2, weight=0.5)]},
+        {"sources": [src(family["m2"], 2, 4), src(family["m1"], 2, 4, weight=0.5)], "base_model": family["m2"]}]}
+    loaded = load_recipe(recipe)
+    assert loaded.steps[0].base == "stack.base" and loaded.steps[0].models == ["m1"]
+    out = mlite.run_recipe(recipe).state_dict
+    assert layer_values(out) == pytest.approx([5.0, 6.0, 17.0, 18.0])
+    assert float(out["lm_head.weight"][0, 0]) == pytest.approx(20.75 + 0.5 * (10.75 - 20.75))
+    assert float(out["model.embed_tokens.weight"][0, 0]) == pytest.approx(0.25 + 0.5 * 10.0)
+
+
 def test_slerp_gradients_spread_over_each_slices_own_layers(family: dict[str, str]) -> None:
     """mergekit's t within a slice: layer i of L is i / (L − 1), 1 for a one-layer slice;
     tensors outside the layers take t = 0 with the first (embeddings) or last (head) slice's setting."""
