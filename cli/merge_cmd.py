@@ -101,3 +101,13 @@ def _print_plan(plan: dict) -> None:
               f"peak memory estimate: {format_size(plan['peak_memory_estimate'])}")
     for s in plan["saves"]:
         out.print(f"  step {s['step']!r} saved to {s['path']} (the same shards)")
+    if plan.get("layer_stack"):
+        pieces = plan["layer_stack"]
+        out.print(f"  layer stack: {pieces[-1]['layers'][1] + 1} layers")
+        for piece in pieces:
+            sources = ", ".join(f"{s['input']} {_layers(s['layers'])}" for s in piece["sources"])
+            out.print(f"    {_layers(piece['layers'])} ← {sources}", highlight=False)
+
+
+def _layers(span: list[int]) -> str:
+    return f"layer {span[0]}" if span[0] == span[1] else f"layers {span[0]}-{span[1]}"

@@ -360,3 +360,16 @@ def test_pickle_checkpoints_stack_when_allowed_and_do_not_mix_with_safetensors(f
     mixed = [{"sources": [src(pickled["m1"], 0, 2)]}, {"sources": [src(family["m2"], 2, 4)]}]
     with pytest.raises(MliteError, match=r"stack.1: its slices mix .bin and safetensors checkpoints"):
         mlite.plan_recipe({"merge_method": "passthrough", "slices": mixed, "options": {"allow_bin": True}})
+
+
+def test_dry_run_shows_the_stack_layout(family: dict[str, str], tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: passthrough\nslices:\n  - sources: [{{model: {family['m1']}, layer_range: [0, 3]}}]\n"
+                      f"  - sources: [{{model: {family['m2']}, layer_range: [3, 4]}}]\n")
+    res = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "out"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "layer stack: 4 layers" in res.output
+    assert "layers 0-2 ← m1 layers 0-2" in res.output and "layer 3 ← m2 layer 3" in res.output
+    layout = mlite.dry_run(recipe, out=tmp_path / "out")["layer_stack"]
+    assert layout == [{"layers": [0, 2], "sources": [{"input": "m1", "layers": [0, 2]}]},
+                      {"layers": [3, 3], "sources": [{"input": "m2", "layers": [3, 3]}]}]

@@ -72,7 +72,20 @@ def estimate(plan: Plan) -> dict[str, Any]:
                   if not (sid == plan.final and plan.out is not None)],
         "device": str(plan.device),
         "peak_memory_estimate": peak,
+        "layer_stack": _stack_layout(plan),
     }
+
+
+def _stack_layout(plan: Plan) -> list[dict[str, Any]] | None:
+    """A layer stack's slices as a dry run shows them: output layers [first, last] and, per
+    place, the input and its layers (None without a stack)."""
+    stack = plan.recipe.options.get("layer_stack")
+    if stack is None:
+        return None
+    return [{"layers": [piece.start, piece.start + piece.length - 1],
+             "sources": [{"input": src.input, "layers": [src.first_layer, src.first_layer + piece.length - 1]}
+                         for src in piece.sources]}
+            for piece in stack.slices]
 
 
 # Peak RSS of `mlite merge` on a model of a few kB (Python, torch, mlite; Linux x86-64, CPU torch
