@@ -20,7 +20,7 @@ from ..dtypes import is_float
 from ..errors import CheckpointError, UsageError
 from .adapters import LoraAdapter, LoraModule, is_adapter_dir, open_adapter
 from .checkpoint import EMBEDDING_MODULES, Checkpoint, open_checkpoint
-from .patch_marks import ADDITIVE, MULTIPLICATIVE, PATCH_KEY, stored_patch_kind
+from .patch_marks import ADDITIVE, MULTIPLICATIVE, PATCH_KEY, patch_kind, stored_patch_kind
 
 __all__ = ["Patch", "DeltaSource", "LoraDelta", "FullDelta", "StoredDelta", "open_delta", "takes_old_base", "needs_old_base", "is_adapter_dir",
            "vocab_growth", "is_vocab_tensor", "EMBEDDING_MODULES"]
@@ -368,7 +368,9 @@ def open_delta(ref: str | os.PathLike, *, old_base: Checkpoint | None = None, al
     if kind == ADDITIVE:
         if old_base is not None:
             raise UsageError(f"{ref}: is an additive delta (ΔW itself, {PATCH_KEY}={ADDITIVE}); it takes no old base")
-        return StoredDelta(open_checkpoint(ref, allow_bin=allow_bin))
+        deltas = open_checkpoint(ref, allow_bin=allow_bin)
+        patch_kind(deltas)  # every shard carries the same mark
+        return StoredDelta(deltas)
     if old_base is None:
         if not path.exists():  # a missing path (exit 5) or a Hub reference says so first
             open_checkpoint(ref, allow_bin=allow_bin)

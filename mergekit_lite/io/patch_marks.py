@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointError, MliteError
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint
 from .safetensors_format import read_header
 
 PATCH_KEY = "mlite_patch"  # safetensors metadata key marking a patch checkpoint
@@ -34,13 +34,15 @@ def patch_kind(ck: Checkpoint) -> str | None:
 
 
 def stored_patch_kind(ref: str | Path) -> str | None:
-    """The mark of the checkpoint at a local path, None when there is none or no checkpoint
-    there (whoever opens it next says what is wrong with it)."""
+    """The mark of the checkpoint at a local path, read from one shard's header (a cheap probe
+    the plan asks of every model reference; `patch_kind` checks all shards when it is opened),
+    None when there is none or no safetensors there (whoever opens it says what is wrong)."""
     path = Path(ref).expanduser()
-    if not path.exists():
+    shards = [path] if path.suffix == ".safetensors" else sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not shards or not shards[0].is_file():
         return None
     try:
-        return patch_kind(open_checkpoint(path))
+        return read_header(shards[0]).metadata.get(PATCH_KEY)
     except MliteError:
         return None
 
