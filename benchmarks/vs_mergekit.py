@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import os
 import platform
 import re
@@ -44,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from mergekit_lite.synthetic import LlamaShape, build_model_set  # noqa: E402
+from mergekit_lite.synthetic import LlamaShape, build_model_set, save_checkpoint  # noqa: E402
 
 Expect = Literal["bits", "rounding", "documented"]
 ROUNDING_REL = 1e-5
@@ -73,6 +74,10 @@ class Case:
     # mergekit's `slices:` instead of `models:` (then `models` is empty): each slice's sources
     # name models as above, with their layer_range (the models have 3 layers)
     slices: tuple[dict[str, Any], ...] = ()
+    # tokenizer_source / tokenizer: the models are the vocabulary set (vbase, v1, v2, v3), whose
+    # tokenizers differ; vocabulary tensors are compared row by token, as mergekit numbers the
+    # tokens it adds in an order that changes from run to run (it walks a set and a hash map)
+    vocab: bool = False
 
     def recipe(self, paths: dict[str, Path]) -> dict[str, Any]:
         if self.bf16:
@@ -96,7 +101,19 @@ class Case:
             data["parameters"] = self.parameters
         if self.bf16:
             data["out_dtype"] = "bfloat16"
-        return {**data, **self.top}
+        return {**data, **_named(self.top, paths)}
+
+
+def _named(value: Any, paths: dict[str, Path]) -> Any:
+    """`value` with every string that names a model replaced by its path (token sources); `base`
+    and `union` are mergekit's words there."""
+    if isinstance(value, str):
+        return str(paths[value]) if value in paths and value not in ("base", "union") else value
+    if isinstance(value, dict):
+        return {k: _named(v, paths) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_named(v, paths) for v in value]
+    return value
 
 
 def weighted(*weights: Any, **extra: Any) -> tuple[dict[str, Any], ...]:
@@ -115,6 +132,7 @@ def src(model: str, first: int, end: int, **params: Any) -> dict[str, Any]:
 
 
 FTS = ("ft1", "ft2", "ft3")
+VFTS = ("v1", "v2", "v3")
 TIED_CUT = ("bf16 deltas tie at the top-k cut: mlite keeps every tied entry, mergekit exactly k "
             "(docs/methods/ties.md)")
 ATTN_RULES = [{"filter": "self_attn", "value": 0.3}, {"filter": "mlp", "value": [0.2, 0.9]}, {"value": 0.6}]
@@ -243,6 +261,23 @@ CASES: tuple[Case, ...] = (
     Case("ramplus_tl two models", "ramplus_tl", ("ft1", "ft2"), parameters={"epsilon": 1e-2, "r": 2.0, "alpha": 5.0},
          expect="bits"),
     Case("ramplus_tl r gradient", "ramplus_tl", FTS, parameters={"r": [0.0, 1.0], "alpha": 1.0}, expect="bits"),
+    Case("vocab: tokenizer_source union", "task_arithmetic", VFTS, base="vbase", expect="bits", vocab=True,
+         parameters={"weight": 0.4}, top={"tokenizer_source": "union"}),
+    Case("vocab: tokenizer_source base", "ties", VFTS, base="vbase", expect="bits", vocab=True,
+         parameters={"weight": 0.5, "density": 0.6}, top={"tokenizer_source": "base"}),
+    Case("vocab: tokenizer_source model", "linear", ("v1", "v2"), base=None, expect="bits", vocab=True,
+         parameters={"weight": 1.0}, top={"tokenizer_source": "v1"}),
+    Case("vocab: union, slerp", "slerp", ("vbase", "v2"), base="vbase", expect="rounding", vocab=True,
+         parameters={"t": 0.3}, top={"tokenizer_source": "union"}),
+    Case("vocab: tokenizer block (zero, model_token, force, padding)", "linear", ("v1", "v2", "v3"), base=None,
+         expect="rounding", vocab=True, parameters={"weight": 1.0},
+         why="padding rows are means over the rows, summed in each tool's token order",
+         top={"tokenizer": {"source": "union", "pad_to_multiple_of": 64, "tokens": {
+             "zz_a": {"source": {"kind": "zero"}},
+             "<|im_start|>": {"source": {"kind": "model_token", "model": "v2", "token": "<s>"}, "force": True},
+             "w5": {"source": "v3", "force": True}}}}),
+    Case("vocab: tokenizer_source union (bf16 in and out)", "task_arithmetic", VFTS, base="vbase", expect="rounding",
+         vocab=True, bf16=True, parameters={"weight": 0.4}, top={"tokenizer_source": "union"}),
 )
 
 
@@ -303,6 +338,27 @@ def compare(case: Case, ours: dict[str, torch.Tensor], theirs: dict[str, torch.T
     return res
 
 
+def vocab_of(out_dir: Path) -> dict[str, int]:
+    data = json.loads((out_dir / "tokenizer.json").read_text())
+    vocab = dict(data["model"]["vocab"])
+    vocab.update({e["content"]: e["id"] for e in data.get("added_tokens") or []})
+    return vocab
+
+
+def by_token(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], our_vocab: dict[str, int],
+             their_vocab: dict[str, int]) -> str | None:
+    """Put mergekit's vocabulary rows in mlite's token order (padding rows stay last), or say
+    why the two vocabularies cannot be compared."""
+    if our_vocab.keys() != their_vocab.keys():
+        return f"token sets differ: {sorted(set(our_vocab) ^ set(their_vocab))[:4]}"
+    tokens = sorted(our_vocab, key=our_vocab.__getitem__)
+    theirs_order = torch.tensor([their_vocab[t] for t in tokens])
+    for name, b in theirs.items():
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")) and b.shape[0] >= len(tokens):
+            theirs[name] = torch.cat([b[theirs_order], b[len(tokens):]])
+    return None
+
+
 def run(cmd: list[str], log: Path, env: dict[str, str]) -> int:
     with log.open("w") as fh:
         return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False).returncode
@@ -326,7 +382,60 @@ def run_case(case: Case, paths: dict[str, Path], work: Path, mergekit_yaml: Path
     mlite = [sys.executable, "-m", "cli.main", "merge", str(recipe), "--out", str(ours_dir), "--force"]
     if run(mlite, ml_log, {**env, "PYTHONPATH": str(ROOT)}) != 0:
         return Outcome(case, "mlite refused", detail=last_line(ml_log))
-    return compare(case, read_all(ours_dir), read_all(theirs_dir))
+    ours, theirs = read_all(ours_dir), read_all(theirs_dir)
+    if case.vocab:
+        problem = by_token(ours, theirs, vocab_of(ours_dir), vocab_of(theirs_dir))
+        if problem is not None:
+            return Outcome(case, "MISSED", detail=problem)
+    return compare(case, ours, theirs)
+
+
+SPECIAL = ["<unk>", "<s>", "</s>"]
+
+
+def vocab_models(work: Path, paths: dict[str, Path]) -> dict[str, Path]:
+    """The vocabulary set, from the base and fine-tunes (float32 and bf16): vbase has the base's
+    96 tokens; v1 adds two chat tokens (98 rows); v2 has two tokens of its own in place of the
+    last two and one of v1's chat tokens (97 rows); v3 has the base's tokens with two ids
+    swapped (and their rows)."""
+    words = SPECIAL + [f"w{i}" for i in range(SHAPE.vocab_size - len(SPECIAL))]
+    special = [(i, t) for i, t in enumerate(SPECIAL)]
+    swapped = list(words)
+    swapped[3], swapped[4] = swapped[4], swapped[3]
+    plans = {"vbase": ("base", words, special, 0), "v1": ("ft1", words, special + [(96, "<|im_start|>"), (97, "<|im_end|>")], 2),
+             "v2": ("ft2", words[:-2] + ["zz_a", "zz_b"], special + [(96, "<|im_end|>")], 1),
+             "v3": ("ft3", swapped, special, 0)}
+    out: dict[str, Path] = {}
+    gen = torch.Generator().manual_seed(11)
+    for suffix, dtype in (("", torch.float32), ("-bf16", torch.bfloat16)):
+        for name, (source, vocab, added, extra) in plans.items():
+            state = read_all(paths[source + suffix])
+            for key in ("model.embed_tokens.weight", "lm_head.weight"):
+                rows = state[key].float()
+                if name == "v3":
+                    rows[[3, 4]] = rows[[4, 3]]
+                state[key] = torch.cat([rows, torch.randn(extra, rows.shape[1], generator=gen) * 0.02])
+            shape = LlamaShape(**{**SHAPE.__dict__, "vocab_size": SHAPE.vocab_size + extra})
+            target = work / "vocab" / (name + suffix)
+            save_checkpoint(state, target, shape=shape, num_shards=2, dtype=dtype)
+            write_tokenizer(target, vocab, added)
+            out[name + suffix] = target
+    return out
+
+
+def write_tokenizer(path: Path, words: list[str], added: list[tuple[int, str]]) -> None:
+    """A BPE tokenizer.json (and a tokenizer_config.json) transformers loads as a fast tokenizer."""
+    entries = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                "special": True} for i, t in added]
+    data = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": entries, "normalizer": None,
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+            "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": {w: i for i, w in enumerate(words)}, "merges": []}}
+    (path / "tokenizer.json").write_text(json.dumps(data))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
+        "added_tokens_decoder": {str(e["id"]): {k: v for k, v in e.items() if k != "id"} for e in entries}}))
 
 
 def mergekit_version(venv: Path) -> str:
@@ -387,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         halves = build_model_set(work / "models-bf16", shape=SHAPE, n_finetunes=3, num_shards=2, seed=7,
                                  dtype=torch.bfloat16)
         paths.update({"base-bf16": halves.base, **{f"ft{i + 1}-bf16": p for i, p in enumerate(halves.finetunes)}})
+        if any(c.vocab for c in cases):
+            paths.update(vocab_models(work, paths))
         outcomes = []
         for case in cases:
             t0 = time.perf_counter()

@@ -101,6 +101,14 @@ def _print_plan(plan: dict) -> None:
               f"peak memory estimate: {format_size(plan['peak_memory_estimate'])}")
     for s in plan["saves"]:
         out.print(f"  step {s['step']!r} saved to {s['path']} (the same shards)")
+    vocab = plan.get("vocabulary")
+    if vocab:
+        held = ", ".join(f"{label} {rows}" for label, rows in vocab["model_rows"].items())
+        how = "rows lined up by token" if vocab["lined_up"] else "every model already in its order"
+        out.print(f"  vocabulary ({vocab['setting']}): {vocab['tokens']} tokens, {vocab['rows']} rows; {how} "
+                  f"(rows held: {held})", highlight=False)
+        if vocab["tokenizer_files"]:
+            out.print(f"  tokenizer files written: {', '.join(vocab['tokenizer_files'])}", highlight=False)
     if plan.get("layer_stack"):
         pieces = plan["layer_stack"]
         out.print(f"  layer stack: {pieces[-1]['layers'][1] + 1} layers")

@@ -323,16 +323,53 @@ def test_mergekit_per_model_mapping_by_path(models: Path) -> None:
 
 @pytest.mark.parametrize(("key", "text"), [
     ("modules", "modules: {}\n"),
-    ("tokenizer", "tokenizer: {source: union}\n"),
 ])
 def test_mergekit_unsupported_features_are_errors(tmp_path: Path, key: str, text: str) -> None:
     msg = one_problem(write(tmp_path, "merge_method: fties\nbase_model: x\n" + text))
     assert msg.startswith(f"{tmp_path / 'recipe.yaml'}:3: ") and "not supported" in msg and msg.endswith(f"({key})")
 
 
-def test_mergekit_tokenizer_union_and_base_without_base(models: Path) -> None:
-    msg = one_problem(write(models, MERGEKIT_TIES + "tokenizer_source: union\n"))
-    assert "union" in msg and "not supported" in msg and msg.endswith("(tokenizer_source)")
+def test_mergekit_tokenizer_settings_read_as_a_vocab_spec(models: Path) -> None:
+    """tokenizer_source and the tokenizer block become one VocabSpec with the models named as
+    inputs; union takes its tokenizer files from the base."""
+    recipe = load_recipe(write(models, MERGEKIT_TIES + "tokenizer_source: union\n"))
+    spec = recipe.options["vocab_spec"]
+    assert (spec.source, spec.base, spec.merge_base, spec.written) == ("union", "base", "base", "tokenizer_source: union")
+    assert recipe.output.copy_tokenizer_from == "base"
+    block = MERGEKIT_TIES + """tokenizer:
+  source: ./models/a
+  pad_to_multiple_of: 8
+  tokens:
+    <|im_start|>: {source: ./models/b, force: true}
+    <|im_end|>: {source: {kind: model_token, model: ./models/a, token: "</s>"}}
+    <pad>: {source: {kind: zero}}
+    <x>: {}
+"""
+    path = write(models, block)
+    spec = load_recipe(path).options["vocab_spec"]
+    assert (spec.source, spec.pad_to_multiple_of) == ("a", 8)
+    t = spec.tokens
+    assert (t["<|im_start|>"].kind, t["<|im_start|>"].model, t["<|im_start|>"].force) == ("model", "b", True)
+    assert (t["<|im_end|>"].kind, t["<|im_end|>"].model, t["<|im_end|>"].token) == ("model_token", "a", "</s>")
+    assert t["<pad>"].kind == "zero" and t["<x>"].kind == "default"
+    assert t["<|im_end|>"].loc.line == path.read_text().splitlines().index("    <|im_end|>: {source: {kind: model_token, "
+                                                                          "model: ./models/a, token: \"</s>\"}}") + 1
+
+
+@pytest.mark.parametrize(("text", "wanted"), [
+    ("tokenizer_source: union\ntokenizer: {source: union}\n", "not both (mergekit refuses both)"),
+    ("tokenizer: {source: union, tokens: {x: {source: ./models/zzz}}}\n", "'./models/zzz' is not a model of this merge"),
+    ("tokenizer: {source: union, tokens: {x: {source: {kind: model_token, model: ./models/a}}}}\n",
+     "give exactly one of 'token' and 'token_id'"),
+    ("tokenizer: {source: union, tokens: {x: {source: {kind: nope}}}}\n", "tokenizer.tokens.x.source"),
+    ("tokenizer: {source: union, pad_to_multiple_of: 0}\n", "pad_to_multiple_of"),
+])
+def test_mergekit_tokenizer_block_errors_name_the_line(models: Path, text: str, wanted: str) -> None:
+    msg = one_problem(write(models, MERGEKIT_TIES + text))
+    assert msg.startswith(f"{models / 'recipe.yaml'}:") and wanted in msg, msg
+
+
+def test_mergekit_tokenizer_source_base_needs_a_base(models: Path) -> None:
     msg = one_problem(write(models, "merge_method: flinear\nmodels: [{model: ./models/a}]\ntokenizer_source: base\n"))
     assert "needs a base_model" in msg
 

@@ -73,6 +73,7 @@ def estimate(plan: Plan) -> dict[str, Any]:
         "device": str(plan.device),
         "peak_memory_estimate": peak,
         "layer_stack": _stack_layout(plan),
+        "vocabulary": plan.vocab.describe() if plan.vocab is not None else None,
     }
 
 

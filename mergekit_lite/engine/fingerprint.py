@@ -54,6 +54,11 @@ def fingerprint(plan: Plan) -> str:
         "shard_size": plan.shard_size,
         "seed": plan.seed,
         "vocab_rows": sorted(plan.vocab_rows.items()),
+        # the vocabulary the rows follow: the recipe's setting, the tokenizers read, the files written
+        "vocab": [str(plan.recipe.options.get("vocab_spec")),
+                  [file_identity(t) for ck in plan.checkpoints.values() if ck.source_dir is not None
+                   and (t := ck.source_dir / "tokenizer.json").is_file()],
+                  sorted((n, hashlib.sha256(b).hexdigest()) for n, b in plan.tokenizer_files.items())],
         # CPU and CUDA may round reductions differently: a resume on another kind of device starts afresh
         "device": plan.device.type,
     }

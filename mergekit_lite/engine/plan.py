@@ -23,7 +23,6 @@ from ..errors import CheckpointError, MliteError, RecipeError, UsageError, combi
 from ..io.checkpoint import TIED_HEAD, Checkpoint, load_small_file, open_checkpoint
 from ..io.deltas import is_vocab_tensor
 from ..io.patch_marks import ADDITIVE, not_a_model, patch_kind, stored_patch_kind
-from ..io.tokenizer_vocab import first_differences, read_vocab
 from ..io.writer import DEFAULT_SHARD_SIZE, check_output_dir
 from ..methods.registry import MethodSpec, Reducer, get_method
 from ..recipe.model import Recipe, StepSpec
@@ -32,6 +31,7 @@ from ..recipe.settings import count_layers
 from ..recipe.stack import LayerStack
 from ..recipe.validate import MPS_UNSUPPORTED
 from .stack import stacked_checkpoints
+from .vocab import VocabOutcome, align_vocabularies
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,13 @@ class Plan:
     # input stores one): its config must then say tie_word_embeddings: false.
     untied_head: bool = False
     tensor_files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # mergekit's tokenizer_source / tokenizer: the output vocabulary the models' rows follow
+    vocab: VocabOutcome | None = None
+
+    @property
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The output tokenizer's files where the vocabulary edits the copied ones (a union)."""
+        return self.vocab.files if self.vocab is not None else {}
 
     @property
     def global_steps(self) -> list[StepPlan]:
@@ -336,6 +343,9 @@ def build_plan(
         force=force,
         copy_from=None,
     )
+    vocab = recipe.options.get("vocab_spec")
+    if vocab is not None:
+        plan.vocab = align_vocabularies(vocab, _merged_keys(plan), plan.checkpoints)
     _check_tensors(plan, out_dtype, ckpt_problems)
     _check_parameters(plan, recipe_problems)
     _load_tensor_files(plan, recipe_problems)
@@ -347,8 +357,6 @@ def build_plan(
     plan.copy_from = checkpoints.get(copy_key)
     if copy_key and plan.copy_from is None:
         raise RecipeError(f"{_src(recipe)}: output.copy_tokenizer_from {copy_key!r} is not a checkpoint input")
-    if recipe.options.get("tokenizer_source") is not None:
-        _check_token_ids(plan)
     _note_replaced(plan)
     final_save = plan.steps[plan.final].save
     if plan.out is not None and final_save is not None and final_save.expanduser().absolute() != plan.out.expanduser().absolute():
@@ -608,46 +616,6 @@ def _note_replaced(plan: Plan) -> None:
                         where, len(replaced), replaced[0], ", …" if len(replaced) > 1 else "")
 
 
-def _check_token_ids(plan: Plan) -> None:
-    """A mergekit recipe's `tokenizer_source`: mergekit lines embedding rows up by token, mlite
-    merges them by id, the same thing only while every model's ids name the source's tokens.
-    Models whose ids differ are refused rather than merged row by row into other tokens; a
-    tokenizer shorter or longer than the embedding is merged as it is, with a note (mergekit
-    resizes the embedding to the tokenizer)."""
-    embedding = next((o for o in plan.outputs if is_vocab_tensor(o.name) and o.name != TIED_HEAD), None)
-    source = plan.copy_from
-    if embedding is None or source is None:
-        return
-    rows = embedding.shape[0]
-    where = f"{_src(plan.recipe)}: tokenizer_source {plan.recipe.options['tokenizer_source']!r}"
-    want = read_vocab(source.source_dir)
-    if want is None:
-        log.warning("%s: %s has no tokenizer.json, so the models' token ids were not compared with it",
-                    where, source.label)
-        return
-    if len(want) != rows:
-        log.warning("%s: the tokenizer has %d tokens and the embeddings %d rows; mlite keeps the %d rows "
-                    "(mergekit resizes them to the tokenizer)", where, len(want), rows, rows)
-    problems: list[MliteError] = []
-    for key, ck in sorted(plan.checkpoints.items()):
-        if not _is_operand(plan, key) or ck is source:
-            continue
-        got = read_vocab(ck.source_dir)
-        if got is None:
-            log.warning("%s: %s has no tokenizer.json, so its token ids were not compared", where, ck.label)
-            continue
-        ids = first_differences(got, want, rows)
-        if ids:
-            i = ids[0]
-            problems.append(CheckpointError(
-                f"{ck.label}: its tokenizer maps id {i} to {got.get(i)!r}, the tokenizer source to {want.get(i)!r} "
-                f"(ids {', '.join(map(str, ids))}{', ...' if len(ids) == 3 else ''}); mlite merges embedding rows "
-                "by id and does not realign vocabularies as mergekit's tokenizer_source does: merge models "
-                "that share a tokenizer"))
-    if problems:
-        raise combine(problems)
-
-
 def promoted_dtype(dtypes: set[str], fallback: str) -> str:
     """torch's promotion of float safetensors dtypes (BF16 with F16 gives F32), `fallback` where
     torch has none (the float8 types)."""
@@ -719,6 +687,19 @@ def header_reducer(st: StepPlan) -> Reducer:
         if p.kind == "tensor_file":
             params[p.name] = None
     return st.spec.reducer(params, len(st.models))
+
+
+def _merged_keys(plan: Plan) -> list[str]:
+    """The checkpoints the output step merges, in mergekit's order (its models, then its base;
+    a MODEL+LORA operand counts as its MODEL)."""
+    final = plan.steps[plan.final]
+    keys: list[str] = []
+    for op in [*final.models, *([final.base] if final.base is not None else [])]:
+        if isinstance(op, Leaf):
+            keys.append(op.key)
+        elif isinstance(op, StepRef):
+            keys.append(plan.copy_leaf(op.step_id))
+    return list(dict.fromkeys(keys))
 
 
 def _is_operand(plan: Plan, key: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import math
 import time
@@ -561,7 +562,7 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
         stats_read = sum(e["bytes_read"] for e in tensor_stats.values())
         result.passes.append({"step": plan.final, "kind": "output", "bytes_read": _bytes(plan) - before - stats_read})
         result.state_dict = state
-        chat_files = _chat_template_files(plan)
+        side_files = {**plan.tokenizer_files, **_chat_template_files(plan)}
         for sid, writer in writers.items():
             st = plan.steps[sid]
             card = _card(plan, st)
@@ -570,7 +571,7 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
                 publish_hook(writer.tmp_dir, result)
             dtype_update = _config_dtype(plan)
             path = writer.finish(copy_from=plan.copy_from, config_updates=dtype_update, model_card=card,
-                                 extra_files=chat_files)
+                                 extra_files=side_files)
             result.bytes_written += writer.bytes_written
             if sid == plan.final:
                 result.output = path
@@ -609,7 +610,9 @@ def _chat_template_files(plan: Plan) -> dict[str, bytes]:
     if tokenizer_dir is None or not any((tokenizer_dir / f).is_file() for f in TOKENIZER_FILES):
         log.warning("chat_template: the output has no tokenizer files to carry it; written as %s only",
                     chat_template.TEMPLATE_FILE)
-    return chat_template.template_files(template, tokenizer_dir)
+    edited = plan.tokenizer_files.get(chat_template.TOKENIZER_CONFIG)
+    config = json.loads(edited) if edited is not None else None
+    return chat_template.template_files(template, tokenizer_dir, config)
 
 
 def _card(plan: Plan, st: StepPlan) -> str:

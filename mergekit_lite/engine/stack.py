@@ -109,7 +109,10 @@ def _view(name: str, j: int, opened: list[tuple[StackSlice, Checkpoint]], num_la
     bin_state = ({out: src._bin_state[src._stored(n)] for out, (src, n) in routes.items()}  # type: ignore[index]
                  if pre._bin_state is not None else None)
     label = f"{name} ({' + '.join(_part(piece, j, ck) for piece, ck in opened)})"
-    return Checkpoint(Path(f"{pre.path}#{name}"), label, tensors, config, pre.source_dir, bin_state)
+    view = Checkpoint(Path(f"{pre.path}#{name}"), label, tensors, config, pre.source_dir, bin_state)
+    if post.source_dir != pre.source_dir:
+        view.head_source_dir = post.source_dir
+    return view
 
 
 def _part(piece: StackSlice, j: int, ck: Checkpoint) -> str:

@@ -88,11 +88,12 @@ def resolve(setting: str, folders: Iterable[Path | None]) -> str | None:
     return Counter(found).most_common(1)[0][0] if found else None
 
 
-def template_files(template: str, tokenizer_dir: Path | None) -> dict[str, bytes]:
+def template_files(template: str, tokenizer_dir: Path | None, config: dict[str, Any] | None = None) -> dict[str, bytes]:
     """The files that carry `template` in an output whose tokenizer files come from
-    `tokenizer_dir`: its tokenizer_config.json with the key set, and chat_template.jinja."""
+    `tokenizer_dir`: its tokenizer_config.json (or `config`, when the output's is an edited
+    one) with the key set, and chat_template.jinja."""
     files = {TEMPLATE_FILE: (template.rstrip("\n") + "\n").encode()}
-    cfg = _read_json(tokenizer_dir / TOKENIZER_CONFIG) if tokenizer_dir is not None else None
+    cfg = config if config is not None else (_read_json(tokenizer_dir / TOKENIZER_CONFIG) if tokenizer_dir is not None else None)
     if cfg is not None:
         files[TOKENIZER_CONFIG] = (json.dumps({**cfg, "chat_template": template}, indent=2,
                                               ensure_ascii=False) + "\n").encode()

@@ -101,6 +101,9 @@ class Checkpoint:
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.reads: list[tuple[str, int]] = []  # (tensor name, bytes) — lets tests prove laziness
+        # a layer stack's view: the folder of the model its output head comes from, when that
+        # is another model than the embeddings' (their vocabularies must then agree)
+        self.head_source_dir: Path | None = None
 
     # ---- index -------------------------------------------------------------------------
     def names(self) -> list[str]:

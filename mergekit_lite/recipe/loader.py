@@ -19,6 +19,7 @@ from .schema import MERGEKIT_UNSUPPORTED, MergekitRecipe, ModelEntry, NativeReci
 from .slices import DraftSlice, Positions, assign_positions, read_slices
 from .stack import LayerStack, StackSlice, StackSource
 from .validate import validate
+from .vocab import UNION, TokenChoice, VocabSpec
 from .yaml_lines import LineDict, YamlSyntaxError, line_of, parse_yaml, plain, start_line
 
 
@@ -223,7 +224,78 @@ def _stack_as_models(raw: Any, file: str | None, problems: Problems) -> tuple[An
         _keep_line(out, "base_model", line_of(raw, "base_model"))
     elif base is not None and raw.get("tokenizer_source") == "base":
         out["tokenizer_source"] = base.value  # the base is no position: its own files
+    elif base is not None and isinstance(raw.get("tokenizer"), dict) and raw["tokenizer"].get("source") == "base":
+        out["tokenizer"] = {**raw["tokenizer"], "source": base.value}
     return out, drafts, positions
+
+
+def _vocab_spec(raw: Any, model: MergekitRecipe, file: str | None, problems: Problems, output: dict[str, Item],
+                base_name: str | None, model_names: list[str], lora_steps: Mapping[str, RawStep],
+                by_ref: Mapping[str, str], positions: set[str], add_input: Callable[[str, Item], str]) -> VocabSpec | None:
+    """`tokenizer_source` or the `tokenizer:` block as a `VocabSpec`, models named as inputs; the
+    tokenizer files are copied from the source (for `union`, from the base, then edited)."""
+    block = model.tokenizer
+    if block is None and model.tokenizer_source is None:
+        return None
+    key = "tokenizer" if block is not None else "tokenizer_source"
+    written = block.source if block is not None else model.tokenizer_source
+    assert written is not None
+    item = _item(raw, key, written, key, file)
+    if block is not None and model.tokenizer_source is not None:
+        problems.add(item.loc, "give 'tokenizer_source' or a 'tokenizer' block, not both (mergekit refuses both)", key)
+        return None
+    if "copy_tokenizer_from" in output:
+        problems.add(output["copy_tokenizer_from"].loc, f"the tokenizer source is given twice ('{key}' and "
+                     "'output.copy_tokenizer_from')", "output.copy_tokenizer_from")
+        return None
+
+    def leaf(name: str) -> str:  # a MODEL+LORA model's files and vocabulary are MODEL's
+        step = lora_steps.get(name)
+        return step.base.value if step is not None and step.base is not None else name
+
+    first = base_name if base_name is not None else (model_names[0] if model_names else None)
+    if written == "base" and base_name is None:
+        problems.add(item.loc, f"'{key}: base' needs a base_model", key)
+        return None
+    if written == UNION or written == "base":
+        source = UNION if written == UNION else leaf(base_name or "")
+    else:  # a model, maybe one the merge does not use (its tokenizer only)
+        source = leaf(written) if written in lora_steps else (
+            written if written in positions else add_input(written.split("+")[0], item))
+    files_from = leaf(first) if source == UNION and first is not None else source
+    if files_from != UNION:
+        output["copy_tokenizer_from"] = Item(files_from, item.loc, item.key)
+
+    def merged(ref: str, where: Item) -> str | None:
+        name = ref if ref in lora_steps or ref in positions else by_ref.get(ref)
+        if name is None or name not in [*model_names, base_name]:
+            problems.add(where.loc, f"{ref!r} is not a model of this merge: a token's row can only come from one",
+                         where.key)
+            return None
+        return leaf(name)
+
+    tokens: dict[str, TokenChoice] = {}
+    raw_tokens = raw.get("tokenizer", {}).get("tokens") if block is not None else None
+    for text, entry in ((block.tokens or {}) if block is not None else {}).items():
+        where = _item(raw_tokens, text, text, f"tokenizer.tokens.{text}", file)
+        src = entry.source
+        if src is None:
+            tokens[text] = TokenChoice("default", where.loc, force=entry.force)
+        elif isinstance(src, str):
+            name = merged(src, where)
+            if name is not None:
+                tokens[text] = TokenChoice("model", where.loc, model=name, force=entry.force)
+        elif src.kind == "zero":
+            tokens[text] = TokenChoice("zero", where.loc, force=entry.force)
+        else:
+            name = merged(src.model, where)  # type: ignore[union-attr]
+            if name is not None:
+                tokens[text] = TokenChoice("model_token", where.loc, model=name, token=src.token,  # type: ignore[union-attr]
+                                           token_id=src.token_id, force=entry.force)  # type: ignore[union-attr]
+    return VocabSpec(source=source, base=leaf(first) if first is not None else None,
+                     merge_base=leaf(base_name) if base_name is not None else None, loc=item.loc,
+                     written=f"{key}: {written}", tokens=tokens,
+                     pad_to_multiple_of=block.pad_to_multiple_of if block is not None else None)
 
 
 def _keep_line(container: LineDict, key: str, line: int | None) -> None:
@@ -363,23 +435,8 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
             problems.add(output["chat_template"].loc, "the chat template is given twice ('chat_template' and "
                          "'output.chat_template')", "output.chat_template")
         output["chat_template"] = item
-    if model.tokenizer_source is not None:
-        src = model.tokenizer_source
-        tok_item = _item(raw, "tokenizer_source", src, "tokenizer_source", file)
-        if "copy_tokenizer_from" in output:
-            problems.add(output["copy_tokenizer_from"].loc, "the tokenizer source is given twice "
-                         "('tokenizer_source' and 'output.copy_tokenizer_from')", "output.copy_tokenizer_from")
-        if src == "union":
-            problems.add(tok_item.loc, "'tokenizer_source: union' (vocabulary merging) is not supported; "
-                         "use 'base' or a model", "tokenizer_source")
-        elif src == "base":
-            if base_name is None:
-                problems.add(tok_item.loc, "'tokenizer_source: base' needs a base_model", "tokenizer_source")
-            else:  # a MODEL+LORA base's files are its model's
-                source = lora_steps[base_name].base if base_name in lora_steps else None
-                output["copy_tokenizer_from"] = Item(source.value if source else base_name, tok_item.loc, tok_item.key)
-        else:  # MODEL+LORA: the tokenizer is the model's (an adapter changes no tokenizer file)
-            output["copy_tokenizer_from"] = Item(add_input(src.split("+")[0], tok_item), tok_item.loc, tok_item.key)
+    vocab = _vocab_spec(raw, model, file, problems, output, base_name, [m.ref.value for m in models],
+                        lora_steps, by_ref, set(stacked[2].virtual) if stacked is not None else set(), add_input)
 
     recipe = RawRecipe("mergekit", inputs, [*lora_steps.values(), step], output, notes=notes,
                        **_common(raw, model, file))
@@ -389,8 +446,8 @@ def _from_mergekit(raw: Any, file: str | None, problems: Problems) -> RawRecipe 
         # MODEL+LORA: the adapter merged into the model it was trained on, as peft's
         # merge_and_unload does: its saved modules replace MODEL's by design, no old base to give
         recipe.options["merged_adapters"] = list(lora_steps)
-    if model.tokenizer_source is not None:
-        recipe.options["tokenizer_source"] = model.tokenizer_source  # the plan checks the models' ids agree
+    if vocab is not None:
+        recipe.options["vocab_spec"] = vocab  # the plan lines the models' embedding rows up with it
     if model.dtype is None and model.out_dtype is None:
         # mergekit computes in the tensors' own dtypes, so torch promotes mixed inputs (bf16 and
         # fp16 give float32): the written dtype is the promoted one, not the base's

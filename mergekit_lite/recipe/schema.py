@@ -110,6 +110,62 @@ class NativeRecipe(_Strict):
     options: OptionsModel = Field(default_factory=OptionsModel)
 
 
+class ZeroEmbedding(_Strict):
+    """`{kind: zero}`: a token's row is zeros."""
+
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(_Strict):
+    """`{kind: model_token, model: M, token: T | token_id: I}`: another token's row of model M."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = Field(default=None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelTokenEmbedding:
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of 'token' and 'token_id'")
+        return self
+
+
+class TokenEmbedding(_Strict):
+    """One entry of `tokenizer.tokens`: the token's row source (a model, or one of the kinds)."""
+
+    source: str | ZeroEmbedding | ModelTokenEmbedding | None = None
+    force: bool = False
+
+    @field_validator("source", mode="wrap")
+    @classmethod
+    def _by_kind(cls, v: Any, handler: Any) -> Any:
+        """A mapping is read as the kind it names, so an error speaks of that kind alone
+        (pydantic would list every member of the union)."""
+        if not isinstance(v, dict):
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"a token's source is a model, {{kind: zero}} or {{kind: model_token, ...}}, got {v!r}")
+            return v
+        kinds: dict[str, type[_Strict]] = {"zero": ZeroEmbedding, "model_token": ModelTokenEmbedding}
+        kind = v.get("kind")
+        if kind not in kinds:
+            raise ValueError(f"unknown source kind {kind!r}: use zero or model_token (or name a model)")
+        try:
+            return kinds[kind].model_validate(v)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}") from None
+
+
+class TokenizerBlock(_Strict):
+    """mergekit's `tokenizer:` block: the output tokenizer and how embedding rows follow it."""
+
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
 class MergekitRecipe(_ModelsAndParameters):
     """mergekit's single-step shape, plus mlite's `output`/`device`/`seed`/`options`."""
 
@@ -120,6 +176,7 @@ class MergekitRecipe(_ModelsAndParameters):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerBlock | None = None
     chat_template: str | None = None
     description: str | None = None
     output: OutputModel = Field(default_factory=OutputModel)
@@ -131,8 +188,6 @@ class MergekitRecipe(_ModelsAndParameters):
 # mergekit features that change the result and that mlite does not implement: refuse clearly.
 MERGEKIT_UNSUPPORTED: dict[str, str] = {
     "modules": "mergekit 'modules' recipes are not supported; merge whole models with 'models:'",
-    "tokenizer": "mergekit's 'tokenizer' block (vocabulary merging) is not supported; "
-                 "use 'tokenizer_source: base' or a model to copy a tokenizer from",
 }
 
 

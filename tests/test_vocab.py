@@ -1,0 +1,317 @@
+"""mergekit's tokenizer_source / tokenizer block: embedding rows lined up by token.
+
+Hand-checkable models: three tokens or so, two columns, embeddings and heads whose rows can be
+followed by eye. The expected values in the end-to-end tests are worked out in the docstrings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import load_dir
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mergekit_lite.cli.main import app
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import mergekit_lite as mlite
+from mergekit_lite.errors import CheckpointError, RecipeError
+from mergekit_lite.io.tokenizer_vocab import (
+    Tokenizer,
+    added_entry,
+    read_tokenizer,
+    stripped,
+    union,
+    with_added,
+)
+from mergekit_lite.methods.vocab_align import ABSENT, Fallback, average_rows, fallbacks, permutation, realign
+
+runner = CliRunner()
+EMBED, HEAD, NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
+
+
+# ---- fixtures --------------------------------------------------------------------------------
+def tokenizer_json(words: list[str], added: list[tuple[int, str]] = ()) -> dict:
+    vocab = {w: i for i, w in enumerate(words)}
+    return {"version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for i, c in added],
+            "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": False, "vocab": vocab, "merges": []}}
+
+
+def tiny(path: Path, words: list[str], embed: list[list[float]], *, added: list[tuple[int, str]] = (),
+         head_scale: float | None = 10.0, rows: int | None = None) -> Path:
+    """A model of one embedding, one head (10 × the embedding unless tied: None) and one norm."""
+    path.mkdir(parents=True, exist_ok=True)
+    e = torch.tensor(embed, dtype=torch.float32)
+    state = {EMBED: e, NORM: torch.ones(2)}
+    if head_scale is not None:
+        state[HEAD] = e * head_scale
+    save_file(state, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": rows or e.shape[0],
+                                                  "tie_word_embeddings": head_scale is None, "hidden_size": 2,
+                                                  "num_attention_heads": 1, "num_key_value_heads": 1}))
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer_json(words, list(added))))
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    return path
+
+
+@pytest.fixture
+def trio(tmp_path: Path) -> dict[str, Path]:
+    """base: a b c; ft1: a b c and the added <x>; ft2: a c d (no b, a d of its own)."""
+    return {
+        "base": tiny(tmp_path / "base", ["a", "b", "c"], [[1, 1], [2, 2], [3, 3]]),
+        "ft1": tiny(tmp_path / "ft1", ["a", "b", "c"], [[2, 1], [2, 4], [3, 3], [8, 0]], added=[(3, "<x>")]),
+        "ft2": tiny(tmp_path / "ft2", ["a", "c", "d"], [[0, 1], [5, 5], [6, 6]]),
+    }
+
+
+def run(recipe: dict, out: Path) -> dict[str, torch.Tensor]:
+    mlite.run_recipe({**recipe, "output": {"path": str(out)}})
+    return load_dir(out)
+
+
+def ta(trio: dict[str, Path], **extra) -> dict:
+    return {"merge_method": "task_arithmetic", "base_model": str(trio["base"]),
+            "models": [{"model": str(trio["ft1"]), "parameters": {"weight": 1.0}},
+                       {"model": str(trio["ft2"]), "parameters": {"weight": 1.0}}], **extra}
+
+
+# ---- the maths ---------------------------------------------------------------------------------
+def test_permutation_gives_each_output_id_the_models_row_for_its_token() -> None:
+    out = {"a": 0, "b": 1, "c": 2, "d": 3}
+    assert permutation(out, {"b": 0, "a": 1, "d": 5}, rows=4, size=4) == [1, 0, ABSENT, ABSENT]  # d's id is padding
+    assert permutation(out, None, rows=3, size=4) == [0, 1, 2, ABSENT]  # no tokenizer: the output's ids
+
+
+def test_fallbacks_follow_mergekits_defaults() -> None:
+    """Models 0 (the base), 1, 2 over five ids: id 0 all hold (no fallback); id 1 only model 2;
+    id 2 none (zeros); id 3 the base and model 1 (the base's row); id 4 models 1 and 2 (their
+    average, the base lacking it)."""
+    perms = [[0, ABSENT, ABSENT, 1, ABSENT],
+             [0, ABSENT, ABSENT, 2, 3],
+             [0, 1, ABSENT, ABSENT, 2]]
+    assert fallbacks(perms, 0, {}) == {1: Fallback("model", 2), 2: Fallback("zero"), 3: Fallback("model", 0),
+                                       4: Fallback("average")}
+    assert fallbacks(perms, None, {})[3] == Fallback("average")  # no base: the holders' average
+    forced = {0: Fallback("zero", force=True), 4: Fallback("row", 0, 0)}
+    assert fallbacks(perms, 0, forced) == {0: Fallback("zero", force=True), 1: Fallback("model", 2),
+                                           2: Fallback("zero"), 3: Fallback("model", 0), 4: Fallback("row", 0, 0)}
+    with pytest.raises(ValueError, match="id 4: the model named as its source does not have the token"):
+        fallbacks(perms, 0, {4: Fallback("model", 0)})
+
+
+def test_average_rows_sums_in_the_models_dtype_then_divides() -> None:
+    assert average_rows([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 5.0])], torch.float32).tolist() == [2.0, 3.5]
+    # bf16: (0 + 1) + 2^-8 rounds back to 1 before the division, as mergekit's bf16 sum does
+    rows = [torch.tensor([1.0]), torch.tensor([2.0**-8])]
+    assert average_rows(rows, torch.bfloat16).item() == 0.5
+    assert average_rows(rows, torch.float32).item() == (1 + 2.0**-8) / 2
+
+
+def test_realign_takes_own_rows_then_fallbacks() -> None:
+    source = torch.tensor([[10.0, 11], [20, 21], [30, 31]])
+    perm = torch.tensor([2, ABSENT, 0, 1])
+    forced = torch.tensor([False, False, False, True])
+    defaults = torch.tensor([[7.0, 7], [9, 9]])
+    index = torch.tensor([-1, 0, -1, 1])
+    assert realign(source, 0, perm, forced, defaults, index).tolist() == [[30, 31], [7, 7], [10, 11], [9, 9]]
+    # rows read from an offset: source holds rows 1 and 2 only
+    assert realign(source[1:], 1, torch.tensor([2, 1]), torch.tensor([False, False]), defaults[:0],
+                   torch.tensor([-1, -1])).tolist() == [[30, 31], [20, 21]]
+
+
+# ---- tokenizers --------------------------------------------------------------------------------
+def _tok(words: list[str], added: list[tuple[int, str]] = ()) -> Tokenizer:
+    return Tokenizer(Path("."), tokenizer_json(words, list(added)), {"added_tokens_decoder": {}})
+
+
+def test_added_tokens_get_the_ids_the_tokenizers_library_gives() -> None:
+    """Past both the vocabulary and the added tokens; a vocabulary token keeps its id; an added
+    token already there is skipped."""
+    tok = with_added(_tok(["a", "b", "c"], [(5, "<s>")]), [added_entry("x"), added_entry("b"), added_entry("<s>"),
+                                                            added_entry("y")])
+    assert tok.vocab() == {"a": 0, "b": 1, "c": 2, "<s>": 5, "x": 6, "y": 7}
+    assert tok.config is not None and sorted(tok.config["added_tokens_decoder"]) == ["1", "6", "7"]
+    assert with_added(_tok(["a", "b"]), [added_entry("x")]).vocab()["x"] == 2
+    assert not with_added(_tok(["a"]), []).edited
+
+
+def test_union_adds_the_others_vocabulary_tokens_then_their_added_tokens() -> None:
+    base = _tok(["a", "b", "c"])
+    ft1 = _tok(["a", "b", "c"], [(3, "<x>")])
+    ft2 = _tok(["a", "c", "d", "e"], [(4, "<y>")])
+    out = union(base, [(base, 3), (ft1, 4), (ft2, 4)])  # ft2's rows stop at 4: <y> is padding there
+    assert out.vocab() == {"a": 0, "b": 1, "c": 2, "d": 3, "e": 4, "<x>": 5}
+    assert out.data["added_tokens"][-1]["special"] is True  # an added token keeps its settings
+    assert out.data["added_tokens"][0] == {"id": 3, "content": "d", "single_word": False, "lstrip": False,
+                                          "rstrip": False, "normalized": True, "special": False}
+
+
+def test_stripping_drops_tokens_past_the_embedding_and_their_merges() -> None:
+    tok = _tok(["a", "b", "ab", "c"], [(4, "<pad>")])
+    tok.data["model"]["merges"] = ["a b", ["a", "c"]]
+    out = stripped(tok, 3)
+    assert out.vocab() == {"a": 0, "b": 1, "ab": 2} and out.data["model"]["merges"] == ["a b"]
+    assert stripped(tok, 5) is tok
+    tok.data["model"]["type"] = "WordPiece"
+    with pytest.raises(CheckpointError, match="only BPE tokenizers can be stripped"):
+        stripped(tok, 3)
+
+
+# ---- merges ------------------------------------------------------------------------------------
+def test_union_merge_golden(trio: dict[str, Path], tmp_path: Path) -> None:
+    """Union: a b c from the base, then ft2's d (id 3), then ft1's added <x> (id 4).
+    Fallbacks: b (ft2 lacks it) the base's [2, 2]; d only ft2's [6, 6]; <x> only ft1's [8, 0].
+    Task arithmetic, weights 1: base + (ft1 − base) + (ft2 − base), row by row:
+    a [1,1]+[1,0]+[-1,0] = [1,1]; b [2,2]+[0,2]+[0,0] = [2,4]; c [3,3]+0+[2,2] = [5,5];
+    d [6,6]; <x> [8,0]. Heads are 10 × the embeddings."""
+    out = run(ta(trio, tokenizer_source="union"), tmp_path / "o")
+    want = torch.tensor([[1.0, 1], [2, 4], [5, 5], [6, 6], [8, 0]])
+    assert torch.equal(out[EMBED], want) and torch.equal(out[HEAD], want * 10)
+    assert torch.equal(out[NORM], torch.ones(2))
+    tok = read_tokenizer(tmp_path / "o")
+    assert tok is not None and tok.vocab() == {"a": 0, "b": 1, "c": 2, "d": 3, "<x>": 4}
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["vocab_size"] == 5
+    transformers = pytest.importorskip("transformers")
+    loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "o"))
+    assert loaded.get_vocab() == tok.vocab() and loaded.encode("<x> d", add_special_tokens=False) == [4, 3]
+
+
+def test_tokenizer_source_base_and_model(trio: dict[str, Path], tmp_path: Path) -> None:
+    """base: a b c, so d and <x> are dropped; a model's tokenizer (ft1): a b c <x>, where ft2 and
+    the base lack <x> and take ft1's [8, 0]."""
+    out = run(ta(trio, tokenizer_source="base"), tmp_path / "b")
+    assert out[EMBED].tolist() == [[1, 1], [2, 4], [5, 5]]
+    out = run(ta(trio, tokenizer_source=str(trio["ft1"])), tmp_path / "m")
+    assert out[EMBED].tolist() == [[1, 1], [2, 4], [5, 5], [8, 0]]
+    assert (tmp_path / "m" / "tokenizer.json").read_bytes() == (trio["ft1"] / "tokenizer.json").read_bytes()
+
+
+def test_tokenizer_block_golden(trio: dict[str, Path], tmp_path: Path) -> None:
+    """Linear over ft1 and ft2, no base: the union starts from ft1 (a b c <x>), adds d (id 4,
+    past <x>). b: zeros for ft2 (configured), so ([2,4] + [0,0]) / 2 = [1, 2]; <x>: forced to
+    ft2's row of 'a', [0, 1], on both; d only ft2's [6, 6]; a ([2,1]+[0,1])/2 = [1, 1];
+    c ([3,3]+[5,5])/2 = [4, 4]. pad_to_multiple_of 4 gives 8 rows; rows 5-7 are each model's
+    mean of its five lined-up rows, averaged."""
+    recipe = {"merge_method": "linear",
+              "models": [{"model": str(trio["ft1"]), "parameters": {"weight": 1.0}},
+                         {"model": str(trio["ft2"]), "parameters": {"weight": 1.0}}],
+              "tokenizer": {"source": "union", "pad_to_multiple_of": 4, "tokens": {
+                  "b": {"source": {"kind": "zero"}},
+                  "<x>": {"source": {"kind": "model_token", "model": str(trio["ft2"]), "token": "a"}, "force": True}}}}
+    out = run(recipe, tmp_path / "o")
+    e = out[EMBED]
+    assert e[:5].tolist() == [[1, 1], [1, 2], [4, 4], [0, 1], [6, 6]]
+    ft1 = torch.tensor([[2.0, 1], [2, 4], [3, 3], [0, 1], [6, 6]])
+    ft2 = torch.tensor([[0.0, 1], [0, 0], [5, 5], [0, 1], [6, 6]])
+    pad = (ft1.mean(0) + ft2.mean(0)) / 2
+    assert e.shape == (8, 2) and all(torch.allclose(e[r], pad, atol=1e-6) for r in (5, 6, 7))
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["vocab_size"] == 8
+    assert read_tokenizer(tmp_path / "o").vocab() == {"a": 0, "b": 1, "c": 2, "<x>": 3, "d": 4}
+
+
+def test_a_token_only_named_in_the_block_is_added(trio: dict[str, Path], tmp_path: Path) -> None:
+    """A token no model has is added to the output tokenizer with zero rows (mergekit 0.1.5
+    fails on one without a source)."""
+    out = run(ta(trio, tokenizer={"source": "base", "tokens": {"<new>": {}}}), tmp_path / "o")
+    assert out[EMBED].tolist() == [[1, 1], [2, 4], [5, 5], [0, 0]]
+    assert read_tokenizer(tmp_path / "o").vocab()["<new>"] == 3
+
+
+def test_lined_up_merge_equals_a_by_id_merge_of_models_lined_up_by_hand(trio: dict[str, Path], tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """The oracle: realign each model by hand (rows in the union's order, fallbacks as worked out
+    in test_union_merge_golden) and merge by id without the setting: the same bits, whole or in
+    row blocks of one row, and with a tied model (its head is its embedding)."""
+    tiny(trio["ft2"], ["a", "c", "d"], [[0, 1], [5, 5], [6, 6]], head_scale=None)  # tied
+    by_hand = {
+        "base": [[1, 1], [2, 2], [3, 3], [6, 6], [8, 0]],
+        "ft1": [[2, 1], [2, 4], [3, 3], [6, 6], [8, 0]],
+        "ft2": [[0, 1], [2, 2], [5, 5], [6, 6], [8, 0]],
+    }
+    heads = {"base": [[10, 10], [20, 20], [30, 30], [6, 6], [80, 0]],
+             "ft1": [[20, 10], [20, 40], [30, 30], [6, 6], [80, 0]],
+             "ft2": [[0, 1], [20, 20], [5, 5], [6, 6], [80, 0]]}
+    hand = {}
+    for k, rows in by_hand.items():
+        hand[k] = tiny(tmp_path / f"hand_{k}", ["a"], rows)
+        save_file({EMBED: torch.tensor(rows, dtype=torch.float32), HEAD: torch.tensor(heads[k], dtype=torch.float32),
+                   NORM: torch.ones(2)}, str(hand[k] / "model.safetensors"))
+    want = run(ta(hand), tmp_path / "want")
+    got = run(ta(trio, tokenizer_source="union"), tmp_path / "got")
+    assert all(torch.equal(got[k], want[k]) for k in want), {k: (got[k], want[k]) for k in want}
+    from mergekit_lite.engine import stream
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 2)  # every tensor streams in blocks of one row
+    blocked = run(ta(trio, tokenizer_source="union"), tmp_path / "blocked")
+    assert all(torch.equal(blocked[k], want[k]) for k in want)
+
+
+@settings(max_examples=12, deadline=None)
+@given(order=st.permutations(list(range(5))))
+def test_renumbering_a_models_tokens_changes_nothing(tmp_path_factory, order: list[int]) -> None:
+    """Law: a fine-tune whose token ids (and rows) are shuffled merges to the same output."""
+    tmp = tmp_path_factory.mktemp("perm")
+    words = ["a", "b", "c", "d", "e"]
+    base = tiny(tmp / "base", words, [[i, -i] for i in range(5)])
+    ft = [[i + 0.5, i * 2.0] for i in range(5)]
+    plain = tiny(tmp / "ft", words, ft)
+    shuffled = tiny(tmp / "ft_shuffled", [words[j] for j in order], [ft[j] for j in order])
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "tokenizer_source": "base"}
+    a = run({**recipe, "models": [{"model": str(plain), "parameters": {"weight": 0.7}}]}, tmp / "a")
+    b = run({**recipe, "models": [{"model": str(shuffled), "parameters": {"weight": 0.7}}]}, tmp / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shared_tokenizers_merge_exactly_as_without_the_setting(trio: dict[str, Path], tmp_path: Path) -> None:
+    """Law: when every model has the base's tokens at the base's ids, the setting moves no row."""
+    for k in ("ft1", "ft2"):
+        tiny(trio[k], ["a", "b", "c"], [[5, 1], [2, 7], [3, 0]])
+    with_setting = run(ta(trio, tokenizer_source="union"), tmp_path / "u")
+    without = run(ta(trio), tmp_path / "n")
+    assert all(torch.equal(with_setting[k], without[k]) for k in without)
+    assert mlite.dry_run(ta(trio, tokenizer_source="union"), out=str(tmp_path / "d"))["vocabulary"]["lined_up"] is False
+
+
+# ---- errors and notes ----------------------------------------------------------------------------
+def test_a_named_model_without_the_token_is_a_recipe_error(trio: dict[str, Path], tmp_path: Path) -> None:
+    recipe = ta(trio, tokenizer={"source": "union", "tokens": {"d": {"source": str(trio["ft1"])}}})
+    with pytest.raises(RecipeError, match="tokenizer.tokens 'd': the model named as its source does not have"):
+        mlite.run_recipe({**recipe, "output": {"path": str(tmp_path / "o")}})
+    recipe = ta(trio, tokenizer={"source": "union", "tokens": {"d": {"source": {
+        "kind": "model_token", "model": str(trio["ft1"]), "token": "zzz"}}}})
+    with pytest.raises(RecipeError, match="token 'zzz' is not in .*ft1's tokenizer"):
+        mlite.run_recipe({**recipe, "output": {"path": str(tmp_path / "o")}})
+    recipe = ta(trio, tokenizer={"source": "union", "tokens": {"d": {"source": {
+        "kind": "model_token", "model": str(trio["ft1"]), "token_id": 9}}}})
+    with pytest.raises(RecipeError, match="row 9 is past .*ft1's 4 embedding rows"):
+        mlite.run_recipe({**recipe, "output": {"path": str(tmp_path / "o")}})
+    assert not (tmp_path / "o").exists()
+
+
+def test_without_tokenizer_json_rows_merge_by_id_with_a_warning(trio: dict[str, Path], tmp_path: Path) -> None:
+    """A base with a SentencePiece tokenizer only (no tokenizer.json): there is no vocabulary to
+    follow, so rows merge by id, and the run says so."""
+    (trio["base"] / "tokenizer.json").unlink()
+    tiny(trio["ft1"], ["a", "b", "c"], [[2, 1], [2, 4], [3, 3]])
+    recipe = {**ta(trio, tokenizer_source="base"), "models": [{"model": str(trio["ft1"])}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe))
+    res = runner.invoke(app, ["merge", str(path), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0 and "has no tokenizer.json" in res.output and "merged by id" in res.output, res.output
+    assert load_dir(tmp_path / "o")[EMBED].tolist() == [[2, 1], [2, 4], [3, 3]]
+
+
+def test_chat_template_and_union_share_tokenizer_config(trio: dict[str, Path], tmp_path: Path) -> None:
+    mlite.run_recipe({**ta(trio, tokenizer_source="union", chat_template="chatml"),
+                      "output": {"path": str(tmp_path / "o")}})
+    cfg = json.loads((tmp_path / "o" / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in cfg["chat_template"]
+    assert cfg["added_tokens_decoder"]["4"]["content"] == "<x>" and cfg["added_tokens_decoder"]["3"]["content"] == "d"
