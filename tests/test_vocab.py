@@ -315,3 +315,25 @@ def test_chat_template_and_union_share_tokenizer_config(trio: dict[str, Path], t
     cfg = json.loads((tmp_path / "o" / "tokenizer_config.json").read_text())
     assert "<|im_start|>" in cfg["chat_template"]
     assert cfg["added_tokens_decoder"]["4"]["content"] == "<x>" and cfg["added_tokens_decoder"]["3"]["content"] == "d"
+
+
+def test_shipped_union_recipe_runs_on_the_demo_models(tmp_path: Path) -> None:
+    """recipes/mergekit_vocab_union.yaml on the demo models: ft2's chat tokens get new ids 128
+    and 129. <|im_start|> only ft2 has, so every model takes ft2's row and the merge keeps it;
+    <|im_end|> is forced to ft2's row; the reserved tokens ft2 lacks take the base's row in ft2,
+    so there only ft1's task vector counts."""
+    import shutil
+
+    from mergekit_lite.workflows.demo import build_demo_models
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy(repo / "recipes" / "mergekit_vocab_union.yaml", tmp_path / "r.yaml")
+    models = build_demo_models(tmp_path)
+    out_dir = mlite.run_recipe(tmp_path / "r.yaml", out=tmp_path / "out").output
+    out, base, ft1, ft2 = (load_dir(p) for p in (out_dir, models / "base", models / "ft1", models / "ft2"))
+    assert read_tokenizer(out_dir).vocab()["<|im_start|>"] == 128 and read_tokenizer(out_dir).vocab()["<|im_end|>"] == 129
+    for name in (EMBED, HEAD):
+        assert out[name].shape[0] == 130
+        assert torch.equal(out[name][128], ft2[name][126]) and torch.equal(out[name][129], ft2[name][127])
+        b, f1 = base[name][126].float(), ft1[name][126].float()
+        assert torch.equal(out[name][126], (b + 0.5 * (f1 - b)).to(torch.bfloat16))

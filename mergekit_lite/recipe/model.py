@@ -94,12 +94,12 @@ class Recipe:
     written). `steps` are in an order where every step comes after the steps it reads.
     `options` holds `allow_bin` (bool), `vocab` ("strict" | "shared"), `allow_vocab_growth`
     (bool), `description` (str or None) and `notes` (list of one-line remarks, e.g. mergekit
-    knobs that were accepted but change nothing); a mergekit recipe may add `full_slice` (its
-    one slice's layer range) or `layer_stack` (a `recipe.stack.LayerStack`: slices that stack,
-repeat or leave out layers), `promote_dtypes` (no dtype given: a float tensor is written in
-    the promotion of its inputs' dtypes, as mergekit's arithmetic leaves it),
-    `tokenizer_source` (as written; the plan checks that the models' token ids agree with it)
-    and `merged_adapters` (the ids of its MODEL+LORA steps).
+    knobs that were accepted but change nothing); a mergekit recipe may add `layer_stack` (a
+    `recipe.stack.LayerStack`: slices that stack, repeat or leave out layers), `promote_dtypes`
+    (no dtype given: a float tensor is written in the promotion of its inputs' dtypes, as
+    mergekit's arithmetic leaves it), `vocab_spec` (a `recipe.vocab.VocabSpec`: the output
+    vocabulary the models' embedding rows are lined up with) and `merged_adapters` (the ids of
+    its MODEL+LORA steps).
     """
 
     inputs: dict[str, str]

@@ -7,6 +7,7 @@ recipes shipped with the package are copied beside them and each is run.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -39,14 +40,35 @@ def example_recipes() -> list[tuple[str, str]]:
 
 
 def build_demo_models(folder: Path) -> Path:
-    """Write models/{base,ft1,ft2,lora} and models/probe.safetensors under `folder`."""
+    """Write models/{base,ft1,ft2,lora} and models/probe.safetensors under `folder`, each model
+    with a tokenizer.json. ft2's tokenizer, like a chat fine-tune that took over two reserved
+    tokens, names its last two ids <|im_start|> and <|im_end|>: merged by id that changes
+    nothing, and recipes/mergekit_vocab_union.yaml lines the rows up by token."""
     models = folder / "models"
     if models.exists():
         shutil.rmtree(models)
-    build_model_set(models, shape=DEMO_SHAPE, n_finetunes=2, num_shards=2, dtype=torch.bfloat16)
+    ms = build_model_set(models, shape=DEMO_SHAPE, n_finetunes=2, num_shards=2, dtype=torch.bfloat16)
+    words = [f"<reserved_{i}>" if i >= DEMO_SHAPE.vocab_size - 2 else f"w{i}" for i in range(DEMO_SHAPE.vocab_size)]
+    for path in (ms.base, ms.finetunes[0]):
+        demo_tokenizer(path, words)
+    demo_tokenizer(ms.finetunes[1], [*words[:-2], "<|im_start|>", "<|im_end|>"])
     g = torch.Generator().manual_seed(7)
     save_file({"weight": torch.randn(2, DEMO_SHAPE.hidden_size, generator=g)}, str(models / "probe.safetensors"))
     return models
+
+
+def demo_tokenizer(path: Path, words: list[str]) -> None:
+    """A word-level tokenizer.json over `words` (ids in order), with the last two as special
+    added tokens, and the tokenizer_config.json transformers reads it with."""
+    added = [{"id": i, "content": w, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for i, w in enumerate(words) if i >= len(words) - 2]
+    data = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+            "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate(words)}, "unk_token": words[0]}}
+    (path / "tokenizer.json").write_text(json.dumps(data))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 128,
+        "added_tokens_decoder": {str(e["id"]): {k: v for k, v in e.items() if k != "id"} for e in added}}))
 
 
 def run_demo(folder: str | Path, *, report: Callable[[str], None] = print) -> list[DemoRun]:
