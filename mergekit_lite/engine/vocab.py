@@ -224,7 +224,8 @@ def align_vocabularies(spec: VocabSpec, keys: list[str], checkpoints: dict[str, 
             _unaligned(src_ck, spec)
             return None
         out_tok = got
-    new = [added_entry(t) for t in spec.tokens if t not in out_tok.vocab()]
+    have = out_tok.vocab()
+    new = [added_entry(t) for t in spec.tokens if t not in have]
     out_tok = with_added(out_tok, new)
     vocab = out_tok.vocab()
     size = len(vocab)
@@ -242,7 +243,7 @@ def align_vocabularies(spec: VocabSpec, keys: list[str], checkpoints: dict[str, 
     for k in order:
         t = base_tok if k == base_key else (toks[k] or base_tok)
         perms.append(permutation(vocab, t.vocab(), _rows(merged[k], t), size))
-    configured = {vocab[text]: _fallback(spec, text, choice, order, toks, base_tok, base_key, merged)
+    configured = {vocab[text]: _fallback(text, choice, order, toks, base_tok, base_key, merged)
                   for text, choice in spec.tokens.items() if choice.kind != "default"}
     forced_default = {vocab[text] for text, choice in spec.tokens.items() if choice.kind == "default" and choice.force}
     merge_base = order.index(spec.merge_base) if spec.merge_base in order else None
@@ -274,14 +275,14 @@ def align_vocabularies(spec: VocabSpec, keys: list[str], checkpoints: dict[str, 
 
 
 def _default_for(merge_base: int | None) -> Fallback:
-    """mergekit's default row for id `i` when every model has it (a forced token without a
-    source): the base's row when there is a base, else the average."""
+    """The row a forced token without a source gets when every model has it (mergekit 0.1.5
+    stops with an error there): the base's when there is a base, else the models' average."""
     if merge_base is not None:
         return Fallback("model", merge_base)
     return Fallback("average")
 
 
-def _fallback(spec: VocabSpec, text: str, choice: TokenChoice, order: list[str], toks: dict[str, Tokenizer | None],
+def _fallback(text: str, choice: TokenChoice, order: list[str], toks: dict[str, Tokenizer | None],
               base_tok: Tokenizer, base_key: str, merged: dict[str, Checkpoint]) -> Fallback:
     if choice.kind == "zero":
         return Fallback("zero", force=choice.force)

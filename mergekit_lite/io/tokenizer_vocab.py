@@ -13,7 +13,6 @@ needed; a checkpoint without `tokenizer.json` has no vocabulary here.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,19 +110,29 @@ def stripped(tok: Tokenizer, vocab_size: int) -> Tokenizer:
             f"{tok.directory / TOKENIZER_JSON}: {len(unused)} token(s) have ids past the embedding's "
             f"{vocab_size} rows, and only BPE tokenizers can be stripped of them (this one is "
             f"{model.get('type')!r})")
-    out = copy.deepcopy(tok)
-    out.edited = True
-    out.data["added_tokens"] = [e for e in out.data.get("added_tokens") or [] if int(e["id"]) < vocab_size]
-    out.data["model"]["vocab"] = {t: i for t, i in model["vocab"].items() if t not in unused}
 
     def keep(merge: Any) -> bool:
         parts = merge.split(" ") if isinstance(merge, str) else list(merge)
         return not any(p in unused for p in parts)
 
-    out.data["model"]["merges"] = [m for m in model.get("merges") or [] if keep(m)]
-    if out.config is not None and isinstance(out.config.get("added_tokens_decoder"), dict):
-        out.config["added_tokens_decoder"] = {k: v for k, v in out.config["added_tokens_decoder"].items()
-                                              if int(k) < vocab_size}
+    data = {**tok.data,
+            "added_tokens": [e for e in tok.data.get("added_tokens") or [] if int(e["id"]) < vocab_size],
+            "model": {**model, "vocab": {t: i for t, i in model["vocab"].items() if t not in unused},
+                      "merges": [m for m in model.get("merges") or [] if keep(m)]}}
+    config = _config_copy(tok.config)
+    if config is not None and isinstance(config.get("added_tokens_decoder"), dict):
+        config["added_tokens_decoder"] = {k: v for k, v in config["added_tokens_decoder"].items() if int(k) < vocab_size}
+    return Tokenizer(tok.directory, data, config, edited=True)
+
+
+def _config_copy(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A copy of tokenizer_config.json that can take added-token edits without touching `config`
+    (the rest of it is shared: it is never changed)."""
+    if config is None:
+        return None
+    out = dict(config)
+    if isinstance(out.get("added_tokens_decoder"), dict):
+        out["added_tokens_decoder"] = dict(out["added_tokens_decoder"])
     return out
 
 
@@ -145,10 +154,11 @@ def with_added(tok: Tokenizer, entries: list[dict[str, Any]]) -> Tokenizer:
     model's vocabulary and the added tokens."""
     if not entries:
         return tok
-    out = copy.deepcopy(tok)
+    out = Tokenizer(tok.directory, {**tok.data, "added_tokens": list(tok.data.get("added_tokens") or [])},
+                    _config_copy(tok.config), tok.edited)
     model_vocab = out.model_vocab
     model_size = len(model_vocab)
-    added = out.data.setdefault("added_tokens", [])
+    added = out.data["added_tokens"]
     taken = {str(e["content"]) for e in added}
     for entry in entries:
         content = str(entry["content"])
