@@ -25,6 +25,7 @@ def values(keys: list[str]) -> st.SearchStrategy[Any]:
 
 MERGEKIT_KEYS = ["merge_method", "base_model", "models", "model", "parameters", "weight", "density", "t",
                  "slices", "sources", "layer_range", "filter", "value", "dtype", "out_dtype", "tokenizer_source",
+                 "tokenizer", "source", "tokens", "kind", "force", "token", "token_id", "pad_to_multiple_of",
                  "chat_template", "output", "path", "options", "seed", "x"]
 NATIVE_KEYS = ["inputs", "steps", "id", "method", "base", "models", "delta", "old_base", "parameters", "save",
                "output", "path", "dtype", "step", "copy_tokenizer_from", "chat_template", "match", "value", "y"]
@@ -37,6 +38,15 @@ def slice_source() -> st.SearchStrategy[Any]:
         optional={"parameters": values(MERGEKIT_KEYS)})
 
 
+TOKEN_SOURCE = st.one_of(SCALARS, st.fixed_dictionaries(
+    {"kind": st.one_of(st.sampled_from(["zero", "model_token", "other"]), SCALARS)},
+    optional={"model": st.one_of(st.sampled_from(["a", "b", "zzz"]), SCALARS), "token": SCALARS,
+              "token_id": SCALARS}))
+TOKENIZER = st.one_of(values(MERGEKIT_KEYS), st.fixed_dictionaries({}, optional={
+    "source": st.one_of(st.sampled_from(["union", "base", "a", "b", "zzz"]), SCALARS),
+    "pad_to_multiple_of": SCALARS,
+    "tokens": st.one_of(SCALARS, st.dictionaries(st.sampled_from(["<x>", "a", ""]), st.one_of(SCALARS, st.fixed_dictionaries(
+        {}, optional={"source": TOKEN_SOURCE, "force": SCALARS})), max_size=3))}))
 MERGEKIT = st.fixed_dictionaries(
     {"merge_method": st.sampled_from(["linear", "ties", "slerp", "passthrough", "task_arithmetic", "nuslerp", "x"])},
     optional={"base_model": st.one_of(st.sampled_from(["a", "b", "base"]), SCALARS),
@@ -44,7 +54,7 @@ MERGEKIT = st.fixed_dictionaries(
                   {"sources": st.one_of(st.lists(slice_source(), max_size=3), SCALARS)},
                   optional={"parameters": values(MERGEKIT_KEYS), "base_model": SCALARS}), max_size=3), SCALARS),
               "models": values(MERGEKIT_KEYS), "parameters": values(MERGEKIT_KEYS),
-              "chat_template": SCALARS, "tokenizer_source": SCALARS, "dtype": SCALARS,
+              "chat_template": SCALARS, "tokenizer_source": SCALARS, "tokenizer": TOKENIZER, "dtype": SCALARS,
               "output": values(MERGEKIT_KEYS)})
 NATIVE = st.fixed_dictionaries({"inputs": values(NATIVE_KEYS), "steps": values(NATIVE_KEYS)},
                                optional={"output": values(NATIVE_KEYS), "seed": SCALARS})
