@@ -25,6 +25,7 @@ import generate
 import torch
 from bench_measure import dir_bytes, measure_floor, run_measured, warm_page_cache
 from bench_recipes import METHODS, SEED, BenchMethod, mergekit_recipe, mlite_recipe, write_yaml
+from bench_vocab import vocab_set
 from safetensors import safe_open
 
 HERE = Path(__file__).resolve().parent
@@ -76,6 +77,8 @@ def run_tool(
     """Run one tool on one method `args.repeat` times; the record keeps the fastest wall time."""
     out_dir = work / "out" / f"{bench_set.size}-{method.key}-{tool}"
     recipe_dir = work / "recipes" / bench_set.size
+    if method.tokenizer_source:
+        bench_set = vocab_set(bench_set)
     fts = list(bench_set.finetunes)
     env = {**os.environ, **ENV_OFFLINE}
     if tool == "mlite":
@@ -189,12 +192,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench_set = generate.generate_set(data_dir, args.size)
     if args.dry_run:
         for method in (METHODS[m] for m in methods):
-            fts = list(bench_set.finetunes)
+            models = vocab_set(bench_set) if method.tokenizer_source else bench_set
+            fts = list(models.finetunes)
             out_dir = work / "out" / f"{args.size}-{method.key}"
-            path = write_yaml(mlite_recipe(method, bench_set.base, fts, out_dir), work / "recipes" / args.size / f"{method.key}.mlite.yaml")
+            path = write_yaml(mlite_recipe(method, models.base, fts, out_dir), work / "recipes" / args.size / f"{method.key}.mlite.yaml")
             print(f"mlite merge {path} --out {out_dir} --force --device {args.device}")
             if method.mergekit_method and "mergekit" in tools:
-                mk = write_yaml(mergekit_recipe(method, bench_set.base, fts), work / "recipes" / args.size / f"{method.key}.mergekit.yaml")
+                mk = write_yaml(mergekit_recipe(method, models.base, fts), work / "recipes" / args.size / f"{method.key}.mergekit.yaml")
                 print(f"mergekit-yaml {mk} {out_dir}-mk --random-seed {SEED} --no-copy-tokenizer")
         return 0
 

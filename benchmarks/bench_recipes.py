@@ -29,6 +29,9 @@ class BenchMethod:
     # a layer stack (mergekit's `slices:`, one source per slice): (fine-tune number, first, end)
     # with first and end as fractions of the models' layers; both tools read the mergekit shape
     stack: tuple[tuple[int, float, float], ...] = ()
+    # mergekit's tokenizer_source: the models with differing tokenizers (bench_vocab.py), both
+    # tools reading the mergekit shape
+    tokenizer_source: str | None = None
 
     @property
     def inputs(self) -> int:
@@ -59,6 +62,8 @@ METHODS: dict[str, BenchMethod] = {
         # a frankenmerge: the first 3/4 of ft1's layers, then the last 3/4 of ft2's (1.5× the layers)
         BenchMethod("frankenmerge", "passthrough", "passthrough", {}, uses_base=False, n_models=2,
                     stack=((1, 0.0, 0.75), (2, 0.25, 1.0))),
+        # task arithmetic over models whose tokenizers differ: rows lined up by token into a union
+        BenchMethod("vocab_union", "task_arithmetic", "task_arithmetic", {"weight": 0.3}, tokenizer_source="union"),
     )
 }
 
@@ -67,7 +72,7 @@ SEED = 0
 
 def mlite_recipe(method: BenchMethod, base: Path, finetunes: list[Path], out: Path) -> dict[str, Any]:
     """mlite's native shape: named inputs, one step, bf16 output (a layer stack: mergekit's shape)."""
-    if method.stack:
+    if method.stack or method.tokenizer_source:
         return {**mergekit_recipe(method, base, finetunes), "seed": SEED, "output": {"path": str(out)}}
     inputs = {"base": str(base)} if method.uses_base else {}
     names = []
@@ -103,6 +108,8 @@ def mergekit_recipe(method: BenchMethod, base: Path, finetunes: list[Path]) -> d
         cfg["models"] = [{"model": str(ft)} for ft in finetunes[: method.n_models]]
     cfg["parameters"] = dict(method.parameters)
     cfg["dtype"] = "bfloat16"
+    if method.tokenizer_source:
+        cfg["tokenizer_source"] = method.tokenizer_source
     return cfg
 
 
