@@ -337,3 +337,18 @@ def test_shipped_union_recipe_runs_on_the_demo_models(tmp_path: Path) -> None:
         assert torch.equal(out[name][128], ft2[name][126]) and torch.equal(out[name][129], ft2[name][127])
         b, f1 = base[name][126].float(), ft1[name][126].float()
         assert torch.equal(out[name][126], (b + 0.5 * (f1 - b)).to(torch.bfloat16))
+
+
+def test_padding_rows_belong_to_the_caller(trio: dict[str, Path]) -> None:
+    """A view's rows are the caller's to compute in: padding rows read alone are a copy, not
+    the kept mean row, and the reads are counted in stored bytes."""
+    recipe = ta(trio, tokenizer={"source": "union", "pad_to_multiple_of": 4})
+    plan = mlite.plan_recipe({**recipe, "output": {"path": str(trio["base"].parent / "o")}})
+    view = plan.checkpoints[next(k for k, ck in plan.checkpoints.items() if ck.label.endswith("ft1"))]
+    first = view.load(EMBED, rows=(7, 8))
+    first.mul_(0)
+    again = view.load(EMBED, rows=(7, 8))
+    assert torch.equal(again, view.load(EMBED)[7:8]) and not torch.equal(again, first)
+    before = view.bytes_read
+    view.load(NORM, dtype=torch.float64)
+    assert view.bytes_read - before == 2 * 4  # two float32 entries as stored, not as float64

@@ -109,9 +109,9 @@ class Alignment:
                 source = torch.zeros((0, *info.shape[1:]), dtype=to_torch(info.dtype))
             defaults = self.defaults(name) if bool((di >= 0).any()) else source[:0]
             parts.append(realign(source, lo, perm, forced, defaults, di))
-        if b > self.size:
+        if b > self.size:  # a copy: the caller owns what it gets, and may compute in it
             pad = self._pad(k, name)
-            parts.append(pad.expand(b - max(a, self.size), *pad.shape))
+            parts.append(pad.expand(b - max(a, self.size), *pad.shape).clone())
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _pad(self, k: int, name: str) -> torch.Tensor:
@@ -140,19 +140,23 @@ class AlignedCheckpoint(Checkpoint):
         self.k = k
 
     def read_inner(self, name: str, rows: tuple[int, int]) -> torch.Tensor:
-        """Rows of the model's own tensor, counted as this view's reads."""
+        """Rows of the model's own tensor (as stored), counted as this view's reads."""
         t = self.inner.load(name, rows=rows)
-        with self._lock:
-            self.bytes_read += t.numel() * t.element_size()
-            self.reads.append((name, t.numel() * t.element_size()))
+        self._count(name, t.numel() * t.element_size())
         return t
+
+    def _count(self, name: str, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_read += nbytes
+            self.reads.append((name, nbytes))
 
     def load(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              rows: tuple[int, int] | None = None) -> torch.Tensor:
         if not is_vocab_tensor(self._stored(name)):
+            info = self.inner.info(name)
+            stored = info.nbytes if rows is None or not info.shape else info.nbytes // info.shape[0] * (rows[1] - rows[0])
             t = self.inner.load(name, device=device, dtype=dtype, rows=rows)
-            with self._lock:
-                self.bytes_read += self.inner.info(name).nbytes if rows is None else t.numel() * t.element_size()
+            self._count(name, stored)
             return t
         a, b = rows if rows is not None else (0, self.alignment.rows)
         t = self.alignment.take(self.k, name, a, b).contiguous()
@@ -193,15 +197,61 @@ def align_vocabularies(spec: VocabSpec, keys: list[str], checkpoints: dict[str, 
     there is no vocabulary to follow (no tokenizer.json): rows then merge by id."""
     merged = {k: checkpoints[k] for k in keys if k in checkpoints}
     toks = {k: read_tokenizer(ck.source_dir) for k, ck in merged.items()}
+    _check_stack_heads(spec, merged, toks)
+    built = _output_tokenizer(spec, merged, toks, checkpoints)
+    if built is None:
+        return None
+    out_tok, base_key, base_tok = built
+    vocab = out_tok.vocab()
+    size = len(vocab)
+    if sorted(vocab.values()) != list(range(size)):
+        raise CheckpointError(f"{out_tok.directory / TOKENIZER_JSON}: its ids are not 0 to {size - 1} without gaps, "
+                              "so the output's embedding rows cannot follow them")
+    pad = spec.pad_to_multiple_of
+    rows = math.ceil(size / pad) * pad if pad else size
+    for k, t in toks.items():
+        if t is None and k != base_key:
+            log.warning("%s: %s has no tokenizer.json; its ids are taken to be the base's (%s), as mergekit does",
+                        spec.loc.prefix() + spec.written, merged[k].label, checkpoints[base_key].label)
+    order = list(merged)
+    perms = []
+    for k in order:
+        t = base_tok if k == base_key else (toks[k] or base_tok)
+        perms.append(permutation(vocab, t.vocab(), _rows(merged[k], t), size))
+    chosen = _choices(spec, vocab, perms, order, toks, base_tok, base_key, merged)
+    identity = (not chosen and rows == size and all(
+        p == list(range(size)) and _embedding_rows(merged[k]) in (None, size) for k, p in zip(order, perms, strict=True)))
+    model_rows = {merged[k].label: r for k in order if (r := _embedding_rows(merged[k])) is not None}
+    if not identity:
+        alignment = Alignment(perms, chosen, size, rows)
+        for n, k in enumerate(order):
+            view = AlignedCheckpoint(merged[k], alignment, n)
+            alignment.views.append(view)
+            checkpoints[k] = view
+        log.info("%s: output vocabulary of %d tokens (%d rows); the models' embeddings (%s rows) are lined up by token",
+                 spec.written, size, rows, ", ".join(map(str, sorted(set(model_rows.values())))))
+    return VocabOutcome(spec.written, size, rows, not identity, model_rows, out_tok.files())
+
+
+def _check_stack_heads(spec: VocabSpec, merged: dict[str, Checkpoint], toks: dict[str, Tokenizer | None]) -> None:
+    """A layer stack's place whose embeddings and head come from models with other tokenizers
+    has two vocabularies: refused (one is lined up per merged model)."""
     for k, ck in merged.items():
-        if ck.head_source_dir is not None:
-            head = read_tokenizer(ck.head_source_dir)
-            mine = toks[k]
-            if (head.vocab() if head else None) != (mine.vocab() if mine else None):
-                raise RecipeError(f"{spec.loc.prefix()}{spec.written}: {ck.label} takes its embeddings and its "
-                                  f"output head from models whose tokenizers differ ({ck.source_dir} and "
-                                  f"{ck.head_source_dir}); mlite lines up one vocabulary per merged model: "
-                                  "give the first and last slices models with the same tokenizer")
+        if ck.head_source_dir is None:
+            continue
+        head, mine = read_tokenizer(ck.head_source_dir), toks[k]
+        if (head.vocab() if head else None) != (mine.vocab() if mine else None):
+            raise RecipeError(f"{spec.loc.prefix()}{spec.written}: {ck.label} takes its embeddings and its "
+                              f"output head from models whose tokenizers differ ({ck.source_dir} and "
+                              f"{ck.head_source_dir}); mlite lines up one vocabulary per merged model: "
+                              "give the first and last slices models with the same tokenizer")
+
+
+def _output_tokenizer(spec: VocabSpec, merged: dict[str, Checkpoint], toks: dict[str, Tokenizer | None],
+                      checkpoints: dict[str, Checkpoint]) -> tuple[Tokenizer, str, Tokenizer] | None:
+    """The output tokenizer (the tokens the recipe names added), the key of the base whose
+    tokenizer starts it and that tokenizer stripped to its embedding; None, with a warning,
+    when the base (or the named model) has no tokenizer.json."""
     base_key = spec.base if spec.base in checkpoints else next(iter(merged), None)
     if base_key is None:
         return None
@@ -225,27 +275,16 @@ def align_vocabularies(spec: VocabSpec, keys: list[str], checkpoints: dict[str, 
             return None
         out_tok = got
     have = out_tok.vocab()
-    new = [added_entry(t) for t in spec.tokens if t not in have]
-    out_tok = with_added(out_tok, new)
-    vocab = out_tok.vocab()
-    size = len(vocab)
-    if sorted(vocab.values()) != list(range(size)):
-        raise CheckpointError(f"{out_tok.directory / TOKENIZER_JSON}: its ids are not 0 to {size - 1} without gaps, "
-                              "so the output's embedding rows cannot follow them")
-    pad = spec.pad_to_multiple_of
-    rows = math.ceil(size / pad) * pad if pad else size
-    for k, t in toks.items():
-        if t is None and k != base_key:
-            log.warning("%s: %s has no tokenizer.json; its ids are taken to be the base's (%s), as mergekit does",
-                        spec.loc.prefix() + spec.written, merged[k].label, base_ck.label)
-    order = list(merged)
-    perms = []
-    for k in order:
-        t = base_tok if k == base_key else (toks[k] or base_tok)
-        perms.append(permutation(vocab, t.vocab(), _rows(merged[k], t), size))
+    return with_added(out_tok, [added_entry(t) for t in spec.tokens if t not in have]), base_key, base_tok
+
+
+def _choices(spec: VocabSpec, vocab: dict[str, int], perms: list[list[int]], order: list[str],
+             toks: dict[str, Tokenizer | None], base_tok: Tokenizer, base_key: str,
+             merged: dict[str, Checkpoint]) -> dict[int, Fallback]:
+    """The fallback of every output id that needs one: the recipe's `tokens:` choices, then
+    mergekit's defaults (`methods.vocab_align.fallbacks`)."""
     configured = {vocab[text]: _fallback(text, choice, order, toks, base_tok, base_key, merged)
                   for text, choice in spec.tokens.items() if choice.kind != "default"}
-    forced_default = {vocab[text] for text, choice in spec.tokens.items() if choice.kind == "default" and choice.force}
     merge_base = order.index(spec.merge_base) if spec.merge_base in order else None
     try:
         chosen = fallbacks(perms, merge_base, configured)
@@ -253,25 +292,15 @@ def align_vocabularies(spec: VocabSpec, keys: list[str], checkpoints: dict[str, 
         text = next(t for t in spec.tokens if str(exc).startswith(f"id {vocab[t]}:"))
         raise RecipeError(f"{spec.tokens[text].loc.prefix()}tokenizer.tokens {text!r}: the model named as its "
                           "source does not have this token; give another model, or a model_token source") from None
-    for i in forced_default:  # no source given: mergekit's default row, on every model
-        chosen[i] = replace(chosen.get(i) or _default_for(merge_base), force=True)
-    missing = [text for text, i in vocab.items() if i in chosen and chosen[i].kind == "zero"
-               and text not in spec.tokens]
+    for text, choice in spec.tokens.items():
+        if choice.kind == "default" and choice.force:  # no source given: the default row, on every model
+            i = vocab[text]
+            chosen[i] = replace(chosen.get(i) or _default_for(merge_base), force=True)
+    missing = [text for text, i in vocab.items() if i in chosen and chosen[i].kind == "zero" and text not in spec.tokens]
     if missing:
         log.warning("%s: %d output token(s) are in no merged model (%s): their rows are zeros",
                     spec.loc.prefix() + spec.written, len(missing), ", ".join(map(repr, missing[:3])))
-    identity = (not chosen and rows == size and all(
-        p == list(range(size)) and _embedding_rows(merged[k]) in (None, size) for k, p in zip(order, perms, strict=True)))
-    model_rows = {merged[k].label: r for k in order if (r := _embedding_rows(merged[k])) is not None}
-    if not identity:
-        alignment = Alignment(perms, chosen, size, rows)
-        for n, k in enumerate(order):
-            view = AlignedCheckpoint(merged[k], alignment, n)
-            alignment.views.append(view)
-            checkpoints[k] = view
-        log.info("%s: output vocabulary of %d tokens (%d rows); the models' embeddings (%s rows) are lined up by token",
-                 spec.written, size, rows, ", ".join(map(str, sorted(set(model_rows.values())))))
-    return VocabOutcome(spec.written, size, rows, not identity, model_rows, out_tok.files())
+    return chosen
 
 
 def _default_for(merge_base: int | None) -> Fallback:
