@@ -160,6 +160,7 @@ def with_added(tok: Tokenizer, entries: list[dict[str, Any]]) -> Tokenizer:
     model_size = len(model_vocab)
     added = out.data["added_tokens"]
     taken = {str(e["content"]) for e in added}
+    top = max((int(e["id"]) for e in added), default=None)  # the highest added id so far
     for entry in entries:
         content = str(entry["content"])
         if not content or content in taken:
@@ -167,8 +168,8 @@ def with_added(tok: Tokenizer, entries: list[dict[str, Any]]) -> Tokenizer:
         if content in model_vocab:
             new_id = model_vocab[content]
         else:
-            top = max((int(e["id"]) for e in added), default=None)
             new_id = model_size if top is None or (top < model_size and model_size > 0) else top + 1
+        top = new_id if top is None else max(top, new_id)
         added.append({**entry, "id": new_id})
         taken.add(content)
         out.edited = True

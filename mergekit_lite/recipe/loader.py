@@ -15,7 +15,14 @@ from ..errors import UsageError
 from .model import Loc, Recipe
 from .problems import Problems
 from .raw import Item, RawModel, RawRecipe, RawSlice, RawStep
-from .schema import MERGEKIT_UNSUPPORTED, MergekitRecipe, ModelEntry, NativeRecipe, validate_shape
+from .schema import (
+    MERGEKIT_UNSUPPORTED,
+    MergekitRecipe,
+    ModelEntry,
+    ModelTokenEmbedding,
+    NativeRecipe,
+    validate_shape,
+)
 from .slices import DraftSlice, Positions, assign_positions, read_slices
 from .stack import LayerStack, StackSlice, StackSource
 from .validate import validate
@@ -285,13 +292,13 @@ def _vocab_spec(raw: Any, model: MergekitRecipe, file: str | None, problems: Pro
             name = merged(src, where)
             if name is not None:
                 tokens[text] = TokenChoice("model", where.loc, model=name, force=entry.force)
-        elif src.kind == "zero":
-            tokens[text] = TokenChoice("zero", where.loc, force=entry.force)
-        else:
-            name = merged(src.model, where)  # type: ignore[union-attr]
+        elif isinstance(src, ModelTokenEmbedding):
+            name = merged(src.model, where)
             if name is not None:
-                tokens[text] = TokenChoice("model_token", where.loc, model=name, token=src.token,  # type: ignore[union-attr]
-                                           token_id=src.token_id, force=entry.force)  # type: ignore[union-attr]
+                tokens[text] = TokenChoice("model_token", where.loc, model=name, token=src.token,
+                                           token_id=src.token_id, force=entry.force)
+        else:  # {kind: zero}
+            tokens[text] = TokenChoice("zero", where.loc, force=entry.force)
     return VocabSpec(source=source, base=leaf(first) if first is not None else None,
                      merge_base=leaf(base_name) if base_name is not None else None, loc=item.loc,
                      written=f"{key}: {written}", tokens=tokens,

@@ -155,7 +155,8 @@ class TokenEmbedding(_Strict):
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise ValueError(f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}") from None
+            msg = str(first["msg"]).removeprefix("Value error, ")
+            raise ValueError(f"{where + ': ' if where else ''}{msg[:1].lower()}{msg[1:]}") from None
 
 
 class TokenizerBlock(_Strict):
