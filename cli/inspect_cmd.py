@@ -39,6 +39,7 @@ def inspect(
         "tied_embeddings": ckpt.tied_embeddings,
         "model_type": (ckpt.config or {}).get("model_type"),
         "quantized": ckpt.quantization,
+        "tokenizer": api.vocabulary(ckpt),
     }
     if as_json:
         out.print_json(json.dumps({**summary, "tensor_list": rows}))
@@ -54,3 +55,9 @@ def inspect(
         f"in {len(summary['shards'])} shard(s); tied embeddings: {'yes' if summary['tied_embeddings'] else 'no'}"
         + (f"; quantized ({summary['quantized']})" if summary["quantized"] else "")
     )
+    tok = summary["tokenizer"]
+    if tok is not None:
+        added = f", {tok['added_tokens']} added (last: {', '.join(tok['last_added'])})" if tok["added_tokens"] else ""
+        rows = tok["embedding_rows"]
+        note = "" if rows in (None, tok["tokens"]) else f"; the embedding has {rows} rows"
+        out.print(f"tokenizer.json: {tok['tokens']} tokens{added}{note}", highlight=False)

@@ -19,7 +19,7 @@ if os.name != "posix":
                       "positioned POSIX file I/O); on Windows, run it under WSL2")
 
 _API = (
-    "merge", "run_recipe", "dry_run", "plan_recipe", "inspect",
+    "merge", "run_recipe", "dry_run", "plan_recipe", "inspect", "vocabulary",
     "patch", "extract", "mos_merge", "bank_add", "bank_list", "bank_export", "bank_set_prototypes", "retrieve",
     "hadamard_to_multiplier", "hadamard_apply", "hadamard_to_delta",
     "surgery", "undo_surgery", "train_probe", "collect_features", "compare_predictions",

@@ -25,6 +25,8 @@ from .engine.plan import Plan, build_plan
 from .engine.run import PublishHook, RunResult, TensorHook, execute
 from .errors import UsageError
 from .io.checkpoint import Checkpoint, open_checkpoint
+from .io.deltas import is_vocab_tensor
+from .io.tokenizer_vocab import describe as describe_tokenizer
 from .methods.registry import all_methods
 from .methods.registry import get_method as _get_method
 from .methods.registry import method_aliases as _method_aliases
@@ -44,7 +46,7 @@ __all__ = [
     "bank_add", "bank_export", "bank_list", "bank_set_prototypes", "collect_features", "compare_predictions",
     "dry_run", "extract", "hadamard_apply", "hadamard_to_delta", "hadamard_to_multiplier",
     "inspect", "merge", "mos_merge", "patch", "plan_recipe", "retrieve", "run_recipe", "surgery", "train_probe",
-    "undo_surgery",
+    "undo_surgery", "vocabulary",
 ]
 
 PathLike = str | os.PathLike
@@ -215,6 +217,18 @@ def inspect(path: PathLike, *, allow_bin: bool = False) -> Checkpoint:
     """Open a checkpoint (headers only) to look at its tensors; quantized ones too (`.quantization`)."""
     return open_checkpoint(arg.path_arg(path, "path"), allow_bin=arg.flag(allow_bin, "allow_bin"),
                            quantized_ok=True)
+
+
+def vocabulary(checkpoint: PathLike | Checkpoint) -> dict[str, Any] | None:
+    """A checkpoint's tokenizer.json in brief (tokens, added tokens, the last few named) with its
+    embedding's row count: where fine-tunes differ, a merge wants `tokenizer_source`. Takes a
+    checkpoint `inspect` opened, or its path. None when there is no tokenizer.json."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else inspect(arg.path_arg(checkpoint, "checkpoint"))
+    info = describe_tokenizer(ckpt.source_dir)
+    if info is None:
+        return None
+    rows = next((t.shape[0] for n, t in ckpt.tensors.items() if is_vocab_tensor(n) and t.shape), None)
+    return {**info, "embedding_rows": rows}
 
 
 # ---------------------------------------------------------------------------------------------

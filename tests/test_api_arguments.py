@@ -174,6 +174,7 @@ CASES: list[tuple[str, Call, str]] = [
     ("compare_predictions-where-list",
      lambda i, t: api.compare_predictions("o.jsonl", "n.jsonl", where=["filter=x"]), "where"),
     ("inspect-path-None", lambda i, t: api.inspect(None), "path"),
+    ("vocabulary-checkpoint-int", lambda i, t: api.vocabulary(5), "checkpoint"),
     # patch, extract
     ("patch-base-None", _patch(base=None), "base"),
     ("patch-delta-int", _patch(delta=5), "delta"),

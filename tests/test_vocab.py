@@ -352,3 +352,15 @@ def test_padding_rows_belong_to_the_caller(trio: dict[str, Path]) -> None:
     before = view.bytes_read
     view.load(NORM, dtype=torch.float64)
     assert view.bytes_read - before == 2 * 4  # two float32 entries as stored, not as float64
+
+
+def test_inspect_shows_the_tokenizer_and_a_longer_embedding(trio: dict[str, Path]) -> None:
+    res = runner.invoke(app, ["inspect", str(trio["ft1"])])
+    assert res.exit_code == 0 and "tokenizer.json: 4 tokens, 1 added (last: <x>)" in res.output, res.output
+    tiny(trio["base"], ["a", "b"], [[1, 1], [2, 2], [3, 3]])
+    res = runner.invoke(app, ["inspect", str(trio["base"])])
+    assert "tokenizer.json: 2 tokens; the embedding has 3 rows" in res.output
+    assert mlite.vocabulary(str(trio["ft2"])) == mlite.vocabulary(mlite.inspect(str(trio["ft2"]))) == {
+        "tokens": 3, "added_tokens": 0, "last_added": [], "embedding_rows": 3}
+    (trio["ft2"] / "tokenizer.json").unlink()
+    assert mlite.vocabulary(mlite.inspect(str(trio["ft2"]))) is None

@@ -86,6 +86,17 @@ def read_tokenizer(directory: Path | None) -> Tokenizer | None:
         raise CheckpointError(f"{path}: unreadable tokenizer ({one_line(exc)})") from None
 
 
+def describe(directory: Path | None) -> dict[str, Any] | None:
+    """A tokenizer in brief, for `mlite inspect`: its tokens, and its added tokens (the last few
+    named: chat markers and padding tokens are what fine-tunes add); None without tokenizer.json."""
+    tok = read_tokenizer(directory)
+    if tok is None:
+        return None
+    added = tok.added_tokens
+    return {"tokens": len(tok.vocab()), "added_tokens": len(added),
+            "last_added": [str(e["content"]) for e in added[-3:]]}
+
+
 def _read_config(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
