@@ -364,3 +364,86 @@ def test_inspect_shows_the_tokenizer_and_a_longer_embedding(trio: dict[str, Path
         "tokens": 3, "added_tokens": 0, "last_added": [], "embedding_rows": 3}
     (trio["ft2"] / "tokenizer.json").unlink()
     assert mlite.vocabulary(mlite.inspect(str(trio["ft2"]))) is None
+
+
+# ---- an oracle: mergekit's PermutedVocabulary, restated loop by loop ----------------------------
+POOL = ["a", "b", "c", "d", "e", "f", "g", "h"]
+
+
+@st.composite
+def vocab_family(draw: st.DrawFn) -> list[dict]:
+    """Three models: each a vocabulary drawn from POOL in some order, maybe an added token or
+    two (X, Y) after it, and a padding row past its tokens, or one row too few for them (its
+    last token has no row: the base's tokenizer is stripped of it, the others' ignore it)."""
+    models = []
+    for _ in range(3):
+        words = draw(st.lists(st.sampled_from(POOL), min_size=2, max_size=6, unique=True))
+        added = draw(st.lists(st.sampled_from(["X", "Y"]), max_size=2, unique=True))
+        padding = draw(st.integers(-1, 1))
+        rows = len(words) + len(added) + padding
+        embed = draw(st.lists(st.lists(st.integers(-9, 9), min_size=2, max_size=2), min_size=rows, max_size=rows))
+        models.append({"words": words, "added": [(len(words) + i, t) for i, t in enumerate(added)],
+                       "embed": embed, "rows": rows})
+    return models
+
+
+def oracle(models: list[dict], source: str) -> tuple[dict[str, int], list[torch.Tensor]]:
+    """The output vocabulary and each model's lined-up embedding, as mergekit computes them
+    (models[0] is the base; models' padding rows carry no token)."""
+    def vocab(m: dict) -> dict[str, int]:
+        full = {**{w: i for i, w in enumerate(m["words"])}, **{t: i for i, t in m["added"]}}
+        return {t: i for t, i in full.items() if i < m["rows"]}
+
+    if source == "base":
+        out = vocab(models[0])
+    else:  # union: the base, the others' vocabulary tokens, then everyone's added tokens
+        out = dict(vocab(models[0]))
+        added_texts = {t for m in models for i, t in m["added"] if i < m["rows"]}
+        for m in models[1:]:
+            for i, w in enumerate(m["words"]):
+                if w not in out and w not in added_texts and i < m["rows"]:
+                    out[w] = len(out)
+        for m in models:
+            for i, t in m["added"]:
+                if i < m["rows"]:
+                    out.setdefault(t, len(out))
+    perms = [{i: vocab(m).get(t, -1) for t, i in out.items()} for m in models]
+    rows = [torch.tensor(m["embed"], dtype=torch.float32) for m in models]
+    lined = []
+    for k in range(len(models)):
+        new = torch.zeros(len(out), 2)
+        for i in out.values():
+            if perms[k][i] >= 0:
+                new[i] = rows[k][perms[k][i]]
+                continue
+            holders = [j for j in range(len(models)) if perms[j][i] >= 0]
+            if len(holders) == 1:
+                new[i] = rows[holders[0]][perms[holders[0]][i]]
+            elif not holders:
+                new[i] = 0
+            elif perms[0][i] >= 0:
+                new[i] = rows[0][perms[0][i]]
+            else:
+                acc = torch.zeros(2)
+                for j in holders:
+                    acc = acc + rows[j][perms[j][i]]
+                new[i] = acc / len(holders)
+        lined.append(new)
+    return out, lined
+
+
+@settings(max_examples=25, deadline=None)
+@given(family=vocab_family(), source=st.sampled_from(["union", "base"]))
+def test_lined_up_rows_match_mergekits_loops(tmp_path_factory, family: list[dict], source: str) -> None:
+    """Random vocabularies (shuffled, partial, with added tokens and padding rows): task
+    arithmetic over the lined-up rows equals the oracle's, token by token."""
+    tmp = tmp_path_factory.mktemp("oracle")
+    paths = [tiny(tmp / f"m{k}", m["words"], m["embed"], added=m["added"]) for k, m in enumerate(family)]
+    out_vocab, lined = oracle(family, source)
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(paths[0]), "tokenizer_source": source,
+              "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths[1:], (0.5, 0.25), strict=True)]}
+    got = run(recipe, tmp / "out")
+    want = lined[0] + 0.5 * (lined[1] - lined[0]) + 0.25 * (lined[2] - lined[0])
+    assert read_tokenizer(tmp / "out").vocab() == out_vocab
+    assert torch.allclose(got[EMBED], want, atol=1e-5), (got[EMBED], want)
+    assert torch.allclose(got[HEAD], want * 10, atol=1e-4)
