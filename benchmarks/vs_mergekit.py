@@ -241,6 +241,25 @@ CASES: tuple[Case, ...] = (
              {"sources": [src("base", 0, 1), src("ft1", 0, 1, weight=0.7), src("ft2", 0, 1, weight=0.2)]},
              {"sources": [src("base", 1, 3), src("ft1", 1, 3, weight=-0.3), src("ft2", 1, 3, weight=[0.1, 0.9])],
               "parameters": {"lambda": 0.5}})),
+    Case("slices: linear, a slice with fewer sources", "linear", (), base=None, expect="rounding",
+         parameters={"weight": 1.0}, slices=(
+             {"sources": [src("ft1", 0, 2), src("ft2", 0, 2, weight=3.0)]},
+             {"sources": [src("ft1", 2, 3)]})),
+    Case("slices: task_arithmetic, 2 / 1 / 3 models per slice", "task_arithmetic", (), expect="documented",
+         why="the final norm and head: mergekit 0.1.5 merges only as many of the last slice's sources as the "
+             "first slice has (docs/recipes.md, Layer stacks); every layer is bit-identical", slices=(
+        {"sources": [src("base", 0, 1), src("ft1", 0, 1, weight=0.7), src("ft2", 0, 1, weight=0.2)]},
+        {"sources": [src("base", 1, 2), src("ft2", 1, 2, weight=0.5)]},
+        {"sources": [src("base", 2, 3), src("ft1", 2, 3, weight=0.3), src("ft3", 2, 3, weight=0.4),
+                     src("ft2", 2, 3, weight=0.1)]})),
+    Case("slices: ties, a slice with fewer sources", "ties", (), parameters={"density": 0.5, "weight": 0.6},
+         expect="bits",
+         slices=({"sources": [src("base", 0, 2), src("ft1", 0, 2), src("ft2", 0, 2), src("ft3", 0, 2)]},
+                 {"sources": [src("base", 2, 3), src("ft3", 2, 3)]})),
+    Case("slices: task_arithmetic, a slice with fewer sources (bf16 in and out)", "task_arithmetic", (),
+         expect="bits", bf16=True, parameters={"weight": 0.4}, slices=(
+             {"sources": [src("base", 0, 1), src("ft1", 0, 1), src("ft2", 0, 1)]},
+             {"sources": [src("base", 1, 3), src("ft2", 1, 3)]})),
     Case("slices: ties mixed models", "ties", (), parameters={"density": 0.6}, slices=(
         {"sources": [src("base", 0, 2), src("ft1", 0, 2, weight=0.6), src("ft2", 1, 3, weight=0.4)]},
         {"sources": [src("base", 2, 3), src("ft3", 2, 3, weight=0.5), src("ft1", 0, 1, weight=0.5)]})),

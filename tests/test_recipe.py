@@ -716,9 +716,8 @@ def test_slerp_with_one_endpoint_is_a_recipe_error() -> None:
     ("slices:\n  - sources:\n      - {model: a, layer_range: [0, 4]}\n      - {model: a, layer_range: [4, 8]}\n", 6,
      "model 'a' is listed twice in slices[0] (first at"),
     ("slices:\n  - sources:\n      - {model: a, layer_range: [0, 4]}\n      - {model: x, layer_range: [0, 4]}\n"
-     "  - sources:\n      - {model: x, layer_range: [4, 8]}\n      - {model: a, layer_range: [4, 8]}\n"
-     "      - {model: b, layer_range: [4, 8]}\n", 7,
-     "slices[1] merges 3 models and slices[0] 2 (counting the base): every slice needs the same number of sources"),
+     "  - sources:\n      - {model: x, layer_range: [4, 8]}\n", 7,
+     "method 'ties' needs at least 1 model(s) per slice, got 0 (slices[1].sources)"),
 ])
 def test_mergekit_slices_shape_mistakes_are_one_line_errors(tmp_path: Path, text: str, line: int, why: str) -> None:
     msg = one_problem(write(tmp_path, "merge_method: ties\nbase_model: x\n" + text))

@@ -249,6 +249,12 @@ def test_model_plus_lora_is_a_whole_place_of_the_stack(model_set: Any) -> None:
                                           rf"the slices take {layers - 1} of its {layers} layers"):
         mlite.plan_recipe({**common, "slices": [{"sources": [src(lora, 0, layers - 1),
                                                              src(str(model_set.finetunes[0]), 0, layers - 1)]}]})
+    half = layers // 2  # a slice without the MODEL+LORA source: it would give only part of its layers
+    with pytest.raises(RecipeError, match=rf"\(MODEL\+LORA\) can only give its layers whole in a slices recipe: "
+                                          rf"the slices take {half} of its {layers} layers"):
+        mlite.plan_recipe({**common, "slices": [
+            {"sources": [src(str(model_set.finetunes[0]), 0, half), src(lora, 0, half)]},
+            {"sources": [src(str(model_set.finetunes[0]), half, layers)]}]})
     with pytest.raises(RecipeError, match=r"a MODEL\+LORA source can only give its layers whole and in order"):
         mlite.plan_recipe({**common, "slices": [{"sources": [src(lora, 1, 2), src(str(model_set.finetunes[0]), 0, 1)]}]})
 
@@ -373,3 +379,55 @@ def test_dry_run_shows_the_stack_layout(family: dict[str, str], tmp_path: Path) 
     layout = mlite.dry_run(recipe, out=tmp_path / "out")["layer_stack"]
     assert layout == [{"layers": [0, 2], "sources": [{"input": "m1", "layers": [0, 2]}]},
                       {"layers": [3, 3], "sources": [{"input": "m2", "layers": [3, 3]}]}]
+
+
+# ---- slices with different numbers of sources ---------------------------------------------------
+def test_a_slice_with_fewer_sources_merges_its_own_models(family: dict[str, str], tmp_path: Path) -> None:
+    """Task arithmetic, base m0: layers 0-1 merge m1 (weight 0.5) and m2 (0.25), layers 2-3 only
+    m2 (weight 1), as mergekit plans each slice apart. Layer i of model m holds 10·m + i, so
+    layer 0 = 0 + 0.5·10 + 0.25·20 = 10, layer 1 = 1 + 0.5·10 + 0.25·20 = 11, layer 2 = 2 + 20 = 22,
+    layer 3 = 23. Embeddings (first slice): 0.25 + 0.5·10 + 0.25·20 = 10.25; norm and head (last
+    slice, m2 alone): 20.5 and 20.75."""
+    recipe = {"merge_method": "task_arithmetic", "base_model": family["m0"], "slices": [
+        {"sources": [src(family["m0"], 0, 2), src(family["m1"], 0, 2, weight=0.5),
+                     src(family["m2"], 0, 2, weight=0.25)]},
+        {"sources": [src(family["m0"], 2, 4), src(family["m2"], 2, 4, weight=1.0)]}]}
+    out = load_dir(mlite.run_recipe(recipe, out=tmp_path / "out").output)
+    assert layer_values(out) == [10.0, 11.0, 22.0, 23.0]
+    assert torch.all(out["model.embed_tokens.weight"] == 10.25)
+    assert torch.all(out["model.norm.weight"] == 20.5) and torch.all(out["lm_head.weight"] == 20.75)
+    plan = mlite.dry_run(recipe, out=str(tmp_path / "d"))
+    assert [len(piece["sources"]) for piece in plan["layer_stack"]] == [3, 2]
+
+
+def test_linear_normalizes_over_each_slices_own_models(family: dict[str, str], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linear, no base: layers 0-1 average m1 and m2 with weights 1 and 3 ((11 + 3·21) / 4 for
+    layer 1), layers 2-3 are m0's alone; the same bits in row blocks."""
+    recipe = {"merge_method": "linear", "slices": [
+        {"sources": [src(family["m1"], 0, 2, weight=1.0), src(family["m2"], 0, 2, weight=3.0)]},
+        {"sources": [src(family["m0"], 2, 4, weight=5.0)]}]}
+    out = load_dir(mlite.run_recipe(recipe, out=tmp_path / "whole").output)
+    assert layer_values(out) == [(10 + 3 * 20) / 4, (11 + 3 * 21) / 4, 2.0, 3.0]
+    assert torch.all(out["lm_head.weight"] == 0.75)
+    from mergekit_lite.engine import stream
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 4)
+    blocked = load_dir(mlite.run_recipe(recipe, out=tmp_path / "blocked").output)
+    assert all(torch.equal(out[k], blocked[k]) for k in out)
+
+
+def test_uneven_slices_need_each_slices_arity_and_tensor_scope(family: dict[str, str], tmp_path: Path) -> None:
+    """slerp needs two models in every slice; a global-scope step gathers statistics over all
+    models' tensors, which slices of different sizes do not have: both refused up front."""
+    slerp = {"merge_method": "slerp", "base_model": family["m0"], "parameters": {"t": 0.5}, "slices": [
+        {"sources": [src(family["m0"], 0, 2), src(family["m1"], 0, 2)]},
+        {"sources": [src(family["m0"], 2, 4)]}]}
+    with pytest.raises(RecipeError, match=r"method 'slerp' needs 2 inputs per slice .*, got 1 \(slices\[1\].sources\)"):
+        mlite.plan_recipe(slerp, out=str(tmp_path / "a"))
+    ties = {"merge_method": "ties", "base_model": family["m0"], "parameters": {"density": 0.5, "scope": "global"},
+            "slices": [{"sources": [src(family["m0"], 0, 2), src(family["m1"], 0, 2), src(family["m2"], 0, 2)]},
+                       {"sources": [src(family["m0"], 2, 4), src(family["m1"], 2, 4)]}]}
+    with pytest.raises(RecipeError, match="scope global gathers statistics over every model's tensors"):
+        mlite.plan_recipe(ties, out=str(tmp_path / "b"))
+    ties["parameters"] = {"density": 0.5}
+    assert mlite.plan_recipe(ties, out=str(tmp_path / "c")) is not None

@@ -29,6 +29,7 @@ from mergekit_lite.io.tokenizer_vocab import (
     with_added,
 )
 from mergekit_lite.methods.vocab_align import ABSENT, Fallback, average_rows, fallbacks, permutation, realign
+from mergekit_lite.synthetic import LlamaShape, make_base, save_checkpoint
 
 runner = CliRunner()
 EMBED, HEAD, NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
@@ -447,3 +448,23 @@ def test_lined_up_rows_match_mergekits_loops(tmp_path_factory, family: list[dict
     assert read_tokenizer(tmp / "out").vocab() == out_vocab
     assert torch.allclose(got[EMBED], want, atol=1e-5), (got[EMBED], want)
     assert torch.allclose(got[HEAD], want * 10, atol=1e-4)
+
+
+def test_a_stack_leaving_a_place_out_of_the_head_is_refused_with_a_vocabulary(tmp_path: Path) -> None:
+    """The last slice has no source at the second model's place: its head would merge fewer
+    models than the vocabulary was lined up over. With that source, the stack runs."""
+    shape = LlamaShape(vocab_size=4, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1)
+    paths = []
+    for k, words in enumerate((["a", "b", "c", "d"], ["a", "b", "d", "c"])):
+        p = save_checkpoint(make_base(shape, seed=k), tmp_path / f"s{k}", shape=shape)
+        (p / "tokenizer.json").write_text(json.dumps(tokenizer_json(words)))
+        paths.append(str(p))
+    recipe = {"merge_method": "linear", "tokenizer_source": "union", "slices": [
+        {"sources": [{"model": paths[0], "layer_range": [0, 1]}, {"model": paths[1], "layer_range": [0, 1]}]},
+        {"sources": [{"model": paths[0], "layer_range": [1, 2]}]}]}
+    with pytest.raises(RecipeError, match="has no source in the slice that gives lm_head.weight"):
+        mlite.plan_recipe(recipe, out=str(tmp_path / "o"))
+    recipe["slices"][1]["sources"].append({"model": paths[1], "layer_range": [1, 2]})
+    out = mlite.run_recipe(recipe, out=tmp_path / "o")
+    assert out.output is not None

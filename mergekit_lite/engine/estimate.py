@@ -13,7 +13,7 @@ from ..io.safetensors_format import PlannedTensor
 from ..io.writer import plan_shards
 from ..methods.registry import Reducer, reducer_reads
 from . import stream
-from .plan import OutputTensor, Plan, header_reducer, numel, scope_numel, step_closure
+from .plan import OutputTensor, Plan, for_present, header_reducer, numel, scope_numel, step_closure
 from .run import PREFETCH_DEPTH, _block_mode, _with_tensor_files
 from .stream import whole_tensor_limit
 
@@ -85,7 +85,7 @@ def _stack_layout(plan: Plan) -> list[dict[str, Any]] | None:
         return None
     return [{"layers": [piece.start, piece.start + piece.length - 1],
              "sources": [{"input": src.input, "layers": [src.first_layer, src.first_layer + piece.length - 1]}
-                         for src in piece.sources]}
+                         for src in piece.sources if src is not None]}
             for piece in stack.slices]
 
 
@@ -124,7 +124,7 @@ def _largest_unit(plan: Plan, out_ids: list[str]) -> tuple[int, int]:
             for st in step_closure(plan, out_ids):
                 params = st.resolver.for_tensor(o.name)
                 if st.spec.tensor_reducer is not None and not st.spec.row_local(params):
-                    reducer = st.spec.tensor_reducer(_with_tensor_files(plan, st, params), len(st.models))
+                    reducer = st.spec.tensor_reducer(*for_present(plan, st, o.name, _with_tensor_files(plan, st, params)))
                     held = max(held, _held_bytes(reducer, n))
     return unit, held
 
@@ -161,7 +161,7 @@ def _tensor_statistics_passes(plan: Plan, out_ids: list[str]) -> list[dict[str, 
             params = st.resolver.for_tensor(o.name)
             if st.spec.row_local(params) or st.spec.tensor_reducer is None:
                 continue
-            reducer = st.spec.tensor_reducer(_with_tensor_files(plan, st, params), len(st.models))
+            reducer = st.spec.tensor_reducer(*for_present(plan, st, o.name, _with_tensor_files(plan, st, params)))
             if reducer is None:
                 continue
             n = _expected_passes(reducer, numel(o.shape))  # PCB's cache can make it one

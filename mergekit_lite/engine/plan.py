@@ -473,11 +473,15 @@ def _whole_steps_in_stack(stack: LayerStack, step_specs: Mapping[str, StepSpec],
     problems: list[MliteError] = []
     for j, name in enumerate(stack.positions):
         step = step_specs.get(name)
-        ck = checkpoints.get(step.base) if step is not None and step.base is not None else None
+        if step is None:
+            continue
+        given = [src for piece in stack.slices if (src := piece.sources[j]) is not None]
+        ck = checkpoints.get(step.base) if step.base is not None else None
         held = count_layers(ck.names()) if ck is not None else None
-        if held is not None and held != stack.num_layers:
-            problems.append(RecipeError(f"{stack.slices[-1].sources[j].loc}: '{name}' (MODEL+LORA) can only give its "
-                                        f"layers whole in a slices recipe: the slices take {stack.num_layers} of its "
+        if len(given) < len(stack.slices) or (held is not None and held != stack.num_layers):
+            taken = sum(piece.length for piece in stack.slices if piece.sources[j] is not None)
+            problems.append(RecipeError(f"{given[-1].loc}: '{name}' (MODEL+LORA) can only give its "
+                                        f"layers whole in a slices recipe: the slices take {taken} of its "
                                         f"{held} layers; merge the adapter into its model first (mlite patch)"))
     return problems
 
@@ -547,6 +551,8 @@ def _check_tensors(plan: Plan, out_dtype: str | None, problems: list[MliteError]
             for op in ops:
                 other = _shape_of(plan, op, name)
                 label = _label(plan, op)
+                if other is None and left_out(plan, op, name):
+                    continue  # a layer stack's slice with fewer sources: merged without this position
                 if other is None:
                     if info.is_float:
                         problems.append(CheckpointError(f"{label}: tensor {name!r} is missing (step {st.id!r})"))
@@ -658,7 +664,13 @@ def _check_parameters(plan: Plan, problems: list[MliteError]) -> None:
     per step), and each global step's reducer built from its step-wide parameters (TIES with
     scope: global needs one density for all tensors), so what would fail mid-run fails before
     any tensor is read."""
+    stack = plan.recipe.options.get("layer_stack")
     for st in plan.global_steps:
+        if stack is not None and stack.uneven:
+            problems.append(RecipeError(f"{step_src(plan, st)}: step {st.id!r}: scope global gathers statistics "
+                                        "over every model's tensors, and these slices merge different numbers "
+                                        "of models: give every slice the same sources, or use scope: tensor"))
+            continue
         if st.spec.reducer is None:
             continue
         try:
@@ -671,7 +683,7 @@ def _check_parameters(plan: Plan, problems: list[MliteError]) -> None:
         for o in plan.outputs:
             if not o.is_float:
                 continue
-            problem = st.spec.check(st.resolver.for_tensor(o.name), len(st.models))
+            problem = st.spec.check(*for_present(plan, st, o.name, st.resolver.for_tensor(o.name)))
             if problem is not None:
                 problems.append(RecipeError(f"{step_src(plan, st)}: step {st.id!r} ({st.spec.name}), "
                                             f"tensor {o.name}: {problem}"))
@@ -700,6 +712,30 @@ def _merged_keys(plan: Plan) -> list[str]:
         elif isinstance(op, StepRef):
             keys.append(plan.copy_leaf(op.step_id))
     return list(dict.fromkeys(keys))
+
+
+def left_out(plan: Plan, op: Operand, name: str) -> bool:
+    """Whether tensor `name` merges without operand `op`: a layer stack's position whose slice
+    for that tensor has fewer sources than others (mergekit merges each slice's own sources)."""
+    return isinstance(op, Leaf) and plan.checkpoints[op.key].lacks(name)
+
+
+def present(plan: Plan, st: StepPlan, name: str) -> list[int]:
+    """The indices of the step's models that tensor `name` merges (all but the left-out ones)."""
+    return [i for i, m in enumerate(st.models) if not left_out(plan, m, name)]
+
+
+def for_present(plan: Plan, st: StepPlan, name: str, params: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """`params` for tensor `name` with the per-model values of left-out models dropped, and the
+    number of models it merges."""
+    taken = present(plan, st, name)
+    if len(taken) == len(st.models):
+        return params, len(taken)
+    out = {}
+    for k, v in params.items():
+        p = st.spec.param(k)
+        out[k] = tuple(v[i] for i in taken) if p is not None and p.per_model and isinstance(v, tuple) else v
+    return out, len(taken)
 
 
 def _is_operand(plan: Plan, key: str) -> bool:

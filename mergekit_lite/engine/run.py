@@ -33,7 +33,19 @@ from ..io.writer import CheckpointWriter, all_finite, config_dtype_update, requi
 from ..methods.registry import TensorJob, reducer_reads
 from .fingerprint import fingerprint
 from .memory import streaming_heap
-from .plan import Leaf, Operand, Patched, Plan, StepPlan, StepRef, scope_numel, step_closure, step_src
+from .plan import (
+    Leaf,
+    Operand,
+    Patched,
+    Plan,
+    StepPlan,
+    StepRef,
+    for_present,
+    present,
+    scope_numel,
+    step_closure,
+    step_src,
+)
 from .stream import (
     BackgroundWriter,
     Bundle,
@@ -102,13 +114,14 @@ class _Evaluator:
         else:
             base = self._value(st.base, bundle, memo) if st.base is not None else None
             delta = patch.tensor if patch is not None else None
-        models = [self._value(m, bundle, memo) for m in st.models]
+        # a layer stack's slice with fewer sources merges its own models, with their values
+        models = [self._value(st.models[i], bundle, memo) for i in present(self.plan, st, name)]
+        params, _ = for_present(self.plan, st, name, _with_tensor_files(self.plan, st, st.resolver.for_tensor(name)))
         rows = self.plan.vocab_rows.get(name)
         if rows is not None:
             base = base[:rows] if base is not None else None
             models = [m[:rows] for m in models]
             delta = delta[:rows] if delta is not None else None
-        params = _with_tensor_files(self.plan, st, st.resolver.for_tensor(name))
         return TensorJob(name=name, base=base, models=models, params=params, seed=self.plan.seed,
                          stats=self.stats.get(st.id) if with_stats else None, delta=delta, rows=bundle.rows,
                          models_disposable=disposable and self._disposable(st, bundle))
@@ -275,7 +288,8 @@ def _block_mode(plan: Plan, step_ids: list[str], *, local_stats: bool) -> Callab
             params = st.resolver.for_tensor(name)
             if st.spec.row_local(params):
                 continue
-            if local_stats and st.spec.tensor_reducer is not None and st.spec.tensor_reducer(params, len(st.models)):
+            if local_stats and st.spec.tensor_reducer is not None and st.spec.tensor_reducer(
+                    *for_present(plan, st, name, params)):
                 needs_stats = True
                 continue
             return "whole"
@@ -505,7 +519,7 @@ def _output_pass(plan: Plan, stats: dict[str, Any], live: LiveTensors, clock: Cp
                 if st.spec.row_local(params):
                     continue
                 make = st.spec.tensor_reducer
-                reducer = make(_with_tensor_files(plan, st, params), len(st.models)) if make is not None else None
+                reducer = make(*for_present(plan, st, name, _with_tensor_files(plan, st, params))) if make else None
                 # _block_mode calls a tensor "local" only when every such step has a reducer
                 assert reducer is not None, f"step {st.id}: tensor {name} has no per-tensor reducer"
                 _announce(reducer, math.prod(shapes[name]))

@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import CheckpointError, MliteError, RecipeError
 from ..io.checkpoint import TIED_HEAD, Checkpoint
 from ..recipe.settings import count_layers, layer_index
-from ..recipe.stack import LayerStack, StackSlice, is_pre_weight, renumbered
+from ..recipe.stack import LayerStack, StackSlice, StackSource, is_pre_weight, renumbered
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +36,29 @@ def stacked_checkpoints(stack: LayerStack,
     views: dict[str, Checkpoint] = {}
     problems: list[MliteError] = []
     for j, name in enumerate(stack.positions):
-        sources = [(piece, inputs.get(piece.sources[j].input)) for piece in stack.slices]
-        opened = [(piece, ck) for piece, ck in sources if ck is not None]
-        if len(opened) < len(sources):
+        given = [(piece, piece.sources[j]) for piece in stack.slices if piece.sources[j] is not None]
+        opened = [(piece, ck) for piece, src in given if src is not None and (ck := inputs.get(src.input)) is not None]
+        if len(opened) < len(given):
             continue
         errors = [e for piece, ck in opened if (e := _range_problem(piece, j, ck)) is not None]
         if errors:
             problems += errors
             continue
-        whole = _whole_model(j, opened)
+        whole = _whole_model(j, opened) if len(opened) == len(stack.slices) else None
         if whole is not None:  # the slices give this model's layers in order: the model itself
             views[name] = whole
             continue
         try:
-            views[name] = _view(name, j, opened, stack.num_layers)
+            views[name] = _view(name, j, opened, stack)
         except MliteError as exc:
             problems.append(exc)
     return views, problems
+
+
+def _source(piece: StackSlice, j: int) -> StackSource:
+    src = piece.sources[j]
+    assert src is not None, "only the slices that give position j are passed on"
+    return src
 
 
 def _layers(ck: Checkpoint) -> int:
@@ -60,7 +66,7 @@ def _layers(ck: Checkpoint) -> int:
 
 
 def _range_problem(piece: StackSlice, j: int, ck: Checkpoint) -> MliteError | None:
-    src = piece.sources[j]
+    src = _source(piece, j)
     end = src.first_layer + piece.length
     held = _layers(ck)
     if end <= held:
@@ -75,48 +81,61 @@ def _whole_model(j: int, opened: list[tuple[StackSlice, Checkpoint]]) -> Checkpo
         return None
     at = 0
     for piece, _ in opened:
-        if piece.sources[j].first_layer != at:
+        if _source(piece, j).first_layer != at:
             return None
         at += piece.length
     return first if at == _layers(first) else None
 
 
-def _view(name: str, j: int, opened: list[tuple[StackSlice, Checkpoint]], num_layers: int) -> Checkpoint:
-    pre, post = opened[0][1], opened[-1][1]
+def _view(name: str, j: int, opened: list[tuple[StackSlice, Checkpoint]], stack: LayerStack) -> Checkpoint:
+    """The position's checkpoint. Where a slice has no source at this position (it has fewer
+    sources than another), the view has none of that slice's tensors, and says so (`lacks`):
+    the merge of those tensors leaves the position out, as mergekit merges a slice's own
+    sources. The embeddings come from the first slice, the head from the last, when they give
+    this position a source."""
+    first_piece, last_piece = stack.slices[0], stack.slices[-1]
+    pre = opened[0][1] if opened[0][0] is first_piece else None
+    post = opened[-1][1] if opened[-1][0] is last_piece else None
     bins = {ck._bin_state is not None for _, ck in opened}
     if len(bins) > 1:
         raise CheckpointError(f"{name}: its slices mix .bin and safetensors checkpoints "
                               f"({', '.join(dict.fromkeys(ck.label for _, ck in opened))}); convert the .bin ones")
     routes: dict[str, tuple[Checkpoint, str]] = {}
-    for n in pre.names():
-        if is_pre_weight(n):
-            routes[n] = (pre, n)
+    if pre is not None:
+        for n in pre.names():
+            if is_pre_weight(n):
+                routes[n] = (pre, n)
     for piece, ck in opened:
-        first = piece.sources[j].first_layer
+        first = _source(piece, j).first_layer
         for n in ck.names():
             idx = layer_index(n)
             if idx is not None and first <= idx < first + piece.length:
                 routes[renumbered(n, piece.start + idx - first)] = (ck, n)
-    for n in post.names():
-        if layer_index(n) is None and not is_pre_weight(n):
-            routes[n] = (post, n)
-    config = _config(pre, opened, j, num_layers)
+    if post is not None:
+        for n in post.names():
+            if layer_index(n) is None and not is_pre_weight(n):
+                routes[n] = (post, n)
+    donor = pre or opened[0][1]
+    config = _config(donor, opened, j, stack.num_layers)
     untied = config is not None and config.get("tie_word_embeddings") is False
-    if untied and TIED_HEAD not in routes and post.tied_head_source is not None:
+    if post is not None and untied and TIED_HEAD not in routes and post.tied_head_source is not None:
         # the last slice's model ties its head to its embedding, which is then its head
         routes[TIED_HEAD] = (post, post.tied_head_source)
     tensors = {out: replace(src.info(n), name=out) for out, (src, n) in routes.items()}
     bin_state = ({out: src._bin_state[src._stored(n)] for out, (src, n) in routes.items()}  # type: ignore[index]
-                 if pre._bin_state is not None else None)
+                 if donor._bin_state is not None else None)
     label = f"{name} ({' + '.join(_part(piece, j, ck) for piece, ck in opened)})"
-    view = Checkpoint(Path(f"{pre.path}#{name}"), label, tensors, config, pre.source_dir, bin_state)
-    if post.source_dir != pre.source_dir:
+    view = Checkpoint(Path(f"{donor.path}#{name}"), label, tensors, config, donor.source_dir, bin_state)
+    if post is not None and post.source_dir != donor.source_dir:
         view.head_source_dir = post.source_dir
+    if len(opened) < len(stack.slices):
+        empty = frozenset(k for k, piece in enumerate(stack.slices) if piece.sources[j] is None)
+        view.lacks = lambda tensor: stack.slice_index(tensor) in empty
     return view
 
 
 def _part(piece: StackSlice, j: int, ck: Checkpoint) -> str:
-    first = piece.sources[j].first_layer
+    first = _source(piece, j).first_layer
     return f"{ck.label} layers {first}-{first + piece.length - 1}"
 
 
@@ -130,15 +149,15 @@ def _config(pre: Checkpoint, opened: list[tuple[StackSlice, Checkpoint]], j: int
     for key in LAYER_COUNT_KEYS:
         if isinstance(config.get(key), int) and not isinstance(config.get(key), bool):
             config[key] = num_layers
-    if held is None:
-        return config
+    if held is None or sum(piece.length for piece, _ in opened) != num_layers:
+        return config  # a position some slices leave empty: not the output's config (position 0 never is)
     for key, value in pre.config.items():
         if not (isinstance(value, list) and len(value) == held):
             continue
         rebuilt: list[Any] = []
         for piece, ck in opened:
             theirs = (ck.config or {}).get(key)
-            first = piece.sources[j].first_layer
+            first = _source(piece, j).first_layer
             if not isinstance(theirs, list) or len(theirs) < first + piece.length:
                 break
             rebuilt += theirs[first: first + piece.length]

@@ -135,6 +135,8 @@ class AlignedCheckpoint(Checkpoint):
                 info = replace(info, shape=(alignment.rows, *info.shape[1:]), end=info.begin + alignment.rows * row_bytes)
             tensors[n] = info
         super().__init__(inner.path, inner.label, tensors, inner.config, inner.source_dir, inner._bin_state)
+        self.head_source_dir = inner.head_source_dir
+        self.lacks = inner.lacks
         self.inner = inner
         self.alignment = alignment
         self.k = k
@@ -235,7 +237,15 @@ def align_vocabularies(spec: VocabSpec, keys: list[str], checkpoints: dict[str, 
 
 def _check_stack_heads(spec: VocabSpec, merged: dict[str, Checkpoint], toks: dict[str, Tokenizer | None]) -> None:
     """A layer stack's place whose embeddings and head come from models with other tokenizers
-    has two vocabularies: refused (one is lined up per merged model)."""
+    has two vocabularies, and one that the first or last slice leaves empty merges its
+    vocabulary tensors over fewer models than the others: both refused (one vocabulary is lined
+    up over all the merged models)."""
+    vocab_names = {n for ck in merged.values() for n in ck.names() if is_vocab_tensor(n)}
+    for ck in merged.values():
+        empty = sorted(n for n in vocab_names if ck.lacks(n))
+        if empty:
+            raise RecipeError(f"{spec.loc.prefix()}{spec.written}: {ck.label} has no source in the slice that gives "
+                              f"{empty[0]}; to line vocabularies up, give the first and last slices every model")
     for k, ck in merged.items():
         if ck.head_source_dir is None:
             continue

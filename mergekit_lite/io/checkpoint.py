@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +82,10 @@ class TensorInfo:
         return is_float(self.dtype)
 
 
+def _lacks_nothing(_name: str) -> bool:
+    return False
+
+
 class Checkpoint:
     """A model's tensors, indexed from headers, loaded lazily one at a time.
 
@@ -104,6 +108,9 @@ class Checkpoint:
         # a layer stack's view: the folder of the model its output head comes from, when that
         # is another model than the embeddings' (their vocabularies must then agree)
         self.head_source_dir: Path | None = None
+        # a layer stack's view: whether a tensor is one the view leaves out on purpose (its
+        # slice has no source at this position), so that the merge leaves the position out there
+        self.lacks: Callable[[str], bool] = _lacks_nothing
 
     # ---- index -------------------------------------------------------------------------
     def names(self) -> list[str]:

@@ -473,10 +473,14 @@ def _wire_stack(drafts: list[DraftSlice], positions: Positions, add_input: Calla
     start = 0
     for piece, sources in zip(drafts, positions.per_slice, strict=True):
         models = [RawModel(Item(inputs_of[name], src.ref.loc, src.ref.key), src.parameters)
-                  for name, src in zip(positions.names, sources, strict=True) if name != positions.base]
+                  for name, src in zip(positions.names, sources, strict=True)
+                  if name != positions.base and src is not None]
         raw_slices.append(RawSlice(piece.parameters, models, piece.loc, piece.key))
-        wired: list[StackSource] = []
+        wired: list[StackSource | None] = []
         for name, src in zip(positions.names, sources, strict=True):
+            if src is None:
+                wired.append(None)
+                continue
             if "+" not in src.ref.value:
                 wired.append(StackSource(add_input(src.ref.value, src.ref), src.start, src.loc))
                 continue

@@ -17,8 +17,9 @@ are the other positions, exactly as `models:` is read for the same method:
 - any other method: the sources in the order written; a `base_model` no slice lists is
   ignored (noted), as mergekit's slices form leaves it out.
 
-Every slice must then give each position one source (the same number of sources), and a
-model may appear only once in a slice (mergekit would silently keep one of them).
+A slice with fewer sources than another leaves the last positions empty: its layers merge only
+its own sources, as mergekit plans each slice apart. A model may appear only once in a slice
+(mergekit would silently keep one of them).
 """
 
 from __future__ import annotations
@@ -66,14 +67,14 @@ class DraftSlice:
 
 @dataclass
 class Positions:
-    """The result of `assign_positions`: per slice, one source per position (base first when
-    `base` is set), and what the step does with the base. A position that one model fills in
+    """The result of `assign_positions`: per slice, one source (or None) per position (base
+    first when `base` is set), and what the step does with the base. A position that one model fills in
     every slice is named by that model, as in a `models:` recipe (its per-model settings and
     messages then use the model's name); the others are `stack.base`, `stack.1`, …"""
 
     names: list[str]  # a model reference where every slice gives the position one model, else a stack name
     base: str | None  # the step's base position (methods that take a base)
-    per_slice: list[list[DraftSource]]
+    per_slice: list[list[DraftSource | None]]  # None: the slice has fewer sources and none there
     virtual: set[str] = field(default_factory=set)  # the stack names: positions no single model fills
     notes: list[str] = field(default_factory=list)
 
@@ -212,22 +213,16 @@ def assign_positions(drafts: list[DraftSlice], base: Item | None, method: str, *
     if base is not None and not wants_base and unlisted_everywhere:
         notes.append(f"{base.loc.prefix()}base_model '{base.value}' is not among the slices' sources: "
                      f"'{method}' takes no base, and mergekit's slices form leaves it out; ignored")
-    counts = {len(s) for s in per_slice}
-    if len(counts) > 1:
-        want = len(per_slice[0])
-        odd = next(k for k, s in enumerate(per_slice) if len(s) != want)
-        problems.add(drafts[odd].loc, f"{drafts[odd].key} merges {len(per_slice[odd])} models and slices[0] "
-                     f"{want}{' (counting the base)' if has_base else ''}: every slice needs the same number of "
-                     "sources, the models at the same place in each", drafts[odd].key)
-        return None
-    n = len(per_slice[0])
+    n = max(len(s) for s in per_slice)
+    # a slice with fewer sources leaves the last positions empty: its layers merge its own sources
+    padded: list[list[DraftSource | None]] = [[*s, *([None] * (n - len(s)))] for s in per_slice]
     stack_names = ([BASE_POSITION] if has_base else []) + [position_name(j) for j in range(1, n + 1 - int(has_base))]
     names: list[str] = []
     for j, stack_name in enumerate(stack_names):
-        refs = {sources[j].ref.value for sources in per_slice}
+        refs = {given.ref.value for sources in padded if (given := sources[j]) is not None}
         names.append(refs.pop() if len(refs) == 1 else stack_name)  # one model: the position is that model
     virtual = {name for name, stack_name in zip(names, stack_names, strict=True) if name == stack_name}
-    return Positions(names, names[0] if has_base and takes_base else None, per_slice, virtual, notes)
+    return Positions(names, names[0] if has_base and takes_base else None, padded, virtual, notes)
 
 
 def slice_first(slice_params: dict[str, Any], recipe_params: dict[str, Any]) -> dict[str, Any]:

@@ -52,11 +52,12 @@ class StackSource:
 
 @dataclass(frozen=True)
 class StackSlice:
-    """Output layers [start, start + length), one source per position (the step's order)."""
+    """Output layers [start, start + length), one source per position (the step's order); None
+    where the slice has fewer sources than the stack has positions."""
 
     start: int
     length: int
-    sources: tuple[StackSource, ...]
+    sources: tuple[StackSource | None, ...]
     loc: Loc
 
 
@@ -96,6 +97,12 @@ class LayerStack:
         piece = self.slices[self.slice_index(name)]
         return (idx - piece.start) / (piece.length - 1) if piece.length > 1 else 1.0
 
+    @property
+    def uneven(self) -> bool:
+        """Whether some slice leaves a position empty (it has fewer sources than another)."""
+        return any(src is None for piece in self.slices for src in piece.sources)
+
     def describe(self) -> list[Any]:
         """A plain form for fingerprints and messages."""
-        return [[s.start, s.length, [(src.input, src.first_layer) for src in s.sources]] for s in self.slices]
+        return [[s.start, s.length, [(src.input, src.first_layer) if src is not None else None for src in s.sources]]
+                for s in self.slices]

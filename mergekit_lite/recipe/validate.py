@@ -186,17 +186,21 @@ def _sub(step: RawStep, key: str) -> str:
 
 
 def _arity(step: RawStep, spec: MethodSpec, shape: str, problems: Problems) -> None:
-    n = len(step.models)
     what = f"method '{spec.name}'"
-    # a layer stack's models are each slice's sources: say so, at the first slice
-    loc, key, per = (step.slices[0].loc, "slices[0].sources", " per slice") if step.slices else (
-        step.loc, _sub(step, "models"), "")
-    if n < spec.min_models:
-        problems.add(loc, f"{what} needs at least {spec.min_models} model(s){per}, got {n}", key)
-    elif n + (step.base is not None) < spec.min_inputs:
-        problems.add(loc, f"{what} needs {spec.min_inputs} inputs{per} (models, or a base and models), got {n}", key)
-    if spec.max_models is not None and n > spec.max_models:
-        problems.add(loc, f"{what} takes at most {spec.max_models} model(s){per}, got {n}", key)
+    # a layer stack's models are each slice's sources (a slice may have fewer): check each slice
+    counts = ([(piece.loc, f"{piece.key}.sources", len(piece.models)) for piece in step.slices] if step.slices
+              else [(step.loc, _sub(step, "models"), len(step.models))])
+    per = " per slice" if step.slices else ""
+    before = len(problems)
+    for loc, key, n in counts:
+        if n < spec.min_models:
+            problems.add(loc, f"{what} needs at least {spec.min_models} model(s){per}, got {n}", key)
+        elif n + (step.base is not None) < spec.min_inputs:
+            problems.add(loc, f"{what} needs {spec.min_inputs} inputs{per} (models, or a base and models), got {n}", key)
+        if spec.max_models is not None and n > spec.max_models:
+            problems.add(loc, f"{what} takes at most {spec.max_models} model(s){per}, got {n}", key)
+        if len(problems) > before:
+            break  # one slice's count says it
     base_key = "base_model" if shape == "mergekit" else "base"
     if spec.needs_base and step.base is None:
         problems.add(step.loc, f"{what} needs a base model ('{base_key}:')", _sub(step, base_key))
