@@ -431,3 +431,28 @@ def test_uneven_slices_need_each_slices_arity_and_tensor_scope(family: dict[str,
         mlite.plan_recipe(ties, out=str(tmp_path / "b"))
     ties["parameters"] = {"density": 0.5}
     assert mlite.plan_recipe(ties, out=str(tmp_path / "c")) is not None
+
+
+def test_uneven_ties_streams_with_per_tensor_statistics_of_its_own_models(family: dict[str, str], tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """TIES' per-tensor top-k over big tensors is gathered block by block before the output
+    blocks: a slice with fewer sources counts and votes among its own models there too, to the
+    same bits as whole tensors."""
+    from mergekit_lite.engine import stream
+
+    models = {k: str(save_checkpoint({n: t + 0.01 * k * torch.randn_like(t) for n, t in filled(k % 3).items()},
+                                     tmp_path / f"r{k}", shape=SHAPE)) for k in range(4)}
+    recipe = {"merge_method": "ties", "base_model": models[0], "parameters": {"density": 0.4}, "slices": [
+        {"sources": [src(models[0], 0, 2), src(models[1], 0, 2, weight=0.5), src(models[2], 0, 2, weight=0.3),
+                     src(models[3], 0, 2, weight=0.2)]},
+        {"sources": [src(models[0], 2, 4), src(models[2], 2, 4, weight=1.0)]}]}
+    whole = mlite.run_recipe(recipe).state_dict  # no output: the tensors come back in memory
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 2)  # matrices over 16 entries: statistics, then blocks
+    monkeypatch.setattr(stream, "WHOLE_TENSOR_BLOCKS", 8)
+    seen: list[tuple[str, Any]] = []
+    blocked = mlite.run_recipe(recipe, tensor_hook=lambda name, job, out: seen.append(
+        (name, job.rows, len(job.models)))).state_dict
+    assert whole is not None and blocked is not None
+    assert [k for k in whole if not torch.equal(whole[k], blocked[k])] == []
+    assert {n for n, rows, _ in seen if rows is not None}  # something did stream
+    assert {m for n, _, m in seen if ".layers.3." in n} == {1} and {m for n, _, m in seen if ".layers.0." in n} == {3}
