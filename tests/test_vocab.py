@@ -468,3 +468,28 @@ def test_a_stack_leaving_a_place_out_of_the_head_is_refused_with_a_vocabulary(tm
     recipe["slices"][1]["sources"].append({"model": paths[1], "layer_range": [1, 2]})
     out = mlite.run_recipe(recipe, out=tmp_path / "o")
     assert out.output is not None
+
+
+def test_an_adapter_on_moved_rows_is_refused(model_set, tmp_path: Path) -> None:
+    """MODEL+LORA where the adapter saves its own lm_head: its rows are in MODEL's vocabulary,
+    which the union moves; refused with what to do, before anything is written."""
+    from safetensors.torch import load_file
+
+    words = [f"t{i}" for i in range(model_set.shape.vocab_size)]
+    for path, ws in ((model_set.base, words), (model_set.finetunes[0], [*words[:3], "new", *words[4:]]),
+                     (model_set.finetunes[1], words)):
+        (Path(path) / "tokenizer.json").write_text(json.dumps(tokenizer_json(ws)))
+    adapter = Path(model_set.adapter)
+    factors = load_file(str(adapter / "adapter_model.safetensors"))
+    factors["base_model.model.lm_head.modules_to_save.weight"] = torch.zeros(model_set.shape.vocab_size,
+                                                                              model_set.shape.hidden_size)
+    save_file(factors, str(adapter / "adapter_model.safetensors"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(model_set.base), "tokenizer_source": "union",
+              "models": [{"model": f"{model_set.finetunes[0]}+{adapter}", "parameters": {"weight": 0.5}},
+                         {"model": str(model_set.finetunes[1]), "parameters": {"weight": 0.5}}]}
+    with pytest.raises(RecipeError, match="the adapter changes lm_head.weight, whose rows tokenizer_source: union "
+                                          "moves to the output's vocabulary; merge the adapter into its model first"):
+        mlite.run_recipe({**recipe, "output": {"path": str(tmp_path / "o")}})
+    assert not (tmp_path / "o").exists()

@@ -346,6 +346,7 @@ def build_plan(
     vocab = recipe.options.get("vocab_spec")
     if vocab is not None:
         plan.vocab = align_vocabularies(vocab, _merged_keys(plan), plan.checkpoints)
+        _check_adapters_on_moved_rows(plan)
     _check_tensors(plan, out_dtype, ckpt_problems)
     _check_parameters(plan, recipe_problems)
     _load_tensor_files(plan, recipe_problems)
@@ -699,6 +700,21 @@ def header_reducer(st: StepPlan) -> Reducer:
         if p.kind == "tensor_file":
             params[p.name] = None
     return st.spec.reducer(params, len(st.models))
+
+
+def _check_adapters_on_moved_rows(plan: Plan) -> None:
+    """A MODEL+LORA whose adapter changes MODEL's embeddings or head (a LoRA on them, or saved
+    copies) holds rows in MODEL's own vocabulary, which the lined-up MODEL no longer has."""
+    if plan.vocab is None or not plan.vocab.lined_up:
+        return
+    for st in plan.steps.values():
+        if st.delta_key is None or not isinstance(st.base, Leaf):
+            continue
+        moved = sorted(n for n in plan.deltas[st.delta_key].targets() if is_vocab_tensor(n))
+        if moved:
+            raise RecipeError(f"{step_src(plan, st)}: {st.id!r}: the adapter changes {moved[0]}, whose rows "
+                              f"{plan.vocab.setting} moves to the output's vocabulary; merge the adapter into its "
+                              "model first (mlite patch), then merge that model")
 
 
 def _merged_keys(plan: Plan) -> list[str]:
