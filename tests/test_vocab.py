@@ -7,6 +7,7 @@ followed by eye. The expected values in the end-to-end tests are worked out in t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -493,3 +494,41 @@ def test_an_adapter_on_moved_rows_is_refused(model_set, tmp_path: Path) -> None:
                                           "moves to the output's vocabulary; merge the adapter into its model first"):
         mlite.run_recipe({**recipe, "output": {"path": str(tmp_path / "o")}})
     assert not (tmp_path / "o").exists()
+
+
+# ---- mlite's shape -----------------------------------------------------------------------------
+def test_a_chain_lines_up_every_checkpoint_it_reads(trio: dict[str, Path], tmp_path: Path) -> None:
+    """mlite's shape, with the `tokenizer:` block at the top: a chain of two task-arithmetic
+    steps, weights 1: s1 = base + (ft1 − base) is ft1's lined-up rows, and s2 = s1 + (ft2 − s1)
+    is ft2's: a [0, 1], b the reference's [2, 2] (ft2 lacks it; b0, the base the chain starts
+    from, has it), c [5, 5], d [6, 6], <x> ft1's [8, 0] (only ft1 has it), over the same union as
+    test_union_merge_golden (vocabulary tokens, then added ones)."""
+    recipe = {"inputs": {"b0": str(trio["base"]), "one": str(trio["ft1"]), "two": str(trio["ft2"])},
+              "steps": [{"id": "s1", "method": "task_arithmetic", "base": "b0", "models": ["one"],
+                         "parameters": {"weight": 1.0}},
+                        {"id": "s2", "method": "task_arithmetic", "base": "s1", "models": ["two"],
+                         "parameters": {"weight": 1.0}}],
+              "tokenizer": {"source": "union"}}
+    out = run(recipe, tmp_path / "o")
+    by_token = {"a": [0, 1], "b": [2, 2], "c": [5, 5], "d": [6, 6], "<x>": [8, 0]}
+    vocab = read_tokenizer(tmp_path / "o").vocab()
+    assert vocab == {"a": 0, "b": 1, "c": 2, "d": 3, "<x>": 4}
+    assert all(out[EMBED][i].tolist() == by_token[t] for t, i in vocab.items())
+    # `base` names the output's reference model (b0 here); an input's name takes its tokenizer
+    recipe["tokenizer"] = {"source": "base"}
+    run(recipe, tmp_path / "b")
+    assert read_tokenizer(tmp_path / "b").vocab() == {"a": 0, "b": 1, "c": 2}
+    recipe["tokenizer"] = {"source": "one", "tokens": {"d": {"source": "two"}}}
+    run(recipe, tmp_path / "m")
+    assert read_tokenizer(tmp_path / "m").vocab() == {"a": 0, "b": 1, "c": 2, "<x>": 3, "d": 4}
+
+
+@pytest.mark.parametrize(("block", "wanted"), [
+    ({"source": "nope"}, "tokenizer.source 'nope' is not an input: use union, base or an input's name (b0, one)"),
+    ({"source": "union", "tokens": {"x": {"source": "zzz"}}}, "'zzz' is not an input"),
+])
+def test_mlite_shape_tokenizer_block_errors(trio: dict[str, Path], block: dict, wanted: str) -> None:
+    recipe = {"inputs": {"b0": str(trio["base"]), "one": str(trio["ft1"])},
+              "steps": [{"method": "task_arithmetic", "base": "b0", "models": ["one"]}], "tokenizer": block}
+    with pytest.raises(RecipeError, match=re.escape(wanted)):
+        mlite.plan_recipe(recipe)

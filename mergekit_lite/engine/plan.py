@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from ..recipe.params import ParamResolver, SlicedResolver
 from ..recipe.settings import count_layers
 from ..recipe.stack import LayerStack
 from ..recipe.validate import MPS_UNSUPPORTED
+from ..recipe.vocab import REFERENCE
 from .stack import stacked_checkpoints
 from .vocab import VocabOutcome, align_vocabularies
 
@@ -345,7 +346,13 @@ def build_plan(
     )
     vocab = recipe.options.get("vocab_spec")
     if vocab is not None:
-        plan.vocab = align_vocabularies(vocab, _merged_keys(plan), plan.checkpoints)
+        if vocab.base is None:  # mlite's shape: the output's reference model is the base
+            ref = plan.copy_leaf(plan.final)
+            vocab = replace(vocab, base=ref, merge_base=ref, source=ref if vocab.source == REFERENCE else vocab.source)
+            keys = _chain_keys(plan)
+        else:
+            keys = _merged_keys(plan)
+        plan.vocab = align_vocabularies(vocab, keys, plan.checkpoints)
         _check_adapters_on_moved_rows(plan)
     _check_tensors(plan, out_dtype, ckpt_problems)
     _check_parameters(plan, recipe_problems)
@@ -703,12 +710,13 @@ def header_reducer(st: StepPlan) -> Reducer:
 
 
 def _check_adapters_on_moved_rows(plan: Plan) -> None:
-    """A MODEL+LORA whose adapter changes MODEL's embeddings or head (a LoRA on them, or saved
-    copies) holds rows in MODEL's own vocabulary, which the lined-up MODEL no longer has."""
+    """An adapter (a MODEL+LORA's, or a step's delta) that changes the embeddings or head (a
+    LoRA on them, or saved copies) holds rows in its model's own vocabulary, which the lined-up
+    models no longer have."""
     if plan.vocab is None or not plan.vocab.lined_up:
         return
     for st in plan.steps.values():
-        if st.delta_key is None or not isinstance(st.base, Leaf):
+        if st.delta_key is None:
             continue
         moved = sorted(n for n in plan.deltas[st.delta_key].targets() if is_vocab_tensor(n))
         if moved:
@@ -718,8 +726,8 @@ def _check_adapters_on_moved_rows(plan: Plan) -> None:
 
 
 def _merged_keys(plan: Plan) -> list[str]:
-    """The checkpoints the output step merges, in mergekit's order (its models, then its base;
-    a MODEL+LORA operand counts as its MODEL)."""
+    """The checkpoints a mergekit recipe's step merges, in mergekit's order (its models, then
+    its base; a MODEL+LORA operand counts as its MODEL)."""
     final = plan.steps[plan.final]
     keys: list[str] = []
     for op in [*final.models, *([final.base] if final.base is not None else [])]:
@@ -727,6 +735,14 @@ def _merged_keys(plan: Plan) -> list[str]:
             keys.append(op.key)
         elif isinstance(op, StepRef):
             keys.append(plan.copy_leaf(op.step_id))
+    return list(dict.fromkeys(keys))
+
+
+def _chain_keys(plan: Plan) -> list[str]:
+    """The checkpoints an mlite recipe's output reads, step by step (each step's models, then
+    its base)."""
+    keys = [op.key for st in step_closure(plan, [plan.final])
+            for op in [*st.models, *([st.base] if st.base is not None else [])] if isinstance(op, Leaf)]
     return list(dict.fromkeys(keys))
 
 

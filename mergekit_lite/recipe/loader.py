@@ -21,12 +21,13 @@ from .schema import (
     ModelEntry,
     ModelTokenEmbedding,
     NativeRecipe,
+    TokenizerBlock,
     validate_shape,
 )
 from .slices import DraftSlice, Positions, assign_positions, read_slices
 from .stack import LayerStack, StackSlice, StackSource
 from .validate import validate
-from .vocab import UNION, TokenChoice, VocabSpec
+from .vocab import REFERENCE, UNION, TokenChoice, VocabSpec
 from .yaml_lines import LineDict, YamlSyntaxError, line_of, parse_yaml, plain, start_line
 
 
@@ -183,7 +184,56 @@ def _from_native(raw: Any, file: str | None, problems: Problems) -> RawRecipe | 
             loc=loc,
             key=prefix,
         ))
-    return RawRecipe("mlite", inputs, steps, _output(raw, file), **_common(raw, model, file))
+    recipe = RawRecipe("mlite", inputs, steps, _output(raw, file), **_common(raw, model, file))
+    if model.tokenizer is not None:
+        vocab = _native_vocab_spec(raw, model.tokenizer, file, problems, recipe.output, set(inputs))
+        if vocab is not None:
+            recipe.options["vocab_spec"] = vocab
+    return recipe
+
+
+def _native_vocab_spec(raw: Any, block: TokenizerBlock, file: str | None, problems: Problems,
+                       output: dict[str, Item], inputs: set[str]) -> VocabSpec | None:
+    """mlite's `tokenizer:` block (mergekit's, with inputs named as in `inputs`): `base` is the
+    input of that name, else the output's reference model (the base its chain starts from),
+    which the plan puts in; every other model the output reads is lined up with it too."""
+    item = _item(raw, "tokenizer", block.source, "tokenizer", file)
+    if "copy_tokenizer_from" in output:
+        problems.add(output["copy_tokenizer_from"].loc, "the tokenizer source is given twice ('tokenizer' and "
+                     "'output.copy_tokenizer_from')", "output.copy_tokenizer_from")
+        return None
+    if block.source == UNION:
+        source = UNION
+    elif block.source in inputs:
+        source = block.source
+        output["copy_tokenizer_from"] = Item(source, item.loc, item.key)
+    elif block.source == "base":
+        source = REFERENCE
+    else:
+        problems.add(item.loc, f"tokenizer.source {block.source!r} is not an input: use union, base or an input's "
+                     f"name ({', '.join(sorted(inputs))})", "tokenizer.source")
+        return None
+    tokens: dict[str, TokenChoice] = {}
+    raw_tokens = raw.get("tokenizer", {}).get("tokens")
+    for text, entry in (block.tokens or {}).items():
+        where = _item(raw_tokens, text, text, f"tokenizer.tokens.{text}", file)
+        src = entry.source
+        named = src if isinstance(src, str) else src.model if isinstance(src, ModelTokenEmbedding) else None
+        if named is not None and named not in inputs:
+            problems.add(where.loc, f"{named!r} is not an input: a token's row comes from an input checkpoint",
+                         where.key)
+            continue
+        if src is None:
+            tokens[text] = TokenChoice("default", where.loc, force=entry.force)
+        elif isinstance(src, str):
+            tokens[text] = TokenChoice("model", where.loc, model=src, force=entry.force)
+        elif isinstance(src, ModelTokenEmbedding):
+            tokens[text] = TokenChoice("model_token", where.loc, model=src.model, token=src.token,
+                                       token_id=src.token_id, force=entry.force)
+        else:
+            tokens[text] = TokenChoice("zero", where.loc, force=entry.force)
+    return VocabSpec(source=source, base=None, merge_base=None, loc=item.loc, written=f"tokenizer: {block.source}",
+                     tokens=tokens, pad_to_multiple_of=block.pad_to_multiple_of)
 
 
 def _input_name(ref: str, taken: dict[str, str]) -> str:

@@ -98,18 +98,6 @@ class OptionsModel(_Strict):
     allow_vocab_growth: bool = False  # a delta may add embedding rows beyond the base's vocabulary
 
 
-class NativeRecipe(_Strict):
-    """mlite's shape: named inputs, a chain of steps, one output."""
-
-    description: str | None = None
-    inputs: dict[str, str]
-    steps: list[StepModel] = Field(min_length=1)
-    output: OutputModel = Field(default_factory=OutputModel)
-    device: str | None = None
-    seed: int | None = Field(default=None, ge=0)
-    options: OptionsModel = Field(default_factory=OptionsModel)
-
-
 class ZeroEmbedding(_Strict):
     """`{kind: zero}`: a token's row is zeros."""
 
@@ -165,6 +153,19 @@ class TokenizerBlock(_Strict):
     source: str = "union"
     tokens: dict[str, TokenEmbedding] | None = None
     pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
+class NativeRecipe(_Strict):
+    """mlite's shape: named inputs, a chain of steps, one output."""
+
+    description: str | None = None
+    inputs: dict[str, str]
+    steps: list[StepModel] = Field(min_length=1)
+    output: OutputModel = Field(default_factory=OutputModel)
+    tokenizer: TokenizerBlock | None = None
+    device: str | None = None
+    seed: int | None = Field(default=None, ge=0)
+    options: OptionsModel = Field(default_factory=OptionsModel)
 
 
 class MergekitRecipe(_ModelsAndParameters):

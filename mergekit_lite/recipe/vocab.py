@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from .model import Loc
 
 UNION = "union"
+# mlite's shape: the output's reference model (the base its chain starts from), which only the
+# plan knows; it fills `source`, `base` and `merge_base` where they hold this or None
+REFERENCE = ""
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class VocabSpec:
 
     source: str
     base: str | None
-    merge_base: str | None
+    merge_base: str | None  # None in mlite's shape: the plan puts in the reference model
     loc: Loc
     written: str
     tokens: dict[str, TokenChoice] = field(default_factory=dict)
