@@ -57,7 +57,7 @@ MERGEKIT = st.fixed_dictionaries(
               "chat_template": SCALARS, "tokenizer_source": SCALARS, "tokenizer": TOKENIZER, "dtype": SCALARS,
               "output": values(MERGEKIT_KEYS)})
 NATIVE = st.fixed_dictionaries({"inputs": values(NATIVE_KEYS), "steps": values(NATIVE_KEYS)},
-                               optional={"output": values(NATIVE_KEYS), "seed": SCALARS})
+                               optional={"output": values(NATIVE_KEYS), "seed": SCALARS, "tokenizer": TOKENIZER})
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
