@@ -213,25 +213,13 @@ def _native_vocab_spec(raw: Any, block: TokenizerBlock, file: str | None, proble
         problems.add(item.loc, f"tokenizer.source {block.source!r} is not an input: use union, base or an input's "
                      f"name ({', '.join(sorted(inputs))})", "tokenizer.source")
         return None
-    tokens: dict[str, TokenChoice] = {}
-    raw_tokens = raw.get("tokenizer", {}).get("tokens")
-    for text, entry in (block.tokens or {}).items():
-        where = _item(raw_tokens, text, text, f"tokenizer.tokens.{text}", file)
-        src = entry.source
-        named = src if isinstance(src, str) else src.model if isinstance(src, ModelTokenEmbedding) else None
-        if named is not None and named not in inputs:
-            problems.add(where.loc, f"{named!r} is not an input: a token's row comes from an input checkpoint",
-                         where.key)
-            continue
-        if src is None:
-            tokens[text] = TokenChoice("default", where.loc, force=entry.force)
-        elif isinstance(src, str):
-            tokens[text] = TokenChoice("model", where.loc, model=src, force=entry.force)
-        elif isinstance(src, ModelTokenEmbedding):
-            tokens[text] = TokenChoice("model_token", where.loc, model=src.model, token=src.token,
-                                       token_id=src.token_id, force=entry.force)
-        else:
-            tokens[text] = TokenChoice("zero", where.loc, force=entry.force)
+    def named(ref: str, where: Item) -> str | None:
+        if ref in inputs:
+            return ref
+        problems.add(where.loc, f"{ref!r} is not an input: a token's row comes from an input checkpoint", where.key)
+        return None
+
+    tokens = _token_choices(raw, block, file, named)
     return VocabSpec(source=source, base=None, merge_base=None, loc=item.loc, written=f"tokenizer: {block.source}",
                      tokens=tokens, pad_to_multiple_of=block.pad_to_multiple_of)
 
@@ -331,28 +319,34 @@ def _vocab_spec(raw: Any, model: MergekitRecipe, file: str | None, problems: Pro
             return None
         return leaf(name)
 
+    tokens = _token_choices(raw, block, file, merged) if block is not None else {}
+    return VocabSpec(source=source, base=leaf(first) if first is not None else None,
+                     merge_base=leaf(base_name) if base_name is not None else None, loc=item.loc,
+                     written=f"{key}: {written}", tokens=tokens,
+                     pad_to_multiple_of=block.pad_to_multiple_of if block is not None else None)
+
+
+def _token_choices(raw: Any, block: TokenizerBlock, file: str | None,
+                   model: Callable[[str, Item], str | None]) -> dict[str, TokenChoice]:
+    """`tokenizer.tokens` as TokenChoices, each model reference turned into an input name by
+    `model` (which reports a reference it cannot name and gives None: the entry is dropped)."""
     tokens: dict[str, TokenChoice] = {}
-    raw_tokens = raw.get("tokenizer", {}).get("tokens") if block is not None else None
-    for text, entry in ((block.tokens or {}) if block is not None else {}).items():
+    raw_tokens = raw.get("tokenizer", {}).get("tokens")
+    for text, entry in (block.tokens or {}).items():
         where = _item(raw_tokens, text, text, f"tokenizer.tokens.{text}", file)
         src = entry.source
         if src is None:
             tokens[text] = TokenChoice("default", where.loc, force=entry.force)
         elif isinstance(src, str):
-            name = merged(src, where)
-            if name is not None:
+            if (name := model(src, where)) is not None:
                 tokens[text] = TokenChoice("model", where.loc, model=name, force=entry.force)
         elif isinstance(src, ModelTokenEmbedding):
-            name = merged(src.model, where)
-            if name is not None:
+            if (name := model(src.model, where)) is not None:
                 tokens[text] = TokenChoice("model_token", where.loc, model=name, token=src.token,
                                            token_id=src.token_id, force=entry.force)
         else:  # {kind: zero}
             tokens[text] = TokenChoice("zero", where.loc, force=entry.force)
-    return VocabSpec(source=source, base=leaf(first) if first is not None else None,
-                     merge_base=leaf(base_name) if base_name is not None else None, loc=item.loc,
-                     written=f"{key}: {written}", tokens=tokens,
-                     pad_to_multiple_of=block.pad_to_multiple_of if block is not None else None)
+    return tokens
 
 
 def _keep_line(container: LineDict, key: str, line: int | None) -> None:
